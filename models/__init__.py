@@ -1,0 +1,1 @@
+"""Models that Sluice knows: the networks, their registry and the tensor wire format."""
