@@ -1,0 +1,273 @@
+"""Python SDK for Sluice: trainers pull and push, operators steer, the global team pulls releases."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from sluice.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    egress_pb2,
+    egress_pb2_grpc,
+    tensors_pb2,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
+
+CHUNK_BYTES = 4 << 20  # the gateway's limit per chunk
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", CHUNK_BYTES + (64 << 10)),
+    ("grpc.max_send_message_length", CHUNK_BYTES + (64 << 10)),
+]
+# Transient failures worth another try; everything else is the caller's to fix.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    first_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+
+
+def with_retries(call: Callable[[], T], policy: RetryPolicy) -> T:
+    delay = policy.first_backoff_s
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE or attempt == policy.attempts:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, policy.max_backoff_s)
+    raise AssertionError("unreachable")
+
+
+def channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+@dataclass(frozen=True)
+class Pulled:
+    version: int
+    sha256: str
+    data: bytes
+
+
+def _collect(
+    responses: Callable[[int], Iterator[tuple[object | None, tensors_pb2.Chunk | None]]],
+    sink: Callable[[bytes], None],
+    policy: RetryPolicy,
+) -> object:
+    """Drive a header-then-chunks stream to the end, resuming from the last offset on failure."""
+    received, header = 0, None
+    delay = policy.first_backoff_s
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            for head, chunk in responses(received):
+                if head is not None:
+                    header = head
+                elif chunk is not None:
+                    if chunk.offset != received:
+                        raise ValueError(f"chunk at {chunk.offset}, expected {received}")
+                    sink(chunk.data)
+                    received += len(chunk.data)
+            return header
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE or attempt == policy.attempts:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, policy.max_backoff_s)
+    raise AssertionError("unreachable")
+
+
+class TrainerClient:
+    """What a regional trainer needs: the open round, the global weights, pushing an update."""
+
+    def __init__(self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600) -> None:
+        self._channel = channel(target)
+        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def round(self, model: str) -> trainer_pb2.RoundInfo:
+        req = trainer_pb2.GetRoundRequest(model=model)
+        return with_retries(lambda: self._stub.GetRound(req, timeout=30), self.retry)
+
+    def pull_global(self, model: str, version: int = 0) -> Pulled:
+        """The weights of a version (0: newest), resumed across drops, sha256-checked."""
+        parts: list[bytes] = []
+        pinned = [version]  # a resume must continue the same version, even when 0 asked newest
+
+        def stream(offset: int) -> Iterator[tuple[object | None, tensors_pb2.Chunk | None]]:
+            req = trainer_pb2.PullGlobalRequest(model=model, version=pinned[0], offset=offset)
+            for msg in self._stub.PullGlobal(req, timeout=self.timeout_s):
+                if msg.WhichOneof("kind") == "header":
+                    pinned[0] = msg.header.version
+                    yield msg.header, None
+                else:
+                    yield None, msg.chunk
+
+        header = _collect(stream, parts.append, self.retry)
+        if not isinstance(header, trainer_pb2.GlobalHeader):
+            raise ValueError("the gateway sent no header")
+        data = b"".join(parts)
+        if hashlib.sha256(data).hexdigest() != header.sha256:
+            raise ValueError(f"version {header.version}: pulled bytes do not match their sha256")
+        return Pulled(header.version, header.sha256, data)
+
+    def push_update(
+        self,
+        *,
+        model: str,
+        round_no: int,
+        base_version: int,
+        schema_hash: str,
+        trainer: str,
+        region: str,
+        num_examples: int,
+        payload: bytes,
+        metrics: Mapping[str, float] | None = None,
+        update_id: str | None = None,
+    ) -> trainer_pb2.PushUpdateResponse:
+        """Push one update; retries reuse the same update id, so nothing counts twice."""
+        header = trainer_pb2.UpdateHeader(
+            update_id=update_id or uuid.uuid4().hex,
+            trainer=trainer,
+            region=region,
+            model=model,
+            round=round_no,
+            base_version=base_version,
+            num_examples=num_examples,
+            metrics=dict(metrics or {}),
+            schema_hash=schema_hash,
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            payload_bytes=len(payload),
+        )
+        return with_retries(
+            lambda: self._stub.PushUpdate(push_messages(header, payload), timeout=self.timeout_s),
+            self.retry,
+        )
+
+
+def push_messages(
+    header: trainer_pb2.UpdateHeader, payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[trainer_pb2.PushUpdateRequest]:
+    """header, chunks of at most chunk_bytes, trailer: the PushUpdate stream."""
+    yield trainer_pb2.PushUpdateRequest(header=header)
+    view = memoryview(payload)
+    count = 0
+    for offset in range(0, len(view), chunk_bytes):
+        data = bytes(view[offset : offset + chunk_bytes])
+        yield trainer_pb2.PushUpdateRequest(chunk=tensors_pb2.Chunk(offset=offset, data=data))
+        count += 1
+    yield trainer_pb2.PushUpdateRequest(trailer=trainer_pb2.UpdateTrailer(num_chunks=count))
+
+
+class AdminClient:
+    def __init__(self, target: str) -> None:
+        self._channel = channel(target)
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def status(self) -> admin_pb2.GetStatusResponse:
+        return self._stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=30)
+
+    def close_round(self, model: str, round_no: int) -> int:
+        req = admin_pb2.CloseRoundRequest(model=model, round=round_no)
+        return int(self._stub.CloseRound(req, timeout=600).version)
+
+
+class EgressClient:
+    """What the global team outside the region uses: list, read manifests, pull files."""
+
+    def __init__(self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600) -> None:
+        self._channel = channel(target)
+        self._stub = egress_pb2_grpc.EgressServiceStub(self._channel)
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EgressClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def releases(self, model: str = "") -> list[egress_pb2.Release]:
+        req = egress_pb2.ListReleasesRequest(model=model)
+        resp = with_retries(lambda: self._stub.ListReleases(req, timeout=30), self.retry)
+        return list(resp.releases)
+
+    def manifest(self, model: str, version: int = 0) -> egress_pb2.GetManifestResponse:
+        req = egress_pb2.GetManifestRequest(model=model, version=version)
+        return with_retries(lambda: self._stub.GetManifest(req, timeout=30), self.retry)
+
+    def pull_stream(
+        self, model: str, version: int = 0, file: str = "", offset: int = 0
+    ) -> Iterator[egress_pb2.PullReleaseResponse]:
+        """The raw PullRelease stream (header, then chunks) from an offset."""
+        req = egress_pb2.PullReleaseRequest(model=model, version=version, file=file, offset=offset)
+        return iter(self._stub.PullRelease(req, timeout=self.timeout_s))
+
+    def pull(self, model: str, dest: Path, version: int = 0, file: str = "") -> str:
+        """Pull a release file to dest: resumed across drops, sha256-checked, then renamed
+        into place, so dest is never a partial file. Returns the sha256."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        digest = hashlib.sha256()
+        pinned = [version]  # a resume must continue the same release, even when 0 asked newest
+        try:
+            with os.fdopen(fd, "wb") as out:
+
+                def sink(data: bytes) -> None:
+                    out.write(data)
+                    digest.update(data)
+
+                def stream(offset: int) -> Iterator[tuple[object | None, tensors_pb2.Chunk | None]]:
+                    for msg in self.pull_stream(model, pinned[0], file, offset):
+                        if msg.WhichOneof("kind") == "header":
+                            pinned[0] = msg.header.version
+                            yield msg.header, None
+                        else:
+                            yield None, msg.chunk
+
+                header = _collect(stream, sink, self.retry)
+                out.flush()
+                os.fsync(out.fileno())
+            if not isinstance(header, egress_pb2.PullReleaseHeader):
+                raise ValueError("the gateway sent no header")
+            if digest.hexdigest() != header.sha256:
+                raise ValueError(f"{header.file}: pulled bytes do not match the sha256 announced")
+            os.replace(tmp, dest)
+            return header.sha256
+        finally:
+            tmp.unlink(missing_ok=True)

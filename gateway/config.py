@@ -1,0 +1,74 @@
+"""Gateway settings: one typed object, loaded from TOML, then SLUICE_* environment, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from gateway.core.ingest import MAX_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = Path(".sluice")  # sluice.db, blobs/, registry/, templates/
+    internal_address: str = "127.0.0.1:0"  # trainers and operators; port 0 picks one
+    egress_address: str = "127.0.0.1:0"  # the cross-border side: EgressService only
+    models: tuple[str, ...] = ("drivenet",)  # registry entries served
+    quorum: int = 4  # updates that close a round early
+    min_updates: int = 1  # updates needed to close at the deadline
+    round_seconds: float = 600.0  # round deadline after opening
+    min_trainers: int = 3  # k: distinct trainers a release must aggregate
+    max_chunk_bytes: int = MAX_CHUNK_BYTES  # largest payload chunk accepted
+    max_header_bytes: int = 16 << 10  # largest serialized update header accepted
+    workers: int = 16  # gRPC handler threads per listener
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any, current: Any) -> Any:
+    if isinstance(current, Path):
+        return Path(value)
+    if isinstance(current, tuple):
+        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+    if isinstance(current, bool):
+        return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes"}
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, str):
+        return str(value)
+    raise TypeError(f"setting {name!r}: unsupported type")
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Defaults < TOML file ([gateway] table or top level) < SLUICE_<NAME> env < overrides."""
+    config = Config()
+    known = {f.name for f in fields(Config)}
+    layers: list[Mapping[str, Any]] = []
+    if path is not None:
+        doc = tomllib.loads(path.read_text())
+        layers.append(doc.get("gateway", doc))
+    env = os.environ if environ is None else environ
+    layers.append({k[7:].lower(): v for k, v in env.items() if k.startswith("SLUICE_")})
+    layers.append({k: v for k, v in (overrides or {}).items() if v is not None})
+    for i, layer in enumerate(layers):
+        for key, value in layer.items():
+            if key not in known:
+                if i == 1:
+                    continue  # other SLUICE_* variables belong to other tools
+                raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            config = config.replace(**{key: _coerce(key, value, getattr(config, key))})
+    if config.quorum < 1 or config.min_updates < 1 or config.min_trainers < 1:
+        raise ValueError("quorum, min_updates and min_trainers must be at least 1")
+    return config

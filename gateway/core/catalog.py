@@ -1,0 +1,41 @@
+"""The models this gateway serves, resolved once at start: registry entry plus schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from gateway.core.errors import NotFound
+from models.registry import ModelEntry, get
+from models.schema import Schema
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    entry: ModelEntry
+    schema: Schema
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+class Catalog:
+    def __init__(self, names: Iterable[str]) -> None:
+        self._models: dict[str, ServedModel] = {}
+        for name in names:
+            entry = get(name)
+            self._models[name] = ServedModel(entry, entry.schema())
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self._models.values())
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            served = ", ".join(self._models) or "none"
+            raise NotFound(f"model {name!r} is not served here; served: {served}") from None

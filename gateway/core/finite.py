@@ -1,0 +1,60 @@
+"""Reject NaN and Inf in a payload as it streams past, without a second pass over the file."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.core.errors import InvalidInput
+from models.schema import Schema
+
+
+class FiniteCheck:
+    """Feed payload bytes in order; raises InvalidInput naming the first non-finite tensor."""
+
+    def __init__(self, schema: Schema) -> None:
+        self._spans = list(schema.spans())
+        self._index = 0
+        self._pos = 0
+        self._carry = b""  # a float split across two chunks
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view.nbytes:
+            while self._index < len(self._spans) and self._pos >= self._spans[self._index][2]:
+                self._index += 1
+                self._carry = b""
+            if self._index >= len(self._spans):
+                return  # past the schema: the size check reports it
+            spec, start, end = self._spans[self._index]
+            take = min(end - self._pos, view.nbytes)
+            if spec.is_float:
+                self._check(spec.name, spec.dtype, view[:take], self._pos - start)
+            self._pos += take
+            view = view[take:]
+
+    def _check(self, name: str, dtype: str, piece: memoryview, offset: int) -> None:
+        item = np.dtype(dtype).itemsize
+        if self._carry:
+            need = item - len(self._carry)
+            self._carry += bytes(piece[:need])
+            piece = piece[need:]
+            if len(self._carry) < item:
+                return
+            self._verify(name, dtype, self._carry, offset - (item - need))
+            self._carry = b""
+            offset += need
+        whole = len(piece) // item * item
+        if whole:
+            self._verify(name, dtype, piece[:whole], offset)
+        self._carry = bytes(piece[whole:])
+
+    @staticmethod
+    def _verify(name: str, dtype: str, raw: bytes | memoryview, offset: int) -> None:
+        values = np.frombuffer(raw, dtype=dtype)
+        finite = np.isfinite(values)
+        if not finite.all():
+            element = offset // values.itemsize + int(np.argmin(finite))
+            raise InvalidInput(
+                f"tensor {name!r}: element {element} is {values[np.argmin(finite)]}; "
+                "updates must hold finite values only"
+            )

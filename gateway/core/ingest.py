@@ -1,0 +1,209 @@
+"""Ingest one pushed update: validate the header, spool and check the payload, then commit."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from gateway.core.catalog import Catalog
+from gateway.core.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    TooLarge,
+)
+from gateway.core.finite import FiniteCheck
+from gateway.core.records import (
+    NAME_PATTERN,
+    UPDATE_ID_PATTERN,
+    PushResult,
+    Round,
+    RoundState,
+    UpdateHeader,
+)
+from gateway.store.blobs import BlobStore
+from gateway.store.sqlite import Store
+
+MAX_CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_chunk_bytes: int = MAX_CHUNK_BYTES  # payload bytes in one chunk message
+    max_header_bytes: int = 16 << 10  # serialized header message
+    max_metrics: int = 64  # entries in the header's metrics map
+
+
+@dataclass(frozen=True)
+class PayloadChunk:
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Trailer:
+    num_chunks: int
+
+
+BodyItem = PayloadChunk | Trailer
+
+
+def _check_header_fields(h: UpdateHeader, header_bytes: int, limits: Limits) -> None:
+    if header_bytes > limits.max_header_bytes:
+        raise TooLarge(f"update header is {header_bytes} bytes; at most {limits.max_header_bytes}")
+    if not UPDATE_ID_PATTERN.match(h.update_id):
+        raise InvalidInput(f"update_id {h.update_id!r}: expected 1-64 chars of [A-Za-z0-9._-]")
+    for field, value in (("trainer", h.trainer), ("region", h.region)):
+        if not NAME_PATTERN.match(value):
+            raise InvalidInput(
+                f"{field} {value!r}: expected 1-64 lowercase chars of [a-z0-9_.-]"
+            )
+    if h.num_examples <= 0:
+        raise InvalidInput("num_examples must be > 0: it is the update's FedAvg weight")
+    if len(h.metrics) > limits.max_metrics:
+        raise TooLarge(f"{len(h.metrics)} metrics; at most {limits.max_metrics}")
+    if len(h.payload_sha256) != 64:
+        raise InvalidInput("payload_sha256: expected 64 hex characters")
+
+
+class Ingest:
+    """Receives updates; a rejected or interrupted push leaves no file and no row."""
+
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        catalog: Catalog,
+        limits: Limits | None = None,
+        on_commit: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.catalog = catalog
+        self.limits = limits or Limits()
+        self._on_commit = on_commit
+
+    def replay(self, h: UpdateHeader) -> PushResult | None:
+        """The acknowledgement of an already committed update id, or None if it is new."""
+        row = self.store.find_update(h.update_id)
+        if row is None:
+            return None
+        same = (row["model"], row["round"], row["trainer"], row["payload_sha256"]) == (
+            h.model,
+            h.round,
+            h.trainer,
+            h.payload_sha256,
+        )
+        if not same:
+            raise Conflict(
+                f"update_id {h.update_id!r} was already used for a different update; "
+                "use a fresh id per update"
+            )
+        accepted = self.store.get_round(h.model, h.round)
+        return PushResult(h.update_id, False, h.round, accepted.accepted if accepted else 0)
+
+    def _open_round(self, h: UpdateHeader) -> Round:
+        r = self.store.get_round(h.model, h.round)
+        latest = self.store.latest_round(h.model)
+        hint = f"open round is {latest.round} (base version {latest.base_version})" if latest else ""
+        if r is None:
+            raise NotFound(f"round {h.round} of model {h.model!r} does not exist; {hint}")
+        if r.state != RoundState.OPEN:
+            raise PreconditionFailed(f"round {h.round} of {h.model!r} is {r.state}; {hint}")
+        if h.base_version != r.base_version:
+            raise PreconditionFailed(
+                f"stale base version {h.base_version}: round {r.round} trains from version "
+                f"{r.base_version}; pull it and train again"
+            )
+        return r
+
+    def check_header(self, h: UpdateHeader, header_bytes: int) -> PushResult | None:
+        """Validate everything knowable from the header; returns an ack for a replayed id."""
+        _check_header_fields(h, header_bytes, self.limits)
+        served = self.catalog.get(h.model)
+        replayed = self.replay(h)
+        if replayed is not None:
+            return replayed
+        if h.schema_hash != served.schema.hash:
+            raise PreconditionFailed(
+                f"schema hash {h.schema_hash[:12]}... does not match model {h.model!r} "
+                f"({served.schema.hash[:12]}...); pull the model's current schema"
+            )
+        if h.payload_bytes != served.schema.payload_bytes:
+            raise InvalidInput(
+                f"payload_bytes {h.payload_bytes}: model {h.model!r} updates are exactly "
+                f"{served.schema.payload_bytes} bytes"
+            )
+        self._open_round(h)
+        return None
+
+    def receive(self, h: UpdateHeader, header_bytes: int, body: Iterable[BodyItem]) -> PushResult:
+        """Check, spool and commit one update; body yields chunks then exactly one trailer."""
+        replayed = self.check_header(h, header_bytes)
+        if replayed is not None:
+            return replayed
+        schema = self.catalog.get(h.model).schema
+        finite = FiniteCheck(schema)
+        with self.blobs.temp() as tmp:
+            trailer, num_chunks = None, 0
+            for item in body:
+                if trailer is not None:
+                    raise InvalidInput("message after the trailer; the trailer must be last")
+                if isinstance(item, Trailer):
+                    trailer = item
+                    continue
+                if len(item.data) > self.limits.max_chunk_bytes:
+                    raise TooLarge(
+                        f"chunk {num_chunks} is {len(item.data)} bytes; "
+                        f"at most {self.limits.max_chunk_bytes}"
+                    )
+                if item.offset != tmp.size:
+                    raise InvalidInput(
+                        f"chunk {num_chunks} at offset {item.offset}; expected {tmp.size}"
+                    )
+                if tmp.size + len(item.data) > h.payload_bytes:
+                    raise InvalidInput(
+                        f"payload runs past its declared {h.payload_bytes} bytes"
+                    )
+                finite.feed(item.data)
+                tmp.write(item.data)
+                num_chunks += 1
+            if trailer is None:
+                raise InvalidInput(
+                    f"stream ended after {tmp.size} of {h.payload_bytes} bytes without a trailer"
+                )
+            if tmp.size != h.payload_bytes:
+                raise InvalidInput(f"payload is {tmp.size} bytes; header said {h.payload_bytes}")
+            if trailer.num_chunks != num_chunks:
+                raise InvalidInput(
+                    f"trailer counts {trailer.num_chunks} chunks; {num_chunks} arrived"
+                )
+            if tmp.hexdigest() != h.payload_sha256:
+                raise IntegrityError(
+                    f"payload sha256 is {tmp.hexdigest()}; header said {h.payload_sha256}"
+                )
+            final = self.blobs.commit(tmp)
+        try:
+            result = self._commit(h)
+        except BaseException:
+            if h.payload_sha256 not in self.store.referenced_blobs():
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+            raise
+        if result.created and self._on_commit is not None:
+            self._on_commit(h.model, h.round)
+        return result
+
+    def _commit(self, h: UpdateHeader) -> PushResult:
+        with self.store.transaction() as db:
+            replayed = self.replay(h)  # a concurrent retry may have won the race
+            if replayed is not None:
+                return replayed
+            self._open_round(h)  # the round may have closed during the upload
+            self.store.insert_update(db, h, int(time.time() * 1000))
+        r = self.store.get_round(h.model, h.round)
+        return PushResult(h.update_id, True, h.round, r.accepted if r else 0)

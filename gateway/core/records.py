@@ -1,0 +1,95 @@
+"""Plain values the domain passes around: update headers, round state, versions, releases."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+UPDATE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+class RoundState(StrEnum):
+    OPEN = "open"
+    AGGREGATING = "aggregating"  # closed to pushes, version being computed
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    update_id: str
+    trainer: str
+    region: str
+    model: str
+    round: int
+    base_version: int
+    num_examples: int
+    schema_hash: str
+    payload_sha256: str
+    payload_bytes: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Round:
+    model: str
+    round: int
+    base_version: int
+    state: RoundState
+    opened_ms: int
+    deadline_ms: int
+    accepted: int = 0
+    version: int | None = None  # the version this round produced, once closed
+
+
+@dataclass(frozen=True)
+class CommittedUpdate:
+    seq: int  # commit order; aggregation folds in this order
+    update_id: str
+    trainer: str
+    region: str
+    round: int
+    num_examples: int
+    payload_sha256: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Version:
+    model: str
+    version: int
+    round: int  # 0 for the initial weights
+    weights_sha256: str
+    num_trainers: int
+    num_regions: int
+    num_examples: int
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Release:
+    model: str
+    version: int
+    round: int
+    created_ms: int
+    num_trainers: int
+    files: tuple[ReleaseFile, ...]
+    manifest_json: bytes
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    update_id: str
+    created: bool  # False: the id was already committed, nothing counted twice
+    round: int
+    accepted: int

@@ -1,0 +1,197 @@
+"""Rounds: open, count commits, close on quorum or deadline, fold into a new version, publish."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from gateway.core.aggregation import Contribution, fold_fedavg
+from gateway.core.catalog import Catalog, ServedModel
+from gateway.core.errors import NotFound, PreconditionFailed
+from gateway.core.records import CommittedUpdate, Release, Round, RoundState, Version
+from gateway.store.blobs import BlobStore
+from gateway.store.sqlite import Store
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    quorum: int = 4  # close as soon as this many updates are committed
+    min_updates: int = 1  # at the deadline, close only with at least this many
+    round_seconds: float = 600.0  # deadline, counted from the round's opening
+
+
+class Publisher(Protocol):
+    def publish(
+        self, model: ServedModel, version: Version, weights: Path, updates: Sequence[CommittedUpdate]
+    ) -> Release | None:
+        """Write a release of these weights, or return None when policy allows none."""
+
+
+class RoundManager:
+    """Owns round state transitions; one aggregation at a time, in commit order."""
+
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        catalog: Catalog,
+        policy: RoundPolicy,
+        publisher: Publisher,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.catalog = catalog
+        self.policy = policy
+        self.publisher = publisher
+        self._close_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # life cycle
+
+    def bootstrap(self) -> None:
+        """Create version 0 and round 1 for new models; finish closes a crash interrupted."""
+        for served in self.catalog:
+            if self.store.latest_version(served.name) is None:
+                self._create_initial_version(served)
+        for r in self.store.rounds_in_state(RoundState.AGGREGATING):
+            log.warning("finishing round %s of %s interrupted by a restart", r.round, r.model)
+            self.close(r.model, r.round, force=True)
+
+    def _create_initial_version(self, served: ServedModel) -> None:
+        module = served.entry.build(served.entry.init_seed)
+        sha = self.blobs.write(served.schema.tensor_bytes(module.state_dict()))
+        with self.store.transaction() as db:
+            self.store.insert_version(db, Version(served.name, 0, 0, sha, 0, 0, 0, now_ms()))
+            self._open_next(db, served.name, 1, 0)
+
+    def _open_next(self, db: object, model: str, round_no: int, base_version: int) -> None:
+        opened = now_ms()
+        deadline = opened + int(self.policy.round_seconds * 1000)
+        r = Round(model, round_no, base_version, RoundState.OPEN, opened, deadline)
+        self.store.insert_round(db, r)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._run, name="rounds", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception:  # a failing close must not kill the worker; it retries next tick
+                log.exception("round worker failed")
+
+    # state
+
+    def current(self, model: str) -> Round:
+        self.catalog.get(model)
+        r = self.store.latest_round(model)
+        if r is None:
+            raise NotFound(f"model {model!r} has no round yet")
+        return r
+
+    def note_commit(self, model: str, round_no: int) -> None:
+        """Called after an update commits: wake the worker when the quorum is reached."""
+        r = self.store.get_round(model, round_no)
+        if r is not None and r.accepted >= self.policy.quorum:
+            self._wake.set()
+
+    def tick(self) -> None:
+        """Close every open round that reached its quorum, or its deadline with enough updates."""
+        for served in self.catalog:
+            r = self.store.latest_round(served.name)
+            if r is None or r.state != RoundState.OPEN:
+                continue
+            due = now_ms() >= r.deadline_ms
+            if r.accepted >= self.policy.quorum or (due and r.accepted >= self.policy.min_updates):
+                self.close(r.model, r.round)
+            elif due:
+                # Too few updates by the deadline: keep the round open another period.
+                with self.store.transaction() as db:
+                    extended = now_ms() + int(self.policy.round_seconds * 1000)
+                    self.store.extend_deadline(db, r.model, r.round, extended)
+
+    def close(self, model: str, round_no: int, force: bool = False) -> Version:
+        """Close a round and fold its updates into the next version (idempotent)."""
+        with self._close_lock:
+            r = self.store.get_round(model, round_no)
+            if r is None:
+                raise NotFound(f"round {round_no} of {model!r} does not exist")
+            if r.state == RoundState.CLOSED and r.version is not None:
+                v = self.store.get_version(model, r.version)
+                if v is not None:
+                    return v
+            if r.state == RoundState.OPEN:
+                if r.accepted < max(self.policy.min_updates, 1) and not force:
+                    raise PreconditionFailed(
+                        f"round {round_no} of {model!r} has {r.accepted} updates; "
+                        f"closing needs at least {max(self.policy.min_updates, 1)}"
+                    )
+                with self.store.transaction() as db:
+                    self.store.set_round_state(db, model, round_no, RoundState.AGGREGATING)
+            return self._aggregate(self.catalog.get(model), r)
+
+    def _aggregate(self, served: ServedModel, r: Round) -> Version:
+        updates = self.store.round_updates(r.model, r.round)
+        if not updates:
+            raise PreconditionFailed(f"round {r.round} of {r.model!r} has no updates to fold")
+        base = self.store.get_version(r.model, r.base_version)
+        if base is None:
+            raise NotFound(f"base version {r.base_version} of {r.model!r} is missing")
+        started = time.perf_counter()
+        contributions = [
+            Contribution(self.blobs.path(u.payload_sha256), u.num_examples) for u in updates
+        ]
+        pieces = fold_fedavg(served.schema, self.blobs.path(base.weights_sha256), contributions)
+        sha = self.blobs.write(pieces)
+        latest = self.store.latest_version(r.model)
+        version = Version(
+            model=r.model,
+            version=(latest.version if latest else 0) + 1,
+            round=r.round,
+            weights_sha256=sha,
+            num_trainers=len({u.trainer for u in updates}),
+            num_regions=len({u.region for u in updates}),
+            num_examples=sum(u.num_examples for u in updates),
+            created_ms=now_ms(),
+        )
+        release = self.publisher.publish(served, version, self.blobs.path(sha), updates)
+        with self.store.transaction() as db:
+            self.store.insert_version(db, version)
+            if release is not None:
+                self.store.insert_release(db, release)
+            self.store.set_round_state(
+                db, r.model, r.round, RoundState.CLOSED, closed_ms=now_ms(), version=version.version
+            )
+            self._open_next(db, r.model, r.round + 1, version.version)
+        log.info(
+            "round %d of %s closed: %d updates -> version %d in %.2fs%s",
+            r.round,
+            r.model,
+            len(updates),
+            version.version,
+            time.perf_counter() - started,
+            "" if release else " (no release)",
+        )
+        return version

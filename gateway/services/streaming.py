@@ -1,0 +1,26 @@
+"""Reading a file from an offset in chunks, for the server-streaming pulls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from gateway.core.errors import InvalidInput
+from gateway.core.ingest import MAX_CHUNK_BYTES
+
+
+def file_chunks(
+    path: Path, offset: int, total: int, chunk_bytes: int = MAX_CHUNK_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) pieces of path from offset to total bytes."""
+    if offset > total:
+        raise InvalidInput(f"offset {offset} is past the end ({total} bytes)")
+    with path.open("rb") as f:
+        f.seek(offset)
+        pos = offset
+        while pos < total:
+            data = f.read(min(chunk_bytes, total - pos))
+            if not data:
+                raise OSError(f"{path} ended at {pos} of {total} bytes")
+            yield pos, data
+            pos += len(data)

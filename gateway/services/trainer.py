@@ -1,0 +1,125 @@
+"""TrainerService: thin gRPC adapter over rounds, versions and ingest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from gateway.core.errors import InvalidInput, NotFound
+from gateway.core.ingest import BodyItem, Ingest, PayloadChunk, Trailer
+from gateway.core.records import UpdateHeader
+from gateway.core.rounds import RoundManager
+from gateway.services.errors import mapped_errors
+from gateway.services.streaming import file_chunks
+from gateway.store.blobs import BlobStore
+from gateway.store.sqlite import Store
+from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
+
+
+def _header(msg: trainer_pb2.UpdateHeader) -> UpdateHeader:
+    return UpdateHeader(
+        update_id=msg.update_id,
+        trainer=msg.trainer,
+        region=msg.region,
+        model=msg.model,
+        round=msg.round,
+        base_version=msg.base_version,
+        num_examples=msg.num_examples,
+        schema_hash=msg.schema_hash,
+        payload_sha256=msg.payload_sha256,
+        payload_bytes=msg.payload_bytes,
+        metrics=dict(msg.metrics),
+    )
+
+
+def _body(requests: Iterator[trainer_pb2.PushUpdateRequest]) -> Iterator[BodyItem]:
+    for req in requests:
+        kind = req.WhichOneof("kind")
+        if kind == "chunk":
+            yield PayloadChunk(req.chunk.offset, req.chunk.data)
+        elif kind == "trailer":
+            yield Trailer(req.trailer.num_chunks)
+        else:
+            raise InvalidInput(f"unexpected {kind or 'empty'} message; send the header only first")
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, store: Store, blobs: BlobStore, rounds: RoundManager, ingest: Ingest) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.rounds = rounds
+        self.ingest = ingest
+
+    def GetRound(
+        self, request: trainer_pb2.GetRoundRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.RoundInfo:
+        with mapped_errors(context):
+            r = self.rounds.current(request.model)
+            schema = self.rounds.catalog.get(request.model).schema
+            return trainer_pb2.RoundInfo(
+                model=r.model,
+                round=r.round,
+                base_version=r.base_version,
+                schema_hash=schema.hash,
+                payload_bytes=schema.payload_bytes,
+                quorum=self.rounds.policy.quorum,
+                min_updates=self.rounds.policy.min_updates,
+                accepted=r.accepted,
+                deadline_unix_ms=r.deadline_ms,
+                max_chunk_bytes=self.ingest.limits.max_chunk_bytes,
+                tensors=[
+                    tensors_pb2.TensorSpec(name=t.name, shape=t.shape, dtype=t.dtype)
+                    for t in schema.tensors
+                ],
+            )
+
+    def PullGlobal(
+        self, request: trainer_pb2.PullGlobalRequest, context: grpc.ServicerContext
+    ) -> Iterator[trainer_pb2.PullGlobalResponse]:
+        with mapped_errors(context):
+            served = self.rounds.catalog.get(request.model)
+            if request.version:
+                v = self.store.get_version(request.model, request.version)
+            else:
+                v = self.store.latest_version(request.model)
+            if v is None:
+                raise NotFound(f"version {request.version} of {request.model!r} does not exist")
+            total = served.schema.payload_bytes
+            chunks = file_chunks(self.blobs.path(v.weights_sha256), request.offset, total)
+            first = next(chunks, None)  # validates the offset before the header goes out
+            yield trainer_pb2.PullGlobalResponse(
+                header=trainer_pb2.GlobalHeader(
+                    model=v.model,
+                    version=v.version,
+                    schema_hash=served.schema.hash,
+                    total_bytes=total,
+                    sha256=v.weights_sha256,
+                )
+            )
+            if first is not None:
+                yield trainer_pb2.PullGlobalResponse(
+                    chunk=tensors_pb2.Chunk(offset=first[0], data=first[1])
+                )
+            for offset, data in chunks:
+                yield trainer_pb2.PullGlobalResponse(
+                    chunk=tensors_pb2.Chunk(offset=offset, data=data)
+                )
+
+    def PushUpdate(
+        self,
+        request_iterator: Iterator[trainer_pb2.PushUpdateRequest],
+        context: grpc.ServicerContext,
+    ) -> trainer_pb2.PushUpdateResponse:
+        with mapped_errors(context):
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise InvalidInput("a push starts with exactly one header message")
+            header = _header(first.header)
+            result = self.ingest.receive(header, first.ByteSize(), _body(request_iterator))
+            return trainer_pb2.PushUpdateResponse(
+                update_id=result.update_id,
+                created=result.created,
+                round=result.round,
+                accepted=result.accepted,
+            )

@@ -1,0 +1,106 @@
+"""Content-addressed blob files: spool to a temp file, fsync, rename; never a partial blob."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TempBlob:
+    """A file being written under blobs/tmp; hashed as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 - closed by finish/discard
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class BlobStore:
+    """blobs/<aa>/<sha256>; temp files live in blobs/tmp and are dropped on start."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or not set(sha256) <= _HEX:
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    @contextlib.contextmanager
+    def temp(self) -> Iterator[TempBlob]:
+        """A temp blob that is removed unless adopted by commit()."""
+        blob = TempBlob(self.tmp / f"{uuid.uuid4().hex}.part")
+        try:
+            yield blob
+        finally:
+            blob.discard()
+
+    def commit(self, blob: TempBlob) -> Path:
+        """fsync and rename the temp blob to its content address; returns the final path."""
+        blob.finish()
+        final = self.path(blob.hexdigest())
+        final.parent.mkdir(exist_ok=True)
+        os.replace(blob.path, final)  # same bytes if it already existed: replacing is harmless
+        fsync_dir(final.parent)
+        return final
+
+    def write(self, pieces: Iterable[bytes | memoryview]) -> str:
+        """Spool pieces into a committed blob; returns its sha256."""
+        with self.temp() as blob:
+            for piece in pieces:
+                blob.write(piece)
+            self.commit(blob)
+            return blob.hexdigest()
+
+    def drop_orphans(self, referenced: set[str]) -> list[str]:
+        """Remove temp files and blobs no row refers to (left by a crash before commit)."""
+        for part in self.tmp.iterdir():
+            part.unlink()
+        dropped = []
+        for sub in self.root.iterdir():
+            if sub == self.tmp or not sub.is_dir():
+                continue
+            for blob in sub.iterdir():
+                if blob.name not in referenced:
+                    blob.unlink()
+                    dropped.append(blob.name)
+        return dropped

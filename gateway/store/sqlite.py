@@ -1,0 +1,309 @@
+"""SQLite (WAL) store for rounds, committed updates, versions and releases."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gateway.core.records import (
+    CommittedUpdate,
+    Release,
+    ReleaseFile,
+    Round,
+    RoundState,
+    UpdateHeader,
+    Version,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    model TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'aggregating', 'closed')),
+    opened_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    closed_ms INTEGER,
+    version INTEGER,
+    PRIMARY KEY (model, round)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    update_id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    trainer TEXT NOT NULL,
+    region TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS updates_round ON updates (model, round);
+CREATE TABLE IF NOT EXISTS versions (
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    weights_sha256 TEXT NOT NULL,
+    num_trainers INTEGER NOT NULL,
+    num_regions INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE IF NOT EXISTS releases (
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    num_trainers INTEGER NOT NULL,
+    files_json TEXT NOT NULL,
+    manifest_json BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (model, version)
+);
+"""
+
+
+class Store:
+    """One connection guarded by a lock: writes are short and SQLite serialises them anyway."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, *args: object) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+            return row
+
+    def _all(self, sql: str, *args: object) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    # rounds
+
+    def _round(self, row: sqlite3.Row) -> Round:
+        accepted = self._one(
+            "SELECT COUNT(*) AS n FROM updates WHERE model = ? AND round = ?",
+            row["model"],
+            row["round"],
+        )
+        return Round(
+            model=row["model"],
+            round=row["round"],
+            base_version=row["base_version"],
+            state=RoundState(row["state"]),
+            opened_ms=row["opened_ms"],
+            deadline_ms=row["deadline_ms"],
+            accepted=accepted["n"] if accepted else 0,
+            version=row["version"],
+        )
+
+    def get_round(self, model: str, round_no: int) -> Round | None:
+        row = self._one("SELECT * FROM rounds WHERE model = ? AND round = ?", model, round_no)
+        return self._round(row) if row else None
+
+    def latest_round(self, model: str) -> Round | None:
+        row = self._one("SELECT * FROM rounds WHERE model = ? ORDER BY round DESC LIMIT 1", model)
+        return self._round(row) if row else None
+
+    def rounds_in_state(self, state: RoundState) -> list[Round]:
+        rows = self._all("SELECT * FROM rounds WHERE state = ? ORDER BY model, round", str(state))
+        return [self._round(r) for r in rows]
+
+    @staticmethod
+    def insert_round(db: sqlite3.Connection, r: Round) -> None:
+        db.execute(
+            "INSERT INTO rounds (model, round, base_version, state, opened_ms, deadline_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (r.model, r.round, r.base_version, str(r.state), r.opened_ms, r.deadline_ms),
+        )
+
+    @staticmethod
+    def set_round_state(
+        db: sqlite3.Connection,
+        model: str,
+        round_no: int,
+        state: RoundState,
+        *,
+        closed_ms: int | None = None,
+        version: int | None = None,
+    ) -> None:
+        db.execute(
+            "UPDATE rounds SET state = ?, closed_ms = COALESCE(?, closed_ms),"
+            " version = COALESCE(?, version) WHERE model = ? AND round = ?",
+            (str(state), closed_ms, version, model, round_no),
+        )
+
+    @staticmethod
+    def extend_deadline(db: sqlite3.Connection, model: str, round_no: int, deadline_ms: int) -> None:
+        db.execute(
+            "UPDATE rounds SET deadline_ms = ? WHERE model = ? AND round = ?",
+            (deadline_ms, model, round_no),
+        )
+
+    # updates
+
+    @staticmethod
+    def _update(row: sqlite3.Row) -> CommittedUpdate:
+        return CommittedUpdate(
+            seq=row["seq"],
+            update_id=row["update_id"],
+            trainer=row["trainer"],
+            region=row["region"],
+            round=row["round"],
+            num_examples=row["num_examples"],
+            payload_sha256=row["payload_sha256"],
+            metrics=json.loads(row["metrics_json"]),
+        )
+
+    def find_update(self, update_id: str) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM updates WHERE update_id = ?", update_id)
+
+    def round_updates(self, model: str, round_no: int) -> list[CommittedUpdate]:
+        rows = self._all(
+            "SELECT * FROM updates WHERE model = ? AND round = ? ORDER BY seq", model, round_no
+        )
+        return [self._update(r) for r in rows]
+
+    @staticmethod
+    def insert_update(db: sqlite3.Connection, h: UpdateHeader, received_ms: int) -> None:
+        db.execute(
+            "INSERT INTO updates (update_id, model, round, trainer, region, base_version,"
+            " num_examples, metrics_json, payload_sha256, payload_bytes, received_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                h.update_id,
+                h.model,
+                h.round,
+                h.trainer,
+                h.region,
+                h.base_version,
+                h.num_examples,
+                json.dumps(dict(h.metrics), sort_keys=True),
+                h.payload_sha256,
+                h.payload_bytes,
+                received_ms,
+            ),
+        )
+
+    # versions
+
+    @staticmethod
+    def _version(row: sqlite3.Row) -> Version:
+        return Version(**{k: row[k] for k in row.keys()})  # noqa: SIM118 - Row has no __iter__ of keys
+
+    def get_version(self, model: str, version: int) -> Version | None:
+        row = self._one("SELECT * FROM versions WHERE model = ? AND version = ?", model, version)
+        return self._version(row) if row else None
+
+    def latest_version(self, model: str) -> Version | None:
+        row = self._one(
+            "SELECT * FROM versions WHERE model = ? ORDER BY version DESC LIMIT 1", model
+        )
+        return self._version(row) if row else None
+
+    @staticmethod
+    def insert_version(db: sqlite3.Connection, v: Version) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO versions (model, version, round, weights_sha256, num_trainers,"
+            " num_regions, num_examples, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                v.model,
+                v.version,
+                v.round,
+                v.weights_sha256,
+                v.num_trainers,
+                v.num_regions,
+                v.num_examples,
+                v.created_ms,
+            ),
+        )
+
+    # releases
+
+    @staticmethod
+    def _release(row: sqlite3.Row) -> Release:
+        files = tuple(ReleaseFile(**f) for f in json.loads(row["files_json"]))
+        return Release(
+            model=row["model"],
+            version=row["version"],
+            round=row["round"],
+            created_ms=row["created_ms"],
+            num_trainers=row["num_trainers"],
+            files=files,
+            manifest_json=bytes(row["manifest_json"]),
+            signature=bytes(row["signature"]),
+        )
+
+    def list_releases(self, model: str = "") -> list[Release]:
+        if model:
+            rows = self._all(
+                "SELECT * FROM releases WHERE model = ? ORDER BY version DESC", model
+            )
+        else:
+            rows = self._all("SELECT * FROM releases ORDER BY model, version DESC")
+        return [self._release(r) for r in rows]
+
+    def get_release(self, model: str, version: int) -> Release | None:
+        if version == 0:
+            row = self._one(
+                "SELECT * FROM releases WHERE model = ? ORDER BY version DESC LIMIT 1", model
+            )
+        else:
+            row = self._one(
+                "SELECT * FROM releases WHERE model = ? AND version = ?", model, version
+            )
+        return self._release(row) if row else None
+
+    @staticmethod
+    def insert_release(db: sqlite3.Connection, r: Release) -> None:
+        files = json.dumps([f.__dict__ for f in r.files], sort_keys=True)
+        db.execute(
+            "INSERT OR REPLACE INTO releases (model, version, round, created_ms, num_trainers,"
+            " files_json, manifest_json, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.model,
+                r.version,
+                r.round,
+                r.created_ms,
+                r.num_trainers,
+                files,
+                r.manifest_json,
+                r.signature,
+            ),
+        )
+
+    def referenced_blobs(self) -> set[str]:
+        rows = self._all(
+            "SELECT payload_sha256 AS h FROM updates UNION SELECT weights_sha256 FROM versions"
+        )
+        return {r["h"] for r in rows}
