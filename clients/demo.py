@@ -1,0 +1,145 @@
+"""`make demo`: a gateway, four regional trainers, three rounds, and the global team's pull."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clients.scenes import describe, make_clips
+from clients.sdk import EgressClient
+from clients.simulate import DEFAULT_REGIONS, SimulationConfig, plan_trainers, simulate
+from clients.trainer import loss_np
+
+BENCHMARK_SEED = 7_000_000  # held-out scenes, disjoint from every trainer's private seeds
+
+
+def start_gateway(
+    data_dir: Path, quorum: int, log_path: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    endpoints = data_dir / "endpoints.json"
+    endpoints.unlink(missing_ok=True)
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--models",
+            "drivenet",
+            "--quorum",
+            str(quorum),
+            "--min-trainers",
+            "3",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    while not endpoints.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the gateway did not start; see {log_path}")
+        time.sleep(0.2)
+    return proc, json.loads(endpoints.read_text())
+
+
+def evaluate_release(path: Path, regions: list[str], clips: int) -> dict[str, float]:
+    """The global team's view: run the pulled ONNX file in onnxruntime on benchmark scenes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    losses = {}
+    for i, region in enumerate(regions):
+        batch = make_clips(region, clips, seed=BENCHMARK_SEED + i)
+        controls, lanes = session.run(["controls", "lanes"], {"frames": batch.frames.numpy()})
+        losses[region] = loss_np(np.asarray(controls), np.asarray(lanes), batch)
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data-dir", type=Path, default=Path(".sluice/demo"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--trainers", type=int, default=4)
+    p.add_argument("--clips", type=int, default=SimulationConfig.clips)
+    p.add_argument("--benchmark-clips", type=int, default=256)
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    regions = list(DEFAULT_REGIONS)
+    shutil.rmtree(args.data_dir, ignore_errors=True)
+    args.data_dir.mkdir(parents=True)
+    print("Sluice demo: regional trainers inside the region, the global team outside.\n")
+    for region in regions:
+        print(f"  {region:>9}: {describe(region)}")
+    proc, endpoints = start_gateway(args.data_dir, args.trainers, args.data_dir / "gateway.log")
+    print(f"\ngateway up: internal {endpoints['internal']}, egress {endpoints['egress']}")
+    try:
+        config = SimulationConfig(
+            target=endpoints["internal"], rounds=args.rounds, clips=args.clips
+        )
+        trainers = plan_trainers(args.trainers, regions)
+        print(
+            f"{len(trainers)} trainer processes x {args.rounds} rounds (private clips stay in each)"
+        )
+        reports = simulate(config, trainers)
+        with EgressClient(endpoints["egress"]) as egress:
+            deadline = time.monotonic() + 300
+            while len(egress.releases("drivenet")) < args.rounds:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the last round produced no release in time")
+                time.sleep(0.2)
+            print("\nthe global team pulls every release through the egress listener:")
+            table: dict[int, dict[str, float]] = {}
+            for release in sorted(egress.releases("drivenet"), key=lambda r: r.version):
+                dest = args.data_dir / "pulled" / f"drivenet-v{release.version}.onnx"
+                sha = egress.pull("drivenet", dest, version=release.version)
+                manifest = json.loads(egress.manifest("drivenet", release.version).manifest_json)
+                (listed,) = manifest["files"]
+                ok = sha == listed["sha256"] == hashlib.sha256(dest.read_bytes()).hexdigest()
+                print(
+                    f"  v{release.version}: {listed['size']:,} bytes, sha256 {sha[:16]}... "
+                    f"{'matches' if ok else 'DOES NOT MATCH'} the manifest, "
+                    f"{manifest['num_trainers']} trainers from {manifest['num_regions']} regions"
+                )
+                if not ok:
+                    return 1
+                table[release.round] = evaluate_release(dest, regions, args.benchmark_clips)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    print("\nheld-out loss of the merged model (onnxruntime), per region and overall:")
+    print("round | " + " | ".join(f"{r:>9}" for r in regions) + " |    merged")
+    for round_no, losses in sorted(table.items()):
+        merged = float(np.mean(list(losses.values())))
+        cells = " | ".join(f"{losses[r]:9.4f}" for r in regions)
+        print(f"{round_no:5d} | {cells} | {merged:9.4f}")
+    local = {
+        r.round: float(np.mean([x.holdout_before for x in reports if x.round == r.round]))
+        for r in reports
+    }
+    print("\ntrainers' own view, global model on their private held-out clips before training:")
+    print("  " + ", ".join(f"round {k}: {v:.4f}" for k, v in sorted(local.items())))
+    merged_by_round = [float(np.mean(list(v.values()))) for _, v in sorted(table.items())]
+    elapsed = time.monotonic() - started
+    if merged_by_round[-1] >= merged_by_round[0]:
+        print(f"\nFAIL: merged loss did not fall ({merged_by_round}) in {elapsed:.0f}s")
+        return 1
+    print(
+        f"\nmerged loss fell {merged_by_round[0]:.4f} -> {merged_by_round[-1]:.4f}; {elapsed:.0f}s in all"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

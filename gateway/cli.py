@@ -1,0 +1,140 @@
+"""`sluice`: serve the gateway, simulate regional trainers, pull releases, steer rounds."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.server import Gateway
+
+    overrides = {
+        "data_dir": args.data_dir,
+        "internal_address": args.internal,
+        "egress_address": args.egress,
+        "models": args.models,
+        "quorum": args.quorum,
+        "min_updates": args.min_updates,
+        "round_seconds": args.round_seconds,
+        "min_trainers": args.min_trainers,
+    }
+    config = load_config(args.config, overrides)
+    gateway = Gateway(config)
+    endpoints = gateway.start()
+    print(f"sluice: internal {endpoints.internal}  egress {endpoints.egress}", flush=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    gateway.stop()
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from clients.sdk import EgressClient
+
+    with EgressClient(args.egress) as client:
+        sha = client.pull(args.model, args.out, version=args.version, file=args.file)
+    print(f"{args.out}: sha256 {sha}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from clients.sdk import AdminClient
+
+    admin = AdminClient(args.target)
+    try:
+        for m in admin.status().models:
+            print(
+                f"{m.model}: round {m.open_round} open on version {m.base_version} "
+                f"({m.accepted} updates), latest version {m.latest_version}, "
+                f"latest release {m.latest_release or '-'}"
+            )
+    finally:
+        admin.close()
+    return 0
+
+
+def _close_round(args: argparse.Namespace) -> int:
+    from clients.sdk import AdminClient
+
+    admin = AdminClient(args.target)
+    try:
+        print(f"version {admin.close_round(args.model, args.round)}")
+    finally:
+        admin.close()
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from clients.simulate import run_from_args
+
+    return run_from_args(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (internal and egress listeners)")
+    serve.add_argument("--config", type=Path, help="TOML file; SLUICE_* env overrides it")
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--internal", help="internal listener address, e.g. 127.0.0.1:7070")
+    serve.add_argument("--egress", help="egress listener address, e.g. 127.0.0.1:7071")
+    serve.add_argument("--models", help="comma-separated registry names")
+    serve.add_argument("--quorum", type=int)
+    serve.add_argument("--min-updates", type=int)
+    serve.add_argument("--round-seconds", type=float)
+    serve.add_argument("--min-trainers", type=int, help="k: trainers a release must aggregate")
+    serve.set_defaults(run=_serve)
+
+    pull = sub.add_parser("pull", help="(global team) pull a release through the egress listener")
+    pull.add_argument("--egress", required=True, help="egress listener address")
+    pull.add_argument("--model", default="drivenet")
+    pull.add_argument("--version", type=int, default=0, help="0: the newest release")
+    pull.add_argument("--file", default="model.onnx")
+    pull.add_argument("--out", type=Path, required=True)
+    pull.set_defaults(run=_pull)
+
+    status = sub.add_parser("status", help="(operator) models, rounds and versions")
+    status.add_argument("--target", required=True, help="internal listener address")
+    status.set_defaults(run=_status)
+
+    close = sub.add_parser("close-round", help="(operator) close the open round now")
+    close.add_argument("--target", required=True, help="internal listener address")
+    close.add_argument("--model", default="drivenet")
+    close.add_argument("--round", type=int, required=True)
+    close.set_defaults(run=_close_round)
+
+    from clients.simulate import add_arguments
+
+    simulate = sub.add_parser("simulate", help="run regional trainer processes against a gateway")
+    add_arguments(simulate)
+    simulate.set_defaults(run=_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
