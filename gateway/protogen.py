@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -19,8 +20,13 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc  # dev-only dependency, imported lazily on purpose
 
     include = str(resources.files("grpc_tools") / "_proto")
+    # mypy-protobuf's plugin sits beside this interpreter, which need not be on PATH.
+    plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+    if not plugin.exists():
+        plugin = Path(shutil.which("protoc-gen-mypy") or plugin)
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={plugin}",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",

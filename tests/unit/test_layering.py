@@ -1,0 +1,43 @@
+"""The rooms stay separate: core imports no gRPC, clients never import the gateway, models neither."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("gateway/core", ("grpc", "sluice", "gateway.services", "gateway.server")),
+        ("gateway/store", ("grpc", "sluice", "gateway.services")),
+        ("gateway/export", ("grpc", "sluice", "gateway.services")),
+        ("clients", ("gateway",)),
+        ("models", ("gateway", "clients", "grpc")),
+    ],
+)
+def test_package_does_not_import(package: str, forbidden: tuple[str, ...]) -> None:
+    bad = {
+        f"{path}: {name}"
+        for path, names in imported_modules(package).items()
+        for name in names
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    }
+    assert not bad, f"forbidden imports: {sorted(bad)}"
