@@ -1,0 +1,135 @@
+"""A minimal protobuf wire walker that finds each ONNX initializer's raw_data byte range."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# Protobuf wire types (https://protobuf.dev/programming-guides/encoding/).
+VARINT = 0
+FIXED64 = 1
+LEN = 2
+FIXED32 = 5
+
+# Field numbers from onnx.proto (stable since IR version 1).
+MODEL_GRAPH = 7  # ModelProto.graph
+GRAPH_INITIALIZER = 5  # GraphProto.initializer (repeated TensorProto)
+TENSOR_NAME = 8  # TensorProto.name
+TENSOR_RAW_DATA = 9  # TensorProto.raw_data
+
+_MAX_VARINT_BYTES = 10
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a message; [start, end) is its payload (the varint, fixed or LEN bytes)."""
+
+    number: int
+    wire_type: int
+    start: int
+    end: int
+    value: int  # the decoded varint / fixed value; the payload length for LEN fields
+
+
+@dataclass(frozen=True)
+class InitializerSpan:
+    """A graph initializer and the [start, end) offsets of its raw_data bytes in the file."""
+
+    name: str
+    start: int
+    end: int
+
+
+def read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+    """Decode a varint at pos; return (value, position after it)."""
+    value = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos >= end:
+            raise ValueError(f"truncated varint at byte {pos}")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            # A 10th byte may only carry the top bit of a 64-bit value.
+            if i == _MAX_VARINT_BYTES - 1 and byte > 1:
+                raise ValueError(f"varint over 64 bits ending at byte {pos}")
+            return value, pos
+    raise ValueError(f"varint longer than {_MAX_VARINT_BYTES} bytes ending at byte {pos}")
+
+
+def iter_fields(buf: bytes | memoryview, start: int = 0, end: int | None = None) -> Iterator[Field]:
+    """Walk the fields of one message occupying buf[start:end], in file order.
+
+    Raises ValueError on anything that is not well-formed wire format: truncation,
+    field number 0, group wire types (unused by ONNX), or lengths past the message end.
+    """
+    stop = len(buf) if end is None else end
+    if not 0 <= start <= stop <= len(buf):
+        raise ValueError(f"message range [{start}, {stop}) outside a buffer of {len(buf)} bytes")
+    pos = start
+    while pos < stop:
+        key, pos = read_varint(buf, pos, stop)
+        number, wire_type = key >> 3, key & 0x7
+        if number == 0:
+            raise ValueError(f"field number 0 at byte {pos}")
+        if wire_type == VARINT:
+            value, after = read_varint(buf, pos, stop)
+            yield Field(number, wire_type, pos, after, value)
+            pos = after
+        elif wire_type in (FIXED64, FIXED32):
+            size = 8 if wire_type == FIXED64 else 4
+            if pos + size > stop:
+                raise ValueError(f"field {number}: truncated fixed{size * 8} at byte {pos}")
+            value = int.from_bytes(bytes(buf[pos : pos + size]), "little")
+            yield Field(number, wire_type, pos, pos + size, value)
+            pos += size
+        elif wire_type == LEN:
+            length, pos = read_varint(buf, pos, stop)
+            if pos + length > stop:
+                raise ValueError(
+                    f"field {number}: length {length} at byte {pos} runs past the "
+                    f"enclosing message end {stop}"
+                )
+            yield Field(number, wire_type, pos, pos + length, length)
+            pos += length
+        else:
+            raise ValueError(f"field {number}: unsupported wire type {wire_type} at byte {pos}")
+
+
+def _only_len_field(buf: bytes | memoryview, start: int, end: int, number: int, what: str) -> Field:
+    """The single LEN field `number` of a message; protobuf would merge repeats, we refuse."""
+    found = [f for f in iter_fields(buf, start, end) if f.number == number]
+    if len(found) != 1:
+        raise ValueError(f"{what}: expected exactly one field {number}, found {len(found)}")
+    if found[0].wire_type != LEN:
+        raise ValueError(f"{what}: field {number} has wire type {found[0].wire_type}, not LEN")
+    return found[0]
+
+
+def initializer_spans(model: bytes | memoryview) -> tuple[InitializerSpan, ...]:
+    """Every graph initializer of a serialized ModelProto with its raw_data byte range.
+
+    In file order. Each initializer must have exactly one name and exactly one raw_data
+    field, and names must be unique; anything else raises ValueError, because a caller
+    that rewrites or checks these ranges must not be able to be fooled by repeats.
+    """
+    graph = _only_len_field(model, 0, len(model), MODEL_GRAPH, "ModelProto")
+    spans: list[InitializerSpan] = []
+    seen: set[str] = set()
+    for init in iter_fields(model, graph.start, graph.end):
+        if init.number != GRAPH_INITIALIZER:
+            continue
+        what = f"initializer #{len(spans)}"
+        if init.wire_type != LEN:
+            raise ValueError(f"{what}: wire type {init.wire_type}, not LEN")
+        name_field = _only_len_field(model, init.start, init.end, TENSOR_NAME, what)
+        try:
+            name = bytes(model[name_field.start : name_field.end]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{what}: name is not valid UTF-8") from exc
+        raw = _only_len_field(model, init.start, init.end, TENSOR_RAW_DATA, f"initializer {name!r}")
+        if name in seen:
+            raise ValueError(f"initializer {name!r} appears more than once")
+        seen.add(name)
+        spans.append(InitializerSpan(name, raw.start, raw.end))
+    return tuple(spans)

@@ -1,0 +1,132 @@
+"""Write new weights into a model's ONNX template by copying bytes into its recorded ranges."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from models.schema import Schema
+
+if TYPE_CHECKING:
+    # Only for annotations: template.py imports this module for its self-test.
+    from gateway.export.template import OnnxTemplate, WeightRange
+
+_CHUNK_BYTES = 16 << 20  # bounds each write so a big tensor never needs a second copy
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
+    """Write chunks to path via a temp file in the same directory, fsync, os.replace.
+
+    Returns the hex sha256 of what was written. Readers see the old file or the whole
+    new one, never a part; after a crash only a stray `.tmp` file can remain.
+    """
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                digest.update(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    # The rename itself is only durable once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return digest.hexdigest()
+
+
+def _plan(t: OnnxTemplate, schema: Schema) -> list[tuple[WeightRange, int, int]]:
+    """(template range, payload start, payload end) per range, in template file order."""
+    if schema.hash != t.schema_hash:
+        raise ValueError(
+            f"model {t.model!r}: template was built for schema {t.schema_hash[:16]}, "
+            f"payload schema is {schema.hash[:16]}"
+        )
+    spans = {spec.name: (spec, start, end) for spec, start, end in schema.spans()}
+    plan = []
+    for r in t.ranges:
+        if r.name not in spans:
+            raise ValueError(f"tensor {r.name!r}: in the template but not in the schema")
+        spec, start, end = spans[r.name]
+        if r.end - r.start != spec.num_bytes:
+            raise ValueError(
+                f"tensor {r.name!r}: schema expects {spec.num_bytes} bytes, "
+                f"template range holds {r.end - r.start}"
+            )
+        plan.append((r, start, end))
+    return plan
+
+
+def _as_bytes(payload: bytes | memoryview | np.ndarray, schema: Schema) -> np.ndarray:
+    if isinstance(payload, np.ndarray):
+        if payload.dtype != np.uint8 or not payload.flags.c_contiguous:
+            raise ValueError(
+                f"payload: expected a contiguous uint8 array, got {payload.dtype} "
+                f"(contiguous={payload.flags.c_contiguous})"
+            )
+        raw = payload.reshape(-1)
+    else:
+        raw = np.frombuffer(payload, dtype=np.uint8)
+    if raw.size != schema.payload_bytes:
+        raise ValueError(f"payload: expected {schema.payload_bytes} bytes, got {raw.size}")
+    return raw
+
+
+def refresh(t: OnnxTemplate, schema: Schema, payload: bytes | memoryview | np.ndarray) -> bytes:
+    """The template with each weight range replaced by that tensor's bytes from a flat payload.
+
+    The payload is the schema's tensors end to end (models/schema.py); tensors the graph
+    does not hold (BatchNorm's num_batches_tracked) are skipped. Memory: two template copies.
+    """
+    plan = _plan(t, schema)
+    raw = _as_bytes(payload, schema)
+    out = bytearray(t.data)
+    for r, start, end in plan:
+        out[r.start : r.end] = raw[start:end].data  # a bytearray takes buffers, not arrays
+    return bytes(out)
+
+
+def _refreshed_chunks(
+    t: OnnxTemplate, plan: list[tuple[WeightRange, int, int]], raw: np.ndarray
+) -> Iterable[bytes | memoryview]:
+    data = memoryview(t.data)
+    pos = 0
+    for r, start, end in plan:
+        yield data[pos : r.start]
+        for at in range(start, end, _CHUNK_BYTES):
+            yield raw[at : min(at + _CHUNK_BYTES, end)].data
+        pos = r.end
+    yield data[pos:]
+
+
+def write_refreshed(t: OnnxTemplate, schema: Schema, payload_path: Path, out_path: Path) -> str:
+    """Stream a payload file into the template and write the result atomically to out_path.
+
+    Returns the hex sha256 of the written file. Memory: O(template) plus one chunk; the
+    payload is memory-mapped, not read into the heap.
+    """
+    plan = _plan(t, schema)
+    size = payload_path.stat().st_size
+    if size != schema.payload_bytes:
+        # Checked before mapping: numpy cannot map an empty file, and a short one
+        # should fail with the same message as refresh().
+        raise ValueError(f"payload: expected {schema.payload_bytes} bytes, got {size}")
+    # The mapping is released when `raw` and the chunk views die, i.e. on return.
+    raw = np.memmap(payload_path, dtype=np.uint8, mode="r")
+    return write_atomic(out_path, _refreshed_chunks(t, plan, raw))

@@ -1,0 +1,308 @@
+"""ONNX template export, wire-level ranges, byte-range refresh and the self-test."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from gateway.export import onnx_wire
+from gateway.export.refresh import refresh, write_refreshed
+from gateway.export.template import (
+    META_FILE,
+    TEMPLATE_FILE,
+    OnnxTemplate,
+    build_template,
+    load_template,
+    save_template,
+    self_test,
+    structure_hash,
+)
+from models.registry import ModelEntry, get
+from models.schema import Schema, TensorSpec
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelEntry:
+    return get("drivenet-tiny")
+
+
+@pytest.fixture(scope="module")
+def template(tiny: ModelEntry) -> OnnxTemplate:
+    return build_template(tiny)
+
+
+@pytest.fixture(scope="module")
+def schema(tiny: ModelEntry) -> Schema:
+    return tiny.schema()
+
+
+def _random_payload(schema: Schema, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        spec.name: rng.standard_normal(spec.shape).astype(spec.dtype)
+        if spec.is_float
+        else np.zeros(spec.shape, dtype=spec.dtype)
+        for spec in schema.tensors
+    }
+    return schema.flatten(arrays)
+
+
+def _walk(message: Any) -> list[Any]:
+    """message and every message under it."""
+    found = [message]
+    for field in message.DESCRIPTOR.fields:
+        if field.message_type is None:
+            continue
+        if field.is_repeated:
+            for child in getattr(message, field.name):
+                found.extend(_walk(child))
+        elif message.HasField(field.name):
+            found.extend(_walk(getattr(message, field.name)))
+    return found
+
+
+# --- the template -----------------------------------------------------------------------
+
+
+def test_ranges_are_the_float_state_dict(template: OnnxTemplate, tiny: ModelEntry) -> None:
+    state = tiny.build(tiny.init_seed).state_dict()
+    floats = {name for name, tensor in state.items() if tensor.is_floating_point()}
+    assert {r.name for r in template.ranges} == floats
+    # The int64 BatchNorm counters are in the schema but not in the graph.
+    assert all(name.endswith("num_batches_tracked") for name in set(state) - floats)
+    model = onnx.load_from_string(template.data)
+    for init in model.graph.initializer:
+        assert init.name in state
+        assert tuple(init.dims) == tuple(state[init.name].shape)
+        assert init.HasField("raw_data")
+
+
+def test_build_is_deterministic(template: OnnxTemplate, tiny: ModelEntry) -> None:
+    again = build_template(tiny)
+    assert again.data == template.data
+    assert again == template
+
+
+def test_no_metadata_or_doc_strings(template: OnnxTemplate) -> None:
+    model = onnx.load_from_string(template.data)
+    for message in _walk(model):
+        names = {f.name for f in message.DESCRIPTOR.fields}
+        if "metadata_props" in names:
+            assert len(message.metadata_props) == 0, type(message).__name__
+        if "doc_string" in names:
+            assert message.doc_string == "", type(message).__name__
+    assert "+" not in model.producer_version  # no "+cpu" / "+cu128" build tag
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_no_local_paths_in_template(template: OnnxTemplate) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    leaks = [str(repo), sys.prefix, os.path.dirname(torch.__file__), str(Path.home())]
+    for leak in [*leaks, "site-packages", ".py", "File "]:
+        assert leak.encode() not in template.data, leak
+
+
+def test_dynamic_batch(template: OnnxTemplate) -> None:
+    model = onnx.load_from_string(template.data)
+    (frames,) = model.graph.input
+    assert frames.type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_self_test_tiny(template: OnnxTemplate, tiny: ModelEntry) -> None:
+    assert self_test(template, tiny) < 1e-4
+
+
+def test_self_test_drivenet() -> None:
+    entry = get("drivenet")
+    assert self_test(build_template(entry), entry) < 1e-4
+
+
+def test_self_test_catches_an_unrefreshed_weight(template: OnnxTemplate, tiny: ModelEntry) -> None:
+    # What a weight folded under a new name would look like: its bytes never move.
+    stale = dataclasses.replace(
+        template, ranges=tuple(r for r in template.ranges if r.name != "backbone.1.1.running_var")
+    )
+    with pytest.raises(ValueError, match="self-test max abs diff"):
+        self_test(stale, tiny)
+
+
+# --- onnx_wire ------------------------------------------------------------------------
+
+
+def test_wire_spans_match_onnx(template: OnnxTemplate) -> None:
+    model = onnx.load_from_string(template.data)
+    spans = onnx_wire.initializer_spans(template.data)
+    assert [s.name for s in spans] == [i.name for i in model.graph.initializer]
+    for span, init in zip(spans, model.graph.initializer, strict=True):
+        assert template.data[span.start : span.end] == init.raw_data
+        assert template.data[span.start : span.end] == numpy_helper.to_array(init).tobytes()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # no graph
+        b"\x3a\x05\x2a",  # graph length past the end
+        b"\x3a\x00\x3a\x00",  # two graphs
+        b"\x3a\x02\x2a\x00",  # initializer without name or raw_data
+        b"\x3a\x04\x2a\x02\x42\x00",  # initializer with a name only
+        b"\x3a\x03\x2a\x05\x42",  # initializer runs past the end of the graph
+        b"\x3a\x03\x2a\x01\x43",  # group wire type
+        b"\x3a\x06\x2a\x04\x42\x01\xff\x4a",  # raw_data tag without length
+        b"\x3a\x08\x2a\x06\x42\x01\xff\x4a\x01\x00",  # name is not UTF-8
+        b"\xff" * 11,  # varint too long
+    ],
+)
+def test_wire_rejects_malformed(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        onnx_wire.initializer_spans(data)
+
+
+def test_wire_rejects_duplicate_names() -> None:
+    init = b"\x2a\x06\x42\x01a\x4a\x01\x00"
+    graph = init + init
+    with pytest.raises(ValueError, match="more than once"):
+        onnx_wire.initializer_spans(b"\x3a" + bytes([len(graph)]) + graph)
+
+
+def test_wire_offsets_on_a_hand_built_model() -> None:
+    model = onnx.ModelProto(graph=onnx.GraphProto(name="g"))
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(3, dtype="<f4"), "w"))
+    data = model.SerializeToString()
+    (span,) = onnx_wire.initializer_spans(data)
+    assert span.name == "w"
+    assert data[span.start : span.end] == np.arange(3, dtype="<f4").tobytes()
+
+
+# --- refresh --------------------------------------------------------------------------
+
+
+def test_refresh_with_own_weights_is_identity(
+    template: OnnxTemplate, schema: Schema, tiny: ModelEntry
+) -> None:
+    payload = schema.flatten(tiny.build(tiny.init_seed).state_dict())
+    assert refresh(template, schema, payload) == template.data
+
+
+def test_refresh_changes_only_weight_ranges(template: OnnxTemplate, schema: Schema) -> None:
+    out = refresh(template, schema, _random_payload(schema, 7))
+    assert len(out) == len(template.data)
+    inside = np.zeros(len(out), dtype=bool)
+    for r in template.ranges:
+        inside[r.start : r.end] = True
+    changed = np.frombuffer(out, np.uint8) != np.frombuffer(template.data, np.uint8)
+    assert changed.any()
+    assert not (changed & ~inside).any()
+    assert structure_hash(out, template.ranges) == template.structure_hash
+    views = schema.views(_random_payload(schema, 7))
+    for init in onnx.load_from_string(out).graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), views[init.name])
+
+
+def test_refresh_accepts_array_and_memoryview(template: OnnxTemplate, schema: Schema) -> None:
+    payload = _random_payload(schema, 3)
+    want = refresh(template, schema, payload)
+    assert refresh(template, schema, memoryview(payload)) == want
+    assert refresh(template, schema, np.frombuffer(payload, np.uint8)) == want
+    with pytest.raises(ValueError, match="uint8"):
+        refresh(template, schema, np.frombuffer(payload, np.float32))
+
+
+def test_refresh_rejects_wrong_size(template: OnnxTemplate, schema: Schema) -> None:
+    payload = _random_payload(schema, 1)
+    with pytest.raises(ValueError, match=f"expected {len(payload)} bytes, got {len(payload) - 4}"):
+        refresh(template, schema, payload[:-4])
+
+
+def test_refresh_rejects_other_schema(template: OnnxTemplate, schema: Schema) -> None:
+    other = Schema(schema.tensors[:-1])
+    with pytest.raises(ValueError, match="template was built for schema"):
+        refresh(template, other, bytes(other.payload_bytes))
+
+
+def test_refresh_rejects_range_size_mismatch(template: OnnxTemplate, schema: Schema) -> None:
+    # A schema whose hash matches the template (forged here) but whose tensor is smaller.
+    specs = [
+        TensorSpec(s.name, (1,), s.dtype) if s.name == "lane_head.bias" else s
+        for s in schema.tensors
+    ]
+    shrunk = Schema(tuple(specs))
+    forged = dataclasses.replace(template, schema_hash=shrunk.hash)
+    with pytest.raises(ValueError, match=r"'lane_head.bias': schema expects 4 bytes"):
+        refresh(forged, shrunk, bytes(shrunk.payload_bytes))
+
+
+def test_write_refreshed_streams_the_same_bytes(
+    template: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    payload = _random_payload(schema, 5)
+    (tmp_path / "update.bin").write_bytes(payload)
+    out = tmp_path / "model.onnx"
+    digest = write_refreshed(template, schema, tmp_path / "update.bin", out)
+    assert out.read_bytes() == refresh(template, schema, payload)
+    assert digest == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "update.bin"]
+
+
+def test_write_refreshed_rejects_short_file(
+    template: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    (tmp_path / "update.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="got 0"):
+        write_refreshed(template, schema, tmp_path / "update.bin", tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+# --- save / load ----------------------------------------------------------------------
+
+
+def test_save_load_round_trip(template: OnnxTemplate, tmp_path: Path) -> None:
+    save_template(template, tmp_path / "t")
+    assert load_template(tmp_path / "t") == template
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [META_FILE, TEMPLATE_FILE]
+
+
+def test_load_rejects_a_changed_structure(template: OnnxTemplate, tmp_path: Path) -> None:
+    save_template(template, tmp_path)
+    data = bytearray(template.data)
+    at = template.ranges[0].start - 1  # a byte of framing just before the first weights
+    data[at] ^= 0x01
+    (tmp_path / TEMPLATE_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError):
+        load_template(tmp_path)
+
+
+def test_load_ignores_weight_values(template: OnnxTemplate, schema: Schema, tmp_path: Path) -> None:
+    save_template(template, tmp_path)
+    (tmp_path / TEMPLATE_FILE).write_bytes(refresh(template, schema, _random_payload(schema, 9)))
+    assert load_template(tmp_path).structure_hash == template.structure_hash
+
+
+class _HiddenScale(nn.Module):
+    """A float tensor in the graph that is not in the state_dict (non-persistent buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.rand(3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.head(x)
+        return y * self.scale, y
+
+
+def test_build_refuses_weights_a_refresh_cannot_reach() -> None:
+    entry = ModelEntry("hidden-scale", _HiddenScale, input_shape=(1, 4))
+    with pytest.raises(ValueError, match=r"'scale' .* not a state_dict key"):
+        build_template(entry)
