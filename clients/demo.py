@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nFAIL: merged loss did not fall ({merged_by_round}) in {elapsed:.0f}s")
         return 1
     print(
-        f"\nmerged loss fell {merged_by_round[0]:.4f} -> {merged_by_round[-1]:.4f}; {elapsed:.0f}s in all"
+        f"\nmerged loss fell {merged_by_round[0]:.4f} -> {merged_by_round[-1]:.4f}; "
+        f"{elapsed:.0f}s in all"
     )
     return 0
 

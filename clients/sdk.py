@@ -1,4 +1,4 @@
-"""Python SDK for Sluice: trainers pull and push, operators steer, the global team pulls releases."""
+"""Python SDK for Sluice: trainers pull and push, operators steer, the global team pulls."""
 
 from __future__ import annotations
 
@@ -98,7 +98,9 @@ def _collect(
 class TrainerClient:
     """What a regional trainer needs: the open round, the global weights, pushing an update."""
 
-    def __init__(self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600) -> None:
+    def __init__(
+        self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
+    ) -> None:
         self._channel = channel(target)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         self.retry = retry or RetryPolicy()
@@ -206,7 +208,9 @@ class AdminClient:
 class EgressClient:
     """What the global team outside the region uses: list, read manifests, pull files."""
 
-    def __init__(self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600) -> None:
+    def __init__(
+        self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
+    ) -> None:
         self._channel = channel(target)
         self._stub = egress_pb2_grpc.EgressServiceStub(self._channel)
         self.retry = retry or RetryPolicy()

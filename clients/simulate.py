@@ -9,6 +9,11 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time: trainer processes import torch themselves
+    from clients.sdk import TrainerClient
+    from sluice.v1 import trainer_pb2
 
 DEFAULT_REGIONS = ("shanghai", "beijing", "shenzhen", "chengdu")
 
@@ -133,10 +138,9 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
     return reports
 
 
-def _wait_for_round(client: object, config: SimulationConfig, after: int) -> object:
-    from clients.sdk import TrainerClient
-
-    assert isinstance(client, TrainerClient)
+def _wait_for_round(
+    client: TrainerClient, config: SimulationConfig, after: int
+) -> trainer_pb2.RoundInfo:
     deadline = time.monotonic() + config.round_timeout_s
     while True:
         info = client.round(config.model)

@@ -21,17 +21,21 @@ def generate(out_dir: Path) -> None:
 
     include = str(resources.files("grpc_tools") / "_proto")
     # mypy-protobuf's plugin sits beside this interpreter, which need not be on PATH.
-    plugin = Path(sys.executable).parent / "protoc-gen-mypy"
-    if not plugin.exists():
-        plugin = Path(shutil.which("protoc-gen-mypy") or plugin)
+    plugins = []
+    for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        plugin = Path(sys.executable).parent / name
+        if not plugin.exists():
+            plugin = Path(shutil.which(name) or plugin)
+        plugins.append(f"--plugin={name}={plugin}")
     args = [
         "grpc_tools.protoc",
-        f"--plugin=protoc-gen-mypy={plugin}",
+        *plugins,
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
         *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
     ]
     if protoc.main(args) != 0:

@@ -21,8 +21,14 @@ from gateway.services.egress import EgressServicer
 from gateway.services.trainer import TrainerServicer
 from gateway.store.blobs import BlobStore, fsync_dir
 from gateway.store.sqlite import Store
-from sluice.v1 import admin_pb2, admin_pb2_grpc, egress_pb2, egress_pb2_grpc, trainer_pb2
-from sluice.v1 import trainer_pb2_grpc
+from sluice.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    egress_pb2,
+    egress_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,9 @@ class Endpoints:
     egress: str
 
 
-def _listener(config: Config, services: tuple[str, ...]) -> tuple[grpc.Server, health.HealthServicer]:
+def _listener(
+    config: Config, services: tuple[str, ...]
+) -> tuple[grpc.Server, health.HealthServicer]:
     limit = config.max_chunk_bytes + _MESSAGE_SLACK
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers),

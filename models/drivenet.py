@@ -1,4 +1,4 @@
-"""DriveNet: a small multi-head driving-perception network (camera frame in, controls and lanes out)."""
+"""DriveNet: a small multi-head driving-perception network (camera frame in, controls out)."""
 
 from __future__ import annotations
 

@@ -98,8 +98,6 @@ def update_header(
 
 def stored_state(running: Running) -> tuple[list[str], int]:
     """Blob files and update rows: what a rejected push must not change."""
-    blobs = sorted(
-        p.name for p in (running.data_dir / "blobs").rglob("*") if p.is_file()
-    )
+    blobs = sorted(p.name for p in (running.data_dir / "blobs").rglob("*") if p.is_file())
     rows = running.gateway.store._all("SELECT COUNT(*) AS n FROM updates")[0]["n"]
     return blobs, int(rows)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.schema import Schema, TensorSpec
+from models.schema import Schema
 
 DEFAULT_BLOCK_BYTES = 8 << 20
 
@@ -21,14 +21,8 @@ class Contribution:
     num_examples: int
 
 
-def _blocks(spec: TensorSpec, start: int, end: int, block_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(block_bytes // np.dtype(spec.dtype).itemsize, 1) * np.dtype(spec.dtype).itemsize
-    for pos in range(start, end, step):
-        yield pos, min(pos + step, end)
-
-
 def _read(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
+    view = buf.view(np.uint8).data
     got = os.preadv(fd, [view], offset)
     if got != len(view):
         raise ValueError(f"short read at offset {offset}: {got} of {len(view)} bytes")
@@ -46,16 +40,22 @@ def fold_fedavg(
     Float tensors accumulate in their own dtype (float32 like Flower's `aggregate`).
     Integer tensors (BatchNorm's num_batches_tracked) accumulate in float64 and the
     weighted mean delta is rounded half-to-even: a counter stays an integer, unlike
-    Flower's in-place FedAvg which truncates it.
+    Flower's in-place FedAvg, which multiplies it by a weight truncated to 0.
 
-    Memory: three blocks of `block_bytes` (accumulator, read buffer, output), whatever
-    the number of contributions or the size of the model.
+    Memory: three blocks of `block_bytes` (accumulator, read buffer, output), plus one
+    scratch block while folding an integer tensor, whatever the number of contributions
+    or the size of the model. Accumulator and buffers are allocated once and reused.
     """
     if not contributions:
         raise ValueError("fold_fedavg needs at least one contribution")
     total = sum(c.num_examples for c in contributions)
     if total <= 0 or any(c.num_examples <= 0 for c in contributions):
         raise ValueError("every contribution needs num_examples > 0")
+    # Raw byte arenas, viewed per block in the tensor's dtype (ints: float64 accumulator).
+    acc_raw = np.empty(max(block_bytes, 8), dtype=np.uint8)
+    buf_raw = np.empty(max(block_bytes, 8), dtype=np.uint8)
+    has_integers = any(not spec.is_float for spec in schema.tensors)
+    scratch_raw = np.empty(max(block_bytes, 8) if has_integers else 0, dtype=np.uint8)
     with ExitStack() as stack:
         base_fd = os.open(base_path, os.O_RDONLY)
         stack.callback(os.close, base_fd)
@@ -67,20 +67,29 @@ def fold_fedavg(
         for spec, start, end in schema.spans():
             dtype = np.dtype(spec.dtype)
             acc_dtype = dtype if spec.is_float else np.dtype(np.float64)
-            for lo, hi in _blocks(spec, start, end, block_bytes):
-                count = (hi - lo) // dtype.itemsize
-                acc = np.zeros(count, dtype=acc_dtype)
-                buf = np.empty(count, dtype=dtype)
+            # Elements per block: as many as fit block_bytes in the wider of the two dtypes.
+            step = max(block_bytes // max(dtype.itemsize, acc_dtype.itemsize), 1)
+            for first in range(start, end, step * dtype.itemsize):
+                count = min(step, (end - first) // dtype.itemsize)
+                acc = acc_raw[: count * acc_dtype.itemsize].view(acc_dtype)
+                buf = buf_raw[: count * dtype.itemsize].view(dtype)
+                acc.fill(0)
                 for fd, c in zip(fds, contributions, strict=True):
-                    _read(fd, buf, lo)
+                    _read(fd, buf, first)
                     if spec.is_float:
                         np.multiply(buf, dtype.type(c.num_examples / total), out=buf)
                         np.add(acc, buf, out=acc)
                     else:
-                        acc += buf * float(c.num_examples)
-                _read(base_fd, buf, lo)
+                        weighted = scratch_raw[: count * 8].view(np.float64)
+                        np.multiply(buf, float(c.num_examples), out=weighted)
+                        np.add(acc, weighted, out=acc)
+                _read(base_fd, buf, first)
                 if spec.is_float:
                     np.add(buf, acc, out=buf)
                 else:
-                    buf += np.rint(acc / total).astype(dtype)
+                    np.divide(acc, total, out=acc)
+                    np.rint(acc, out=acc)
+                    mean_delta = scratch_raw[: count * dtype.itemsize].view(dtype)
+                    np.copyto(mean_delta, acc, casting="unsafe")
+                    np.add(buf, mean_delta, out=buf)
                 yield buf.tobytes()

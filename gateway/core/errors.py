@@ -1,13 +1,13 @@
 """Domain errors of the gateway; services map each class to one gRPC status in one table.
 
-    SluiceError
-    ├── InvalidInput        malformed header, wrong sizes, non-finite values, bad order
-    ├── IntegrityError      payload bytes do not match their declared sha256
-    ├── TooLarge            a header or chunk over its limit
-    ├── NotFound            unknown model, round, version or release
-    ├── Conflict            an update id reused for different content
-    ├── PreconditionFailed  schema mismatch, stale base version, round not open
-    └── PolicyRefused       the egress policy refuses a release
+SluiceError
+├── InvalidInput        malformed header, wrong sizes, non-finite values, bad order
+├── IntegrityError      payload bytes do not match their declared sha256
+├── TooLarge            a header or chunk over its limit
+├── NotFound            unknown model, round, version or release
+├── Conflict            an update id reused for different content
+├── PreconditionFailed  schema mismatch, stale base version, round not open
+└── PolicyRefused       the egress policy refuses a release
 """
 
 from __future__ import annotations

@@ -59,9 +59,7 @@ def _check_header_fields(h: UpdateHeader, header_bytes: int, limits: Limits) -> 
         raise InvalidInput(f"update_id {h.update_id!r}: expected 1-64 chars of [A-Za-z0-9._-]")
     for field, value in (("trainer", h.trainer), ("region", h.region)):
         if not NAME_PATTERN.match(value):
-            raise InvalidInput(
-                f"{field} {value!r}: expected 1-64 lowercase chars of [a-z0-9_.-]"
-            )
+            raise InvalidInput(f"{field} {value!r}: expected 1-64 lowercase chars of [a-z0-9_.-]")
     if h.num_examples <= 0:
         raise InvalidInput("num_examples must be > 0: it is the update's FedAvg weight")
     if len(h.metrics) > limits.max_metrics:
@@ -109,7 +107,9 @@ class Ingest:
     def _open_round(self, h: UpdateHeader) -> Round:
         r = self.store.get_round(h.model, h.round)
         latest = self.store.latest_round(h.model)
-        hint = f"open round is {latest.round} (base version {latest.base_version})" if latest else ""
+        hint = (
+            f"open round is {latest.round} (base version {latest.base_version})" if latest else ""
+        )
         if r is None:
             raise NotFound(f"round {h.round} of model {h.model!r} does not exist; {hint}")
         if r.state != RoundState.OPEN:
@@ -166,9 +166,7 @@ class Ingest:
                         f"chunk {num_chunks} at offset {item.offset}; expected {tmp.size}"
                     )
                 if tmp.size + len(item.data) > h.payload_bytes:
-                    raise InvalidInput(
-                        f"payload runs past its declared {h.payload_bytes} bytes"
-                    )
+                    raise InvalidInput(f"payload runs past its declared {h.payload_bytes} bytes")
                 finite.feed(item.data)
                 tmp.write(item.data)
                 num_chunks += 1

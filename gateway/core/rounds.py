@@ -33,7 +33,11 @@ class RoundPolicy:
 
 class Publisher(Protocol):
     def publish(
-        self, model: ServedModel, version: Version, weights: Path, updates: Sequence[CommittedUpdate]
+        self,
+        model: ServedModel,
+        version: Version,
+        weights: Path,
+        updates: Sequence[CommittedUpdate],
     ) -> Release | None:
         """Write a release of these weights, or return None when policy allows none."""
 

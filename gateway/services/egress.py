@@ -1,4 +1,4 @@
-"""EgressService: the only thing the cross-border listener serves; it reads releases, nothing else."""
+"""EgressService: all the cross-border listener serves; it reads releases, nothing else."""
 
 from __future__ import annotations
 

@@ -45,7 +45,9 @@ def _body(requests: Iterator[trainer_pb2.PushUpdateRequest]) -> Iterator[BodyIte
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, store: Store, blobs: BlobStore, rounds: RoundManager, ingest: Ingest) -> None:
+    def __init__(
+        self, store: Store, blobs: BlobStore, rounds: RoundManager, ingest: Ingest
+    ) -> None:
         self.store = store
         self.blobs = blobs
         self.rounds = rounds

@@ -164,7 +164,9 @@ class Store:
         )
 
     @staticmethod
-    def extend_deadline(db: sqlite3.Connection, model: str, round_no: int, deadline_ms: int) -> None:
+    def extend_deadline(
+        db: sqlite3.Connection, model: str, round_no: int, deadline_ms: int
+    ) -> None:
         db.execute(
             "UPDATE rounds SET deadline_ms = ? WHERE model = ? AND round = ?",
             (deadline_ms, model, round_no),
@@ -266,9 +268,7 @@ class Store:
 
     def list_releases(self, model: str = "") -> list[Release]:
         if model:
-            rows = self._all(
-                "SELECT * FROM releases WHERE model = ? ORDER BY version DESC", model
-            )
+            rows = self._all("SELECT * FROM releases WHERE model = ? ORDER BY version DESC", model)
         else:
             rows = self._all("SELECT * FROM releases ORDER BY model, version DESC")
         return [self._release(r) for r in rows]

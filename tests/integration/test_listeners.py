@@ -1,14 +1,22 @@
-"""Each listener serves only its own side: the egress listener cannot reach trainer or admin RPCs."""
+"""Each listener serves only its own side: egress cannot reach trainer or admin RPCs."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from sluice.v1 import admin_pb2, admin_pb2_grpc, egress_pb2, egress_pb2_grpc, trainer_pb2
-from sluice.v1 import trainer_pb2_grpc
+from sluice.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    egress_pb2,
+    egress_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 from tests.conftest import TINY, Running
 
 HEALTH = "grpc.health.v1.Health"
@@ -17,7 +25,7 @@ REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 
 def listed_services(target: str) -> set[str]:
     with grpc.insecure_channel(target) as ch:
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(ch)  # stubs type it loosely
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         (resp,) = list(stub.ServerReflectionInfo(iter([req]), timeout=10))
     return {s.name for s in resp.list_services_response.service}
@@ -63,14 +71,14 @@ def test_internal_listener_does_not_serve_egress(gateway: Running) -> None:
 @pytest.mark.parametrize("side", ["internal", "egress"])
 def test_health_is_served_on_both_listeners(gateway: Running, side: str) -> None:
     with grpc.insecure_channel(getattr(gateway.endpoints, side)) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
+        stub: Any = health_pb2_grpc.HealthStub(ch)  # the stub's methods are untyped
         resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_egress_listener_health_does_not_know_trainer_service(gateway: Running) -> None:
     with grpc.insecure_channel(gateway.endpoints.egress) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
+        stub: Any = health_pb2_grpc.HealthStub(ch)  # the stub's methods are untyped
         with pytest.raises(grpc.RpcError) as err:
             stub.Check(health_pb2.HealthCheckRequest(service="sluice.v1.TrainerService"), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

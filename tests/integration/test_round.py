@@ -20,7 +20,15 @@ from models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway
 
 
-def push(client: TrainerClient, schema: Schema, payload: bytes, trainer: str, n: int, round_no: int = 1, base: int = 0) -> None:
+def push(
+    client: TrainerClient,
+    schema: Schema,
+    payload: bytes,
+    trainer: str,
+    n: int,
+    round_no: int = 1,
+    base: int = 0,
+) -> None:
     client.push_update(
         model=TINY,
         round_no=round_no,
@@ -135,7 +143,9 @@ def test_pull_refuses_a_release_file_changed_on_disk(gateway: Running, tiny_sche
     assert not dest.exists() and not list(dest.parent.iterdir())
 
 
-def test_restart_between_two_pushes_loses_neither(tmp_path: Path, template_cache: Path, tiny_schema: Schema) -> None:
+def test_restart_between_two_pushes_loses_neither(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
     running = start_gateway(tmp_path / "gw", template_cache, quorum=2, min_trainers=2)
     try:
         payloads = [random_delta(tiny_schema, seed=s) for s in (1, 2)]
@@ -149,15 +159,22 @@ def test_restart_between_two_pushes_loses_neither(tmp_path: Path, template_cache
             wait_for_round(client, 2)
             merged = client.pull_global(TINY)
         name = tiny_schema.tensors[0].name
-        want = tiny_schema.views(base.data)[name] + (
-            tiny_schema.views(payloads[0])[name] * 30 + tiny_schema.views(payloads[1])[name] * 10
-        ) / 40
+        want = (
+            tiny_schema.views(base.data)[name]
+            + (
+                tiny_schema.views(payloads[0])[name] * 30
+                + tiny_schema.views(payloads[1])[name] * 10
+            )
+            / 40
+        )
         np.testing.assert_allclose(tiny_schema.views(merged.data)[name], want, rtol=1e-5, atol=1e-6)
     finally:
         running.gateway.stop()
 
 
-def test_fewer_than_k_trainers_produce_a_version_but_no_release(tmp_path: Path, template_cache: Path, tiny_schema: Schema) -> None:
+def test_fewer_than_k_trainers_produce_a_version_but_no_release(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
     running = start_gateway(tmp_path / "gw", template_cache, quorum=2, min_trainers=3)
     try:
         with TrainerClient(running.endpoints.internal) as client:

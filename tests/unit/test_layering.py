@@ -1,4 +1,4 @@
-"""The rooms stay separate: core imports no gRPC, clients never import the gateway, models neither."""
+"""The rooms stay apart: core imports no gRPC, clients never the gateway, models neither."""
 
 from __future__ import annotations
 
