@@ -53,6 +53,8 @@ REGISTRY: dict[str, ModelEntry] = {
     e.name: e
     for e in (
         _drivenet_entry("drivenet", DriveNetConfig(), "camera frame -> controls and lanes, 2.5M"),
+        # Wide sibling for throughput benchmarks: a 32768-wide trunk, 100.9M params (403 MB).
+        _drivenet_entry("drivenet-xl", DriveNetConfig(hidden=32768), "benchmark-sized DriveNet"),
         # Tiny sibling for fast tests: same graph, a fraction of the weights.
         _drivenet_entry(
             "drivenet-tiny",
