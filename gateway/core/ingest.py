@@ -19,6 +19,7 @@ from gateway.core.errors import (
 from gateway.core.finite import FiniteCheck
 from gateway.core.records import (
     NAME_PATTERN,
+    SHA256_PATTERN,
     UPDATE_ID_PATTERN,
     PushResult,
     Round,
@@ -55,17 +56,17 @@ BodyItem = PayloadChunk | Trailer
 def _check_header_fields(h: UpdateHeader, header_bytes: int, limits: Limits) -> None:
     if header_bytes > limits.max_header_bytes:
         raise TooLarge(f"update header is {header_bytes} bytes; at most {limits.max_header_bytes}")
-    if not UPDATE_ID_PATTERN.match(h.update_id):
+    if not UPDATE_ID_PATTERN.fullmatch(h.update_id):
         raise InvalidInput(f"update_id {h.update_id!r}: expected 1-64 chars of [A-Za-z0-9._-]")
     for field, value in (("trainer", h.trainer), ("region", h.region)):
-        if not NAME_PATTERN.match(value):
+        if not NAME_PATTERN.fullmatch(value):
             raise InvalidInput(f"{field} {value!r}: expected 1-64 lowercase chars of [a-z0-9_.-]")
     if h.num_examples <= 0:
         raise InvalidInput("num_examples must be > 0: it is the update's FedAvg weight")
     if len(h.metrics) > limits.max_metrics:
         raise TooLarge(f"{len(h.metrics)} metrics; at most {limits.max_metrics}")
-    if len(h.payload_sha256) != 64:
-        raise InvalidInput("payload_sha256: expected 64 hex characters")
+    if not SHA256_PATTERN.fullmatch(h.payload_sha256):
+        raise InvalidInput("payload_sha256: expected 64 lowercase hex characters")
 
 
 class Ingest:

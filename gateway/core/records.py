@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-UPDATE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# Used with fullmatch: `$` would also accept a trailing newline.
+UPDATE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 class RoundState(StrEnum):
