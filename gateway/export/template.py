@@ -16,6 +16,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from gateway.export import onnx_wire
+from gateway.export.parity import max_output_diff
 from gateway.export.refresh import refresh, write_atomic
 from models.registry import ModelEntry
 from models.schema import Schema
@@ -23,7 +24,6 @@ from models.schema import Schema
 TEMPLATE_FILE = "template.onnx"
 META_FILE = "template.json"
 SELF_TEST_TOLERANCE = 1e-4  # max abs diff onnxruntime vs torch, fp32, random weights
-SELF_TEST_BATCH = 4  # > 1 so the dynamic batch dimension is exercised
 
 # Fields that only describe how the file was made. The exporter puts stack traces with
 # absolute source paths into metadata_props; they leak and break the structure hash.
@@ -244,30 +244,16 @@ def self_test(t: OnnxTemplate, entry: ModelEntry, seed: int = 1234) -> float:
     Raises ValueError above SELF_TEST_TOLERANCE (or on NaN), or if the template does not
     belong to the entry.
     """
-    import onnxruntime as ort  # loaded here: only self-tests need the runtime
-
     module = entry.build(seed)
     state = module.state_dict()
     with torch.no_grad():
         _randomize(state, seed)
     schema = Schema.of(state)
     data = refresh(t, schema, schema.flatten(state))
-    frames = entry.example_input(batch=SELF_TEST_BATCH, seed=seed)
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = session.run(list(entry.output_names), {entry.input_names[0]: frames.numpy()})
-    with torch.no_grad():
-        out = module(frames)
-    want = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-    if len(got) != len(want):
-        raise ValueError(
-            f"model {t.model!r}: onnxruntime gave {len(got)} outputs, torch {len(want)}"
-        )
-    diffs = []
-    for name, g, w in zip(entry.output_names, got, want, strict=True):
-        if g.shape != tuple(w.shape):
-            raise ValueError(f"output {name!r}: onnxruntime {g.shape}, torch {tuple(w.shape)}")
-        diffs.append(np.max(np.abs(g - w.numpy())))
-    diff = float(np.max(diffs))  # np.max, not max(): a NaN must propagate and fail
+    try:
+        diff = max_output_diff(data, entry, module, seed=seed)
+    except ValueError as exc:
+        raise ValueError(f"model {t.model!r}: self-test failed: {exc}") from exc
     if not diff <= SELF_TEST_TOLERANCE:
         raise ValueError(
             f"model {t.model!r}: self-test max abs diff {diff:.3g} exceeds {SELF_TEST_TOLERANCE}"
