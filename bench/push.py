@@ -1,4 +1,4 @@
-"""Push one real update of drivenet-xl (404 MB) over loopback gRPC to a `sluice serve` process."""
+"""Push real updates (drivenet-xl: 404 MB) over loopback gRPC to a `sluice serve` process."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import numpy as np
 from clients.sdk import TrainerClient
 from models import registry
 
-MODEL = "drivenet-xl"
+LARGE_MODEL = "drivenet-xl"  # 100.9M float32 parameters
 
 
-def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def _start(data_dir: Path, model: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "gateway.cli", "serve",
-            "--data-dir", str(data_dir), "--models", MODEL, "--quorum", "1000",
+            "--data-dir", str(data_dir), "--models", model, "--quorum", "1000",
         ],
         stdout=subprocess.DEVNULL,
         stderr=(data_dir / "gateway.log").open("wb"),
@@ -65,9 +65,9 @@ def raw_socket_mb_s(payload: bytes) -> float:
     return len(payload) / elapsed / 1e6
 
 
-def bench_push(repeats: int = 3) -> dict[str, float]:
+def bench_push(model: str = LARGE_MODEL, repeats: int = 3) -> dict[str, float]:
     """MB/s of PushUpdate until the commit is acknowledged, median of `repeats` pushes."""
-    schema = registry.get(MODEL).schema()
+    schema = registry.get(model).schema()
     rng = np.random.default_rng(0)
     arrays = {
         t.name: (rng.standard_normal(t.shape, dtype=np.float32) * 1e-3).astype(t.dtype)
@@ -78,16 +78,16 @@ def bench_push(repeats: int = 3) -> dict[str, float]:
     payload = schema.flatten(arrays)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        proc, endpoints = _start(Path(tmp))
+        proc, endpoints = _start(Path(tmp), model)
         startup_s = time.perf_counter() - started
         try:
             times = []
             with TrainerClient(endpoints["internal"]) as client:
-                info = client.round(MODEL)
+                info = client.round(model)
                 for i in range(repeats):
                     started = time.perf_counter()
                     ack = client.push_update(
-                        model=MODEL,
+                        model=model,
                         round_no=info.round,
                         base_version=info.base_version,
                         schema_hash=schema.hash,
