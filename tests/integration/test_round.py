@@ -190,3 +190,21 @@ def test_fewer_than_k_trainers_produce_a_version_but_no_release(
         assert not (running.data_dir / "registry" / TINY / "1").exists()
     finally:
         running.gateway.stop()
+
+
+def test_cli_pull_and_status(
+    gateway: Running, tiny_schema: Schema, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    _publish_one(gateway, tiny_schema)
+    out = gateway.data_dir / "global-team" / "drivenet-tiny.onnx"
+    assert (
+        main(["pull", "--egress", gateway.endpoints.egress, "--model", TINY, "--out", str(out)])
+        == 0
+    )
+    with EgressClient(gateway.endpoints.egress) as egress:
+        manifest = json.loads(egress.manifest(TINY).manifest_json)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == manifest["files"][0]["sha256"]
+    assert main(["status", "--target", gateway.endpoints.internal]) == 0
+    assert "round 2 open on version 1" in capsys.readouterr().out
