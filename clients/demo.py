@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import shutil
 import subprocess
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  " + ", ".join(f"round {k}: {v:.4f}" for k, v in sorted(local.items())))
     merged_by_round = [float(np.mean(list(v.values()))) for _, v in sorted(table.items())]
     elapsed = time.monotonic() - started
-    if merged_by_round[-1] >= merged_by_round[0]:
-        print(f"\nFAIL: merged loss did not fall ({merged_by_round}) in {elapsed:.0f}s")
+    if any(later >= earlier for earlier, later in itertools.pairwise(merged_by_round)):
+        print(f"\nFAIL: merged loss did not fall every round ({merged_by_round}), {elapsed:.0f}s")
         return 1
     print(
         f"\nmerged loss fell {merged_by_round[0]:.4f} -> {merged_by_round[-1]:.4f}; "
