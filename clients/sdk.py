@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import grpc
 
@@ -95,25 +95,34 @@ def _collect(
     raise AssertionError("unreachable")
 
 
-class TrainerClient:
-    """What a regional trainer needs: the open round, the global weights, pushing an update."""
+class _Client:
+    """A channel with retry and timeout settings; usable as a context manager."""
 
     def __init__(
         self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
     ) -> None:
         self._channel = channel(target)
-        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
 
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> TrainerClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TrainerClient(_Client):
+    """What a regional trainer needs: the open round, the global weights, pushing an update."""
+
+    def __init__(
+        self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
+    ) -> None:
+        super().__init__(target, retry, timeout_s)
+        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
 
     def round(self, model: str) -> trainer_pb2.RoundInfo:
         req = trainer_pb2.GetRoundRequest(model=model)
@@ -189,13 +198,12 @@ def push_messages(
     yield trainer_pb2.PushUpdateRequest(trailer=trainer_pb2.UpdateTrailer(num_chunks=count))
 
 
-class AdminClient:
-    def __init__(self, target: str) -> None:
-        self._channel = channel(target)
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+class AdminClient(_Client):
+    """What an operator uses: status and closing rounds."""
 
-    def close(self) -> None:
-        self._channel.close()
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def status(self) -> admin_pb2.GetStatusResponse:
         return self._stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=30)
@@ -205,25 +213,14 @@ class AdminClient:
         return int(self._stub.CloseRound(req, timeout=600).version)
 
 
-class EgressClient:
+class EgressClient(_Client):
     """What the global team outside the region uses: list, read manifests, pull files."""
 
     def __init__(
         self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
     ) -> None:
-        self._channel = channel(target)
+        super().__init__(target, retry, timeout_s)
         self._stub = egress_pb2_grpc.EgressServiceStub(self._channel)
-        self.retry = retry or RetryPolicy()
-        self.timeout_s = timeout_s
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> EgressClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def releases(self, model: str = "") -> list[egress_pb2.Release]:
         req = egress_pb2.ListReleasesRequest(model=model)

@@ -53,27 +53,21 @@ def _pull(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from clients.sdk import AdminClient
 
-    admin = AdminClient(args.target)
-    try:
+    with AdminClient(args.target) as admin:
         for m in admin.status().models:
             print(
                 f"{m.model}: round {m.open_round} open on version {m.base_version} "
                 f"({m.accepted} updates), latest version {m.latest_version}, "
                 f"latest release {m.latest_release or '-'}"
             )
-    finally:
-        admin.close()
     return 0
 
 
 def _close_round(args: argparse.Namespace) -> int:
     from clients.sdk import AdminClient
 
-    admin = AdminClient(args.target)
-    try:
+    with AdminClient(args.target) as admin:
         print(f"version {admin.close_round(args.model, args.round)}")
-    finally:
-        admin.close()
     return 0
 
 

@@ -84,7 +84,6 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
             path = self.registry_root / r.model / str(r.version) / entry.name
             _verify_file(path, entry)
             chunks = file_chunks(path, request.offset, entry.size)
-            first = next(chunks, None)
             yield egress_pb2.PullReleaseResponse(
                 header=egress_pb2.PullReleaseHeader(
                     model=r.model,
@@ -94,10 +93,6 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
                     sha256=entry.sha256,
                 )
             )
-            if first is not None:
-                yield egress_pb2.PullReleaseResponse(
-                    chunk=tensors_pb2.Chunk(offset=first[0], data=first[1])
-                )
             for offset, data in chunks:
                 yield egress_pb2.PullReleaseResponse(
                     chunk=tensors_pb2.Chunk(offset=offset, data=data)

@@ -12,9 +12,16 @@ from gateway.core.ingest import MAX_CHUNK_BYTES
 def file_chunks(
     path: Path, offset: int, total: int, chunk_bytes: int = MAX_CHUNK_BYTES
 ) -> Iterator[tuple[int, bytes]]:
-    """(offset, data) pieces of path from offset to total bytes."""
+    """(offset, data) pieces of path from offset to total bytes; a bad offset raises now,
+    before the caller sends anything."""
     if offset > total:
         raise InvalidInput(f"offset {offset} is past the end ({total} bytes)")
+    return _read_chunks(path, offset, total, chunk_bytes)
+
+
+def _read_chunks(
+    path: Path, offset: int, total: int, chunk_bytes: int
+) -> Iterator[tuple[int, bytes]]:
     with path.open("rb") as f:
         f.seek(offset)
         pos = offset

@@ -89,7 +89,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 raise NotFound(f"version {request.version} of {request.model!r} does not exist")
             total = served.schema.payload_bytes
             chunks = file_chunks(self.blobs.path(v.weights_sha256), request.offset, total)
-            first = next(chunks, None)  # validates the offset before the header goes out
             yield trainer_pb2.PullGlobalResponse(
                 header=trainer_pb2.GlobalHeader(
                     model=v.model,
@@ -99,10 +98,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     sha256=v.weights_sha256,
                 )
             )
-            if first is not None:
-                yield trainer_pb2.PullGlobalResponse(
-                    chunk=tensors_pb2.Chunk(offset=first[0], data=first[1])
-                )
             for offset, data in chunks:
                 yield trainer_pb2.PullGlobalResponse(
                     chunk=tensors_pb2.Chunk(offset=offset, data=data)

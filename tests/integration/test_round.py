@@ -208,3 +208,13 @@ def test_cli_pull_and_status(
     assert hashlib.sha256(out.read_bytes()).hexdigest() == manifest["files"][0]["sha256"]
     assert main(["status", "--target", gateway.endpoints.internal]) == 0
     assert "round 2 open on version 1" in capsys.readouterr().out
+
+
+def test_pull_from_past_the_end_is_invalid(gateway: Running, tiny_schema: Schema) -> None:
+    _publish_one(gateway, tiny_schema)
+    with EgressClient(gateway.endpoints.egress) as egress:
+        (release,) = egress.releases(TINY)
+        with pytest.raises(grpc.RpcError) as err:
+            list(egress.pull_stream(TINY, offset=release.files[0].size + 1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "past the end" in (err.value.details() or "")
