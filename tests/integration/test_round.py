@@ -218,3 +218,22 @@ def test_pull_from_past_the_end_is_invalid(gateway: Running, tiny_schema: Schema
             list(egress.pull_stream(TINY, offset=release.files[0].size + 1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "past the end" in (err.value.details() or "")
+
+
+def test_deadline_closes_a_round_only_with_the_minimum(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    running = start_gateway(
+        tmp_path / "gw", template_cache, quorum=10, min_updates=2, round_seconds=0.5, min_trainers=2
+    )
+    try:
+        with TrainerClient(running.endpoints.internal) as client:
+            push(client, tiny_schema, random_delta(tiny_schema, 1), "shanghai-01", 5)
+            time.sleep(1.5)  # three deadlines pass with one update: the round stays open
+            info = client.round(TINY)
+            assert (info.round, info.accepted) == (1, 1)
+            push(client, tiny_schema, random_delta(tiny_schema, 2), "beijing-01", 5)
+            wait_for_round(client, 2, timeout_s=10)
+            assert client.pull_global(TINY).version == 1
+    finally:
+        running.gateway.stop()
