@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -81,11 +82,13 @@ class RoundManager:
             self.store.insert_version(db, Version(served.name, 0, 0, sha, 0, 0, 0, now_ms()))
             self._open_next(db, served.name, 1, 0)
 
-    def _open_next(self, db: object, model: str, round_no: int, base_version: int) -> None:
+    def _open_next(
+        self, db: sqlite3.Connection, model: str, round_no: int, base_version: int
+    ) -> None:
         opened = now_ms()
         deadline = opened + int(self.policy.round_seconds * 1000)
         r = Round(model, round_no, base_version, RoundState.OPEN, opened, deadline)
-        self.store.insert_round(db, r)  # type: ignore[arg-type]
+        self.store.insert_round(db, r)
 
     def start(self) -> None:
         self._worker = threading.Thread(target=self._run, name="rounds", daemon=True)
