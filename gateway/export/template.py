@@ -15,9 +15,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from gateway.export import onnx_wire
 from gateway.export.parity import max_output_diff
 from gateway.export.refresh import refresh, write_atomic
+from models import onnx_wire
 from models.registry import ModelEntry
 from models.schema import Schema
 

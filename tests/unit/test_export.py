@@ -16,7 +16,6 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from gateway.export import onnx_wire
 from gateway.export.refresh import refresh, write_refreshed
 from gateway.export.template import (
     META_FILE,
@@ -28,6 +27,7 @@ from gateway.export.template import (
     self_test,
     structure_hash,
 )
+from models import onnx_wire
 from models.registry import ModelEntry, get
 from models.schema import Schema, TensorSpec
 
