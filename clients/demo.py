@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import shutil
@@ -18,6 +17,9 @@ from clients.scenes import describe, make_clips
 from clients.sdk import EgressClient
 from clients.simulate import DEFAULT_REGIONS, SimulationConfig, plan_trainers, simulate
 from clients.trainer import loss_np
+from models.manifest import MODEL_FILE, load_public_key
+
+PUBLIC_FILE = "release-signing.pub"  # written by the gateway next to its private key
 
 BENCHMARK_SEED = 7_000_000  # held-out scenes, disjoint from every trainer's private seeds
 
@@ -100,22 +102,25 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the last round produced no release in time")
                 time.sleep(0.2)
-            print("\nthe global team pulls every release through the egress listener:")
+            # The global team is given the gateway's public key out of band; here, a file.
+            public_key = load_public_key(args.data_dir / "keys" / PUBLIC_FILE)
+            print(
+                "\nthe global team pulls every release through the egress listener and "
+                "verifies it (signature, sha256, format check):"
+            )
             table: dict[int, dict[str, float]] = {}
             for release in sorted(egress.releases("drivenet"), key=lambda r: r.version):
-                dest = args.data_dir / "pulled" / f"drivenet-v{release.version}.onnx"
-                sha = egress.pull("drivenet", dest, version=release.version)
-                manifest = json.loads(egress.manifest("drivenet", release.version).manifest_json)
+                dest = args.data_dir / "global-team" / f"v{release.version}"
+                manifest = egress.pull_release("drivenet", dest, public_key, release.version)
                 (listed,) = manifest["files"]
-                ok = sha == listed["sha256"] == hashlib.sha256(dest.read_bytes()).hexdigest()
                 print(
-                    f"  v{release.version}: {listed['size']:,} bytes, sha256 {sha[:16]}... "
-                    f"{'matches' if ok else 'DOES NOT MATCH'} the manifest, "
+                    f"  v{release.version}: {listed['size']:,} bytes, sha256 "
+                    f"{listed['sha256'][:16]}..., signed by {manifest['signing_key_id']}, "
                     f"{manifest['num_trainers']} trainers from {manifest['num_regions']} regions"
                 )
-                if not ok:
-                    return 1
-                table[release.round] = evaluate_release(dest, regions, args.benchmark_clips)
+                table[release.round] = evaluate_release(
+                    dest / MODEL_FILE, regions, args.benchmark_clips
+                )
     finally:
         proc.terminate()
         proc.wait(timeout=60)

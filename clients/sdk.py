@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from clients.verify import verify_release
+from models.manifest import listed_files, verify_signature
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -25,6 +29,8 @@ from sluice.v1 import (
 )
 
 CHUNK_BYTES = 4 << 20  # the gateway's limit per chunk
+MANIFEST_FILE = "manifest.json"  # written beside a pulled release, with its signature
+SIGNATURE_FILE = "manifest.sig"
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", CHUNK_BYTES + (64 << 10)),
     ("grpc.max_send_message_length", CHUNK_BYTES + (64 << 10)),
@@ -237,6 +243,32 @@ class EgressClient(_Client):
         """The raw PullRelease stream (header, then chunks) from an offset."""
         req = egress_pb2.PullReleaseRequest(model=model, version=version, file=file, offset=offset)
         return iter(self._stub.PullRelease(req, timeout=self.timeout_s))
+
+    def pull_release(
+        self, model: str, dest_dir: Path, public_key: Ed25519PublicKey, version: int = 0
+    ) -> dict[str, Any]:
+        """Pull a whole release into dest_dir after verifying it like `sluice verify`.
+
+        The signature is checked before any download; every file is pulled into a staging
+        directory, checked (size, sha256, the parse-level format check, structure hash), and
+        only then renamed into dest_dir with manifest.json and manifest.sig beside it.
+        """
+        m = self.manifest(model, version)
+        doc = verify_signature(m.manifest_json, m.signature, public_key)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest_dir, prefix=".pull-"))
+        try:
+            files = {name: staging / name for name in listed_files(doc)}
+            for name, path in files.items():
+                self.pull(model, path, version=int(doc["version"]), file=name)
+            verify_release(m.manifest_json, m.signature, public_key, files)
+            (staging / MANIFEST_FILE).write_bytes(m.manifest_json)
+            (staging / SIGNATURE_FILE).write_bytes(m.signature)
+            for name in [*files, MANIFEST_FILE, SIGNATURE_FILE]:
+                os.replace(staging / name, dest_dir / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return doc
 
     def pull(self, model: str, dest: Path, version: int = 0, file: str = "") -> str:
         """Pull a release file to dest: resumed across drops, sha256-checked, then renamed

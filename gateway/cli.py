@@ -43,10 +43,62 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _pull(args: argparse.Namespace) -> int:
     from clients.sdk import EgressClient
+    from models.manifest import ManifestRefused, load_public_key
 
+    key = load_public_key(args.public_key)
     with EgressClient(args.egress) as client:
-        sha = client.pull(args.model, args.out, version=args.version, file=args.file)
-    print(f"{args.out}: sha256 {sha}")
+        try:
+            doc = client.pull_release(args.model, args.out, key, version=args.version)
+        except ManifestRefused as exc:
+            print(f"sluice pull: REFUSED, nothing written: {exc}", file=sys.stderr)
+            return 1
+    names = ", ".join(f["name"] for f in doc["files"])
+    print(f"{args.out}: {doc['model']} v{doc['version']} ({names}) verified and written")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from clients.verify import verify_release
+    from models.manifest import DATA_FILE, MODEL_FILE, ManifestRefused, load_public_key, parse
+
+    manifest_json = args.manifest.read_bytes()
+    signature_path = args.signature or args.manifest.with_name("manifest.sig")
+    files = {MODEL_FILE: args.file}
+    try:
+        listed = {f["name"] for f in parse(manifest_json)["files"]}
+        if DATA_FILE in listed:
+            files[DATA_FILE] = args.file.with_name(DATA_FILE)
+        doc = verify_release(
+            manifest_json, signature_path.read_bytes(), load_public_key(args.public_key), files
+        )
+    except (ManifestRefused, OSError) as exc:
+        print(f"sluice verify: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"OK: {doc['model']} v{doc['version']}, {doc['num_trainers']} trainers from "
+        f"{doc['num_regions']} regions, signed by key {doc['signing_key_id']}"
+    )
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from gateway.store.audit import verify_chain
+
+    path = args.data_dir / "sluice.db"
+    if not path.exists():
+        print(f"sluice audit verify: {path} does not exist", file=sys.stderr)
+        return 1
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        count, broken = verify_chain(db)
+    finally:
+        db.close()
+    if broken:
+        print(f"sluice audit verify: BROKEN after {count} good entries: {broken}", file=sys.stderr)
+        return 1
+    print(f"audit chain intact: {count} entries")
     return 0
 
 
@@ -94,13 +146,28 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--min-trainers", type=int, help="k: trainers a release must aggregate")
     serve.set_defaults(run=_serve)
 
-    pull = sub.add_parser("pull", help="(global team) pull a release through the egress listener")
+    pull = sub.add_parser(
+        "pull", help="(global team) pull and verify a release through the egress listener"
+    )
     pull.add_argument("--egress", required=True, help="egress listener address")
     pull.add_argument("--model", default="drivenet")
     pull.add_argument("--version", type=int, default=0, help="0: the newest release")
-    pull.add_argument("--file", default="model.onnx")
-    pull.add_argument("--out", type=Path, required=True)
+    pull.add_argument("--public-key", type=Path, required=True, help="the gateway's signing key")
+    pull.add_argument("--out", type=Path, required=True, help="directory for the release")
     pull.set_defaults(run=_pull)
+
+    verify = sub.add_parser("verify", help="(global team) verify a pulled release offline")
+    verify.add_argument("file", type=Path, help="model.onnx (model.onnx.data beside it if any)")
+    verify.add_argument("manifest", type=Path, help="manifest.json")
+    verify.add_argument("--signature", type=Path, help="default: manifest.sig beside it")
+    verify.add_argument("--public-key", type=Path, required=True)
+    verify.set_defaults(run=_verify)
+
+    audit = sub.add_parser("audit", help="(compliance) the hash-chained audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_sub.add_parser("verify", help="recompute the chain, name a break")
+    audit_verify.add_argument("--data-dir", type=Path, default=Path(".sluice"))
+    audit_verify.set_defaults(run=_audit_verify)
 
     status = sub.add_parser("status", help="(operator) models, rounds and versions")
     status.add_argument("--target", required=True, help="internal listener address")

@@ -15,7 +15,10 @@ from gateway.config import Config
 from gateway.core.catalog import Catalog
 from gateway.core.ingest import Ingest, Limits
 from gateway.core.rounds import RoundManager, RoundPolicy
-from gateway.export.publish import ReleasePolicy, ReleaseWriter, template_for
+from gateway.export.gate import EgressGate
+from gateway.export.guard import GuardPolicy
+from gateway.export.publish import ReleaseWriter, template_for
+from gateway.export.signing import Signer
 from gateway.services.admin import AdminServicer
 from gateway.services.egress import EgressServicer
 from gateway.services.trainer import TrainerServicer
@@ -89,9 +92,10 @@ class Gateway:
         self.blobs = BlobStore(root / "blobs")
         self.catalog = Catalog(config.models)
         templates = {m.name: template_for(m, root / "templates") for m in self.catalog}
-        self.releases = ReleaseWriter(
-            root / "registry", templates, ReleasePolicy(min_trainers=config.min_trainers)
-        )
+        self.signer = Signer.load_or_create(root / "keys")
+        policy = GuardPolicy(min_trainers=config.min_trainers)
+        self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer)
+        self.gate = EgressGate(self.store, self.catalog, templates, root / "registry", policy)
         self.rounds = RoundManager(
             self.store,
             self.blobs,
@@ -106,6 +110,12 @@ class Gateway:
             Limits(config.max_chunk_bytes, config.max_header_bytes),
             on_commit=self.rounds.note_commit,
         )
+        self.store.record(
+            "gateway.started",
+            "gateway",
+            "gateway",
+            {"models": list(config.models), "signing_key_id": self.signer.key_id},
+        )
         self.rounds.bootstrap()
         dropped = self.blobs.drop_orphans(self.store.referenced_blobs())
         if dropped:
@@ -118,9 +128,7 @@ class Gateway:
             AdminServicer(self.store, self.rounds), self._internal
         )
         self._egress, _ = _listener(config, EGRESS_SERVICES)
-        egress_pb2_grpc.add_EgressServiceServicer_to_server(
-            EgressServicer(self.store, root / "registry"), self._egress
-        )
+        egress_pb2_grpc.add_EgressServiceServicer_to_server(EgressServicer(self.gate), self._egress)
         self.endpoints: Endpoints | None = None
 
     def start(self) -> Endpoints:

@@ -55,6 +55,11 @@ REGISTRY: dict[str, ModelEntry] = {
         _drivenet_entry("drivenet", DriveNetConfig(), "camera frame -> controls and lanes, 2.5M"),
         # Wide sibling for throughput benchmarks: a 32768-wide trunk, 100.9M params (403 MB).
         _drivenet_entry("drivenet-xl", DriveNetConfig(hidden=32768), "benchmark-sized DriveNet"),
+        # Over 2 GiB of weights, for the two-file release layout (tests/slow, bench/): a
+        # 183000-wide trunk, 563.6M params, 2.25 GB (2.10 GiB) of float32. Not in `make test`.
+        _drivenet_entry(
+            "drivenet-2g", DriveNetConfig(hidden=183000), "DriveNet over 2 GiB (two-file layout)"
+        ),
         # Tiny sibling for fast tests: same graph, a fraction of the weights.
         _drivenet_entry(
             "drivenet-tiny",

@@ -14,6 +14,7 @@ from gateway.core.errors import (
     InvalidInput,
     NotFound,
     PreconditionFailed,
+    SluiceError,
     TooLarge,
 )
 from gateway.core.finite import FiniteCheck
@@ -26,6 +27,7 @@ from gateway.core.records import (
     RoundState,
     UpdateHeader,
 )
+from gateway.store import audit
 from gateway.store.blobs import BlobStore
 from gateway.store.sqlite import Store
 
@@ -142,8 +144,40 @@ class Ingest:
         self._open_round(h)
         return None
 
-    def receive(self, h: UpdateHeader, header_bytes: int, body: Iterable[BodyItem]) -> PushResult:
-        """Check, spool and commit one update; body yields chunks then exactly one trailer."""
+    def receive(
+        self, h: UpdateHeader, header_bytes: int, body: Iterable[BodyItem], peer: str = ""
+    ) -> PushResult:
+        """Check, spool and commit one update; body yields chunks then exactly one trailer.
+
+        Every outcome is audited: accepted in the commit's own transaction; a rejection or
+        an interrupted stream in an entry of its own (and nothing else is stored).
+        """
+        try:
+            return self._receive(h, header_bytes, body, peer)
+        except SluiceError as exc:
+            self._audit_failure("push.rejected", h, peer, str(exc))
+            raise
+        except Exception as exc:
+            self._audit_failure("push.interrupted", h, peer, type(exc).__name__)
+            raise
+
+    def _audit_failure(self, kind: str, h: UpdateHeader, peer: str, reason: str) -> None:
+        # Header fields may be hostile: cap what goes into the log.
+        self.store.record(
+            kind,
+            h.trainer[:64] or "unknown",
+            f"{h.model[:64]}/round/{h.round}",
+            {
+                "update_id": h.update_id[:64],
+                "region": h.region[:64],
+                "peer": peer,
+                "reason": reason[:500],
+            },
+        )
+
+    def _receive(
+        self, h: UpdateHeader, header_bytes: int, body: Iterable[BodyItem], peer: str
+    ) -> PushResult:
         replayed = self.check_header(h, header_bytes)
         if replayed is not None:
             return replayed
@@ -187,7 +221,7 @@ class Ingest:
                 )
             final = self.blobs.commit(tmp)
         try:
-            result = self._commit(h)
+            result = self._commit(h, peer)
         except BaseException:
             if h.payload_sha256 not in self.store.referenced_blobs():
                 with contextlib.suppress(FileNotFoundError):
@@ -197,12 +231,27 @@ class Ingest:
             self._on_commit(h.model, h.round)
         return result
 
-    def _commit(self, h: UpdateHeader) -> PushResult:
+    def _commit(self, h: UpdateHeader, peer: str) -> PushResult:
         with self.store.transaction() as db:
             replayed = self.replay(h)  # a concurrent retry may have won the race
             if replayed is not None:
                 return replayed
             self._open_round(h)  # the round may have closed during the upload
             self.store.insert_update(db, h, int(time.time() * 1000))
+            audit.append(
+                db,
+                "push.accepted",
+                h.trainer,
+                f"{h.model}/round/{h.round}",
+                {
+                    "update_id": h.update_id,
+                    "region": h.region,
+                    "base_version": h.base_version,
+                    "num_examples": h.num_examples,
+                    "payload_sha256": h.payload_sha256,
+                    "payload_bytes": h.payload_bytes,
+                    "peer": peer,
+                },
+            )
         r = self.store.get_round(h.model, h.round)
         return PushResult(h.update_id, True, h.round, r.accepted if r else 0)

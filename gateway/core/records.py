@@ -95,3 +95,16 @@ class PushResult:
     created: bool  # False: the id was already committed, nothing counted twice
     round: int
     accepted: int
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    release: Release | None
+    refused: str = ""  # why no release was published; empty when one was
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    version: Version
+    released: bool
+    refused: str = ""  # the guard's or the policy's reason when nothing was released

@@ -14,7 +14,15 @@ from typing import Protocol
 from gateway.core.aggregation import Contribution, fold_fedavg
 from gateway.core.catalog import Catalog, ServedModel
 from gateway.core.errors import NotFound, PreconditionFailed
-from gateway.core.records import CommittedUpdate, Release, Round, RoundState, Version
+from gateway.core.records import (
+    ClosedRound,
+    CommittedUpdate,
+    PublishOutcome,
+    Round,
+    RoundState,
+    Version,
+)
+from gateway.store import audit
 from gateway.store.blobs import BlobStore
 from gateway.store.sqlite import Store
 
@@ -39,8 +47,8 @@ class Publisher(Protocol):
         version: Version,
         weights: Path,
         updates: Sequence[CommittedUpdate],
-    ) -> Release | None:
-        """Write a release of these weights, or return None when policy allows none."""
+    ) -> PublishOutcome:
+        """Write a release of these weights, or say why policy or the guard refused one."""
 
 
 class RoundManager:
@@ -139,7 +147,7 @@ class RoundManager:
                     extended = now_ms() + int(self.policy.round_seconds * 1000)
                     self.store.extend_deadline(db, r.model, r.round, extended)
 
-    def close(self, model: str, round_no: int, force: bool = False) -> Version:
+    def close(self, model: str, round_no: int, force: bool = False) -> ClosedRound:
         """Close a round and fold its updates into the next version (idempotent)."""
         with self._close_lock:
             r = self.store.get_round(model, round_no)
@@ -148,7 +156,8 @@ class RoundManager:
             if r.state == RoundState.CLOSED and r.version is not None:
                 v = self.store.get_version(model, r.version)
                 if v is not None:
-                    return v
+                    released = self.store.get_release(model, v.version) is not None
+                    return ClosedRound(v, released, "" if released else "see the audit log")
             if r.state == RoundState.OPEN:
                 if r.accepted < max(self.policy.min_updates, 1) and not force:
                     raise PreconditionFailed(
@@ -159,7 +168,7 @@ class RoundManager:
                     self.store.set_round_state(db, model, round_no, RoundState.AGGREGATING)
             return self._aggregate(self.catalog.get(model), r)
 
-    def _aggregate(self, served: ServedModel, r: Round) -> Version:
+    def _aggregate(self, served: ServedModel, r: Round) -> ClosedRound:
         updates = self.store.round_updates(r.model, r.round)
         if not updates:
             raise PreconditionFailed(f"round {r.round} of {r.model!r} has no updates to fold")
@@ -183,11 +192,41 @@ class RoundManager:
             num_examples=sum(u.num_examples for u in updates),
             created_ms=now_ms(),
         )
-        release = self.publisher.publish(served, version, self.blobs.path(sha), updates)
+        outcome = self.publisher.publish(served, version, self.blobs.path(sha), updates)
+        release = outcome.release
         with self.store.transaction() as db:
             self.store.insert_version(db, version)
+            audit.append(
+                db,
+                "round.closed",
+                "gateway",
+                f"{r.model}/round/{r.round}",
+                {
+                    "version": version.version,
+                    "base_version": r.base_version,
+                    "weights_sha256": sha,
+                    "updates": [u.update_id for u in updates],
+                    "num_trainers": version.num_trainers,
+                    "num_regions": version.num_regions,
+                },
+            )
             if release is not None:
                 self.store.insert_release(db, release)
+                audit.append(
+                    db,
+                    "release.published",
+                    "gateway",
+                    f"{r.model}/release/{version.version}",
+                    {"files": [f.__dict__ for f in release.files]},
+                )
+            else:
+                audit.append(
+                    db,
+                    "release.refused",
+                    "gateway",
+                    f"{r.model}/release/{version.version}",
+                    {"reason": outcome.refused},
+                )
             self.store.set_round_state(
                 db, r.model, r.round, RoundState.CLOSED, closed_ms=now_ms(), version=version.version
             )
@@ -199,6 +238,6 @@ class RoundManager:
             len(updates),
             version.version,
             time.perf_counter() - started,
-            "" if release else " (no release)",
+            "" if release else f" (no release: {outcome.refused})",
         )
-        return version
+        return ClosedRound(version, release is not None, outcome.refused)

@@ -1,38 +1,36 @@
-"""Turn a new version into a release: refresh the template, check parity, write the manifest."""
+"""Turn a new version into a release: refresh the template, check parity and the guard, sign."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gateway.core.catalog import ServedModel
-from gateway.core.records import CommittedUpdate, Release, ReleaseFile, Version
-from gateway.export.parity import PARITY_TOLERANCE, max_output_diff
-from gateway.export.refresh import write_atomic, write_refreshed
+from gateway.core.records import CommittedUpdate, PublishOutcome, Release, ReleaseFile, Version
+from gateway.export.guard import (
+    GuardPolicy,
+    GuardRefused,
+    ReleaseFacts,
+    check_policy,
+    check_release_dir,
+    graph_weights,
+)
+from gateway.export.parity import max_output_diff
+from gateway.export.refresh import write_atomic, write_release_files
+from gateway.export.signing import Signer
 from gateway.export.template import OnnxTemplate, build_template, load_template, save_template
 from gateway.export.template import self_test as template_self_test
+from models.artifact import op_set
+from models.manifest import MANIFEST_FORMAT, MODEL_FILE, canonical_json
+from models.schema import Schema
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "sluice.release/1"
-
-
-@dataclass(frozen=True)
-class ReleasePolicy:
-    min_trainers: int = 3  # distinct trainers a release must aggregate (k)
-    parity_tolerance: float = PARITY_TOLERANCE  # onnxruntime vs torch, max abs diff
-
-
-def canonical_json(doc: object) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def template_for(served: ServedModel, root: Path) -> OnnxTemplate:
@@ -48,15 +46,34 @@ def template_for(served: ServedModel, root: Path) -> OnnxTemplate:
     return t
 
 
+def weight_specs(template: OnnxTemplate, schema: Schema) -> list[dict[str, object]]:
+    """The graph's weight tensors in schema order: what the global team checks a file against
+    (and, in the two-file layout, the order of the weights in model.onnx.data)."""
+    return [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+        for t in graph_weights(template, schema)
+    ]
+
+
 class ReleaseWriter:
-    """Writes registry/<model>/<version>/{model.onnx,manifest.json}; never a partial release."""
+    """Writes registry/<model>/<version>/: model.onnx (+ model.onnx.data for large models) and
+    manifest.json; never a partial release.
+
+    A release is published only after the egress guard accepted the staged files and the
+    policy facts; its manifest is signed with the gateway's Ed25519 key.
+    """
 
     def __init__(
-        self, root: Path, templates: dict[str, OnnxTemplate], policy: ReleasePolicy
+        self,
+        root: Path,
+        templates: dict[str, OnnxTemplate],
+        policy: GuardPolicy,
+        signer: Signer,
     ) -> None:
         self.root = root
         self.templates = templates
         self.policy = policy
+        self.signer = signer
 
     def release_dir(self, model: str, version: int) -> Path:
         return self.root / model / str(version)
@@ -67,60 +84,61 @@ class ReleaseWriter:
         version: Version,
         weights: Path,
         updates: Sequence[CommittedUpdate],
-    ) -> Release | None:
-        if version.num_trainers < self.policy.min_trainers:
-            log.warning(
-                "version %d of %s aggregates %d trainers; a release needs %d: not published",
-                version.version,
-                served.name,
-                version.num_trainers,
-                self.policy.min_trainers,
-            )
-            return None
+    ) -> PublishOutcome:
+        try:
+            check_policy(ReleaseFacts(version.num_trainers, parity_max_abs_diff=0.0), self.policy)
+        except GuardRefused as exc:
+            return PublishOutcome(None, exc.reason)
+        template = self.templates[served.name]
         final = self.release_dir(served.name, version.version)
         staging = final.with_name(f".{final.name}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
+            written = write_release_files(template, served.schema, weights, staging)
             onnx_path = staging / MODEL_FILE
-            sha = write_refreshed(self.templates[served.name], served.schema, weights, onnx_path)
             module = served.entry.build()
             payload = np.fromfile(weights, dtype=np.uint8)
             module.load_state_dict(served.schema.to_state_dict(payload))
-            diff = max_output_diff(onnx_path, served.entry, module)
-            if diff > self.policy.parity_tolerance:
-                log.error(
-                    "release %d of %s: onnxruntime differs from torch by %.2e: not published",
-                    version.version,
-                    served.name,
-                    diff,
-                )
-                return None
-            files = (ReleaseFile(MODEL_FILE, onnx_path.stat().st_size, sha),)
+            try:
+                diff = max_output_diff(onnx_path, served.entry, module)
+            except ValueError as exc:
+                return PublishOutcome(None, f"parity check failed: {exc}")
+            files = tuple(ReleaseFile(name, size, sha) for name, size, sha in written)
             manifest = canonical_json(
                 {
                     "format": MANIFEST_FORMAT,
                     "model": served.name,
                     "version": version.version,
                     "parent_version": version.version - 1,
-                    "round": version.round,
+                    "rounds": [version.round],
                     "schema_hash": served.schema.hash,
-                    "structure_hash": self.templates[served.name].structure_hash,
+                    "structure_hash": template.structure_hash,
+                    "weights": weight_specs(template, served.schema),
+                    "ops": sorted([d, o] for d, o in op_set(template.data)),
                     "files": [f.__dict__ for f in files],
                     "num_trainers": version.num_trainers,
                     "num_regions": version.num_regions,
                     "num_examples": version.num_examples,
                     "num_updates": len(updates),
                     "parity_max_abs_diff": diff,
+                    "dp": None,
                     "created_ms": version.created_ms,
+                    "signing_key_id": self.signer.key_id,
                 }
             )
             write_atomic(staging / MANIFEST_FILE, [manifest])
+            try:
+                check_policy(ReleaseFacts(version.num_trainers, diff), self.policy)
+                expected = {f.name: (f.size, f.sha256) for f in files}
+                check_release_dir(staging, template, served.schema, self.policy, expected)
+            except GuardRefused as exc:
+                return PublishOutcome(None, exc.reason)
             shutil.rmtree(final, ignore_errors=True)  # a rerun after a crash writes it anew
             staging.rename(final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return Release(
+        release = Release(
             model=served.name,
             version=version.version,
             round=version.round,
@@ -128,4 +146,6 @@ class ReleaseWriter:
             num_trainers=version.num_trainers,
             files=files,
             manifest_json=manifest,
+            signature=self.signer.sign(manifest),
         )
+        return PublishOutcome(release)

@@ -6,12 +6,13 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.manifest import MODEL_FILE
 from models.schema import Schema
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
 
 
 def _plan(t: OnnxTemplate, schema: Schema) -> list[tuple[WeightRange, int, int]]:
-    """(template range, payload start, payload end) per range, in template file order."""
+    """(template range, payload start, payload end) per range, in the ranges' order."""
     if schema.hash != t.schema_hash:
         raise ValueError(
             f"model {t.model!r}: template was built for schema {t.schema_hash[:16]}, "
@@ -88,12 +89,22 @@ def _as_bytes(payload: bytes | memoryview | np.ndarray, schema: Schema) -> np.nd
     return raw
 
 
+def _single_file_only(t: OnnxTemplate) -> None:
+    if t.data_file is not None:
+        raise ValueError(
+            f"model {t.model!r}: a two-file template ({MODEL_FILE} + {t.data_file}) has no "
+            "single refreshed file; write it with write_release_files()"
+        )
+
+
 def refresh(t: OnnxTemplate, schema: Schema, payload: bytes | memoryview | np.ndarray) -> bytes:
     """The template with each weight range replaced by that tensor's bytes from a flat payload.
 
     The payload is the schema's tensors end to end (models/schema.py); tensors the graph
     does not hold (BatchNorm's num_batches_tracked) are skipped. Memory: two template copies.
+    Single-file templates only.
     """
+    _single_file_only(t)
     plan = _plan(t, schema)
     raw = _as_bytes(payload, schema)
     out = bytearray(t.data)
@@ -119,14 +130,63 @@ def write_refreshed(t: OnnxTemplate, schema: Schema, payload_path: Path, out_pat
     """Stream a payload file into the template and write the result atomically to out_path.
 
     Returns the hex sha256 of the written file. Memory: O(template) plus one chunk; the
-    payload is memory-mapped, not read into the heap.
+    payload is memory-mapped, not read into the heap. Single-file templates only.
     """
+    _single_file_only(t)
     plan = _plan(t, schema)
-    size = payload_path.stat().st_size
-    if size != schema.payload_bytes:
-        # Checked before mapping: numpy cannot map an empty file, and a short one
-        # should fail with the same message as refresh().
-        raise ValueError(f"payload: expected {schema.payload_bytes} bytes, got {size}")
+    # Checked before mapping: numpy cannot map an empty file, and a short one should
+    # fail with the same message as refresh().
+    _check_payload_size(payload_path, schema)
     # The mapping is released when `raw` and the chunk views die, i.e. on return.
     raw = np.memmap(payload_path, dtype=np.uint8, mode="r")
     return write_atomic(out_path, _refreshed_chunks(t, plan, raw))
+
+
+def _check_payload_size(payload_path: Path, schema: Schema) -> None:
+    size = payload_path.stat().st_size
+    if size != schema.payload_bytes:
+        raise ValueError(f"payload: expected {schema.payload_bytes} bytes, got {size}")
+
+
+def _data_file_chunks(
+    payload_path: Path, plan: list[tuple[WeightRange, int, int]]
+) -> Iterator[bytes]:
+    """The two-file layout's data file: each range's payload bytes, read a chunk at a time."""
+    # Plain reads, not a memory map: mapped pages would count towards the process's
+    # resident memory until the whole 2 GiB payload was resident.
+    with payload_path.open("rb") as payload:
+        for r, start, end in plan:
+            payload.seek(start)
+            for at in range(start, end, _CHUNK_BYTES):
+                chunk = payload.read(min(_CHUNK_BYTES, end - at))
+                if not chunk:
+                    raise ValueError(f"payload: ended at byte {at} while reading {r.name!r}")
+                yield chunk
+
+
+def write_release_files(
+    t: OnnxTemplate, schema: Schema, payload_path: Path, out_dir: Path
+) -> list[tuple[str, int, str]]:
+    """Write the release files of a payload file into out_dir, each atomically.
+
+    Returns (file name, size, sha256 hex) per file written: model.onnx for a
+    single-file template (write_refreshed); for the two-file layout the data file (the
+    graph weights end to end, in the template's range order) and then model.onnx, the
+    template's bytes unchanged. Memory: the template plus one chunk.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / MODEL_FILE
+    if t.data_file is None:
+        sha = write_refreshed(t, schema, payload_path, model_path)
+        return [(MODEL_FILE, model_path.stat().st_size, sha)]
+    plan = _plan(t, schema)
+    _check_payload_size(payload_path, schema)
+    data_path = out_dir / t.data_file
+    data_sha = write_atomic(data_path, _data_file_chunks(payload_path, plan))
+    if data_path.stat().st_size != t.data_file_bytes:
+        # Only if the payload file shrank while it was being read.
+        raise ValueError(
+            f"{data_path}: wrote {data_path.stat().st_size} bytes, expected {t.data_file_bytes}"
+        )
+    model_sha = write_atomic(model_path, [t.data])
+    return [(MODEL_FILE, len(t.data), model_sha), (t.data_file, t.data_file_bytes, data_sha)]

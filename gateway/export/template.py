@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
+import gc
 import json
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,27 +15,39 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
+from onnxscript import ir
 
 from gateway.export.parity import max_output_diff
-from gateway.export.refresh import refresh, write_atomic
+from gateway.export.refresh import refresh, write_atomic, write_release_files
 from models import onnx_wire
+
+# The global team recomputes it offline from models/ alone; re-exported for callers here.
+from models.artifact import structure_hash as structure_hash
+from models.manifest import DATA_FILE, MODEL_FILE
 from models.registry import ModelEntry
 from models.schema import Schema
 
 TEMPLATE_FILE = "template.onnx"
 META_FILE = "template.json"
 SELF_TEST_TOLERANCE = 1e-4  # max abs diff onnxruntime vs torch, fp32, random weights
+# Graph weights above this many bytes get the two-file layout: a single ONNX file over
+# 2 GiB is written without error and then fails to load (DESIGN.md, "ONNX export").
+TWO_FILE_THRESHOLD = 3 << 29  # 1.5 GiB
 
 # Fields that only describe how the file was made. The exporter puts stack traces with
 # absolute source paths into metadata_props; they leak and break the structure hash.
 _STRIPPED_FIELDS = frozenset({"metadata_props", "doc_string"})
-_ZEROS = bytes(1 << 20)
 _TORCH_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+_EXTERNAL_KEYS = ("location", "offset", "length")  # exactly these, in this order
+_BLOCK_BYTES = 16 << 20  # bounds each temporary when a whole tensor is too big to copy
 
 
 @dataclass(frozen=True)
 class WeightRange:
-    """Bytes [start, end) of the template hold state_dict tensor `name` (raw little-endian)."""
+    """Bytes [start, end) hold state_dict tensor `name` (raw little-endian).
+
+    Of the template file in the single-file layout, of the data file in the two-file one.
+    """
 
     name: str
     start: int
@@ -43,37 +56,54 @@ class WeightRange:
 
 @dataclass(frozen=True)
 class OnnxTemplate:
-    """A serialized ONNX model whose weights can be replaced by copying bytes into ranges."""
+    """A serialized ONNX model whose weights can be replaced by copying bytes into ranges.
+
+    Single-file layout (data_file None): `data` is the whole ONNX file carrying the
+    init_seed weights in raw_data, `ranges` lie in it in file order, and structure_hash
+    is its sha256 with every range zeroed.
+
+    Two-file layout (data_file set; graph weights over TWO_FILE_THRESHOLD): `data` is
+    model.onnx, whose weight initializers hold no values but point into data_file with
+    exactly the keys location, offset, length; `ranges` lie in data_file, end to end in
+    schema order from 0. structure_hash is the plain sha256 of `data`, which holds no
+    weights to zero. Every release's model.onnx is `data` byte for byte.
+    """
 
     model: str  # registry name
     schema_hash: str  # Schema.hash of the state_dict the ranges were taken from
-    data: bytes  # the ONNX file, carrying the model's init_seed weights
+    data: bytes  # the ONNX file (single-file) or model.onnx (two-file)
     ranges: tuple[WeightRange, ...]  # in file order, non-overlapping
-    structure_hash: str  # sha256 of data with every range zeroed
+    structure_hash: str  # sha256 of data with every range in it zeroed
+    data_file: str | None = None  # the two-file layout's weights file, beside model.onnx
 
     def __post_init__(self) -> None:
+        if self.data_file is None:
+            pos = 0
+            for r in self.ranges:
+                if not pos <= r.start <= r.end <= len(self.data):
+                    raise ValueError(
+                        f"weight range {r.name!r} [{r.start}, {r.end}) is out of order"
+                    )
+                pos = r.end
+            return
+        if self.data_file in ("", ".", "..") or "/" in self.data_file or "\\" in self.data_file:
+            raise ValueError(f"data file {self.data_file!r} is not a plain file name")
         pos = 0
         for r in self.ranges:
-            if not pos <= r.start <= r.end <= len(self.data):
-                raise ValueError(f"weight range {r.name!r} [{r.start}, {r.end}) is out of order")
+            if not r.start == pos <= r.end:
+                raise ValueError(
+                    f"weight range {r.name!r} [{r.start}, {r.end}) of {self.data_file}: "
+                    f"expected to start at {pos} (weights end to end)"
+                )
             pos = r.end
 
-
-def structure_hash(data: bytes | memoryview, ranges: tuple[WeightRange, ...]) -> str:
-    """Hex sha256 of data with every weight range zeroed: the same for any weight values."""
-    digest = hashlib.sha256()
-    view = memoryview(data)
-    pos = 0
-    for r in ranges:
-        digest.update(view[pos : r.start])
-        for at in range(r.start, r.end, len(_ZEROS)):
-            digest.update(_ZEROS[: min(len(_ZEROS), r.end - at)])
-        pos = r.end
-    digest.update(view[pos:])
-    return digest.hexdigest()
+    @property
+    def data_file_bytes(self) -> int:
+        """Size of the two-file layout's data file; 0 for a single-file template."""
+        return self.ranges[-1].end if self.data_file is not None and self.ranges else 0
 
 
-def _export(module: torch.nn.Module, entry: ModelEntry) -> onnx.ModelProto:
+def _export(module: torch.nn.Module, entry: ModelEntry) -> torch.onnx.ONNXProgram:
     # optimize=False: the optimizer folds BatchNorm into Conv and keeps the old names on
     # changed tensors, so a name-keyed refresh would run and be wrong (DESIGN.md).
     with warnings.catch_warnings():
@@ -94,8 +124,7 @@ def _export(module: torch.nn.Module, entry: ModelEntry) -> onnx.ModelProto:
         )
     if program is None:  # only when dynamo=False; keeps the type checker honest
         raise RuntimeError("torch.onnx.export returned no program")
-    proto: onnx.ModelProto = program.model_proto
-    return proto
+    return program
 
 
 def _strip(message: Any) -> None:
@@ -113,11 +142,14 @@ def _strip(message: Any) -> None:
             _strip(getattr(message, field.name))
 
 
-def _normalize(proto: onnx.ModelProto) -> None:
+def _normalize(proto: onnx.ModelProto, external: Collection[str] = ()) -> None:
+    """Strip, and give every initializer raw_data, except the `external` placeholders."""
     _strip(proto)
     # "2.13.0+cpu" vs "+cu128" would make CPU and GPU hosts build different templates.
     proto.producer_version = proto.producer_version.split("+", 1)[0]
     for init in proto.graph.initializer:
+        if init.name in external:
+            continue
         if init.data_location == onnx.TensorProto.EXTERNAL or init.external_data:
             raise ValueError(f"initializer {init.name!r}: external data in an in-memory export")
         if not init.HasField("raw_data"):
@@ -164,17 +196,38 @@ def _check_bytes(data: bytes, ranges: tuple[WeightRange, ...], state: Mapping[st
             )
 
 
-def build_template(entry: ModelEntry) -> OnnxTemplate:
-    """Export entry's model once and record where each state_dict tensor's bytes lie.
+def _row_blocks(array: np.ndarray) -> Iterator[slice]:
+    """Slices of the first axis of about _BLOCK_BYTES each; array has at least one axis."""
+    rows = max(1, _BLOCK_BYTES // max(1, array[:1].nbytes))
+    for at in range(0, array.shape[0], rows):
+        yield slice(at, at + rows)
 
-    Weights are the entry's init_seed weights. Deterministic: the same entry, torch and
-    onnx versions give identical bytes. Run self_test() before trusting a new template.
-    """
-    module = entry.build(entry.init_seed)
-    state = module.state_dict()
-    schema = Schema.of(state)
-    with torch.no_grad():
-        proto = _export(module, entry)
+
+def _check_values(exported: Mapping[str, ir.TensorProtocol], state: Mapping[str, Any]) -> None:
+    """_check_bytes for tensors never serialized: compare the exporter's arrays block by block."""
+    for name, tensor in exported.items():
+        got = np.atleast_1d(tensor.numpy())  # a view of the exporter's tensor, not a copy
+        want = np.atleast_1d(state[name].detach().cpu().numpy())
+        # Per row block: tobytes() of a whole 2 GiB weight would copy it once more.
+        if got.shape != want.shape or not all(
+            got[rows].tobytes() == want[rows].tobytes() for rows in _row_blocks(want)
+        ):
+            raise ValueError(
+                f"tensor {name!r}: exported bytes differ from the state_dict "
+                "(the exporter changed its values or layout)"
+            )
+
+
+def _graph_weight_bytes(program: torch.onnx.ONNXProgram, schema: Schema) -> int:
+    specs = {spec.name: spec for spec in schema.tensors}
+    names = program.model.graph.initializers
+    return sum(spec.num_bytes for name, spec in specs.items() if name in names)
+
+
+def _single_file(
+    program: torch.onnx.ONNXProgram, entry: ModelEntry, schema: Schema, state: Mapping[str, Any]
+) -> OnnxTemplate:
+    proto = program.model_proto
     _normalize(proto)
     weights = _check_initializers(proto, schema)
     data = proto.SerializeToString(deterministic=True)
@@ -187,6 +240,109 @@ def build_template(entry: ModelEntry) -> OnnxTemplate:
     return OnnxTemplate(entry.name, schema.hash, data, ranges, structure_hash(data, ranges))
 
 
+def _two_file(
+    program: torch.onnx.ONNXProgram, entry: ModelEntry, schema: Schema, state: Mapping[str, Any]
+) -> OnnxTemplate:
+    # Never one ModelProto with the weights in it (over 2 GiB it cannot be serialized):
+    # each state_dict-named initializer's value is swapped for an external placeholder,
+    # then the small graph is serialized and its external_data rewritten to the layout.
+    specs = {spec.name for spec in schema.tensors}
+    exported: dict[str, ir.TensorProtocol] = {}
+    for name, value in program.model.graph.initializers.items():
+        tensor = value.const_value
+        if name not in specs or tensor is None:
+            continue
+        exported[name] = tensor
+        value.const_value = ir.ExternalTensor(
+            DATA_FILE,
+            0,
+            tensor.nbytes,
+            tensor.dtype,
+            shape=ir.Shape(tensor.shape.numpy()),
+            name=name,
+        )
+    proto = ir.serde.serialize_model(program.model)
+    _normalize(proto, external=exported)
+    weights = _check_initializers(proto, schema)
+    _check_values(exported, state)
+    by_name = {init.name: init for init in proto.graph.initializer}
+    ranges, pos = [], 0
+    for spec in schema.tensors:
+        if spec.name not in weights:
+            continue  # e.g. BatchNorm's num_batches_tracked: in the schema, not the graph
+        init = by_name[spec.name]
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        del init.external_data[:]
+        entries = (DATA_FILE, str(pos), str(spec.num_bytes))
+        for key, text in zip(_EXTERNAL_KEYS, entries, strict=True):
+            init.external_data.add(key=key, value=text)
+        ranges.append(WeightRange(spec.name, pos, pos + spec.num_bytes))
+        pos += spec.num_bytes
+    data = proto.SerializeToString(deterministic=True)
+    t = OnnxTemplate(
+        entry.name, schema.hash, data, tuple(ranges), structure_hash(data, ()), DATA_FILE
+    )
+    _check_external(t, "template")
+    return t
+
+
+def build_template(entry: ModelEntry, two_file_threshold: int = TWO_FILE_THRESHOLD) -> OnnxTemplate:
+    """Export entry's model once and record where each state_dict tensor's bytes lie.
+
+    Graph weights of more than two_file_threshold bytes get the two-file layout (see
+    OnnxTemplate); 0 forces it on any model. Weights are the entry's init_seed weights
+    (single-file only; a two-file template holds none). Deterministic: the same entry,
+    torch and onnx versions give identical bytes. Run self_test() before trusting a new
+    template. Memory: the module plus one serialized template; for the two-file layout
+    the module plus the graph, never a second copy of the weights.
+    """
+    module = entry.build(entry.init_seed)
+    state = module.state_dict()
+    schema = Schema.of(state)
+    with torch.no_grad():
+        program = _export(module, entry)
+    if _graph_weight_bytes(program, schema) > two_file_threshold:
+        t = _two_file(program, entry, schema, state)
+    else:
+        t = _single_file(program, entry, schema, state)
+    # The exported program keeps the module's weights alive in reference cycles (2 GiB
+    # for drivenet-2g) until the cyclic collector happens to run; free them now.
+    del program, module, state
+    gc.collect()
+    return t
+
+
+def _external_spans(data: bytes, data_file: str) -> dict[str, tuple[int, int]]:
+    """name -> [start, end) in data_file of every initializer with external data."""
+    spans = {}
+    for init in onnx.load_from_string(data).graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL and not init.external_data:
+            continue
+        where = f"initializer {init.name!r}"
+        entries = [(e.key, e.value) for e in init.external_data]
+        if [key for key, _ in entries] != list(_EXTERNAL_KEYS) or init.HasField("raw_data"):
+            raise ValueError(f"{where}: external data {entries}, expected keys {_EXTERNAL_KEYS}")
+        location, offset, length = (value for _, value in entries)
+        if location != data_file or not (offset.isdigit() and length.isdigit()):
+            raise ValueError(f"{where}: external data {entries}, expected {data_file!r}")
+        spans[init.name] = (int(offset), int(offset) + int(length))
+    return spans
+
+
+def _check_external(t: OnnxTemplate, where: str) -> None:
+    """The two-file template's model.onnx points exactly at its ranges, and at nothing else."""
+    if t.data_file is None:
+        raise ValueError(f"{where}: not a two-file template")
+    spans = _external_spans(t.data, t.data_file)
+    want = {r.name: (r.start, r.end) for r in t.ranges}
+    if spans != want:
+        wrong = sorted(
+            name for name in spans.keys() | want.keys() if spans.get(name) != want.get(name)
+        )
+        raise ValueError(f"{where}: external data of {wrong} does not match the recorded ranges")
+
+
 def save_template(t: OnnxTemplate, directory: Path) -> None:
     """Write template.onnx and template.json into directory, each atomically."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -194,6 +350,7 @@ def save_template(t: OnnxTemplate, directory: Path) -> None:
         "model": t.model,
         "schema_hash": t.schema_hash,
         "structure_hash": t.structure_hash,
+        "data_file": t.data_file,
         "ranges": [{"name": r.name, "start": r.start, "end": r.end} for r in t.ranges],
     }
     # The ONNX file first: a crash in between leaves a json that fails load's hash check.
@@ -207,14 +364,24 @@ def load_template(directory: Path) -> OnnxTemplate:
     try:
         meta = json.loads((directory / META_FILE).read_text())
         ranges = tuple(WeightRange(r["name"], r["start"], r["end"]) for r in meta["ranges"])
-        t = OnnxTemplate(meta["model"], meta["schema_hash"], data, ranges, meta["structure_hash"])
+        t = OnnxTemplate(
+            meta["model"],
+            meta["schema_hash"],
+            data,
+            ranges,
+            meta["structure_hash"],
+            meta.get("data_file"),  # absent from templates saved before the two-file layout
+        )
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{directory / META_FILE}: malformed template metadata: {exc}") from exc
-    spans = {s.name: (s.start, s.end) for s in onnx_wire.initializer_spans(data)}
-    for r in ranges:
-        if spans.get(r.name) != (r.start, r.end):
-            raise ValueError(f"{directory}: range of {r.name!r} does not match the ONNX file")
-    actual = structure_hash(data, ranges)
+    if t.data_file is None:
+        spans = {s.name: (s.start, s.end) for s in onnx_wire.initializer_spans(data)}
+        for r in ranges:
+            if spans.get(r.name) != (r.start, r.end):
+                raise ValueError(f"{directory}: range of {r.name!r} does not match the ONNX file")
+    else:
+        _check_external(t, str(directory))
+    actual = structure_hash(data, ranges if t.data_file is None else ())
     if actual != t.structure_hash:
         raise ValueError(
             f"{directory}: structure hash {actual[:16]} does not match the recorded "
@@ -228,30 +395,59 @@ def _randomize(state: Mapping[str, torch.Tensor], seed: int) -> None:
     # Factory init leaves BatchNorm at 1/0/0/1 in every seed; a template that had frozen
     # those values would pass a test that did not move them.
     gen = torch.Generator().manual_seed(seed)
+    block = _BLOCK_BYTES // 4  # elements; bounds the temporaries for a 2 GiB weight
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
-        scale = torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype)
-        shift = torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype)
-        tensor.mul_(1 + 0.2 * scale).add_(0.05 * shift)
+        flat = tensor.view(-1)
+        for at in range(0, flat.numel(), block):
+            part = flat[at : at + block]
+            scale = torch.randn(part.shape, generator=gen, dtype=tensor.dtype)
+            shift = torch.randn(part.shape, generator=gen, dtype=tensor.dtype)
+            part.mul_(1 + 0.2 * scale).add_(0.05 * shift)
         if name.endswith("running_var"):
             tensor.clamp_(min=0.1)  # a variance must stay positive
+
+
+def _payload_chunks(state: Mapping[str, torch.Tensor], schema: Schema) -> Iterator[memoryview]:
+    """The flat payload of state, tensor by tensor, without copying a tensor whole."""
+    for spec in schema.tensors:
+        raw = state[spec.name].detach().contiguous().numpy().reshape(-1).view(np.uint8)
+        for at in range(0, raw.size, _BLOCK_BYTES):
+            yield raw[at : at + _BLOCK_BYTES].data
+
+
+def _two_file_diff(
+    t: OnnxTemplate, schema: Schema, state: Mapping[str, torch.Tensor], entry: ModelEntry,
+    module: torch.nn.Module, seed: int,
+) -> float:  # fmt: skip
+    # onnxruntime reads the data file from beside model.onnx, so both go to a real directory.
+    with tempfile.TemporaryDirectory(prefix="sluice-self-test-") as tmp:
+        payload = Path(tmp) / "payload.bin"
+        write_atomic(payload, _payload_chunks(state, schema))
+        write_release_files(t, schema, payload, Path(tmp) / "release")
+        payload.unlink()  # a 2 GiB model would otherwise hold twice its size on disk
+        return max_output_diff(Path(tmp) / "release" / MODEL_FILE, entry, module, seed=seed)
 
 
 def self_test(t: OnnxTemplate, entry: ModelEntry, seed: int = 1234) -> float:
     """Max abs difference of onnxruntime on the refreshed template vs torch, random weights.
 
     Raises ValueError above SELF_TEST_TOLERANCE (or on NaN), or if the template does not
-    belong to the entry.
+    belong to the entry. A two-file template is written to a temporary directory (its
+    size on disk, twice while being written); memory: the module plus onnxruntime's copy.
     """
     module = entry.build(seed)
     state = module.state_dict()
     with torch.no_grad():
         _randomize(state, seed)
     schema = Schema.of(state)
-    data = refresh(t, schema, schema.flatten(state))
+    data = refresh(t, schema, schema.flatten(state)) if t.data_file is None else None
     try:
-        diff = max_output_diff(data, entry, module, seed=seed)
+        if data is not None:
+            diff = max_output_diff(data, entry, module, seed=seed)
+        else:
+            diff = _two_file_diff(t, schema, state, entry, module, seed)
     except ValueError as exc:
         raise ValueError(f"model {t.model!r}: self-test failed: {exc}") from exc
     if not diff <= SELF_TEST_TOLERANCE:

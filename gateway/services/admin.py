@@ -47,5 +47,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     f"round {request.round} is not the open round of {request.model!r} "
                     f"(open: {current.round})"
                 )
-            version = self.rounds.close(request.model, request.round)
-            return admin_pb2.CloseRoundResponse(version=version.version)
+            closed = self.rounds.close(request.model, request.round)
+            return admin_pb2.CloseRoundResponse(
+                version=closed.version.version,
+                released=closed.released,
+                release_refused=closed.refused,
+            )

@@ -11,8 +11,8 @@ from gateway.core.ingest import BodyItem, Ingest, PayloadChunk, Trailer
 from gateway.core.records import UpdateHeader
 from gateway.core.rounds import RoundManager
 from gateway.services.errors import mapped_errors
-from gateway.services.streaming import file_chunks
 from gateway.store.blobs import BlobStore
+from gateway.store.chunks import file_chunks
 from gateway.store.sqlite import Store
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 
@@ -113,7 +113,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidInput("a push starts with exactly one header message")
             header = _header(first.header)
-            result = self.ingest.receive(header, first.ByteSize(), _body(request_iterator))
+            result = self.ingest.receive(
+                header, first.ByteSize(), _body(request_iterator), peer=context.peer()
+            )
             return trainer_pb2.PushUpdateResponse(
                 update_id=result.update_id,
                 created=result.created,

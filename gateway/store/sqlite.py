@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from gateway.core.records import (
     UpdateHeader,
     Version,
 )
+from gateway.store import audit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -82,6 +83,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._db.executescript(audit.SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -307,3 +309,20 @@ class Store:
             "SELECT payload_sha256 AS h FROM updates UNION SELECT weights_sha256 FROM versions"
         )
         return {r["h"] for r in rows}
+
+    # audit
+
+    def record(
+        self, kind: str, actor: str, subject: str, detail: Mapping[str, object] | None = None
+    ) -> audit.AuditEntry:
+        """Append one audit entry in its own transaction."""
+        with self.transaction() as db:
+            return audit.append(db, kind, actor, subject, detail)
+
+    def audit_entries(self, kind: str = "") -> list[audit.AuditEntry]:
+        with self._lock:
+            return audit.entries(self._db, kind)
+
+    def verify_audit(self) -> tuple[int, str | None]:
+        with self._lock:
+            return audit.verify_chain(self._db)

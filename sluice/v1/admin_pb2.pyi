@@ -115,16 +115,24 @@ class CloseRoundResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    RELEASE_REFUSED_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version the round produced."""
+    released: _builtins.bool
+    """Whether a release of that version was published through egress."""
+    release_refused: _builtins.str
+    """When not released: the policy's or the egress guard's reason (also in the audit log)."""
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
+        released: _builtins.bool = ...,
+        release_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["release_refused", b"release_refused", "released", b"released", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

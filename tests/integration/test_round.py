@@ -198,14 +198,14 @@ def test_cli_pull_and_status(
     from gateway.cli import main
 
     _publish_one(gateway, tiny_schema)
-    out = gateway.data_dir / "global-team" / "drivenet-tiny.onnx"
-    assert (
-        main(["pull", "--egress", gateway.endpoints.egress, "--model", TINY, "--out", str(out)])
-        == 0
-    )
+    out = gateway.data_dir / "global-team"
+    key = gateway.data_dir / "keys" / "release-signing.pub"
+    pull = ["pull", "--egress", gateway.endpoints.egress, "--model", TINY]
+    assert main([*pull, "--public-key", str(key), "--out", str(out)]) == 0
     with EgressClient(gateway.endpoints.egress) as egress:
         manifest = json.loads(egress.manifest(TINY).manifest_json)
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == manifest["files"][0]["sha256"]
+    model = (out / "model.onnx").read_bytes()
+    assert hashlib.sha256(model).hexdigest() == manifest["files"][0]["sha256"]
     assert main(["status", "--target", gateway.endpoints.internal]) == 0
     assert "round 2 open on version 1" in capsys.readouterr().out
 

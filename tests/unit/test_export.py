@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,10 +17,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from gateway.export.refresh import refresh, write_refreshed
+from gateway.export import refresh as refresh_module
+from gateway.export.refresh import refresh, write_refreshed, write_release_files
 from gateway.export.template import (
     META_FILE,
     TEMPLATE_FILE,
+    TWO_FILE_THRESHOLD,
     OnnxTemplate,
     build_template,
     load_template,
@@ -28,6 +31,7 @@ from gateway.export.template import (
     structure_hash,
 )
 from models import onnx_wire
+from models.manifest import DATA_FILE, MODEL_FILE
 from models.registry import ModelEntry, get
 from models.schema import Schema, TensorSpec
 
@@ -45,6 +49,12 @@ def template(tiny: ModelEntry) -> OnnxTemplate:
 @pytest.fixture(scope="module")
 def schema(tiny: ModelEntry) -> Schema:
     return tiny.schema()
+
+
+@pytest.fixture(scope="module")
+def two_file(tiny: ModelEntry) -> OnnxTemplate:
+    """The tiny model in the large-model layout, forced by a threshold of 0 bytes."""
+    return build_template(tiny, two_file_threshold=0)
 
 
 def _random_payload(schema: Schema, seed: int) -> bytes:
@@ -306,3 +316,206 @@ def test_build_refuses_weights_a_refresh_cannot_reach() -> None:
     entry = ModelEntry("hidden-scale", _HiddenScale, input_shape=(1, 4))
     with pytest.raises(ValueError, match=r"'scale' .* not a state_dict key"):
         build_template(entry)
+
+
+# --- the two-file layout ----------------------------------------------------------------
+
+
+def _graph_weights(t: OnnxTemplate, schema: Schema) -> list[TensorSpec]:
+    names = {init.name for init in onnx.load_from_string(t.data).graph.initializer}
+    return [spec for spec in schema.tensors if spec.name in names]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_small_models_stay_single_file(template: OnnxTemplate) -> None:
+    assert TWO_FILE_THRESHOLD == 3 << 29  # 1.5 GiB (DESIGN.md)
+    assert template.data_file is None
+    assert template.data_file_bytes == 0
+
+
+def test_two_file_graph_points_at_fixed_offsets(two_file: OnnxTemplate, schema: Schema) -> None:
+    assert two_file.data_file == DATA_FILE
+    model = onnx.load_from_string(two_file.data)
+    inits = {init.name: init for init in model.graph.initializer}
+    pos = 0
+    for spec in _graph_weights(two_file, schema):
+        init = inits.pop(spec.name)
+        assert not init.HasField("raw_data")
+        assert init.data_location == onnx.TensorProto.EXTERNAL
+        assert [(e.key, e.value) for e in init.external_data] == [
+            ("location", DATA_FILE),
+            ("offset", str(pos)),
+            ("length", str(spec.num_bytes)),
+        ]
+        pos += spec.num_bytes
+    assert inits == {}  # every initializer is a weight in the data file
+    assert two_file.data_file_bytes == pos
+    assert [r.name for r in two_file.ranges] == [s.name for s in _graph_weights(two_file, schema)]
+    skipped = {s.name for s in schema.tensors} - {r.name for r in two_file.ranges}
+    assert skipped  # BatchNorm's counters: in the schema and the payload, not the graph
+    assert all(name.endswith("num_batches_tracked") for name in skipped)
+    # Nothing in model.onnx changes with the weights: its hash is of the bytes as they are.
+    assert two_file.structure_hash == hashlib.sha256(two_file.data).hexdigest()
+
+
+def test_two_file_graph_is_the_single_file_graph(
+    two_file: OnnxTemplate, template: OnnxTemplate
+) -> None:
+    one, two = onnx.load_from_string(template.data), onnx.load_from_string(two_file.data)
+    for model in (one, two):
+        del model.graph.initializer[:]
+    assert one.SerializeToString(deterministic=True) == two.SerializeToString(deterministic=True)
+    for message in _walk(onnx.load_from_string(two_file.data)):
+        names = {f.name for f in message.DESCRIPTOR.fields}
+        if "metadata_props" in names:
+            assert len(message.metadata_props) == 0, type(message).__name__
+        if "doc_string" in names:
+            assert message.doc_string == "", type(message).__name__
+
+
+def test_two_file_build_is_deterministic(two_file: OnnxTemplate, tiny: ModelEntry) -> None:
+    assert build_template(tiny, two_file_threshold=0) == two_file
+
+
+def test_two_file_release_holds_the_payload_weights(
+    two_file: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    payload = _random_payload(schema, 11)
+    (tmp_path / "update.bin").write_bytes(payload)
+    files = write_release_files(two_file, schema, tmp_path / "update.bin", tmp_path / "release")
+    release = tmp_path / "release"
+    assert sorted(p.name for p in release.iterdir()) == [MODEL_FILE, DATA_FILE]  # no temp files
+    assert files == [
+        (name, (release / name).stat().st_size, _sha256(release / name))
+        for name in (MODEL_FILE, DATA_FILE)
+    ]
+    assert (release / MODEL_FILE).read_bytes() == two_file.data
+    spans = {spec.name: (start, end) for spec, start, end in schema.spans()}
+    want = b"".join(payload[slice(*spans[s.name])] for s in _graph_weights(two_file, schema))
+    assert (release / DATA_FILE).read_bytes() == want
+    # onnx itself resolves the external data beside model.onnx to the payload's tensors.
+    views = schema.views(payload)
+    loaded = onnx.load(str(release / MODEL_FILE))
+    for init in loaded.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), views[init.name])
+
+
+def test_two_file_releases_share_model_onnx(
+    two_file: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    for seed in (1, 2):
+        (tmp_path / f"{seed}.bin").write_bytes(_random_payload(schema, seed))
+        write_release_files(two_file, schema, tmp_path / f"{seed}.bin", tmp_path / str(seed))
+    assert (tmp_path / "1" / MODEL_FILE).read_bytes() == (tmp_path / "2" / MODEL_FILE).read_bytes()
+    assert (tmp_path / "1" / DATA_FILE).read_bytes() != (tmp_path / "2" / DATA_FILE).read_bytes()
+
+
+def test_two_file_data_is_streamed_in_chunks(
+    two_file: OnnxTemplate, schema: Schema, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "update.bin").write_bytes(_random_payload(schema, 4))
+    want = write_release_files(two_file, schema, tmp_path / "update.bin", tmp_path / "whole")
+    # Chunks smaller than most tensors and not a multiple of any of them.
+    monkeypatch.setattr(refresh_module, "_CHUNK_BYTES", 100)
+    assert (
+        write_release_files(two_file, schema, tmp_path / "update.bin", tmp_path / "small") == want
+    )
+
+
+def test_two_file_release_rejects_short_payload(
+    two_file: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    (tmp_path / "update.bin").write_bytes(_random_payload(schema, 1)[:-4])
+    with pytest.raises(ValueError, match=f"got {schema.payload_bytes - 4}"):
+        write_release_files(two_file, schema, tmp_path / "update.bin", tmp_path / "release")
+    assert list((tmp_path / "release").iterdir()) == []
+
+
+def test_write_release_files_single_file(
+    template: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    payload = _random_payload(schema, 6)
+    (tmp_path / "update.bin").write_bytes(payload)
+    files = write_release_files(template, schema, tmp_path / "update.bin", tmp_path / "release")
+    out = tmp_path / "release" / MODEL_FILE
+    assert files == [(MODEL_FILE, out.stat().st_size, _sha256(out))]
+    assert out.read_bytes() == refresh(template, schema, payload)
+    assert [p.name for p in (tmp_path / "release").iterdir()] == [MODEL_FILE]
+
+
+def test_single_file_writers_refuse_a_two_file_template(
+    two_file: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    payload = _random_payload(schema, 1)
+    with pytest.raises(ValueError, match="write_release_files"):
+        refresh(two_file, schema, payload)
+    (tmp_path / "update.bin").write_bytes(payload)
+    with pytest.raises(ValueError, match="write_release_files"):
+        write_refreshed(two_file, schema, tmp_path / "update.bin", tmp_path / MODEL_FILE)
+
+
+def test_two_file_self_test(two_file: OnnxTemplate, tiny: ModelEntry) -> None:
+    assert self_test(two_file, tiny) < 1e-4
+
+
+def test_two_file_self_test_catches_swapped_offsets(
+    two_file: OnnxTemplate, tiny: ModelEntry
+) -> None:
+    # Two same-sized tensors whose data-file ranges are swapped: the release writer puts
+    # each where the ranges say, onnxruntime reads them where model.onnx says.
+    names = [r.name for r in two_file.ranges]
+    a, b = names.index("backbone.0.1.running_mean"), names.index("backbone.1.1.running_mean")
+    ranges = list(two_file.ranges)
+    assert ranges[a].end - ranges[a].start == ranges[b].end - ranges[b].start
+    ranges[a], ranges[b] = (
+        dataclasses.replace(ranges[a], name=names[b]),
+        dataclasses.replace(ranges[b], name=names[a]),
+    )
+    with pytest.raises(ValueError, match="self-test max abs diff"):
+        self_test(dataclasses.replace(two_file, ranges=tuple(ranges)), tiny)
+
+
+def test_two_file_save_load_round_trip(two_file: OnnxTemplate, tmp_path: Path) -> None:
+    save_template(two_file, tmp_path / "t")
+    assert load_template(tmp_path / "t") == two_file
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [META_FILE, TEMPLATE_FILE]
+    assert (tmp_path / "t" / TEMPLATE_FILE).read_bytes() == two_file.data
+
+
+def test_load_rejects_a_moved_external_offset(two_file: OnnxTemplate, tmp_path: Path) -> None:
+    save_template(two_file, tmp_path)
+    model = onnx.load_from_string(two_file.data)
+    model.graph.initializer[1].external_data[1].value = "0"  # overlaps the first weight
+    (tmp_path / TEMPLATE_FILE).write_bytes(model.SerializeToString(deterministic=True))
+    with pytest.raises(ValueError, match="does not match the recorded ranges"):
+        load_template(tmp_path)
+
+
+def test_load_rejects_another_location(two_file: OnnxTemplate, tmp_path: Path) -> None:
+    save_template(two_file, tmp_path)
+    model = onnx.load_from_string(two_file.data)
+    model.graph.initializer[0].external_data[0].value = "../elsewhere.data"
+    (tmp_path / TEMPLATE_FILE).write_bytes(model.SerializeToString(deterministic=True))
+    with pytest.raises(ValueError, match=r"expected 'model\.onnx\.data'"):
+        load_template(tmp_path)
+
+
+def test_two_file_ranges_must_lie_end_to_end(two_file: OnnxTemplate) -> None:
+    gap = (dataclasses.replace(two_file.ranges[0], start=4, end=4 + two_file.ranges[0].end),)
+    with pytest.raises(ValueError, match="expected to start at 0"):
+        dataclasses.replace(two_file, ranges=gap + two_file.ranges[1:])
+    with pytest.raises(ValueError, match="not a plain file name"):
+        dataclasses.replace(two_file, data_file="../model.onnx.data")
+
+
+def test_load_reads_a_template_saved_before_the_two_file_layout(
+    template: OnnxTemplate, tmp_path: Path
+) -> None:
+    save_template(template, tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    del meta["data_file"]
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    assert load_template(tmp_path) == template

@@ -1,0 +1,294 @@
+"""The egress guard: a release leaves only if policy, its files and its bytes all check out."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway.core.errors import PolicyRefused
+from gateway.export.template import OnnxTemplate
+from models import artifact
+from models.artifact import ArtifactRefused, inspect_onnx
+from models.manifest import MODEL_FILE
+from models.schema import Schema, TensorSpec
+
+MANIFEST_FILE = "manifest.json"
+
+# Layers that can refuse, named in GuardRefused.layers so callers and tests can tell.
+POLICY = "policy"
+FILES = "files"
+TEMPLATE = "template"
+PARSE = "parse"
+
+_READ_BYTES = 16 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+# Op sets of templates, by structure hash (which pins every byte but the weights).
+_template_ops: dict[str, frozenset[tuple[str, str]]] = {}
+
+
+class GuardRefused(PolicyRefused):
+    """The egress guard refused a release; `reason` says what was found, for the audit log."""
+
+    def __init__(self, reason: str, layers: tuple[str, ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.layers = layers  # which checks failed: POLICY, FILES, TEMPLATE, PARSE
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    min_trainers: int = 3  # distinct trainers a release must aggregate (k)
+    parity_tolerance: float = 1e-4  # max abs diff onnxruntime vs torch
+    max_epsilon: float | None = None  # DP budget a release may spend; None: not enforced
+    max_constant_bytes: int = 64  # largest Constant node value in the graph
+
+
+@dataclass(frozen=True)
+class ReleaseFacts:
+    num_trainers: int  # distinct trainers aggregated into the version
+    parity_max_abs_diff: float | None  # None: the parity check did not run
+    epsilon: float | None = None  # DP epsilon spent; None: no DP figure
+
+
+def check_policy(facts: ReleaseFacts, policy: GuardPolicy) -> None:
+    """Refuse a release that aggregates too few trainers, failed parity or overspent DP."""
+    if facts.num_trainers < policy.min_trainers:
+        raise GuardRefused(
+            f"aggregates {facts.num_trainers} distinct trainers; a release needs at least "
+            f"{policy.min_trainers}",
+            (POLICY,),
+        )
+    diff = facts.parity_max_abs_diff
+    if diff is None or not diff <= policy.parity_tolerance:  # `not <=` also refuses NaN
+        found = "no parity result" if diff is None else f"parity max abs diff {diff:.3g}"
+        raise GuardRefused(
+            f"{found}; onnxruntime must match torch within {policy.parity_tolerance:g}",
+            (POLICY,),
+        )
+    if policy.max_epsilon is not None:
+        eps = facts.epsilon
+        if eps is None or not (math.isfinite(eps) and 0 <= eps <= policy.max_epsilon):
+            found = "no DP epsilon" if eps is None else f"DP epsilon {eps:g}"
+            raise GuardRefused(
+                f"{found}; the policy allows at most epsilon {policy.max_epsilon:g}", (POLICY,)
+            )
+
+
+def graph_weights(template: OnnxTemplate, schema: Schema) -> list[TensorSpec]:
+    """The schema tensors the graph holds (not num_batches_tracked), in schema order."""
+    names = {r.name for r in template.ranges}
+    return [spec for spec in schema.tensors if spec.name in names]
+
+
+def _allowed_ops(template: OnnxTemplate) -> frozenset[tuple[str, str]]:
+    ops = _template_ops.get(template.structure_hash)
+    if ops is None:
+        ops = _template_ops[template.structure_hash] = artifact.op_set(template.data)
+    return ops
+
+
+def _template_findings(data: bytes | memoryview, t: OnnxTemplate, schema: Schema) -> list[str]:
+    """Differences from the template outside the weight ranges, and wrong range sizes."""
+    specs = {spec.name: spec for spec in schema.tensors}
+    for r in t.ranges:
+        spec = specs.get(r.name)
+        if spec is None or r.end - r.start != spec.num_bytes:
+            size = "no such tensor" if spec is None else f"{spec.num_bytes} bytes"
+            # The template itself is wrong for this schema: nothing can pass it.
+            return [f"template range {r.name!r} holds {r.end - r.start} bytes, schema: {size}"]
+    got = np.frombuffer(data, dtype=np.uint8)
+    want = np.frombuffer(t.data, dtype=np.uint8)
+    findings = []
+    if got.size != want.size:
+        findings.append(f"{got.size} bytes where the template of {t.model!r} has {want.size}")
+    # A two-file template's ranges lie in the data file: its model.onnx must match whole.
+    ranges = t.ranges if t.data_file is None else ()
+    # The structure between the ranges, compared up to where the shorter file ends.
+    stop = min(got.size, want.size)
+    starts = [r.start for r in ranges] + [want.size]
+    ends = [0] + [r.end for r in ranges]
+    for begin, end in zip(ends, starts, strict=True):
+        a, b = got[min(begin, stop) : min(end, stop)], want[min(begin, stop) : min(end, stop)]
+        if not np.array_equal(a, b):
+            first = begin + int(np.argmax(a != b))
+            findings.append(f"differs from the template at byte {first}, outside the weights")
+            break
+    return findings
+
+
+def _parse_findings(
+    data: bytes | memoryview, t: OnnxTemplate, schema: Schema, policy: GuardPolicy
+) -> list[str]:
+    """What the template-free check of models.artifact finds, with the template's op set."""
+    try:
+        report = inspect_onnx(
+            data,
+            graph_weights(t, schema),
+            allowed_ops=_allowed_ops(t),
+            max_constant_bytes=policy.max_constant_bytes,
+            external_data_file=t.data_file,
+        )
+    except ArtifactRefused as exc:
+        return [str(exc)]
+    findings = []
+    if report.structure_hash != t.structure_hash:
+        findings.append(
+            f"structure hash {report.structure_hash[:16]} is not the template's "
+            f"{t.structure_hash[:16]}"
+        )
+    if t.data_file is None:
+        if [(s.name, s.start, s.end) for s in report.ranges] != [
+            (r.name, r.start, r.end) for r in t.ranges
+        ]:
+            findings.append("weight ranges differ from the template's")
+    elif report.external_data_bytes != t.data_file_bytes:
+        findings.append(
+            f"the graph reads {report.external_data_bytes} bytes of {t.data_file}, "
+            f"the template {t.data_file_bytes}"
+        )
+    return findings
+
+
+def check_model_bytes(
+    data: bytes | memoryview, template: OnnxTemplate, schema: Schema, policy: GuardPolicy
+) -> None:
+    """Refuse a model.onnx unless both independent checks accept it.
+
+    (1) Template: outside its weight ranges it is byte-identical to the template, with
+    the same length and each range exactly the schema tensor's size (a two-file
+    template's model.onnx holds no weights and must match whole); (2) parse: the
+    template-free check of models.artifact accepts it with the template's op set and
+    finds the template's structure hash. The reason names every failing layer, the parse
+    finding first: it says what is wrong (an extra initializer), not merely where.
+    Memory: two copies of data for the parse; the template comparison copies nothing.
+    """
+    if schema.hash != template.schema_hash:
+        raise GuardRefused(
+            f"template of {template.model!r} is for schema {template.schema_hash[:16]}, "
+            f"not {schema.hash[:16]}",
+            (TEMPLATE,),
+        )
+    findings = [(PARSE, f) for f in _parse_findings(data, template, schema, policy)]
+    findings += [(TEMPLATE, f) for f in _template_findings(data, template, schema)]
+    if findings:
+        layers = tuple(dict.fromkeys(layer for layer, _ in findings))
+        raise GuardRefused(
+            f"{MODEL_FILE} refused: " + "; ".join(f"{layer}: {f}" for layer, f in findings),
+            layers,
+        )
+
+
+def _refuse_files(reason: str) -> GuardRefused:
+    return GuardRefused(reason, (FILES,))
+
+
+def _open_regular(dir_fd: int, name: str) -> int:
+    """An fd for a regular file in the directory; a symlink or anything else is refused."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _refuse_files(f"{name}: cannot be opened without following links: {exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refuse_files(f"{name}: not a regular file")
+    return fd
+
+
+def _read_checked(dir_fd: int, name: str, size: int, sha256: str, keep: bool) -> memoryview:
+    """Check one file's size and sha256 as read; return its bytes if keep (else empty).
+
+    Reads into one preallocated buffer, so the caller checks exactly the bytes hashed.
+    """
+    fd = _open_regular(dir_fd, name)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise _refuse_files(f"{name}: {actual} bytes, the manifest says {size}")
+        digest = hashlib.sha256()
+        buf = memoryview(bytearray(size if keep else min(size, _READ_BYTES)))
+        pos = 0
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            while pos < size:
+                window = buf[pos:] if keep else buf[: min(size - pos, len(buf))]
+                n = f.readinto(window)
+                if not n:
+                    raise _refuse_files(f"{name}: ended {size - pos} bytes early while read")
+                digest.update(window[:n])
+                pos += n
+            if f.read(1):
+                raise _refuse_files(f"{name}: grew while being read")
+    finally:
+        os.close(fd)
+    if digest.hexdigest() != sha256:
+        raise _refuse_files(
+            f"{name}: sha256 {digest.hexdigest()[:16]}..., the manifest says {sha256[:16]}..."
+        )
+    return buf if keep else memoryview(b"")
+
+
+def check_release_dir(
+    directory: Path,
+    template: OnnxTemplate,
+    schema: Schema,
+    policy: GuardPolicy,
+    expected: Mapping[str, tuple[int, str]],
+) -> None:
+    """Refuse a release directory unless it is exactly what the manifest lists.
+
+    expected maps each file name to its (size, sha256 hex): model.onnx, plus the data
+    file when the template has the two-file layout. The directory must hold those files
+    and manifest.json and nothing else (no side file, subdirectory or symlink); each is
+    read without following links and must match; the data file must be exactly as long
+    as the graph's weights; then model.onnx must pass check_model_bytes.
+    """
+    layout = {MODEL_FILE} if template.data_file is None else {MODEL_FILE, template.data_file}
+    if set(expected) != layout:
+        raise _refuse_files(
+            f"the template of {template.model!r} makes releases of {sorted(layout)}; "
+            f"the manifest lists {sorted(expected)}"
+        )
+    if template.data_file is not None and expected[template.data_file][0] != (
+        template.data_file_bytes
+    ):
+        raise _refuse_files(
+            f"{template.data_file}: the manifest says {expected[template.data_file][0]} bytes, "
+            f"the graph's weights are {template.data_file_bytes}"
+        )
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except OSError as exc:
+        raise _refuse_files(f"{directory}: not a directory we can open: {exc}") from exc
+    try:
+        present = set(os.listdir(dir_fd))
+        wanted = {*expected, MANIFEST_FILE}
+        if present != wanted:
+            extra, missing = sorted(present - wanted), sorted(wanted - present)
+            raise _refuse_files(
+                f"{directory.name}: unexpected entries {extra}, missing {missing}; "
+                f"a release holds exactly {sorted(wanted)}"
+            )
+        for name in sorted(present):
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                raise _refuse_files(f"{name}: is a symlink")
+            if not stat.S_ISREG(mode):
+                raise _refuse_files(f"{name}: not a regular file")
+        os.close(_open_regular(dir_fd, MANIFEST_FILE))  # its signature is checked elsewhere
+        for name in sorted(expected):
+            if name != MODEL_FILE:
+                # Streamed: the data file of a large model is never held in memory.
+                _read_checked(dir_fd, name, *expected[name], keep=False)
+        model = _read_checked(dir_fd, MODEL_FILE, *expected[MODEL_FILE], keep=True)
+    finally:
+        os.close(dir_fd)
+    check_model_bytes(model, template, schema, policy)

@@ -1,0 +1,156 @@
+"""The egress promise: signed manifests, guarded pulls, an audit chain that notices edits."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from clients.sdk import EgressClient, TrainerClient
+from gateway.cli import main
+from models.manifest import ManifestRefused, load_public_key
+from models.schema import Schema
+from tests.conftest import TINY, Running, random_delta, start_gateway
+from tests.integration.test_round import _publish_one, push, wait_for_round
+
+
+def public_key_path(running: Running) -> Path:
+    return running.data_dir / "keys" / "release-signing.pub"
+
+
+def test_signing_key_is_private_to_its_owner(gateway: Running) -> None:
+    mode = (gateway.data_dir / "keys" / "release-signing.key").stat().st_mode
+    assert stat.S_IMODE(mode) & 0o077 == 0
+
+
+def test_pulled_release_verifies_offline_and_tampering_fails(
+    gateway: Running, tiny_schema: Schema, tmp_path: Path
+) -> None:
+    _publish_one(gateway, tiny_schema)
+    out = tmp_path / "global"
+    key = public_key_path(gateway)
+    assert main(["pull", "--egress", gateway.endpoints.egress, "--model", TINY,
+                 "--public-key", str(key), "--out", str(out)]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "manifest.sig", "model.onnx"]
+    model, manifest = out / "model.onnx", out / "manifest.json"
+    verify = ["verify", str(model), str(manifest), "--public-key", str(key)]
+    assert main(verify) == 0
+    doc = json.loads(manifest.read_bytes())
+    assert doc["num_trainers"] == 3 and doc["signing_key_id"]
+
+    # A manifest signed by another key.
+    other = Ed25519PrivateKey.generate()
+    (tmp_path / "other.sig").write_bytes(other.sign(manifest.read_bytes()))
+    assert main([*verify, "--signature", str(tmp_path / "other.sig")]) == 1
+    other_pub = tmp_path / "other.pub"
+    other_pub.write_bytes(
+        other.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    assert main(["verify", str(model), str(manifest), "--public-key", str(other_pub)]) == 1
+
+    # A file that does not match its manifest (one byte).
+    raw = bytearray(model.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    model.write_bytes(bytes(raw))
+    assert main(verify) == 1
+
+
+def test_pull_with_the_wrong_key_writes_nothing(
+    gateway: Running, tiny_schema: Schema, tmp_path: Path
+) -> None:
+    _publish_one(gateway, tiny_schema)
+    other = Ed25519PrivateKey.generate().public_key()
+    out = tmp_path / "global"
+    with EgressClient(gateway.endpoints.egress) as egress, pytest.raises(ManifestRefused):
+        egress.pull_release(TINY, out, other)
+    assert not out.exists() or not list(out.iterdir())
+    with EgressClient(gateway.endpoints.egress) as egress:
+        doc = egress.pull_release(TINY, out, load_public_key(public_key_path(gateway)))
+    assert doc["version"] == 1
+
+
+def test_release_altered_on_disk_is_refused_at_pull_and_audited(
+    gateway: Running, tiny_schema: Schema, tmp_path: Path
+) -> None:
+    _publish_one(gateway, tiny_schema)
+    path = gateway.data_dir / "registry" / TINY / "1" / "model.onnx"
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with EgressClient(gateway.endpoints.egress) as egress, pytest.raises(grpc.RpcError) as err:
+        list(egress.pull_stream(TINY))
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "withheld" in (err.value.details() or "")
+    refused = gateway.gateway.store.audit_entries("egress.refused")
+    assert len(refused) == 1 and refused[0].subject == f"{TINY}/release/1/model.onnx"
+    assert gateway.gateway.store.audit_entries("egress.pull") == []
+
+
+def test_every_pull_push_and_release_is_audited(gateway: Running, tiny_schema: Schema) -> None:
+    _publish_one(gateway, tiny_schema)
+    with TrainerClient(gateway.endpoints.internal) as client, pytest.raises(grpc.RpcError):
+        client.push_update(model=TINY, round_no=2, base_version=0,
+                           schema_hash=tiny_schema.hash, trainer="harbin-01",
+                           region="harbin", num_examples=1,
+                           payload=random_delta(tiny_schema, 9))  # fmt: skip
+    with EgressClient(gateway.endpoints.egress) as egress:
+        list(egress.pull_stream(TINY))
+    store = gateway.gateway.store
+    kinds = [e.kind for e in store.audit_entries()]
+    assert kinds[0] == "gateway.started"
+    assert kinds.count("push.accepted") == 3
+    assert kinds.index("round.closed") < kinds.index("release.published")
+    (rejected,) = store.audit_entries("push.rejected")
+    assert rejected.actor == "harbin-01" and "stale base version" in str(rejected.detail)
+    (pulled,) = store.audit_entries("egress.pull")
+    assert pulled.actor.startswith("ipv4:127.0.0.1") and pulled.subject.endswith("/1/model.onnx")
+    assert store.verify_audit() == (len(kinds), None)
+
+
+def test_editing_any_audit_row_is_named_by_audit_verify(
+    gateway: Running, tiny_schema: Schema, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _publish_one(gateway, tiny_schema)
+    data_dir = gateway.data_dir
+    count = len(gateway.gateway.store.audit_entries())
+    gateway.gateway.stop()
+    assert main(["audit", "verify", "--data-dir", str(data_dir)]) == 0
+    db = sqlite3.connect(data_dir / "sluice.db")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE audit SET actor = 'nobody' WHERE seq = 2")
+    # Someone with write access to the file gets past the trigger; the chain still tells.
+    db.execute("DROP TRIGGER audit_no_update")
+    for seq in (count, 3):  # the last row, then one in the middle: the first break is named
+        db.execute("UPDATE audit SET detail_json = '{}' WHERE seq = ?", (seq,))
+        db.commit()
+        capsys.readouterr()
+        assert main(["audit", "verify", "--data-dir", str(data_dir)]) == 1
+        assert f"entry {seq} " in capsys.readouterr().err
+    db.close()
+    gateway.gateway = type(gateway.gateway)(gateway.config)  # let the fixture's stop() work
+    gateway.gateway.start()
+
+
+def test_round_below_k_is_not_released_and_the_reason_is_audited(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    running = start_gateway(tmp_path / "gw", template_cache, quorum=2, min_trainers=3)
+    try:
+        with TrainerClient(running.endpoints.internal) as client:
+            push(client, tiny_schema, random_delta(tiny_schema, 1), "shanghai-01", 5)
+            push(client, tiny_schema, random_delta(tiny_schema, 2), "beijing-01", 5)
+            wait_for_round(client, 2)
+        (refused,) = running.gateway.store.audit_entries("release.refused")
+        assert refused.subject == f"{TINY}/release/1"
+        assert "2 distinct trainers" in str(refused.detail) or "trainers" in str(refused.detail)
+        assert running.gateway.store.list_releases(TINY) == []
+    finally:
+        running.gateway.stop()

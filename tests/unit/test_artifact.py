@@ -1,0 +1,426 @@
+"""The template-free parse-level check that the gateway and the global team both run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gateway.export.template import OnnxTemplate, build_template
+from models import onnx_wire
+from models.artifact import (
+    ArtifactRefused,
+    WeightSpec,
+    inspect_onnx,
+    op_set,
+    structure_hash,
+    tensor_bytes,
+)
+from models.registry import get
+from models.schema import TensorSpec
+
+DATA_FILE = "model.onnx.data"
+
+
+@pytest.fixture(scope="module")
+def template() -> OnnxTemplate:
+    return build_template(get("drivenet-tiny"))
+
+
+@pytest.fixture(scope="module")
+def weights(template: OnnxTemplate) -> list[TensorSpec]:
+    """The graph's weights in schema order (the schema also has num_batches_tracked)."""
+    names = {r.name for r in template.ranges}
+    return [spec for spec in get("drivenet-tiny").schema().tensors if spec.name in names]
+
+
+@pytest.fixture(scope="module")
+def ops(template: OnnxTemplate) -> frozenset[tuple[str, str]]:
+    return op_set(template.data)
+
+
+def _edit(data: bytes, change: Callable[[onnx.ModelProto], None]) -> bytes:
+    model = onnx.ModelProto.FromString(data)
+    change(model)
+    return model.SerializeToString(deterministic=True)
+
+
+def _refused(
+    data: bytes,
+    weights: Sequence[WeightSpec],
+    ops: frozenset[tuple[str, str]],
+    **options: int | str | None,
+) -> str:
+    with pytest.raises(ArtifactRefused) as caught:
+        inspect_onnx(data, weights, allowed_ops=ops, **options)  # type: ignore[arg-type]
+    return str(caught.value)
+
+
+# --- a genuine file ---------------------------------------------------------------------
+
+
+def test_template_passes(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    report = inspect_onnx(template.data, weights, allowed_ops=ops)
+    assert [(s.name, s.start, s.end) for s in report.ranges] == [
+        (r.name, r.start, r.end) for r in template.ranges
+    ]
+    # The global team's structure hash is the template's, from the file alone.
+    assert report.structure_hash == template.structure_hash
+    assert report.ops == ops and ("", "Conv") in ops
+    assert report.external_data_bytes == 0
+    assert inspect_onnx(memoryview(template.data), weights, allowed_ops=ops) == report
+
+
+def test_structure_hash_ignores_weight_values(template: OnnxTemplate) -> None:
+    changed = bytearray(template.data)
+    for r in template.ranges:
+        changed[r.start : r.end] = bytes(range(256)) * ((r.end - r.start) // 256) + bytes(
+            (r.end - r.start) % 256
+        )
+    assert structure_hash(bytes(changed), template.ranges) == template.structure_hash
+    changed[0] ^= 1
+    assert structure_hash(bytes(changed), template.ranges) != template.structure_hash
+    with pytest.raises(ValueError, match="out of order"):
+        structure_hash(template.data, tuple(reversed(template.ranges)))
+
+
+def test_weight_order_does_not_matter_in_one_file(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    inspect_onnx(template.data, list(reversed(weights)), allowed_ops=ops)
+
+
+def test_ai_onnx_is_the_default_domain(template: OnnxTemplate, weights: list[TensorSpec]) -> None:
+    spelled = frozenset(("ai.onnx", op) for _, op in op_set(template.data))
+    inspect_onnx(template.data, weights, allowed_ops=spelled)
+
+
+# --- canonical encoding -----------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        # ir_version 10 as a two-byte varint: the same value, a different encoding.
+        ("over-long varint", lambda d: b"\x08\x8a\x00" + d[2:]),
+        ("unknown field", lambda d: d + _varint(999 << 3 | 0) + _varint(42)),
+        ("repeated scalar", lambda d: d[:2] + d),
+        ("fields out of order", lambda d: d[2:] + d[:2]),
+        ("empty unknown field", lambda d: d + _varint(77 << 3 | 2) + b"\x00"),
+    ],
+)
+def test_non_canonical_encodings(
+    name: str,
+    change: Callable[[bytes], bytes],
+    template: OnnxTemplate,
+    weights: list[TensorSpec],
+    ops: frozenset[tuple[str, str]],
+) -> None:
+    data = change(template.data)
+    assert onnx.ModelProto.FromString(data).ir_version == 10  # protobuf reads it happily
+    assert "not the canonical encoding" in _refused(data, weights, ops)
+
+
+def test_garbage_and_truncation(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    assert "not a parseable" in _refused(template.data[:-3], weights, ops)
+    assert "not a parseable" in _refused(template.data + b"\x00", weights, ops)
+
+
+# --- expected tensors -------------------------------------------------------------------
+
+
+def test_expected_weights_must_match(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    first = weights[0]
+    missing = [*weights, TensorSpec("extra.weight", (2,), "<f4")]
+    assert "weights missing from the graph: ['extra.weight']" in _refused(
+        template.data, missing, ops
+    )
+    assert "is not an expected weight" in _refused(template.data, weights[1:], ops)
+    shape = [TensorSpec(first.name, (8, 27), "<f4"), *weights[1:]]
+    assert "dims [8, 3, 3, 3], expected [8, 27]" in _refused(template.data, shape, ops)
+    dtype = [TensorSpec(first.name, first.shape, "<f2"), *weights[1:]]
+    assert "data_type 1, expected 10" in _refused(template.data, dtype, ops)
+    big = [TensorSpec(first.name, first.shape, ">f4"), *weights[1:]]
+    assert "big-endian" in _refused(template.data, big, ops)
+    assert "twice" in _refused(template.data, [*weights, first], ops)
+
+
+def test_raw_data_must_be_exactly_the_tensor(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    def shorten(m: onnx.ModelProto) -> None:
+        m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:-4]
+
+    assert "raw_data holds 860 bytes, the tensor has 864" in _refused(
+        _edit(template.data, shorten), weights, ops
+    )
+
+    def no_raw_data(m: onnx.ModelProto) -> None:
+        m.graph.initializer[0].ClearField("raw_data")
+
+    assert "no raw_data" in _refused(_edit(template.data, no_raw_data), weights, ops)
+
+
+def test_a_hand_built_model() -> None:
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    data = model.SerializeToString(deterministic=True)
+    spec = [TensorSpec("w", (2, 3), "<f4")]
+    report = inspect_onnx(data, spec, allowed_ops=frozenset({("", "MatMul")}))
+    (span,) = report.ranges
+    assert data[span.start : span.end] == w.tobytes()
+    # The same values as float_data: ONNX-valid, but no fixed byte layout to check.
+    model.graph.initializer[0].ClearField("raw_data")
+    model.graph.initializer[0].float_data.extend(w.reshape(-1).tolist())
+    typed = model.SerializeToString(deterministic=True)
+    assert "float_data is not allowed" in _refused(typed, spec, frozenset({("", "MatMul")}))
+
+
+# --- nodes and attributes ---------------------------------------------------------------
+
+
+def test_ops_outside_the_allowed_set(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    reason = _refused(template.data, weights, ops - {("", "Relu")})
+    assert "op ai.onnx::Relu is not allowed" in reason and "'node_relu'" in reason
+
+
+def test_constant_size_limit(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    # The template's Constants are one int64 (a shape) or one float32 (a zero) each.
+    inspect_onnx(template.data, weights, allowed_ops=ops, max_constant_bytes=8)
+    reason = _refused(template.data, weights, ops, max_constant_bytes=4)
+    assert "'node_Constant_2' attribute 'value_ints': Constant value of 8 bytes" in reason
+
+
+def test_string_limit(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    assert "more than the 8 allowed" in _refused(template.data, weights, ops, max_string_bytes=8)
+
+
+def _with_node(node: onnx.NodeProto) -> Callable[[onnx.ModelProto], None]:
+    return lambda m: m.graph.node.append(node)
+
+
+def test_subgraph_attributes_even_on_an_allowed_op(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    out = helper.make_tensor_value_info("b", TensorProto.FLOAT, None)
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["b"], value_float=1.0)], "b", [], [out]
+    )
+    node = helper.make_node("If", ["c"], ["o"], then_branch=branch, else_branch=branch)
+    data = _edit(template.data, _with_node(node))
+    reason = _refused(data, weights, ops | {("", "If")})
+    assert "attribute type GRAPH (5) is not allowed" in reason
+
+
+def test_tensor_attribute_only_on_constant(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    value = numpy_helper.from_array(np.zeros(1, dtype=np.float32))
+    node = helper.make_node("ConstantOfShape", ["s"], ["o"], value=value)
+    data = _edit(template.data, _with_node(node))
+    reason = _refused(data, weights, ops | {("", "ConstantOfShape")})
+    assert "a TENSOR attribute is only allowed on Constant" in reason
+
+
+def test_custom_op_without_an_opset_import(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    node = helper.make_node("Frame", [], ["o"], domain="com.smuggle")
+    data = _edit(template.data, _with_node(node))
+    assert "op com.smuggle::Frame is not allowed" in _refused(data, weights, ops)
+
+
+@pytest.mark.parametrize(
+    ("node", "reason"),
+    [
+        (
+            helper.make_node("Constant", [], ["o"], value_float=1.0, value_int=2),
+            "a Constant needs exactly one value",
+        ),
+        (
+            helper.make_node("Relu", ["x"], ["o"], alpha=1.0),
+            "Relu has no attribute 'alpha'",
+        ),
+        (
+            helper.make_node("Gemm", ["a", "b"], ["o"], transA="yes"),
+            "Gemm.transA must have type 2, not 3",
+        ),
+        (
+            helper.make_node("Conv", ["a", "b"], ["o"], pads=list(range(64))),
+            "64 values, more than any attribute needs",
+        ),
+        (
+            helper.make_node("Constant", [], ["o"], value_string="x" * 65),
+            "Constant value of 65 bytes",
+        ),
+    ],
+)
+def test_attribute_rules(
+    node: onnx.NodeProto,
+    reason: str,
+    template: OnnxTemplate,
+    weights: list[TensorSpec],
+    ops: frozenset[tuple[str, str]],
+) -> None:
+    assert reason in _refused(_edit(template.data, _with_node(node)), weights, ops)
+
+
+def test_ir_version_and_opset(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    def old_ir(m: onnx.ModelProto) -> None:
+        m.ir_version = 2
+
+    def future_opset(m: onnx.ModelProto) -> None:
+        m.opset_import[0].version = 999
+
+    def other_domain(m: onnx.ModelProto) -> None:
+        m.opset_import[0].domain = "ai.onnx.ml"
+
+    assert "ir_version 2" in _refused(_edit(template.data, old_ir), weights, ops)
+    assert "version 999" in _refused(_edit(template.data, future_opset), weights, ops)
+    assert "domain 'ai.onnx.ml'" in _refused(_edit(template.data, other_domain), weights, ops)
+
+
+# --- the two-file layout, built by hand -------------------------------------------------
+
+
+def _externalize(data: bytes, weights: Sequence[TensorSpec]) -> tuple[bytes, bytes]:
+    """(model.onnx, model.onnx.data) of the two-file layout for a single-file model."""
+    model = onnx.ModelProto.FromString(data)
+    by_name = {init.name: init for init in model.graph.initializer}
+    spans = {s.name: s for s in onnx_wire.initializer_spans(data)}
+    payload, pos = [], 0
+    for spec in weights:
+        init, span = by_name[spec.name], spans[spec.name]
+        payload.append(data[span.start : span.end])
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        length = tensor_bytes(spec)
+        for key, value in (("location", DATA_FILE), ("offset", str(pos)), ("length", str(length))):
+            init.external_data.add(key=key, value=value)
+        pos += length
+    return model.SerializeToString(deterministic=True), b"".join(payload)
+
+
+@pytest.fixture(scope="module")
+def two_file(template: OnnxTemplate, weights: list[TensorSpec]) -> tuple[bytes, bytes]:
+    return _externalize(template.data, weights)
+
+
+def test_two_file_layout_passes_and_loads(
+    tmp_path: Path,
+    two_file: tuple[bytes, bytes],
+    template: OnnxTemplate,
+    weights: list[TensorSpec],
+    ops: frozenset[tuple[str, str]],
+) -> None:
+    model, payload = two_file
+    report = inspect_onnx(model, weights, allowed_ops=ops, external_data_file=DATA_FILE)
+    assert report.external_data_bytes == len(payload) == sum(map(tensor_bytes, weights))
+    assert report.ranges == () and report.structure_hash == structure_hash(model, ())
+    (tmp_path / "model.onnx").write_bytes(model)
+    (tmp_path / DATA_FILE).write_bytes(payload)
+    frames = np.zeros((1, 3, 64, 128), dtype=np.float32)
+    one = ort.InferenceSession(template.data, providers=["CPUExecutionProvider"])
+    two = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for a, b in zip(
+        one.run(None, {"frames": frames}), two.run(None, {"frames": frames}), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    # Without external_data_file the same file is refused: weights must be inline then.
+    assert "external_data is not allowed (values go in raw_data)" in _refused(model, weights, ops)
+    assert "is not a plain name" in _refused(
+        model, weights, ops, external_data_file="../model.onnx.data"
+    )
+
+
+def _entries(init: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in init.external_data}
+
+
+def _set_entry(index: int, key: str, value: str) -> Callable[[onnx.ModelProto], None]:
+    def change(m: onnx.ModelProto) -> None:
+        for e in m.graph.initializer[index].external_data:
+            if e.key == key:
+                e.value = value
+
+    return change
+
+
+def _add_checksum(m: onnx.ModelProto) -> None:
+    m.graph.initializer[0].external_data.add(key="checksum", value="0" * 40)
+
+
+def _raw_data_too(m: onnx.ModelProto) -> None:
+    m.graph.initializer[0].raw_data = b"\x00" * 864
+
+
+def _not_external(m: onnx.ModelProto) -> None:
+    m.graph.initializer[0].ClearField("data_location")
+
+
+def _swap_first_two(m: onnx.ModelProto) -> None:
+    # The first weight's bytes after the second's: no gap, but not schema order.
+    second = _entries(m.graph.initializer[1])["length"]
+    _set_entry(0, "offset", second)(m)
+    _set_entry(1, "offset", "0")(m)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (_set_entry(0, "location", "frame.bin"), "external data in 'frame.bin'"),
+        (_set_entry(0, "location", "/etc/passwd"), "external data in '/etc/passwd'"),
+        (_set_entry(1, "offset", "0864"), "offset '0864' is not canonical"),
+        (_set_entry(1, "offset", "+864"), "offset '+864' is not canonical"),
+        (_set_entry(1, "offset", "1000"), "offset 1000, expected 864"),
+        (_set_entry(0, "length", "900"), "external data length 900, the tensor has 864"),
+        (_add_checksum, "external_data keys ['location', 'offset', 'length', 'checksum']"),
+        (_raw_data_too, "raw_data is not allowed (values go in the external data file)"),
+        (_not_external, "expected data_location EXTERNAL"),
+        (_swap_first_two, "offset 32, expected 0"),
+    ],
+)
+def test_two_file_layout_refusals(
+    change: Callable[[onnx.ModelProto], None],
+    reason: str,
+    two_file: tuple[bytes, bytes],
+    weights: list[TensorSpec],
+    ops: frozenset[tuple[str, str]],
+) -> None:
+    data = _edit(two_file[0], change)
+    assert reason in _refused(data, weights, ops, external_data_file=DATA_FILE)
