@@ -214,9 +214,10 @@ class AdminClient(_Client):
     def status(self) -> admin_pb2.GetStatusResponse:
         return self._stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=30)
 
-    def close_round(self, model: str, round_no: int) -> int:
+    def close_round(self, model: str, round_no: int) -> admin_pb2.CloseRoundResponse:
+        """Close the open round now; says which version came out and whether it was released."""
         req = admin_pb2.CloseRoundRequest(model=model, round=round_no)
-        return int(self._stub.CloseRound(req, timeout=600).version)
+        return self._stub.CloseRound(req, timeout=600)
 
 
 class EgressClient(_Client):

@@ -119,7 +119,11 @@ def _close_round(args: argparse.Namespace) -> int:
     from clients.sdk import AdminClient
 
     with AdminClient(args.target) as admin:
-        print(f"version {admin.close_round(args.model, args.round)}")
+        closed = admin.close_round(args.model, args.round)
+    if closed.released:
+        print(f"version {closed.version}, released")
+    else:
+        print(f"version {closed.version}, NOT released: {closed.release_refused}")
     return 0
 
 

@@ -154,3 +154,23 @@ def test_round_below_k_is_not_released_and_the_reason_is_audited(
         assert running.gateway.store.list_releases(TINY) == []
     finally:
         running.gateway.stop()
+
+
+def test_operator_closing_a_round_below_k_is_told_why_nothing_was_released(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    from clients.sdk import AdminClient
+
+    running = start_gateway(tmp_path / "gw", template_cache, quorum=5, min_trainers=3)
+    try:
+        with TrainerClient(running.endpoints.internal) as client:
+            push(client, tiny_schema, random_delta(tiny_schema, 1), "shanghai-01", 5)
+            push(client, tiny_schema, random_delta(tiny_schema, 2), "beijing-01", 5)
+        with AdminClient(running.endpoints.internal) as admin:
+            resp = admin.close_round(TINY, 1)
+        assert (resp.version, resp.released) == (1, False)
+        assert "trainers" in resp.release_refused
+        (refused,) = running.gateway.store.audit_entries("release.refused")
+        assert refused.detail["reason"] == resp.release_refused
+    finally:
+        running.gateway.stop()
