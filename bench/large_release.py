@@ -20,7 +20,8 @@ from torch import nn
 
 from gateway.export.parity import PARITY_TOLERANCE, max_output_diff
 from gateway.export.refresh import write_atomic, write_release_files
-from gateway.export.template import build_template, self_test
+from gateway.export.selftest import self_test
+from gateway.export.template import build_template
 from models import registry
 from models.manifest import DATA_FILE, MODEL_FILE
 from models.registry import ModelEntry

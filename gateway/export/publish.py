@@ -21,9 +21,9 @@ from gateway.export.guard import (
 )
 from gateway.export.parity import max_output_diff
 from gateway.export.refresh import write_atomic, write_release_files
+from gateway.export.selftest import self_test as template_self_test
 from gateway.export.signing import Signer
 from gateway.export.template import OnnxTemplate, build_template, load_template, save_template
-from gateway.export.template import self_test as template_self_test
 from models.artifact import op_set
 from models.manifest import MANIFEST_FORMAT, MODEL_FILE, canonical_json
 from models.schema import Schema

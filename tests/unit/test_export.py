@@ -19,6 +19,7 @@ from torch import nn
 
 from gateway.export import refresh as refresh_module
 from gateway.export.refresh import refresh, write_refreshed, write_release_files
+from gateway.export.selftest import self_test
 from gateway.export.template import (
     META_FILE,
     TEMPLATE_FILE,
@@ -27,7 +28,6 @@ from gateway.export.template import (
     build_template,
     load_template,
     save_template,
-    self_test,
     structure_hash,
 )
 from models import onnx_wire
