@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.core.ingest import MAX_CHUNK_BYTES
+from gateway.export.template import TWO_FILE_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Config:
     max_chunk_bytes: int = MAX_CHUNK_BYTES  # largest payload chunk accepted
     max_header_bytes: int = 16 << 10  # largest serialized update header accepted
     workers: int = 16  # gRPC handler threads per listener
+    two_file_bytes: int = TWO_FILE_THRESHOLD  # graph weights above this: model.onnx + .data
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

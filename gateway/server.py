@@ -91,7 +91,9 @@ class Gateway:
         self.store = Store(root / "sluice.db")
         self.blobs = BlobStore(root / "blobs")
         self.catalog = Catalog(config.models)
-        templates = {m.name: template_for(m, root / "templates") for m in self.catalog}
+        templates = {
+            m.name: template_for(m, root / "templates", config.two_file_bytes) for m in self.catalog
+        }
         self.signer = Signer.load_or_create(root / "keys")
         policy = GuardPolicy(min_trainers=config.min_trainers)
         self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer)

@@ -23,7 +23,13 @@ from gateway.export.parity import max_output_diff
 from gateway.export.refresh import write_atomic, write_release_files
 from gateway.export.selftest import self_test as template_self_test
 from gateway.export.signing import Signer
-from gateway.export.template import OnnxTemplate, build_template, load_template, save_template
+from gateway.export.template import (
+    TWO_FILE_THRESHOLD,
+    OnnxTemplate,
+    build_template,
+    load_template,
+    save_template,
+)
 from models.artifact import op_set
 from models.manifest import MANIFEST_FORMAT, MODEL_FILE, canonical_json
 from models.schema import Schema
@@ -33,13 +39,20 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 
 
-def template_for(served: ServedModel, root: Path) -> OnnxTemplate:
-    """Load the model's template from root, or build, self-test and save it once."""
-    directory = root / served.name / served.schema.hash
+def template_for(
+    served: ServedModel, root: Path, two_file_threshold: int = TWO_FILE_THRESHOLD
+) -> OnnxTemplate:
+    """Load the model's template from root, or build, self-test and save it once.
+
+    Cached per schema and layout: the threshold decides single-file or two-file.
+    """
+    weights = sum(t.num_bytes for t in served.schema.tensors)  # an upper bound is enough
+    layout = "two-file" if weights > two_file_threshold else "single-file"
+    directory = root / served.name / f"{served.schema.hash}-{layout}"
     if (directory / "template.json").exists():
         return load_template(directory)
-    log.info("building the ONNX template of %s (once per schema)", served.name)
-    t = build_template(served.entry)
+    log.info("building the %s ONNX template of %s (once per schema)", layout, served.name)
+    t = build_template(served.entry, two_file_threshold=two_file_threshold)
     diff = template_self_test(t, served.entry)
     log.info("template self-test of %s: max abs diff %.2e", served.name, diff)
     save_template(t, directory)

@@ -174,3 +174,42 @@ def test_operator_closing_a_round_below_k_is_told_why_nothing_was_released(
         assert refused.detail["reason"] == resp.release_refused
     finally:
         running.gateway.stop()
+
+
+def test_two_file_release_travels_and_verifies_end_to_end(
+    tmp_path: Path, tiny_schema: Schema, template_cache: Path
+) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    # Force the large-model layout on the tiny model: model.onnx + model.onnx.data.
+    running = start_gateway(tmp_path / "gw", template_cache, two_file_bytes=0)
+    try:
+        _publish_one(running, tiny_schema)
+        (release_dir,) = (running.data_dir / "registry" / TINY).iterdir()
+        assert sorted(p.name for p in release_dir.iterdir()) == [
+            "manifest.json", "model.onnx", "model.onnx.data"
+        ]  # fmt: skip
+        out = tmp_path / "global"
+        key = public_key_path(running)
+        with EgressClient(running.endpoints.egress) as egress:
+            doc = egress.pull_release(TINY, out, load_public_key(key))
+        assert [f["name"] for f in doc["files"]] == ["model.onnx", "model.onnx.data"]
+        assert main(["verify", str(out / "model.onnx"), str(out / "manifest.json"),
+                     "--public-key", str(key)]) == 0  # fmt: skip
+        session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        frames = np.random.default_rng(0).random((2, 3, 64, 128), dtype=np.float32)
+        assert all(np.isfinite(o).all() for o in session.run(None, {"frames": frames}))
+
+        # A side file next to the two legitimate ones: the next pull is refused.
+        (release_dir / "notes.txt").write_bytes(b"\x00" * 98304)
+        with EgressClient(running.endpoints.egress) as egress, pytest.raises(grpc.RpcError) as err:
+            list(egress.pull_stream(TINY, file="model.onnx.data"))
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        # Offline, a data file with bytes appended fails verification.
+        with (out / "model.onnx.data").open("ab") as f:
+            f.write(b"frame")
+        assert main(["verify", str(out / "model.onnx"), str(out / "manifest.json"),
+                     "--public-key", str(key)]) == 1  # fmt: skip
+    finally:
+        running.gateway.stop()
