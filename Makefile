@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint proto bench clean
+.PHONY: install demo test test-slow lint proto bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# A release of a model with more than 2 GiB of weights (two-file layout): ~1 min, ~5 GB RAM.
+test-slow: install
+	SLUICE_SLOW=1 $(BIN)/python -m pytest -q tests/slow
 
 lint: install
 	$(BIN)/ruff check .
