@@ -24,6 +24,7 @@ def _start(data_dir: Path, model: str) -> tuple[subprocess.Popen[bytes], dict[st
         [
             sys.executable, "-m", "gateway.cli", "serve",
             "--data-dir", str(data_dir), "--models", model, "--quorum", "1000",
+            "--insecure-loopback",
         ],
         stdout=subprocess.DEVNULL,
         stderr=(data_dir / "gateway.log").open("wb"),

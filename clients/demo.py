@@ -14,14 +14,30 @@ from pathlib import Path
 import numpy as np
 
 from clients.scenes import describe, make_clips
-from clients.sdk import EgressClient
-from clients.simulate import DEFAULT_REGIONS, SimulationConfig, plan_trainers, simulate
+from clients.sdk import EgressClient, Identity
+from clients.simulate import (
+    DEFAULT_REGIONS,
+    SimulationConfig,
+    TrainerSpec,
+    plan_trainers,
+    simulate,
+)
 from clients.trainer import loss_np
 from models.manifest import MODEL_FILE, load_public_key
 
 PUBLIC_FILE = "release-signing.pub"  # written by the gateway next to its private key
 
+GLOBAL_TEAM = "global-team"  # the reader principal outside the region
 BENCHMARK_SEED = 7_000_000  # held-out scenes, disjoint from every trainer's private seeds
+
+
+def make_pki(pki: Path, trainers: list[TrainerSpec]) -> None:
+    """Certificates for every trainer, the global team and an operator (`sluice init`)."""
+    args = [sys.executable, "-m", "gateway.cli", "init", str(pki)]
+    for t in trainers:
+        args += ["--trainer", f"{t.trainer}:{t.region}"]
+    args += ["--reader", GLOBAL_TEAM, "--operator", "ops"]
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
 
 
 def start_gateway(
@@ -44,6 +60,8 @@ def start_gateway(
             str(quorum),
             "--min-trainers",
             "3",
+            "--pki",
+            str(data_dir / "pki"),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -85,18 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     print("Sluice demo: regional trainers inside the region, the global team outside.\n")
     for region in regions:
         print(f"  {region:>9}: {describe(region)}")
+    trainers = plan_trainers(args.trainers, regions)
+    pki = args.data_dir / "pki"
+    make_pki(pki, trainers)
     proc, endpoints = start_gateway(args.data_dir, args.trainers, args.data_dir / "gateway.log")
-    print(f"\ngateway up: internal {endpoints['internal']}, egress {endpoints['egress']}")
+    print(
+        f"\ngateway up, mTLS on both listeners: internal {endpoints['internal']}, "
+        f"egress {endpoints['egress']}"
+    )
     try:
         config = SimulationConfig(
-            target=endpoints["internal"], rounds=args.rounds, clips=args.clips
+            target=endpoints["internal"], rounds=args.rounds, clips=args.clips, pki_dir=pki
         )
-        trainers = plan_trainers(args.trainers, regions)
         print(
             f"{len(trainers)} trainer processes x {args.rounds} rounds (private clips stay in each)"
         )
         reports = simulate(config, trainers)
-        with EgressClient(endpoints["egress"]) as egress:
+        reader = Identity.from_pki(pki, GLOBAL_TEAM)
+        with EgressClient(endpoints["egress"], identity=reader) as egress:
             deadline = time.monotonic() + 300
             while len(egress.releases("drivenet")) < args.rounds:
                 if time.monotonic() > deadline:

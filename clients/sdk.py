@@ -63,8 +63,33 @@ def with_retries(call: Callable[[], T], policy: RetryPolicy) -> T:
     raise AssertionError("unreachable")
 
 
-def channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+@dataclass(frozen=True)
+class Identity:
+    """A client certificate and key, and the CA that the gateway's listeners present."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_pki(cls, directory: Path, name: str) -> Identity:
+        """The layout `sluice init` writes: ca.pem and clients/<name>.pem / .key."""
+        return cls(directory / "ca.pem", directory / "clients" / f"{name}.pem",
+                   directory / "clients" / f"{name}.key")  # fmt: skip
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes(),
+            certificate_chain=self.cert.read_bytes(),
+        )
+
+
+def channel(target: str, identity: Identity | None = None) -> grpc.Channel:
+    """mTLS with an identity; plain text without (only for a gateway run --insecure-loopback)."""
+    if identity is None:
+        return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    return grpc.secure_channel(target, identity.credentials(), options=_CHANNEL_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -105,9 +130,13 @@ class _Client:
     """A channel with retry and timeout settings; usable as a context manager."""
 
     def __init__(
-        self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
+        self,
+        target: str,
+        retry: RetryPolicy | None = None,
+        timeout_s: float = 600,
+        identity: Identity | None = None,
     ) -> None:
-        self._channel = channel(target)
+        self._channel = channel(target, identity)
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
 
@@ -125,9 +154,13 @@ class TrainerClient(_Client):
     """What a regional trainer needs: the open round, the global weights, pushing an update."""
 
     def __init__(
-        self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
+        self,
+        target: str,
+        retry: RetryPolicy | None = None,
+        timeout_s: float = 600,
+        identity: Identity | None = None,
     ) -> None:
-        super().__init__(target, retry, timeout_s)
+        super().__init__(target, retry, timeout_s, identity)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
 
     def round(self, model: str) -> trainer_pb2.RoundInfo:
@@ -207,12 +240,17 @@ def push_messages(
 class AdminClient(_Client):
     """What an operator uses: status and closing rounds."""
 
-    def __init__(self, target: str) -> None:
-        super().__init__(target)
+    def __init__(self, target: str, identity: Identity | None = None) -> None:
+        super().__init__(target, identity=identity)
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def status(self) -> admin_pb2.GetStatusResponse:
         return self._stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=30)
+
+    def revoke(self, serial_hex: str, principal: str, reason: str = "") -> list[str]:
+        """Revoke a certificate; returns the ids of the principal's discarded updates."""
+        req = admin_pb2.RevokeRequest(serial_hex=serial_hex, principal=principal, reason=reason)
+        return list(self._stub.Revoke(req, timeout=60).discarded_update_ids)
 
     def close_round(self, model: str, round_no: int) -> admin_pb2.CloseRoundResponse:
         """Close the open round now; says which version came out and whether it was released."""
@@ -224,9 +262,13 @@ class EgressClient(_Client):
     """What the global team outside the region uses: list, read manifests, pull files."""
 
     def __init__(
-        self, target: str, retry: RetryPolicy | None = None, timeout_s: float = 600
+        self,
+        target: str,
+        retry: RetryPolicy | None = None,
+        timeout_s: float = 600,
+        identity: Identity | None = None,
     ) -> None:
-        super().__init__(target, retry, timeout_s)
+        super().__init__(target, retry, timeout_s, identity)
         self._stub = egress_pb2_grpc.EgressServiceStub(self._channel)
 
     def releases(self, model: str = "") -> list[egress_pb2.Release]:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily at run time: trainer processes import torch themselves
@@ -37,6 +38,7 @@ class SimulationConfig:
     lr: float = 3e-4  # Adam; at 1e-3 the federated loss curve flattens after round 1
     proximal_mu: float = 0.0  # FedProx term; 0 is plain FedAvg training
     round_timeout_s: float = 600.0  # how long to wait for the next round to open
+    pki_dir: Path | None = None  # `sluice init` output: each trainer uses its own cert
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,10 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
     data = make_clips(spec.region, config.clips, seed=spec.seed)
     holdout = make_clips(spec.region, config.holdout_clips, seed=spec.seed + 100_000)
     reports: list[RoundReport] = []
-    with TrainerClient(config.target) as client:
+    from clients.sdk import Identity
+
+    identity = Identity.from_pki(config.pki_dir, spec.trainer) if config.pki_dir else None
+    with TrainerClient(config.target, identity=identity) as client:
         last_round = 0
         for _ in range(config.rounds):
             info = _wait_for_round(client, config, after=last_round)
@@ -169,6 +174,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=SimulationConfig.epochs)
     p.add_argument("--proximal-mu", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pki", type=Path, help="`sluice init` directory; trainer NAME uses its cert")
+    p.add_argument("--insecure", action="store_true", help="plain text (--insecure-loopback)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -179,7 +186,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         clips=args.clips,
         epochs=args.epochs,
         proximal_mu=args.proximal_mu,
+        pki_dir=None if args.insecure else args.pki,
     )
+    if config.pki_dir is None and not args.insecure:
+        raise SystemExit("sluice simulate: pass --pki DIR (from `sluice init`), or --insecure")
     trainers = plan_trainers(args.trainers, args.regions.split(","), args.seed)
     for r in sorted(simulate(config, trainers), key=lambda r: (r.round, r.trainer)):
         print(

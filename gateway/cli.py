@@ -9,6 +9,10 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clients.sdk import Identity
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,6 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
         "min_updates": args.min_updates,
         "round_seconds": args.round_seconds,
         "min_trainers": args.min_trainers,
+        "pki_dir": args.pki,
+        "insecure_loopback": args.insecure_loopback or None,
     }
     config = load_config(args.config, overrides)
     gateway = Gateway(config)
@@ -46,7 +52,7 @@ def _pull(args: argparse.Namespace) -> int:
     from models.manifest import ManifestRefused, load_public_key
 
     key = load_public_key(args.public_key)
-    with EgressClient(args.egress) as client:
+    with EgressClient(args.egress, identity=_identity(args)) as client:
         try:
             doc = client.pull_release(args.model, args.out, key, version=args.version)
         except ManifestRefused as exc:
@@ -105,7 +111,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from clients.sdk import AdminClient
 
-    with AdminClient(args.target) as admin:
+    with AdminClient(args.target, _identity(args)) as admin:
         for m in admin.status().models:
             print(
                 f"{m.model}: round {m.open_round} open on version {m.base_version} "
@@ -118,12 +124,73 @@ def _status(args: argparse.Namespace) -> int:
 def _close_round(args: argparse.Namespace) -> int:
     from clients.sdk import AdminClient
 
-    with AdminClient(args.target) as admin:
+    with AdminClient(args.target, _identity(args)) as admin:
         closed = admin.close_round(args.model, args.round)
     if closed.released:
         print(f"version {closed.version}, released")
     else:
         print(f"version {closed.version}, NOT released: {closed.release_refused}")
+    return 0
+
+
+def _identity(args: argparse.Namespace) -> Identity | None:
+    """The caller's certificate: --pki DIR --identity NAME; None with --insecure."""
+    from clients.sdk import Identity
+
+    if args.insecure:
+        return None
+    if args.pki is None or args.identity is None:
+        raise SystemExit(
+            f"sluice {args.command}: pass --pki DIR --identity NAME (certificates made by "
+            "`sluice init`), or --insecure for a gateway run with --insecure-loopback"
+        )
+    return Identity.from_pki(args.pki, args.identity)
+
+
+def _add_identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pki", type=Path, help="directory written by `sluice init`")
+    p.add_argument("--identity", help="principal name: uses <pki>/clients/<name>.pem/.key")
+    p.add_argument("--insecure", action="store_true", help="plain text (--insecure-loopback)")
+
+
+def _init(args: argparse.Namespace) -> int:
+    from gateway.pki import init_pki
+
+    trainers = []
+    for spec in args.trainer:
+        name, sep, region = spec.partition(":")
+        if not sep:
+            raise SystemExit(f"--trainer {spec!r}: expected NAME:REGION, e.g. shanghai-01:shanghai")
+        trainers.append((name, region))
+    layout = init_pki(
+        args.directory,
+        trainers=trainers,
+        readers=args.reader,
+        operators=args.operator,
+        server_names=args.server_name,
+        days=args.days,
+    )
+    print(f"PKI in {layout.directory}: CA {layout.ca_cert}")
+    for name in layout.client_names():
+        print(f"  {name}: {layout.client_cert(name)}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from clients.sdk import AdminClient
+    from gateway.pki import load_pem_cert, principal_from_pem
+
+    if args.cert is not None:
+        pem = args.cert.read_bytes()
+        principal = principal_from_pem(pem)
+        serial, name = f"{load_pem_cert(args.cert).serial_number:x}", principal.name
+    else:
+        if not (args.serial and args.principal):
+            raise SystemExit("sluice revoke: pass --cert FILE, or --serial HEX --principal NAME")
+        serial, name = args.serial, args.principal
+    with AdminClient(args.target, _identity(args)) as admin:
+        dropped = admin.revoke(serial, name, args.reason)
+    print(f"revoked {name} (serial {serial}); discarded updates: {', '.join(dropped) or 'none'}")
     return 0
 
 
@@ -148,6 +215,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--min-updates", type=int)
     serve.add_argument("--round-seconds", type=float)
     serve.add_argument("--min-trainers", type=int, help="k: trainers a release must aggregate")
+    serve.add_argument("--pki", type=Path, help="CA and listener certs (default <data-dir>/pki)")
+    serve.add_argument(
+        "--insecure-loopback",
+        action="store_true",
+        help="plain text, no client certificates: loopback addresses only, for demos",
+    )
     serve.set_defaults(run=_serve)
 
     pull = sub.add_parser(
@@ -158,6 +231,7 @@ def parser() -> argparse.ArgumentParser:
     pull.add_argument("--version", type=int, default=0, help="0: the newest release")
     pull.add_argument("--public-key", type=Path, required=True, help="the gateway's signing key")
     pull.add_argument("--out", type=Path, required=True, help="directory for the release")
+    _add_identity(pull)
     pull.set_defaults(run=_pull)
 
     verify = sub.add_parser("verify", help="(global team) verify a pulled release offline")
@@ -173,14 +247,34 @@ def parser() -> argparse.ArgumentParser:
     audit_verify.add_argument("--data-dir", type=Path, default=Path(".sluice"))
     audit_verify.set_defaults(run=_audit_verify)
 
+    init = sub.add_parser("init", help="create a development PKI: CA, listener and client certs")
+    init.add_argument("directory", type=Path)
+    init.add_argument("--trainer", action="append", default=[], help="NAME:REGION, repeatable")
+    init.add_argument("--reader", action="append", default=[], help="global-team principal")
+    init.add_argument("--operator", action="append", default=[], help="operator principal")
+    init.add_argument("--server-name", action="append", default=[], help="extra listener SAN")
+    init.add_argument("--days", type=int, default=365, help="validity of leaf certificates")
+    init.set_defaults(run=_init)
+
+    revoke = sub.add_parser("revoke", help="(operator) revoke a certificate, no restart needed")
+    revoke.add_argument("--target", required=True, help="internal listener address")
+    revoke.add_argument("--cert", type=Path, help="the certificate to revoke")
+    revoke.add_argument("--serial", help="or its serial number in hex")
+    revoke.add_argument("--principal", help="and its principal name")
+    revoke.add_argument("--reason", default="", help="why, for the audit log")
+    _add_identity(revoke)
+    revoke.set_defaults(run=_revoke)
+
     status = sub.add_parser("status", help="(operator) models, rounds and versions")
     status.add_argument("--target", required=True, help="internal listener address")
+    _add_identity(status)
     status.set_defaults(run=_status)
 
     close = sub.add_parser("close-round", help="(operator) close the open round now")
     close.add_argument("--target", required=True, help="internal listener address")
     close.add_argument("--model", default="drivenet")
     close.add_argument("--round", type=int, required=True)
+    _add_identity(close)
     close.set_defaults(run=_close_round)
 
     from clients.simulate import add_arguments

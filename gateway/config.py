@@ -28,13 +28,17 @@ class Config:
     max_header_bytes: int = 16 << 10  # largest serialized update header accepted
     workers: int = 16  # gRPC handler threads per listener
     two_file_bytes: int = TWO_FILE_THRESHOLD  # graph weights above this: model.onnx + .data
+    pki_dir: Path | None = None  # CA and listener certificates; None: <data_dir>/pki
+    insecure_loopback: bool = False  # plain text, loopback addresses only: demos and tests
+    max_streams_per_principal: int = 8  # concurrent calls of one principal per listener
+    idle_stream_seconds: float = 60.0  # a push stream silent this long is dropped
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 
 def _coerce(name: str, value: Any, current: Any) -> Any:
-    if isinstance(current, Path):
+    if isinstance(current, Path) or name == "pki_dir":
         return Path(value)
     if isinstance(current, tuple):
         return tuple(value.split(",")) if isinstance(value, str) else tuple(value)

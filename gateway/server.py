@@ -19,7 +19,9 @@ from gateway.export.gate import EgressGate
 from gateway.export.guard import GuardPolicy
 from gateway.export.publish import ReleaseWriter, template_for
 from gateway.export.signing import Signer
+from gateway.pki import PkiLayout
 from gateway.services.admin import AdminServicer
+from gateway.services.auth import AuthInterceptor, StreamLimits
 from gateway.services.egress import EgressServicer
 from gateway.services.trainer import TrainerServicer
 from gateway.store.blobs import BlobStore, fsync_dir
@@ -51,11 +53,12 @@ class Endpoints:
 
 
 def _listener(
-    config: Config, services: tuple[str, ...]
+    config: Config, services: tuple[str, ...], interceptors: list[grpc.ServerInterceptor]
 ) -> tuple[grpc.Server, health.HealthServicer]:
     limit = config.max_chunk_bytes + _MESSAGE_SLACK
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers),
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -73,9 +76,34 @@ def _listener(
     return server, checker
 
 
-def _bind(server: grpc.Server, address: str, what: str) -> str:
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _server_credentials(layout: PkiLayout, listener: str) -> grpc.ServerCredentials:
+    """TLS with a required client certificate from the CA, for one listener."""
+    paths = (layout.server_key(listener), layout.server_cert(listener), layout.ca_cert)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"no TLS material for the {listener} listener ({', '.join(missing)}): run "
+            f"`sluice init {layout.directory}` or use --insecure-loopback for a loopback demo"
+        )
+    key, cert, ca = (p.read_bytes() for p in paths)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
+def _bind(
+    server: grpc.Server, address: str, what: str, creds: grpc.ServerCredentials | None
+) -> str:
     host = address.rsplit(":", 1)[0]
-    port = server.add_insecure_port(address)
+    if creds is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, creds)
     if port == 0:
         raise OSError(f"{what} listener: cannot bind {address}")
     return f"{host}:{port}"
@@ -122,29 +150,49 @@ class Gateway:
         dropped = self.blobs.drop_orphans(self.store.referenced_blobs())
         if dropped:
             log.warning("dropped %d orphan blobs left by an interrupted push", len(dropped))
-        self._internal, _ = _listener(config, INTERNAL_SERVICES)
+        self.pki = PkiLayout(config.pki_dir or root / "pki")
+        limits = StreamLimits(config.max_streams_per_principal)
+
+        def auth(listener: str) -> list[grpc.ServerInterceptor]:
+            if config.insecure_loopback:
+                return []
+            return [AuthInterceptor(self.store, listener, limits)]
+
+        self._internal, _ = _listener(config, INTERNAL_SERVICES, auth("internal"))
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
-            TrainerServicer(self.store, self.blobs, self.rounds, self.ingest), self._internal
+            TrainerServicer(
+                self.store, self.blobs, self.rounds, self.ingest, config.idle_stream_seconds
+            ),
+            self._internal,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.store, self.rounds), self._internal
         )
-        self._egress, _ = _listener(config, EGRESS_SERVICES)
+        self._egress, _ = _listener(config, EGRESS_SERVICES, auth("egress"))
         egress_pb2_grpc.add_EgressServiceServicer_to_server(EgressServicer(self.gate), self._egress)
         self.endpoints: Endpoints | None = None
 
     def start(self) -> Endpoints:
-        for address in (self.config.internal_address, self.config.egress_address):
-            host = address.rsplit(":", 1)[0].strip("[]")
-            if host not in {"127.0.0.1", "localhost", "::1"}:
-                raise ValueError(
-                    f"{address}: plain-text listeners bind to loopback only "
-                    "(mTLS for other addresses is not built yet)"
-                )
-        log.warning("PLAIN TEXT listeners on loopback: for demos and tests only")
+        internal_creds = egress_creds = None
+        if self.config.insecure_loopback:
+            for address in (self.config.internal_address, self.config.egress_address):
+                if not _is_loopback(address):
+                    raise ValueError(
+                        f"{address}: --insecure-loopback binds loopback addresses only; "
+                        "anything else needs mTLS"
+                    )
+            log.warning(
+                "INSECURE: plain-text listeners, no client certificates, no roles: "
+                "loopback demos and tests only"
+            )
+        else:
+            internal_creds = _server_credentials(self.pki, "internal")
+            egress_creds = _server_credentials(self.pki, "egress")
         self.endpoints = Endpoints(
-            internal=_bind(self._internal, self.config.internal_address, "internal"),
-            egress=_bind(self._egress, self.config.egress_address, "egress"),
+            internal=_bind(
+                self._internal, self.config.internal_address, "internal", internal_creds
+            ),
+            egress=_bind(self._egress, self.config.egress_address, "egress", egress_creds),
         )
         self._internal.start()
         self._egress.start()

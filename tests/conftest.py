@@ -46,7 +46,13 @@ def start_gateway(data_dir: Path, template_cache: Path, **settings: object) -> R
 
     if not (data_dir / "templates").exists():
         shutil.copytree(template_cache, data_dir / "templates")
-    values: dict[str, object] = {"data_dir": data_dir, "models": (TINY,), "quorum": 3}
+    # Plain text unless a test asks for mTLS: tests/integration/test_auth.py does.
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "models": (TINY,),
+        "quorum": 3,
+        "insecure_loopback": True,
+    }
     values.update(settings)
     config = Config().replace(**values)
     gateway = Gateway(config)

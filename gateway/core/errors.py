@@ -7,7 +7,9 @@ SluiceError
 ├── NotFound            unknown model, round, version or release
 ├── Conflict            an update id reused for different content
 ├── PreconditionFailed  schema mismatch, stale base version, round not open
-└── PolicyRefused       the egress policy refuses a release
+├── PolicyRefused       the egress policy refuses a release
+├── Forbidden           a known principal acting outside its rights (another region)
+└── Idle                a stream that stopped sending
 """
 
 from __future__ import annotations
@@ -42,4 +44,12 @@ class PreconditionFailed(SluiceError):
 
 
 class PolicyRefused(SluiceError):
+    pass
+
+
+class Forbidden(SluiceError):
+    pass
+
+
+class Idle(SluiceError):
     pass

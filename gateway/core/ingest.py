@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from gateway.core.catalog import Catalog
 from gateway.core.errors import (
     Conflict,
+    Forbidden,
     IntegrityError,
     InvalidInput,
     NotFound,
@@ -27,6 +28,7 @@ from gateway.core.records import (
     RoundState,
     UpdateHeader,
 )
+from gateway.pki import TRAINER, Principal
 from gateway.store import audit
 from gateway.store.blobs import BlobStore
 from gateway.store.sqlite import Store
@@ -69,6 +71,17 @@ def _check_header_fields(h: UpdateHeader, header_bytes: int, limits: Limits) -> 
         raise TooLarge(f"{len(h.metrics)} metrics; at most {limits.max_metrics}")
     if not SHA256_PATTERN.fullmatch(h.payload_sha256):
         raise InvalidInput("payload_sha256: expected 64 lowercase hex characters")
+
+
+def _check_principal(h: UpdateHeader, principal: Principal) -> None:
+    """A trainer pushes only as itself and only for its own region."""
+    if principal.role != TRAINER:
+        raise Forbidden(f"{principal.role} {principal.name!r} may not push updates")
+    if (h.trainer, h.region) != (principal.name, principal.region):
+        raise Forbidden(
+            f"trainer {principal.name!r} of region {principal.region!r} may not push as "
+            f"{h.trainer!r} of region {h.region!r}"
+        )
 
 
 class Ingest:
@@ -145,7 +158,12 @@ class Ingest:
         return None
 
     def receive(
-        self, h: UpdateHeader, header_bytes: int, body: Iterable[BodyItem], peer: str = ""
+        self,
+        h: UpdateHeader,
+        header_bytes: int,
+        body: Iterable[BodyItem],
+        peer: str = "",
+        principal: Principal | None = None,
     ) -> PushResult:
         """Check, spool and commit one update; body yields chunks then exactly one trailer.
 
@@ -153,6 +171,8 @@ class Ingest:
         an interrupted stream in an entry of its own (and nothing else is stored).
         """
         try:
+            if principal is not None:
+                _check_principal(h, principal)
             return self._receive(h, header_bytes, body, peer)
         except SluiceError as exc:
             self._audit_failure("push.rejected", h, peer, str(exc))

@@ -126,6 +126,45 @@ class RoundManager:
             raise NotFound(f"model {model!r} has no round yet")
         return r
 
+    def revoke(self, serial_hex: str, principal: str, reason: str) -> list[str]:
+        """Record a revoked certificate and discard its principal's updates in open rounds.
+
+        Holds the close lock, so no round is being folded meanwhile; returns the ids dropped.
+        """
+        with self._close_lock:
+            dropped: list[CommittedUpdate] = []
+            for served in self.catalog:
+                r = self.store.latest_round(served.name)
+                if r is not None and r.state == RoundState.OPEN:
+                    dropped += [
+                        u
+                        for u in self.store.round_updates(r.model, r.round)
+                        if u.trainer == principal
+                    ]
+            with self.store.transaction() as db:
+                self.store.insert_revoked(db, serial_hex, principal, reason, now_ms())
+                audit.append(
+                    db,
+                    "cert.revoked",
+                    "operator",
+                    principal,
+                    {"serial": serial_hex, "reason": reason},
+                )
+                self.store.delete_updates(db, [u.update_id for u in dropped])
+                for u in dropped:
+                    audit.append(
+                        db,
+                        "push.discarded",
+                        "gateway",
+                        f"{u.trainer}/round/{u.round}",
+                        {"update_id": u.update_id, "reason": "certificate revoked"},
+                    )
+            referenced = self.store.referenced_blobs()
+            for u in dropped:
+                if u.payload_sha256 not in referenced:
+                    self.blobs.path(u.payload_sha256).unlink(missing_ok=True)
+            return [u.update_id for u in dropped]
+
     def note_commit(self, model: str, round_no: int) -> None:
         """Called after an update commits: wake the worker when the quorum is reached."""
         r = self.store.get_round(model, round_no)

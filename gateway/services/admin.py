@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from gateway.core.errors import PreconditionFailed
+from gateway.core.errors import InvalidInput, PreconditionFailed
+from gateway.core.records import NAME_PATTERN
 from gateway.core.rounds import RoundManager
 from gateway.services.errors import mapped_errors
 from gateway.store.sqlite import Store
@@ -53,3 +54,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 released=closed.released,
                 release_refused=closed.refused,
             )
+
+    def Revoke(
+        self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RevokeResponse:
+        with mapped_errors(context):
+            serial = request.serial_hex.lower().removeprefix("0x")
+            if not serial or any(c not in "0123456789abcdef" for c in serial):
+                raise InvalidInput(f"serial_hex {request.serial_hex!r}: expected hex digits")
+            if not NAME_PATTERN.fullmatch(request.principal):
+                raise InvalidInput(f"principal {request.principal!r}: not a principal name")
+            dropped = self.rounds.revoke(
+                serial.lstrip("0") or "0", request.principal, request.reason
+            )
+            return admin_pb2.RevokeResponse(discarded_update_ids=dropped)

@@ -22,6 +22,8 @@ STATUS: dict[type[errors.SluiceError], grpc.StatusCode] = {
     errors.Conflict: grpc.StatusCode.ALREADY_EXISTS,
     errors.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PolicyRefused: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Idle: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

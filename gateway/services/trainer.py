@@ -10,7 +10,9 @@ from gateway.core.errors import InvalidInput, NotFound
 from gateway.core.ingest import BodyItem, Ingest, PayloadChunk, Trailer
 from gateway.core.records import UpdateHeader
 from gateway.core.rounds import RoundManager
+from gateway.services.auth import principal_of
 from gateway.services.errors import mapped_errors
+from gateway.services.idle import with_idle_timeout
 from gateway.store.blobs import BlobStore
 from gateway.store.chunks import file_chunks
 from gateway.store.sqlite import Store
@@ -46,8 +48,14 @@ def _body(requests: Iterator[trainer_pb2.PushUpdateRequest]) -> Iterator[BodyIte
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(
-        self, store: Store, blobs: BlobStore, rounds: RoundManager, ingest: Ingest
+        self,
+        store: Store,
+        blobs: BlobStore,
+        rounds: RoundManager,
+        ingest: Ingest,
+        idle_seconds: float = 60.0,
     ) -> None:
+        self.idle_seconds = idle_seconds  # a push stream silent this long is dropped
         self.store = store
         self.blobs = blobs
         self.rounds = rounds
@@ -114,7 +122,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 raise InvalidInput("a push starts with exactly one header message")
             header = _header(first.header)
             result = self.ingest.receive(
-                header, first.ByteSize(), _body(request_iterator), peer=context.peer()
+                header,
+                first.ByteSize(),
+                _body(with_idle_timeout(request_iterator, self.idle_seconds)),
+                peer=context.peer(),
+                principal=principal_of(context),
             )
             return trainer_pb2.PushUpdateResponse(
                 update_id=result.update_id,

@@ -58,6 +58,12 @@ CREATE TABLE IF NOT EXISTS versions (
     created_ms INTEGER NOT NULL,
     PRIMARY KEY (model, version)
 );
+CREATE TABLE IF NOT EXISTS revoked (
+    serial_hex TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    revoked_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS releases (
     model TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -309,6 +315,25 @@ class Store:
             "SELECT payload_sha256 AS h FROM updates UNION SELECT weights_sha256 FROM versions"
         )
         return {r["h"] for r in rows}
+
+    # revocation
+
+    def is_revoked(self, serial: int) -> bool:
+        return self._one("SELECT 1 FROM revoked WHERE serial_hex = ?", f"{serial:x}") is not None
+
+    @staticmethod
+    def insert_revoked(
+        db: sqlite3.Connection, serial_hex: str, principal: str, reason: str, at_ms: int
+    ) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO revoked (serial_hex, principal, reason, revoked_ms)"
+            " VALUES (?, ?, ?, ?)",
+            (serial_hex, principal, reason, at_ms),
+        )
+
+    @staticmethod
+    def delete_updates(db: sqlite3.Connection, update_ids: list[str]) -> None:
+        db.executemany("DELETE FROM updates WHERE update_id = ?", [(u,) for u in update_ids])
 
     # audit
 

@@ -45,6 +45,11 @@ class AdminServiceStub:
                 request_serializer=sluice_dot_v1_dot_admin__pb2.CloseRoundRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_admin__pb2.CloseRoundResponse.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/sluice.v1.AdminService/Revoke',
+                request_serializer=sluice_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_admin__pb2.RevokeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -65,6 +70,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Revoke a client certificate now (no restart): every later call with it is refused,
+        and the principal's uncommitted-to-a-version updates in open rounds are discarded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CloseRound,
                     request_deserializer=sluice_dot_v1_dot_admin__pb2.CloseRoundRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_admin__pb2.CloseRoundResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=sluice_dot_v1_dot_admin__pb2.RevokeRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_admin__pb2.RevokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class AdminService:
             '/sluice.v1.AdminService/CloseRound',
             sluice_dot_v1_dot_admin__pb2.CloseRoundRequest.SerializeToString,
             sluice_dot_v1_dot_admin__pb2.CloseRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.AdminService/Revoke',
+            sluice_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+            sluice_dot_v1_dot_admin__pb2.RevokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,10 @@ class AdminServiceStub:
     """Models, their open round and newest version."""
     CloseRound: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseRoundRequest, _admin_pb2.CloseRoundResponse]
     """Close the open round now if it has at least min_updates, aggregating it."""
+    Revoke: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.RevokeResponse]
+    """Revoke a client certificate now (no restart): every later call with it is refused,
+    and the principal's uncommitted-to-a-version updates in open rounds are discarded.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -47,6 +51,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Models, their open round and newest version."""
     CloseRound: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseRoundRequest, _admin_pb2.CloseRoundResponse]  # type: ignore[assignment]
     """Close the open round now if it has at least min_updates, aggregating it."""
+    Revoke: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Revoke a client certificate now (no restart): every later call with it is refused,
+    and the principal's uncommitted-to-a-version updates in open rounds are discarded.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served on the internal listener only."""
@@ -66,5 +74,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CloseRoundResponse, _abc.Awaitable[_admin_pb2.CloseRoundResponse]]:
         """Close the open round now if it has at least min_updates, aggregating it."""
+
+    @_abc_1.abstractmethod
+    def Revoke(
+        self,
+        request: _admin_pb2.RevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeResponse, _abc.Awaitable[_admin_pb2.RevokeResponse]]:
+        """Revoke a client certificate now (no restart): every later call with it is refused,
+        and the principal's uncommitted-to-a-version updates in open rounds are discarded.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

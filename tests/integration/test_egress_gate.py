@@ -36,7 +36,7 @@ def test_pulled_release_verifies_offline_and_tampering_fails(
     out = tmp_path / "global"
     key = public_key_path(gateway)
     assert main(["pull", "--egress", gateway.endpoints.egress, "--model", TINY,
-                 "--public-key", str(key), "--out", str(out)]) == 0  # fmt: skip
+                 "--public-key", str(key), "--out", str(out), "--insecure"]) == 0  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "manifest.sig", "model.onnx"]
     model, manifest = out / "model.onnx", out / "manifest.json"
     verify = ["verify", str(model), str(manifest), "--public-key", str(key)]
