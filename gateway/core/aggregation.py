@@ -19,6 +19,7 @@ DEFAULT_BLOCK_BYTES = 8 << 20
 class Contribution:
     path: Path  # flat payload file: the delta (trained - base) of every tensor
     num_examples: int
+    scale: float = 1.0  # multiplies the float tensors of the delta as read (DP clipping)
 
 
 def _read(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -77,7 +78,7 @@ def fold_fedavg(
                 for fd, c in zip(fds, contributions, strict=True):
                     _read(fd, buf, first)
                     if spec.is_float:
-                        np.multiply(buf, dtype.type(c.num_examples / total), out=buf)
+                        np.multiply(buf, dtype.type(c.scale * c.num_examples / total), out=buf)
                         np.add(acc, buf, out=acc)
                     else:
                         weighted = scratch_raw[: count * 8].view(np.float64)

@@ -1,0 +1,63 @@
+"""What every aggregation strategy receives and must honour; FedAvg as the reference one.
+
+A strategy reads the round's spooled delta files block by block (never N updates in
+memory; coordinate-wise strategies read one block of every update at a time), writes the
+new global payload (flat, schema order) to `out_path`, and may keep server state (e.g.
+FedAdam's moments) as files in `state_out`, which the round manager stores with the
+version and hands back as `state_in` next round, so a restart continues identically.
+
+Rules every strategy follows:
+- contributions are in commit order; the same inputs give the same bytes;
+- `Contribution.scale` multiplies each float delta as it is read (DP clipping);
+- float tensors follow the strategy's maths on the clients' weights (base + delta), as
+  Flower computes them; integer tensors (BatchNorm counters) take FedAvg's rule: the
+  example-weighted mean delta rounded half-to-even, added to the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, fold_fedavg
+from models.schema import Schema
+
+
+@dataclass(frozen=True)
+class RoundInput:
+    schema: Schema
+    base_path: Path  # the current global weights, flat payload
+    contributions: Sequence[Contribution]  # delta files, in commit order
+    server_round: int  # 1 for the first aggregation of this model; optimizers' step count
+    state_in: Path | None = None  # directory of the previous round's state files, if any
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """Facts for the audit log and manifest (e.g. which updates Krum selected)."""
+
+    facts: Mapping[str, object] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    name: str  # Flower's class name: "FedAvg", "FedAdam", "Krum", ...
+
+    def aggregate(self, inp: RoundInput, out_path: Path, state_out: Path) -> RoundReport:
+        """Write the new global payload to out_path; state files (if any) into state_out."""
+        ...
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Example-weighted mean of the deltas added to the base (gateway.core.aggregation)."""
+
+    name: str = "FedAvg"
+
+    def aggregate(self, inp: RoundInput, out_path: Path, state_out: Path) -> RoundReport:
+        with out_path.open("wb") as out:
+            for block in fold_fedavg(inp.schema, inp.base_path, inp.contributions, inp.block_bytes):
+                out.write(block)
+        return RoundReport({"num_updates": len(inp.contributions)})
