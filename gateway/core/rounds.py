@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gateway.core.aggregation import Contribution, fold_fedavg
+from gateway.core.aggregation import Contribution
 from gateway.core.catalog import Catalog, ServedModel
 from gateway.core.errors import NotFound, PreconditionFailed
 from gateway.core.records import (
@@ -22,6 +23,7 @@ from gateway.core.records import (
     RoundState,
     Version,
 )
+from gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
 from gateway.store import audit
 from gateway.store.blobs import BlobStore
 from gateway.store.sqlite import Store
@@ -61,7 +63,11 @@ class RoundManager:
         catalog: Catalog,
         policy: RoundPolicy,
         publisher: Publisher,
+        strategies: Mapping[str, Strategy] | None = None,
+        state_root: Path | None = None,
     ) -> None:
+        self.strategies = dict(strategies or {})  # model -> strategy; FedAvg when absent
+        self.state_root = state_root or blobs.root.parent / "state"
         self.store = store
         self.blobs = blobs
         self.catalog = catalog
@@ -207,6 +213,46 @@ class RoundManager:
                     self.store.set_round_state(db, model, round_no, RoundState.AGGREGATING)
             return self._aggregate(self.catalog.get(model), r)
 
+    def state_dir(self, model: str, version: int) -> Path:
+        """Server-side strategy state kept with a version (e.g. FedAdam's moments)."""
+        return self.state_root / model / str(version)
+
+    def _run_strategy(
+        self,
+        served: ServedModel,
+        strategy: Strategy,
+        r: Round,
+        base: Version,
+        contributions: list[Contribution],
+        version_no: int,
+    ) -> tuple[str, RoundReport]:
+        """Aggregate into a blob; the strategy's state goes to state/<model>/<version>."""
+        state_in = self.state_dir(r.model, base.version)
+        final_state = self.state_dir(r.model, version_no)
+        staging = final_state.with_name(f".{version_no}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        out = self.blobs.temp_path()
+        try:
+            report = strategy.aggregate(
+                RoundInput(
+                    schema=served.schema,
+                    base_path=self.blobs.path(base.weights_sha256),
+                    contributions=contributions,
+                    server_round=r.round,
+                    state_in=state_in if state_in.is_dir() else None,
+                ),
+                out,
+                staging,
+            )
+            sha = self.blobs.adopt(out)
+            shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
+            staging.rename(final_state)
+        finally:
+            out.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        return sha, report
+
     def _aggregate(self, served: ServedModel, r: Round) -> ClosedRound:
         updates = self.store.round_updates(r.model, r.round)
         if not updates:
@@ -218,12 +264,13 @@ class RoundManager:
         contributions = [
             Contribution(self.blobs.path(u.payload_sha256), u.num_examples) for u in updates
         ]
-        pieces = fold_fedavg(served.schema, self.blobs.path(base.weights_sha256), contributions)
-        sha = self.blobs.write(pieces)
+        strategy = self.strategies.get(r.model) or FedAvg()
         latest = self.store.latest_version(r.model)
+        version_no = (latest.version if latest else 0) + 1
+        sha, report = self._run_strategy(served, strategy, r, base, contributions, version_no)
         version = Version(
             model=r.model,
-            version=(latest.version if latest else 0) + 1,
+            version=version_no,
             round=r.round,
             weights_sha256=sha,
             num_trainers=len({u.trainer for u in updates}),
@@ -247,6 +294,8 @@ class RoundManager:
                     "updates": [u.update_id for u in updates],
                     "num_trainers": version.num_trainers,
                     "num_regions": version.num_regions,
+                    "strategy": strategy.name,
+                    "strategy_facts": dict(report.facts),
                 },
             )
             if release is not None:

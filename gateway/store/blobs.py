@@ -83,6 +83,23 @@ class BlobStore:
         fsync_dir(final.parent)
         return final
 
+    def adopt(self, path: Path) -> str:
+        """Hash a finished file under blobs/tmp, fsync it and move it to its address."""
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while data := f.read(8 << 20):
+                digest.update(data)
+            os.fsync(f.fileno())
+        final = self.path(digest.hexdigest())
+        final.parent.mkdir(exist_ok=True)
+        os.replace(path, final)
+        fsync_dir(final.parent)
+        return digest.hexdigest()
+
+    def temp_path(self, suffix: str = ".part") -> Path:
+        """A fresh name under blobs/tmp (dropped on start if never adopted)."""
+        return self.tmp / f"{uuid.uuid4().hex}{suffix}"
+
     def write(self, pieces: Iterable[bytes | memoryview]) -> str:
         """Spool pieces into a committed blob; returns its sha256."""
         with self.temp() as blob:

@@ -43,7 +43,10 @@ class RoundReport:
 
 
 class Strategy(Protocol):
-    name: str  # Flower's class name: "FedAvg", "FedAdam", "Krum", ...
+    @property
+    def name(self) -> str:
+        """Flower's class name: "FedAvg", "FedAdam", "Krum", ..."""
+        ...
 
     def aggregate(self, inp: RoundInput, out_path: Path, state_out: Path) -> RoundReport:
         """Write the new global payload to out_path; state files (if any) into state_out."""
