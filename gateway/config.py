@@ -32,6 +32,9 @@ class Config:
     insecure_loopback: bool = False  # plain text, loopback addresses only: demos and tests
     max_streams_per_principal: int = 8  # concurrent calls of one principal per listener
     idle_stream_seconds: float = 60.0  # a push stream silent this long is dropped
+    fedbuff: bool = False  # buffered async aggregation: a version every `quorum` updates
+    max_staleness: int = 4  # FedBuff: versions an update's base may lag behind
+    staleness_exponent: float = 0.5  # FedBuff: stale updates weigh (1 + tau) ** -exponent
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.config import Config
 from gateway.core.catalog import Catalog
+from gateway.core.fedbuff import FedBuffPolicy
 from gateway.core.ingest import Ingest, Limits
 from gateway.core.rounds import RoundManager, RoundPolicy
 from gateway.export.gate import EgressGate
@@ -126,12 +127,18 @@ class Gateway:
         policy = GuardPolicy(min_trainers=config.min_trainers)
         self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer)
         self.gate = EgressGate(self.store, self.catalog, templates, root / "registry", policy)
+        fedbuff = (
+            FedBuffPolicy(config.max_staleness, config.staleness_exponent)
+            if config.fedbuff
+            else None
+        )
         self.rounds = RoundManager(
             self.store,
             self.blobs,
             self.catalog,
             RoundPolicy(config.quorum, config.min_updates, config.round_seconds),
             self.releases,
+            fedbuff=fedbuff,
         )
         self.ingest = Ingest(
             self.store,
@@ -139,6 +146,7 @@ class Gateway:
             self.catalog,
             Limits(config.max_chunk_bytes, config.max_header_bytes),
             on_commit=self.rounds.note_commit,
+            fedbuff=fedbuff,
         )
         self.store.record(
             "gateway.started",

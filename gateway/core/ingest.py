@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from gateway.core.errors import (
     SluiceError,
     TooLarge,
 )
+from gateway.core.fedbuff import FedBuffPolicy
 from gateway.core.finite import FiniteCheck
 from gateway.core.records import (
     NAME_PATTERN,
@@ -94,7 +96,9 @@ class Ingest:
         catalog: Catalog,
         limits: Limits | None = None,
         on_commit: Callable[[str, int], None] | None = None,
+        fedbuff: FedBuffPolicy | None = None,
     ) -> None:
+        self.fedbuff = fedbuff
         self.store = store
         self.blobs = blobs
         self.catalog = catalog
@@ -106,9 +110,10 @@ class Ingest:
         row = self.store.find_update(h.update_id)
         if row is None:
             return None
-        same = (row["model"], row["round"], row["trainer"], row["payload_sha256"]) == (
+        # Not the round: with buffered aggregation an update lands in whichever round is
+        # open, so a retry may name an older one.
+        same = (row["model"], row["trainer"], row["payload_sha256"]) == (
             h.model,
-            h.round,
             h.trainer,
             h.payload_sha256,
         )
@@ -117,12 +122,23 @@ class Ingest:
                 f"update_id {h.update_id!r} was already used for a different update; "
                 "use a fresh id per update"
             )
-        accepted = self.store.get_round(h.model, h.round)
-        return PushResult(h.update_id, False, h.round, accepted.accepted if accepted else 0)
+        stored = self.store.get_round(h.model, row["round"])
+        return PushResult(h.update_id, False, row["round"], stored.accepted if stored else 0)
 
     def _open_round(self, h: UpdateHeader) -> Round:
-        r = self.store.get_round(h.model, h.round)
+        """The round this update joins: the one it names, or with buffered aggregation
+        (FedBuff) the open one, if the update's base is not too stale."""
         latest = self.store.latest_round(h.model)
+        if self.fedbuff is not None and latest is not None and h.round <= latest.round:
+            staleness = latest.base_version - h.base_version
+            if not 0 <= staleness <= self.fedbuff.max_staleness:
+                raise PreconditionFailed(
+                    f"update trained from version {h.base_version} is {staleness} versions "
+                    f"behind version {latest.base_version}; at most "
+                    f"{self.fedbuff.max_staleness} are accepted: pull and train again"
+                )
+            return latest
+        r = self.store.get_round(h.model, h.round)
         hint = (
             f"open round is {latest.round} (base version {latest.base_version})" if latest else ""
         )
@@ -256,7 +272,8 @@ class Ingest:
             replayed = self.replay(h)  # a concurrent retry may have won the race
             if replayed is not None:
                 return replayed
-            self._open_round(h)  # the round may have closed during the upload
+            joined = self._open_round(h)  # the round may have closed during the upload
+            h = dataclasses.replace(h, round=joined.round)
             self.store.insert_update(db, h, int(time.time() * 1000))
             audit.append(
                 db,

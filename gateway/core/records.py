@@ -56,6 +56,7 @@ class CommittedUpdate:
     num_examples: int
     payload_sha256: str
     metrics: Mapping[str, float] = field(default_factory=dict)
+    base_version: int = 0  # the version it was trained from
 
 
 @dataclass(frozen=True)

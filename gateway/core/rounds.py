@@ -15,6 +15,7 @@ from typing import Protocol
 from gateway.core.aggregation import Contribution
 from gateway.core.catalog import Catalog, ServedModel
 from gateway.core.errors import NotFound, PreconditionFailed
+from gateway.core.fedbuff import FedBuffPolicy
 from gateway.core.records import (
     ClosedRound,
     CommittedUpdate,
@@ -65,7 +66,9 @@ class RoundManager:
         publisher: Publisher,
         strategies: Mapping[str, Strategy] | None = None,
         state_root: Path | None = None,
+        fedbuff: FedBuffPolicy | None = None,
     ) -> None:
+        self.fedbuff = fedbuff  # buffered asynchronous mode: stale updates weighted down
         self.strategies = dict(strategies or {})  # model -> strategy; FedAvg when absent
         self.state_root = state_root or blobs.root.parent / "state"
         self.store = store
@@ -262,7 +265,12 @@ class RoundManager:
             raise NotFound(f"base version {r.base_version} of {r.model!r} is missing")
         started = time.perf_counter()
         contributions = [
-            Contribution(self.blobs.path(u.payload_sha256), u.num_examples) for u in updates
+            Contribution(
+                self.blobs.path(u.payload_sha256),
+                u.num_examples,
+                self.fedbuff.weight(r.base_version - u.base_version) if self.fedbuff else 1.0,
+            )
+            for u in updates
         ]
         strategy = self.strategies.get(r.model) or FedAvg()
         latest = self.store.latest_version(r.model)

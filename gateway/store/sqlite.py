@@ -193,6 +193,7 @@ class Store:
             num_examples=row["num_examples"],
             payload_sha256=row["payload_sha256"],
             metrics=json.loads(row["metrics_json"]),
+            base_version=row["base_version"],
         )
 
     def find_update(self, update_id: str) -> sqlite3.Row | None:
