@@ -105,7 +105,7 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
                     epochs=config.epochs,
                     batch_size=config.batch_size,
                     lr=config.lr,
-                    proximal_mu=config.proximal_mu,
+                    proximal_mu=config.proximal_mu or info.proximal_mu,  # FedProx's mu
                     seed=spec.seed * 1000 + info.round,
                 ),
             )

@@ -30,8 +30,12 @@ def _serve(args: argparse.Namespace) -> int:
         "min_trainers": args.min_trainers,
         "pki_dir": args.pki,
         "insecure_loopback": args.insecure_loopback or None,
+        "fedbuff": args.fedbuff or None,
     }
+
     config = load_config(args.config, overrides)
+    if args.strategy:
+        config = config.replace(strategies={m: {"name": args.strategy} for m in config.models})
     gateway = Gateway(config)
     endpoints = gateway.start()
     print(f"sluice: internal {endpoints.internal}  egress {endpoints.egress}", flush=True)
@@ -216,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--round-seconds", type=float)
     serve.add_argument("--min-trainers", type=int, help="k: trainers a release must aggregate")
     serve.add_argument("--pki", type=Path, help="CA and listener certs (default <data-dir>/pki)")
+    serve.add_argument("--strategy", help="Flower strategy name for every served model")
+    serve.add_argument("--fedbuff", action="store_true", help="buffered async aggregation")
     serve.add_argument(
         "--insecure-loopback",
         action="store_true",

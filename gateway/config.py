@@ -6,7 +6,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class Config:
     insecure_loopback: bool = False  # plain text, loopback addresses only: demos and tests
     max_streams_per_principal: int = 8  # concurrent calls of one principal per listener
     idle_stream_seconds: float = 60.0  # a push stream silent this long is dropped
+    # Per model, Flower's strategy name and hyperparameters, e.g. from TOML:
+    # [gateway.strategies.drivenet] name = "FedAdam", eta = 0.01. Absent: FedAvg.
+    strategies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fedbuff: bool = False  # buffered async aggregation: a version every `quorum` updates
     max_staleness: int = 4  # FedBuff: versions an update's base may lag behind
     staleness_exponent: float = 0.5  # FedBuff: stale updates weigh (1 + tau) ** -exponent
@@ -43,6 +46,10 @@ class Config:
 def _coerce(name: str, value: Any, current: Any) -> Any:
     if isinstance(current, Path) or name == "pki_dir":
         return Path(value)
+    if isinstance(current, Mapping):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"setting {name!r}: expected a table")
+        return {str(k): dict(v) for k, v in value.items()}
     if isinstance(current, tuple):
         return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
     if isinstance(current, bool):

@@ -16,6 +16,7 @@ from gateway.core.catalog import Catalog
 from gateway.core.fedbuff import FedBuffPolicy
 from gateway.core.ingest import Ingest, Limits
 from gateway.core.rounds import RoundManager, RoundPolicy
+from gateway.core.strategies import build_strategy
 from gateway.export.gate import EgressGate
 from gateway.export.guard import GuardPolicy
 from gateway.export.publish import ReleaseWriter, template_for
@@ -139,6 +140,7 @@ class Gateway:
             RoundPolicy(config.quorum, config.min_updates, config.round_seconds),
             self.releases,
             fedbuff=fedbuff,
+            strategies={m: build_strategy(spec) for m, spec in config.strategies.items()},
         )
         self.ingest = Ingest(
             self.store,

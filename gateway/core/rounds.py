@@ -70,6 +70,9 @@ class RoundManager:
     ) -> None:
         self.fedbuff = fedbuff  # buffered asynchronous mode: stale updates weighted down
         self.strategies = dict(strategies or {})  # model -> strategy; FedAvg when absent
+        unknown = set(self.strategies) - set(catalog.names())
+        if unknown:
+            raise ValueError(f"strategies configured for models not served: {sorted(unknown)}")
         self.state_root = state_root or blobs.root.parent / "state"
         self.store = store
         self.blobs = blobs
@@ -216,6 +219,9 @@ class RoundManager:
                     self.store.set_round_state(db, model, round_no, RoundState.AGGREGATING)
             return self._aggregate(self.catalog.get(model), r)
 
+    def strategy_for(self, model: str) -> Strategy:
+        return self.strategies.get(model) or FedAvg()
+
     def state_dir(self, model: str, version: int) -> Path:
         """Server-side strategy state kept with a version (e.g. FedAdam's moments)."""
         return self.state_root / model / str(version)
@@ -272,7 +278,7 @@ class RoundManager:
             )
             for u in updates
         ]
-        strategy = self.strategies.get(r.model) or FedAvg()
+        strategy = self.strategy_for(r.model)
         latest = self.store.latest_version(r.model)
         version_no = (latest.version if latest else 0) + 1
         sha, report = self._run_strategy(served, strategy, r, base, contributions, version_no)

@@ -67,6 +67,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         with mapped_errors(context):
             r = self.rounds.current(request.model)
             schema = self.rounds.catalog.get(request.model).schema
+            strategy = self.rounds.strategy_for(request.model)
             return trainer_pb2.RoundInfo(
                 model=r.model,
                 round=r.round,
@@ -78,6 +79,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 accepted=r.accepted,
                 deadline_unix_ms=r.deadline_ms,
                 max_chunk_bytes=self.ingest.limits.max_chunk_bytes,
+                strategy=strategy.name,
+                proximal_mu=float(getattr(strategy, "proximal_mu", 0.0)),
                 tensors=[
                     tensors_pb2.TensorSpec(name=t.name, shape=t.shape, dtype=t.dtype)
                     for t in schema.tensors

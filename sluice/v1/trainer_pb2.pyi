@@ -54,6 +54,8 @@ class RoundInfo(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     TENSORS_FIELD_NUMBER: _builtins.int
     MIN_UPDATES_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     round: _builtins.int
     """Round number, from 1."""
@@ -73,6 +75,10 @@ class RoundInfo(_message.Message):
     """Largest chunk the gateway accepts."""
     min_updates: _builtins.int
     """Updates needed to close at the deadline."""
+    strategy: _builtins.str
+    """The model's aggregation strategy (Flower's name, e.g. "FedAvg", "FedProx")."""
+    proximal_mu: _builtins.float
+    """FedProx: trainers add proximal_mu/2 * ||w - w_base||^2 to their local loss; 0 = off."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]:
         """The schema itself, so a trainer can check its own model."""
@@ -91,10 +97,12 @@ class RoundInfo(_message.Message):
         max_chunk_bytes: _builtins.int = ...,
         tensors: _abc.Iterable[_tensors_pb2.TensorSpec] | None = ...,
         min_updates: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+        proximal_mu: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "deadline_unix_ms", b"deadline_unix_ms", "max_chunk_bytes", b"max_chunk_bytes", "min_updates", b"min_updates", "model", b"model", "payload_bytes", b"payload_bytes", "quorum", b"quorum", "round", b"round", "schema_hash", b"schema_hash", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "deadline_unix_ms", b"deadline_unix_ms", "max_chunk_bytes", b"max_chunk_bytes", "min_updates", b"min_updates", "model", b"model", "payload_bytes", b"payload_bytes", "proximal_mu", b"proximal_mu", "quorum", b"quorum", "round", b"round", "schema_hash", b"schema_hash", "strategy", b"strategy", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,1 +1,28 @@
 """Aggregation strategies over spooled delta updates, each bounded in memory (see base.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gateway.core.strategies.base import FedAvg, FedProx, Strategy
+
+# Flower's names. Each factory takes the strategy's hyperparameters as keywords.
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "FedAvg": FedAvg,
+    "FedProx": FedProx,
+}
+
+
+def build_strategy(spec: Mapping[str, Any]) -> Strategy:
+    """A strategy from its configuration: {"name": "FedAdam", "eta": 0.01, ...}."""
+    params = dict(spec)
+    name = params.pop("name", "FedAvg")
+    factory = STRATEGIES.get(name)
+    if factory is None:
+        known = ", ".join(sorted(STRATEGIES))
+        raise ValueError(f"unknown strategy {name!r}; known: {known}")
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise ValueError(f"strategy {name!r}: bad parameters {sorted(params)}: {exc}") from exc

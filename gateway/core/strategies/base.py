@@ -64,3 +64,14 @@ class FedAvg:
             for block in fold_fedavg(inp.schema, inp.base_path, inp.contributions, inp.block_bytes):
                 out.write(block)
         return RoundReport({"num_updates": len(inp.contributions)})
+
+
+@dataclass(frozen=True)
+class FedProx(FedAvg):
+    """FedAvg on the server; trainers add mu/2 * ||w - w_base||^2 to their loss.
+
+    The gateway tells trainers mu in GetRound (RoundInfo.proximal_mu).
+    """
+
+    name: str = "FedProx"
+    proximal_mu: float = 0.0
