@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,7 +18,7 @@ from sluice.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from tests.conftest import TINY, Running
+from tests.conftest import TINY, Running, start_gateway
 
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
@@ -82,3 +83,18 @@ def test_egress_listener_health_does_not_know_trainer_service(gateway: Running) 
         with pytest.raises(grpc.RpcError) as err:
             stub.Check(health_pb2.HealthCheckRequest(service="sluice.v1.TrainerService"), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:0", "10.1.2.3:0", "[::]:0"])
+def test_insecure_mode_refuses_non_loopback_addresses(
+    tmp_path: Path, template_cache: Path, address: str
+) -> None:
+    with pytest.raises(ValueError, match="loopback addresses only"):
+        start_gateway(tmp_path / "gw", template_cache, egress_address=address)
+
+
+def test_tls_mode_without_certificates_says_how_to_make_them(
+    tmp_path: Path, template_cache: Path
+) -> None:
+    with pytest.raises(FileNotFoundError, match="sluice init"):
+        start_gateway(tmp_path / "gw", template_cache, insecure_loopback=False)
