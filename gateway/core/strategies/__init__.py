@@ -6,11 +6,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.core.strategies.base import FedAvg, FedProx, Strategy
+from gateway.core.strategies.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 # Flower's names. Each factory takes the strategy's hyperparameters as keywords.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "FedAvg": FedAvg,
     "FedProx": FedProx,
+    "FedAvgM": FedAvgM,
+    "FedAdam": FedAdam,
+    "FedYogi": FedYogi,
+    "FedAdagrad": FedAdagrad,
 }
 
 

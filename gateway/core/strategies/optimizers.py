@@ -15,12 +15,14 @@ spooled deltas, and
                 x' = x + eta * m / (sqrt(v) + tau)
 
 with t the server round (Flower's bias correction uses t + 1, so round 1 already divides
-by 1 - beta_1^2), m = v = 0 and mom = p before the first step (Flower's zeros_like, and its
-round-1 momentum), and eta_l kept only for Flower's signature: it is the trainers' rate.
+by 1 - beta_1^2), m = v = mom = 0 before the first step (Flower's zeros_like; for FedAvgM
+that makes round 1's momentum the pseudo-gradient, as Flower sets it), and eta_l kept only
+for Flower's signature: it is the trainers' rate. Integer tensors take FedAvg's rule.
 
 Precision: every block is widened to float64, stepped, and narrowed to the tensor's dtype.
-(Flower steps FedAvgM, FedYogi and FedAdagrad in float32 and FedAdam in float64 from its
-second round, because its bias-correction factor is a numpy float64.)
+(Flower, fed float32, steps FedAvgM, FedYogi and FedAdagrad in float32; FedAdam's weights
+turn float64 in round 1 and its moments in round 2, as its bias-correction factor is a
+numpy float64.)
 
 State: one file per array (`momentum.bin`; `m.bin`, `v.bin`; `v.bin`) in exactly the
 payload's layout, so `schema.views(file)` reads it: float tensors hold the state in their
@@ -53,7 +55,8 @@ F64 = np.ndarray  # a float64 block; all blocks of one step have the same length
 
 
 class _Stepper(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def state_files(self) -> tuple[str, ...]: ...
@@ -200,9 +203,7 @@ def _first_moment(m: F64, delta: F64, scratch: F64, beta_1: float) -> None:
     np.add(m, scratch, out=m)
 
 
-def _adaptive_step(
-    x: F64, m: F64, v: F64, out: F64, scratch: F64, rate: float, tau: float
-) -> None:
+def _adaptive_step(x: F64, m: F64, v: F64, out: F64, scratch: F64, rate: float, tau: float) -> None:
     """x += rate * m / (sqrt(v) + tau); out and scratch are overwritten (out may be m)."""
     np.multiply(m, rate, out=out)
     np.sqrt(v, out=scratch)
@@ -256,7 +257,9 @@ def optimize(strategy: _Stepper, inp: RoundInput, out_path: Path, state_out: Pat
             else []
         )
         out = stack.enter_context(out_path.open("wb"))
-        state_sinks = [stack.enter_context((state_out / n).open("wb")) for n in strategy.state_files]
+        state_sinks = [
+            stack.enter_context((state_out / n).open("wb")) for n in strategy.state_files
+        ]
 
         for spec, start, end in schema.spans():
             dtype = np.dtype(spec.dtype)
@@ -266,11 +269,11 @@ def optimize(strategy: _Stepper, inp: RoundInput, out_path: Path, state_out: Pat
                 delta, scratch = delta_raw[:count], scratch_raw[:count]
                 if not spec.is_float:
                     _integer_block(buf, first, base_fd, update_fds, contributions, delta, scratch)
-                    out.write(buf)
+                    out.write(buf.data)
                     zeros = scratch.view(np.uint8)[: buf.nbytes]
                     zeros.fill(0)
                     for sink in state_sinks:
-                        sink.write(zeros)
+                        sink.write(zeros.data)
                     continue
                 delta.fill(0)
                 for fd, c in zip(update_fds, contributions, strict=True):
@@ -353,7 +356,7 @@ def _integer_block(
 
 def _write_narrowed(sink: BinaryIO, buf: np.ndarray, block: F64) -> None:
     np.copyto(buf, block, casting="same_kind")
-    sink.write(buf)  # type: ignore[arg-type]  # a contiguous ndarray is a bytes-like buffer
+    sink.write(buf.data)
 
 
 def _open(stack: ExitStack, path: Path) -> int:
