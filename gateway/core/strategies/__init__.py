@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.core.strategies.base import FedAvg, FedProx, Strategy
 from gateway.core.strategies.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from gateway.core.strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
 
 # Flower's names. Each factory takes the strategy's hyperparameters as keywords.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
@@ -16,6 +17,11 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "FedAdam": FedAdam,
     "FedYogi": FedYogi,
     "FedAdagrad": FedAdagrad,
+    "FedTrimmedAvg": FedTrimmedAvg,
+    "FedMedian": FedMedian,
+    "Krum": Krum,  # num_clients_to_keep > 0: MultiKrum
+    "MultiKrum": Krum,
+    "Bulyan": Bulyan,
 }
 
 
