@@ -35,6 +35,16 @@ class Config:
     # Per model, Flower's strategy name and hyperparameters, e.g. from TOML:
     # [gateway.strategies.drivenet] name = "FedAdam", eta = 0.01. Absent: FedAvg.
     strategies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Central DP (off while dp_noise_multiplier is 0): clip each update to dp_clipping_norm,
+    # Gaussian noise on the aggregate, RDP accounting; no release past dp_max_epsilon.
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    dp_max_epsilon: float = 10.0
+    dp_delta: float = 1e-5
+    dp_sampling_rate: float = 1.0  # below 1 only with random, secret participation
+    dp_adaptive_clipping: bool = False
+    dp_clipped_count_stddev: float = 0.0  # adaptive: sigma_b, > noise multiplier / 2
+    drop_outlier_updates: bool = False  # norm screening: False flags and audits only
     fedbuff: bool = False  # buffered async aggregation: a version every `quorum` updates
     max_staleness: int = 4  # FedBuff: versions an update's base may lag behind
     staleness_exponent: float = 0.5  # FedBuff: stale updates weigh (1 + tau) ** -exponent

@@ -13,9 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.config import Config
 from gateway.core.catalog import Catalog
+from gateway.core.dp import DpPolicy
 from gateway.core.fedbuff import FedBuffPolicy
 from gateway.core.ingest import Ingest, Limits
+from gateway.core.privacy import RoundPrivacy
 from gateway.core.rounds import RoundManager, RoundPolicy
+from gateway.core.screening import ScreeningPolicy
 from gateway.core.strategies import build_strategy
 from gateway.export.gate import EgressGate
 from gateway.export.guard import GuardPolicy
@@ -125,7 +128,22 @@ class Gateway:
             m.name: template_for(m, root / "templates", config.two_file_bytes) for m in self.catalog
         }
         self.signer = Signer.load_or_create(root / "keys")
-        policy = GuardPolicy(min_trainers=config.min_trainers)
+        dp = (
+            DpPolicy(
+                noise_multiplier=config.dp_noise_multiplier,
+                clipping_norm=config.dp_clipping_norm,
+                max_epsilon=config.dp_max_epsilon,
+                delta=config.dp_delta,
+                sampling_rate=config.dp_sampling_rate,
+                adaptive=config.dp_adaptive_clipping,
+                clipped_count_stddev=config.dp_clipped_count_stddev,
+            )
+            if config.dp_noise_multiplier > 0
+            else None
+        )
+        policy = GuardPolicy(
+            min_trainers=config.min_trainers, max_epsilon=dp.max_epsilon if dp else None
+        )
         self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer)
         self.gate = EgressGate(self.store, self.catalog, templates, root / "registry", policy)
         fedbuff = (
@@ -140,6 +158,7 @@ class Gateway:
             RoundPolicy(config.quorum, config.min_updates, config.round_seconds),
             self.releases,
             fedbuff=fedbuff,
+            privacy=RoundPrivacy(dp, ScreeningPolicy(drop_outliers=config.drop_outlier_updates)),
             strategies={m: build_strategy(spec) for m, spec in config.strategies.items()},
         )
         self.ingest = Ingest(

@@ -16,6 +16,7 @@ from gateway.core.aggregation import Contribution
 from gateway.core.catalog import Catalog, ServedModel
 from gateway.core.errors import NotFound, PreconditionFailed
 from gateway.core.fedbuff import FedBuffPolicy
+from gateway.core.privacy import PreparedRound, RoundPrivacy
 from gateway.core.records import (
     ClosedRound,
     CommittedUpdate,
@@ -50,6 +51,7 @@ class Publisher(Protocol):
         version: Version,
         weights: Path,
         updates: Sequence[CommittedUpdate],
+        dp: Mapping[str, object] | None = None,
     ) -> PublishOutcome:
         """Write a release of these weights, or say why policy or the guard refused one."""
 
@@ -67,7 +69,9 @@ class RoundManager:
         strategies: Mapping[str, Strategy] | None = None,
         state_root: Path | None = None,
         fedbuff: FedBuffPolicy | None = None,
+        privacy: RoundPrivacy | None = None,
     ) -> None:
+        self.privacy = privacy or RoundPrivacy(None)  # screening always, DP when configured
         self.fedbuff = fedbuff  # buffered asynchronous mode: stale updates weighted down
         self.strategies = dict(strategies or {})  # model -> strategy; FedAvg when absent
         unknown = set(self.strategies) - set(catalog.names())
@@ -232,9 +236,9 @@ class RoundManager:
         strategy: Strategy,
         r: Round,
         base: Version,
-        contributions: list[Contribution],
+        prepared: PreparedRound,
         version_no: int,
-    ) -> tuple[str, RoundReport]:
+    ) -> tuple[str, RoundReport, dict[str, object] | None]:
         """Aggregate into a blob; the strategy's state goes to state/<model>/<version>."""
         state_in = self.state_dir(r.model, base.version)
         final_state = self.state_dir(r.model, version_no)
@@ -247,20 +251,21 @@ class RoundManager:
                 RoundInput(
                     schema=served.schema,
                     base_path=self.blobs.path(base.weights_sha256),
-                    contributions=contributions,
+                    contributions=prepared.contributions,
                     server_round=r.round,
                     state_in=state_in if state_in.is_dir() else None,
                 ),
                 out,
                 staging,
             )
+            dp = self.privacy.finish(served.schema, prepared, out, staging)  # before hashing
             sha = self.blobs.adopt(out)
             shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
             staging.rename(final_state)
         finally:
             out.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-        return sha, report
+        return sha, report, dp
 
     def _aggregate(self, served: ServedModel, r: Round) -> ClosedRound:
         updates = self.store.round_updates(r.model, r.round)
@@ -281,7 +286,12 @@ class RoundManager:
         strategy = self.strategy_for(r.model)
         latest = self.store.latest_version(r.model)
         version_no = (latest.version if latest else 0) + 1
-        sha, report = self._run_strategy(served, strategy, r, base, contributions, version_no)
+        state_in = self.state_dir(r.model, base.version)
+        prepared = self.privacy.prepare(
+            served.schema, updates, contributions, state_in if state_in.is_dir() else None
+        )
+        updates = prepared.updates
+        sha, report, dp = self._run_strategy(served, strategy, r, base, prepared, version_no)
         version = Version(
             model=r.model,
             version=version_no,
@@ -292,7 +302,7 @@ class RoundManager:
             num_examples=sum(u.num_examples for u in updates),
             created_ms=now_ms(),
         )
-        outcome = self.publisher.publish(served, version, self.blobs.path(sha), updates)
+        outcome = self.publisher.publish(served, version, self.blobs.path(sha), updates, dp)
         release = outcome.release
         with self.store.transaction() as db:
             self.store.insert_version(db, version)
@@ -310,6 +320,8 @@ class RoundManager:
                     "num_regions": version.num_regions,
                     "strategy": strategy.name,
                     "strategy_facts": dict(report.facts),
+                    "screening": prepared.screening.facts(),
+                    "dp": dp,
                 },
             )
             if release is not None:

@@ -68,7 +68,12 @@ class EgressGate:
         try:
             manifest = parse(r.manifest_json)
             check_policy(
-                ReleaseFacts(r.num_trainers, manifest.get("parity_max_abs_diff")), self.policy
+                ReleaseFacts(
+                    r.num_trainers,
+                    manifest.get("parity_max_abs_diff"),
+                    (manifest.get("dp") or {}).get("epsilon"),
+                ),
+                self.policy,
             )
             # Names and paths come from the database row, never from the request.
             directory = self.registry_root / r.model / str(r.version)

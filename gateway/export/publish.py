@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,11 @@ def weight_specs(template: OnnxTemplate, schema: Schema) -> list[dict[str, objec
     ]
 
 
+def _epsilon(dp: Mapping[str, object] | None) -> float | None:
+    value = None if dp is None else dp.get("epsilon")
+    return float(value) if isinstance(value, int | float) else None
+
+
 class ReleaseWriter:
     """Writes registry/<model>/<version>/: model.onnx (+ model.onnx.data for large models) and
     manifest.json; never a partial release.
@@ -97,9 +102,14 @@ class ReleaseWriter:
         version: Version,
         weights: Path,
         updates: Sequence[CommittedUpdate],
+        dp: Mapping[str, object] | None = None,
     ) -> PublishOutcome:
         try:
-            check_policy(ReleaseFacts(version.num_trainers, parity_max_abs_diff=0.0), self.policy)
+            # Cheap facts first: no template work for a release policy refuses anyway.
+            early = ReleaseFacts(
+                version.num_trainers, parity_max_abs_diff=0.0, epsilon=_epsilon(dp)
+            )
+            check_policy(early, self.policy)
         except GuardRefused as exc:
             return PublishOutcome(None, exc.reason)
         template = self.templates[served.name]
@@ -135,14 +145,14 @@ class ReleaseWriter:
                     "num_examples": version.num_examples,
                     "num_updates": len(updates),
                     "parity_max_abs_diff": diff,
-                    "dp": None,
+                    "dp": dict(dp) if dp is not None else None,
                     "created_ms": version.created_ms,
                     "signing_key_id": self.signer.key_id,
                 }
             )
             write_atomic(staging / MANIFEST_FILE, [manifest])
             try:
-                check_policy(ReleaseFacts(version.num_trainers, diff), self.policy)
+                check_policy(ReleaseFacts(version.num_trainers, diff, _epsilon(dp)), self.policy)
                 expected = {f.name: (f.size, f.sha256) for f in files}
                 check_release_dir(staging, template, served.schema, self.policy, expected)
             except GuardRefused as exc:
