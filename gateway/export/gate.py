@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.core.catalog import Catalog
-from gateway.core.errors import IntegrityError, NotFound
+from gateway.core.errors import IntegrityError, InvalidInput, NotFound
+from gateway.core.ingest import MAX_CHUNK_BYTES
 from gateway.core.records import Release, ReleaseFile
 from gateway.export.guard import (
     GuardPolicy,
@@ -17,7 +20,6 @@ from gateway.export.guard import (
     check_release_dir,
 )
 from gateway.export.template import OnnxTemplate
-from gateway.store.chunks import file_chunks
 from gateway.store.sqlite import Store
 from models.manifest import MODEL_FILE, parse
 
@@ -62,10 +64,17 @@ class EgressGate:
         if entry is None:
             listed = ", ".join(f.name for f in r.files)
             raise NotFound(f"release {r.version} of {r.model!r} has no file {name!r}: {listed}")
+        if offset > entry.size:
+            raise InvalidInput(f"offset {offset} is past the end ({entry.size} bytes)")
         path = self.registry_root / r.model / str(r.version) / entry.name
-        chunks = file_chunks(path, offset, entry.size)  # a bad offset fails before the guard
         subject = f"{r.model}/release/{r.version}/{entry.name}"
+        fd = -1
         try:
+            # Open the file before the guard reads it, and stream from this descriptor:
+            # the bytes that leave are the inode the guard checked, whatever happens to
+            # the name afterwards (a swap, a symlink).
+            fd = _open_no_follow(path)
+            opened = os.fstat(fd)
             manifest = parse(r.manifest_json)
             check_policy(
                 ReleaseFacts(
@@ -84,7 +93,10 @@ class EgressGate:
                 self.policy,
                 {f.name: (f.size, f.sha256) for f in r.files},
             )
-        except (GuardRefused, ValueError) as exc:
+            _same_file(path, opened, os.fstat(fd))
+        except (GuardRefused, ValueError, OSError) as exc:
+            if fd >= 0:
+                os.close(fd)
             reason = exc.reason if isinstance(exc, GuardRefused) else str(exc)
             self.store.record("egress.refused", peer, subject, {"reason": reason})
             raise IntegrityError(
@@ -92,4 +104,53 @@ class EgressGate:
                 f"({reason})"
             ) from exc
         self.store.record("egress.pull", peer, subject, {"offset": offset, "sha256": entry.sha256})
-        return Pull(r, entry, chunks)
+        return Pull(r, entry, _verified_chunks(fd, offset, entry.size, entry.sha256))
+
+
+def _open_no_follow(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ValueError(f"{path.name}: cannot be opened as a regular file ({exc})") from exc
+
+
+def _same_file(path: Path, opened: os.stat_result, now: os.stat_result) -> None:
+    """The name still points at the unchanged inode the descriptor holds."""
+    named = os.stat(path, follow_symlinks=False)
+    key = (opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+    if (named.st_dev, named.st_ino, named.st_size, named.st_mtime_ns) != key or (
+        now.st_size,
+        now.st_mtime_ns,
+    ) != (opened.st_size, opened.st_mtime_ns):
+        raise ValueError(f"{path.name} changed while the guard was checking it")
+
+
+def _verified_chunks(fd: int, offset: int, total: int, sha256: str) -> Iterator[tuple[int, bytes]]:
+    """Chunks read from the guarded descriptor, re-hashed as they go; the last chunk is held
+    back until the whole file matched its manifest, so a file changed in place mid-pull
+    never completes (the reader's own sha256 check refuses it too)."""
+    digest = hashlib.sha256()
+    try:
+        pos = 0
+        while pos < offset:  # a resumed pull still hashes the prefix it does not send
+            data = os.pread(fd, min(MAX_CHUNK_BYTES, offset - pos), pos)
+            if not data:
+                raise IntegrityError(f"release file ended at {pos} of {total} bytes")
+            digest.update(data)
+            pos += len(data)
+        held: tuple[int, bytes] | None = None
+        while pos < total:
+            data = os.pread(fd, min(MAX_CHUNK_BYTES, total - pos), pos)
+            if not data:
+                raise IntegrityError(f"release file ended at {pos} of {total} bytes")
+            digest.update(data)
+            if held is not None:
+                yield held
+            held = (pos, data)
+            pos += len(data)
+        if digest.hexdigest() != sha256:
+            raise IntegrityError("release file changed during the pull; it is withheld")
+        if held is not None:
+            yield held
+    finally:
+        os.close(fd)

@@ -213,3 +213,42 @@ def test_two_file_release_travels_and_verifies_end_to_end(
                      "--public-key", str(key)]) == 1  # fmt: skip
     finally:
         running.gateway.stop()
+
+
+def test_a_file_swapped_or_symlinked_after_the_guard_is_not_what_leaves(
+    gateway: Running, tiny_schema: Schema
+) -> None:
+    import os
+
+    _publish_one(gateway, tiny_schema)
+    directory = gateway.data_dir / "registry" / TINY / "1"
+    genuine = (directory / "model.onnx").read_bytes()
+    blob = next(
+        p for p in (gateway.data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"
+    )
+    for attack in ("swap", "symlink"):
+        pull = gateway.gateway.gate.open_pull(TINY, 1, "", 0, "test")  # guard passed
+        if attack == "swap":
+            (directory / ".x").write_bytes(b"RAW-UPDATE " * (len(genuine) // 11 + 1))
+            os.replace(directory / ".x", directory / "model.onnx")
+        else:
+            os.unlink(directory / "model.onnx")
+            os.symlink(blob, directory / "model.onnx")
+        assert b"".join(data for _, data in pull.chunks) == genuine, attack
+        (directory / "model.onnx").unlink()
+        (directory / "model.onnx").write_bytes(genuine)
+
+
+def test_a_file_changed_in_place_mid_pull_never_completes(
+    gateway: Running, tiny_schema: Schema
+) -> None:
+    from gateway.core.errors import IntegrityError
+
+    _publish_one(gateway, tiny_schema)
+    path = gateway.data_dir / "registry" / TINY / "1" / "model.onnx"
+    pull = gateway.gateway.gate.open_pull(TINY, 1, "", 0, "test")
+    with path.open("r+b") as f:  # same inode, new bytes
+        f.seek(10)
+        f.write(b"FRAME")
+    with pytest.raises(IntegrityError, match="changed during the pull"):
+        list(pull.chunks)
