@@ -9,7 +9,8 @@ SluiceError
 ├── PreconditionFailed  schema mismatch, stale base version, round not open
 ├── PolicyRefused       the egress policy refuses a release
 ├── Forbidden           a known principal acting outside its rights (another region)
-└── Idle                a stream that stopped sending
+├── Idle                a stream that stopped sending
+└── Busy                try again shortly (a buffer being folded)
 """
 
 from __future__ import annotations
@@ -52,4 +53,8 @@ class Forbidden(SluiceError):
 
 
 class Idle(SluiceError):
+    pass
+
+
+class Busy(SluiceError):
     pass

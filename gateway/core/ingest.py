@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from gateway.core.catalog import Catalog
 from gateway.core.errors import (
+    Busy,
     Conflict,
     Forbidden,
     IntegrityError,
@@ -130,6 +131,9 @@ class Ingest:
         (FedBuff) the open one, if the update's base is not too stale."""
         latest = self.store.latest_round(h.model)
         if self.fedbuff is not None and latest is not None and h.round <= latest.round:
+            if latest.state != RoundState.OPEN:
+                # The buffer is being folded; the next one opens in a moment.
+                raise Busy(f"round {latest.round} of {h.model!r} is {latest.state}; push again")
             staleness = latest.base_version - h.base_version
             if not 0 <= staleness <= self.fedbuff.max_staleness:
                 raise PreconditionFailed(
@@ -189,7 +193,7 @@ class Ingest:
         try:
             if principal is not None:
                 _check_principal(h, principal)
-            return self._receive(h, header_bytes, body, peer)
+            return self._receive(h, header_bytes, body, peer, principal)
         except SluiceError as exc:
             self._audit_failure("push.rejected", h, peer, str(exc))
             raise
@@ -212,7 +216,12 @@ class Ingest:
         )
 
     def _receive(
-        self, h: UpdateHeader, header_bytes: int, body: Iterable[BodyItem], peer: str
+        self,
+        h: UpdateHeader,
+        header_bytes: int,
+        body: Iterable[BodyItem],
+        peer: str,
+        principal: Principal | None,
     ) -> PushResult:
         replayed = self.check_header(h, header_bytes)
         if replayed is not None:
@@ -255,23 +264,29 @@ class Ingest:
                 raise IntegrityError(
                     f"payload sha256 is {tmp.hexdigest()}; header said {h.payload_sha256}"
                 )
-            final = self.blobs.commit(tmp)
-        try:
-            result = self._commit(h, peer)
-        except BaseException:
-            if h.payload_sha256 not in self.store.referenced_blobs():
-                with contextlib.suppress(FileNotFoundError):
-                    final.unlink()
-            raise
+            tmp.finish()  # the fsync, outside the lock below
+            with self.blobs.lock:
+                final = self.blobs.commit(tmp)
+                try:
+                    result = self._commit(h, peer, principal)
+                except BaseException:
+                    if h.payload_sha256 not in self.store.referenced_blobs():
+                        with contextlib.suppress(FileNotFoundError):
+                            final.unlink()
+                    raise
         if result.created and self._on_commit is not None:
-            self._on_commit(h.model, h.round)
+            self._on_commit(h.model, result.round)
         return result
 
-    def _commit(self, h: UpdateHeader, peer: str) -> PushResult:
+    def _commit(self, h: UpdateHeader, peer: str, principal: Principal | None) -> PushResult:
         with self.store.transaction() as db:
             replayed = self.replay(h)  # a concurrent retry may have won the race
             if replayed is not None:
                 return replayed
+            if principal is not None and self.store.is_revoked(principal.serial):
+                raise Forbidden(
+                    f"the certificate of {principal.name!r} was revoked during the upload"
+                )
             joined = self._open_round(h)  # the round may have closed during the upload
             h = dataclasses.replace(h, round=joined.round)
             self.store.insert_update(db, h, int(time.time() * 1000))

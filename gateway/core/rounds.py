@@ -33,6 +33,9 @@ from gateway.store.sqlite import Store
 log = logging.getLogger(__name__)
 
 
+RETRY_SECONDS = 5.0  # a failed close (disk full, a publish error) is retried this often
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -84,6 +87,7 @@ class RoundManager:
         self.policy = policy
         self.publisher = publisher
         self._close_lock = threading.Lock()
+        self._retry_at: dict[tuple[str, int], float] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -97,7 +101,10 @@ class RoundManager:
                 self._create_initial_version(served)
         for r in self.store.rounds_in_state(RoundState.AGGREGATING):
             log.warning("finishing round %s of %s interrupted by a restart", r.round, r.model)
-            self.close(r.model, r.round, force=True)
+            try:
+                self.close(r.model, r.round, force=True)
+            except Exception:  # the gateway still starts; the worker retries the close
+                log.exception("round %s of %s could not be closed yet", r.round, r.model)
 
     def _create_initial_version(self, served: ServedModel) -> None:
         module = served.entry.build(served.entry.init_seed)
@@ -175,10 +182,11 @@ class RoundManager:
                         f"{u.trainer}/round/{u.round}",
                         {"update_id": u.update_id, "reason": "certificate revoked"},
                     )
-            referenced = self.store.referenced_blobs()
-            for u in dropped:
-                if u.payload_sha256 not in referenced:
-                    self.blobs.path(u.payload_sha256).unlink(missing_ok=True)
+            with self.blobs.lock:
+                referenced = self.store.referenced_blobs()
+                for u in dropped:
+                    if u.payload_sha256 not in referenced:
+                        self.blobs.path(u.payload_sha256).unlink(missing_ok=True)
             return [u.update_id for u in dropped]
 
     def note_commit(self, model: str, round_no: int) -> None:
@@ -188,7 +196,13 @@ class RoundManager:
             self._wake.set()
 
     def tick(self) -> None:
-        """Close every open round that reached its quorum, or its deadline with enough updates."""
+        """Close every open round that reached its quorum, or its deadline with enough updates;
+        retry (at most every RETRY_SECONDS) a close that failed half-way."""
+        for stuck in self.store.rounds_in_state(RoundState.AGGREGATING):
+            key = (stuck.model, stuck.round)
+            if time.monotonic() >= self._retry_at.get(key, 0.0):
+                self._retry_at[key] = time.monotonic() + RETRY_SECONDS
+                self.close(stuck.model, stuck.round, force=True)
         for served in self.catalog:
             r = self.store.latest_round(served.name)
             if r is None or r.state != RoundState.OPEN:

@@ -24,6 +24,7 @@ STATUS: dict[type[errors.SluiceError], grpc.StatusCode] = {
     errors.PolicyRefused: grpc.StatusCode.PERMISSION_DENIED,
     errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     errors.Idle: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Busy: grpc.StatusCode.ABORTED,  # the SDK retries ABORTED
 }
 
 

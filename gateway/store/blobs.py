@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,8 @@ class TempBlob:
         return self._hash.hexdigest()
 
     def finish(self) -> None:
+        if self._file.closed:
+            return  # already finished: commit() after an explicit finish()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -77,6 +80,9 @@ class BlobStore:
         self.root = root
         self.tmp = root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        # Blobs are shared by content: whoever renames one in and then commits its row, or
+        # checks that none refers to it and unlinks it, holds this lock across both steps.
+        self.lock = threading.Lock()
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or not set(sha256) <= _HEX:

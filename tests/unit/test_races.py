@@ -1,0 +1,170 @@
+"""Races and failures half-way that a review found: each must leave the gateway consistent.
+
+The gateway is built in-process without listeners or worker thread, so each interleaving
+is forced deterministically (a hook runs mid-upload or mid-close).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import Config
+from gateway.core.errors import Busy, Forbidden
+from gateway.core.ingest import BodyItem, PayloadChunk, Trailer
+from gateway.core.records import PushResult, RoundState, UpdateHeader
+from gateway.pki import TRAINER, Principal
+from gateway.server import Gateway
+from models.schema import Schema
+from tests.conftest import TINY, random_delta
+
+
+def make_gateway(tmp: Path, template_cache: Path, **settings: object) -> Gateway:
+    d = tmp / "gw"
+    shutil.copytree(template_cache, d / "templates")
+    values: dict[str, object] = {
+        "data_dir": d, "models": (TINY,), "quorum": 100, "insecure_loopback": True,
+        "min_trainers": 1,
+    }  # fmt: skip
+    values.update(settings)
+    return Gateway(Config().replace(**values))
+
+
+def body(payload: bytes, hook: Callable[[], None] | None = None) -> Iterator[BodyItem]:
+    chunk, n = 1 << 16, 0
+    for off in range(0, len(payload), chunk):
+        yield PayloadChunk(off, payload[off : off + chunk])
+        n += 1
+        if hook is not None and n == 1:
+            hook()
+    yield Trailer(n)
+
+
+def push(
+    gw: Gateway,
+    schema: Schema,
+    payload: bytes,
+    trainer: str,
+    *,
+    round_no: int = 1,
+    base: int = 0,
+    hook: Callable[[], None] | None = None,
+    principal: Principal | None = None,
+) -> tuple[UpdateHeader, PushResult]:
+    h = UpdateHeader(
+        uuid.uuid4().hex, trainer, trainer.split("-")[0], TINY, round_no, base, 100,
+        schema.hash, hashlib.sha256(payload).hexdigest(), len(payload), {},
+    )  # fmt: skip
+    return h, gw.ingest.receive(h, 100, body(payload, hook), principal=principal)
+
+
+def test_fedbuff_push_while_the_buffer_folds_is_retried_not_lost(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    gw = make_gateway(tmp_path, template_cache, fedbuff=True, quorum=3)
+    for i, t in enumerate(["shanghai-01", "beijing-01", "chengdu-01"]):
+        push(gw, tiny_schema, random_delta(tiny_schema, i), t)
+    real = gw.rounds.publisher.publish
+    late: list[BaseException] = []
+
+    def publish(*args: Any, **kwargs: Any) -> Any:  # round 1 is aggregating meanwhile
+        with pytest.raises(Busy, match="push again") as err:
+            push(gw, tiny_schema, random_delta(tiny_schema, 9), "harbin-01")
+        late.append(err.value)
+        return real(*args, **kwargs)
+
+    gw.rounds.publisher.publish = publish  # type: ignore[method-assign]
+    gw.rounds.close(TINY, 1)
+    assert late and gw.store.round_updates(TINY, 1).__len__() == 3
+    _, retried = push(gw, tiny_schema, random_delta(tiny_schema, 9), "harbin-01", base=1)
+    assert retried.round == 2 and retried.accepted == 1
+
+
+def test_a_close_that_fails_half_way_is_retried_by_the_worker(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.core.rounds as rounds
+
+    monkeypatch.setattr(rounds, "RETRY_SECONDS", 0.0)
+    gw = make_gateway(tmp_path, template_cache, quorum=2)
+    for i, t in enumerate(["shanghai-01", "beijing-01"]):
+        push(gw, tiny_schema, random_delta(tiny_schema, i), t)
+    real = gw.rounds.publisher.publish
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    gw.rounds.publisher.publish = flaky  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        gw.rounds.tick()
+    assert gw.store.get_round(TINY, 1).state == RoundState.AGGREGATING  # type: ignore[union-attr]
+    gw.rounds.tick()  # the worker's next tick finishes it
+    assert gw.store.get_round(TINY, 1).state == RoundState.CLOSED  # type: ignore[union-attr]
+    assert len(calls) == 2 and gw.store.latest_version(TINY).version == 1  # type: ignore[union-attr]
+
+
+def test_revocation_during_an_upload_keeps_that_update_out(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    gw = make_gateway(tmp_path, template_cache)
+    principal = Principal("shanghai-01", TRAINER, "shanghai", 0xABC)
+
+    def revoke() -> None:  # the interceptor admitted the stream; the operator revokes now
+        gw.rounds.revoke("abc", "shanghai-01", "stolen key")
+
+    payload = random_delta(tiny_schema, 1)
+    with pytest.raises(Forbidden, match="revoked during the upload"):
+        push(gw, tiny_schema, payload, "shanghai-01", hook=revoke, principal=principal)
+    assert gw.store.round_updates(TINY, 1) == []
+    assert not gw.blobs.path(hashlib.sha256(payload).hexdigest()).exists()
+
+
+def test_identical_payloads_racing_keep_the_committed_ones_blob(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    """B renames a blob in and pauses before its row; A, with the same bytes, fails at its
+    commit and must not unlink the blob B is about to reference."""
+    gw = make_gateway(tmp_path, template_cache)
+    payload = random_delta(tiny_schema, 5)  # both trainers send the same bytes
+    b_renamed, a_finished = threading.Event(), threading.Event()
+    real_commit = gw.ingest._commit
+    results: dict[str, PushResult] = {}
+
+    def paused_commit(h: UpdateHeader, peer: str, principal: Principal | None) -> PushResult:
+        if h.trainer == "beijing-01":
+            b_renamed.set()
+            a_finished.wait(1.0)  # without the blob lock, A unlinks right here
+        return real_commit(h, peer, principal)
+
+    gw.ingest._commit = paused_commit  # type: ignore[method-assign]
+
+    def push_b() -> None:
+        results["b"] = push(gw, tiny_schema, payload, "beijing-01")[1]
+
+    thread = threading.Thread(target=push_b)
+    thread.start()
+    assert b_renamed.wait(5)
+    revoked_a = Principal("shanghai-01", TRAINER, "shanghai", 0xA)
+    gw.store.record("test", "test", "test")
+    with gw.store.transaction() as db:  # A's certificate is revoked: its commit will fail
+        gw.store.insert_revoked(db, "a", "shanghai-01", "test", 0)
+    try:
+        with pytest.raises(Forbidden):
+            push(gw, tiny_schema, payload, "shanghai-01", principal=revoked_a)
+    finally:
+        a_finished.set()
+        thread.join(5)
+    assert results["b"].created
+    assert gw.blobs.path(hashlib.sha256(payload).hexdigest()).exists()
+    assert not any(gw.blobs.tmp.iterdir())
