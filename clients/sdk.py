@@ -17,7 +17,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from clients.verify import verify_release
-from models.manifest import listed_files, verify_signature
+from models.manifest import ManifestRefused, listed_files, verify_signature
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -298,6 +298,12 @@ class EgressClient(_Client):
         """
         m = self.manifest(model, version)
         doc = verify_signature(m.manifest_json, m.signature, public_key)
+        # A genuine but different release (another model, an older version) is a rollback.
+        if doc.get("model") != model or (version and doc.get("version") != version):
+            raise ManifestRefused(
+                f"asked for {model} v{version or 'newest'}, the signed manifest is "
+                f"{doc.get('model')} v{doc.get('version')}"
+            )
         dest_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=dest_dir, prefix=".pull-"))
         try:

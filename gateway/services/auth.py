@@ -73,7 +73,9 @@ def _wrap(
     def around(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             release = guard(context)
-            context.add_callback(release)  # runs when the RPC ends, however it ends
+            if not context.add_callback(release):  # runs when the RPC ends, however it ends
+                release()  # it already has: give the slot back now
+                context.abort(grpc.StatusCode.CANCELLED, "the call ended before it started")
             return behaviour(request, context)
 
         return call

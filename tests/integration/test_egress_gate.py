@@ -252,3 +252,17 @@ def test_a_file_changed_in_place_mid_pull_never_completes(
         f.write(b"FRAME")
     with pytest.raises(IntegrityError, match="changed during the pull"):
         list(pull.chunks)
+
+
+def test_pull_refuses_a_genuine_but_different_release(
+    gateway: Running, tiny_schema: Schema, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _publish_one(gateway, tiny_schema)
+    key = load_public_key(public_key_path(gateway))
+    with EgressClient(gateway.endpoints.egress) as egress:
+        real = egress.manifest
+        # A man in the middle answers "v7" with the (genuinely signed) manifest of v1.
+        monkeypatch.setattr(egress, "manifest", lambda model, version=0: real(model, 1))
+        with pytest.raises(ManifestRefused, match="rollback|asked for"):
+            egress.pull_release(TINY, tmp_path / "out", key, version=7)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
