@@ -182,10 +182,13 @@ class Gateway:
         self.pki = PkiLayout(config.pki_dir or root / "pki")
         limits = StreamLimits(config.max_streams_per_principal)
 
+        self.auth: dict[str, AuthInterceptor] = {}  # listener -> its interceptor (mTLS only)
+
         def auth(listener: str) -> list[grpc.ServerInterceptor]:
             if config.insecure_loopback:
                 return []
-            return [AuthInterceptor(self.store, listener, limits)]
+            self.auth[listener] = AuthInterceptor(self.store, listener, limits)
+            return [self.auth[listener]]
 
         self._internal, _ = _listener(config, INTERNAL_SERVICES, auth("internal"))
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(

@@ -127,6 +127,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 return None
         return _wrap(handler, functools.partial(self._admit, method))
 
+    def open_calls(self, principal: str) -> int:
+        """Calls of a principal open on this listener now (the stream limit counts these)."""
+        with self._lock:
+            return self._active.get(principal, 0)
+
     def _deny(
         self,
         context: grpc.ServicerContext,

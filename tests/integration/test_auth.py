@@ -494,32 +494,50 @@ def _status_within(client: TrainerClient, want: Code, timeout_s: float = 5.0) ->
 
 
 def test_second_concurrent_call_of_a_principal_is_refused(
-    limited: Running, layout: PkiLayout
+    tmp_path: Path, template_cache: Path, layout: PkiLayout, tiny_schema: Schema
 ) -> None:
+    # Its own gateway: a long idle timeout, so the held push is not dropped meanwhile.
+    running = mtls_gateway(
+        tmp_path / "gw", template_cache, layout, max_streams_per_principal=1,
+        idle_stream_seconds=30.0,
+    )  # fmt: skip
     release = threading.Event()
+    payload = random_delta(tiny_schema, seed=3)
+    header = update_header(tiny_schema, payload, update_id=uuid.uuid4().hex)
 
     def held() -> Iterator[trainer_pb2.PushUpdateRequest]:
+        # A first message, so the call surely reached the gateway; then nothing for a while.
+        yield trainer_pb2.PushUpdateRequest(header=header)
         release.wait(timeout=10)
-        yield from ()
 
     # The held call on a channel of its own: the limit counts the principal, not a connection.
-    with (
-        channel(limited.endpoints.internal, identity(layout, "shanghai-01")) as held_channel,
-        trainer_client(limited, layout, "shanghai-01") as same,
-        trainer_client(limited, layout, "beijing-01") as other,
-    ):
-        stub = trainer_pb2_grpc.TrainerServiceStub(held_channel)
-        first = stub.PushUpdate.future(held(), timeout=10)
-        try:
-            assert _status_within(same, Code.RESOURCE_EXHAUSTED) == Code.RESOURCE_EXHAUSTED
-            assert not first.done()
-            assert _round_status(other) == Code.OK  # the limit is per principal
-        finally:
-            release.set()
-        with pytest.raises(grpc.RpcError) as err:
-            first.result(timeout=CALL_TIMEOUT_S)
-        assert err.value.code() == Code.INVALID_ARGUMENT  # the empty stream, past the limit
-        assert _status_within(same, Code.OK) == Code.OK  # the slot came back
+    try:
+        with (
+            channel(running.endpoints.internal, identity(layout, "shanghai-01")) as held_channel,
+            trainer_client(running, layout, "shanghai-01") as same,
+            trainer_client(running, layout, "beijing-01") as other,
+        ):
+            stub = trainer_pb2_grpc.TrainerServiceStub(held_channel)
+            first = stub.PushUpdate.future(held(), timeout=10)
+            interceptor = running.gateway.auth["internal"]
+            deadline = time.monotonic() + 5
+            while interceptor.open_calls("shanghai-01") < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the held call is admitted before the second one is tried
+            try:
+                got = _status_within(same, Code.RESOURCE_EXHAUSTED)
+                assert got == Code.RESOURCE_EXHAUSTED, (
+                    f"held call done={first.done()}: {first.exception() if first.done() else ''}"
+                )
+                assert not first.done()
+                assert _round_status(other) == Code.OK  # the limit is per principal
+            finally:
+                release.set()
+            with pytest.raises(grpc.RpcError) as err:
+                first.result(timeout=CALL_TIMEOUT_S)
+            assert err.value.code() == Code.INVALID_ARGUMENT  # ended without a trailer
+            assert _status_within(same, Code.OK) == Code.OK  # the slot came back
+    finally:
+        running.gateway.stop()
 
 
 def test_a_silent_push_stream_is_dropped(
