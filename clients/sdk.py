@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -41,6 +41,7 @@ RETRYABLE = frozenset(
 )
 
 T = TypeVar("T")
+StubT = TypeVar("StubT")
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,10 @@ def _collect(
     raise AssertionError("unreachable")
 
 
-class _Client:
-    """A channel with retry and timeout settings; usable as a context manager."""
+class _Client(Generic[StubT]):
+    """A channel with retry and timeout settings and a service stub; a context manager."""
+
+    _stub_type: ClassVar[type[Any]]  # the generated stub class, called with the channel
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class _Client:
         identity: Identity | None = None,
     ) -> None:
         self._channel = channel(target, identity)
+        self._stub: StubT = self._stub_type(self._channel)
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
 
@@ -150,18 +154,10 @@ class _Client:
         self.close()
 
 
-class TrainerClient(_Client):
+class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
     """What a regional trainer needs: the open round, the global weights, pushing an update."""
 
-    def __init__(
-        self,
-        target: str,
-        retry: RetryPolicy | None = None,
-        timeout_s: float = 600,
-        identity: Identity | None = None,
-    ) -> None:
-        super().__init__(target, retry, timeout_s, identity)
-        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+    _stub_type = trainer_pb2_grpc.TrainerServiceStub
 
     def round(self, model: str) -> trainer_pb2.RoundInfo:
         req = trainer_pb2.GetRoundRequest(model=model)
@@ -237,12 +233,10 @@ def push_messages(
     yield trainer_pb2.PushUpdateRequest(trailer=trainer_pb2.UpdateTrailer(num_chunks=count))
 
 
-class AdminClient(_Client):
-    """What an operator uses: status and closing rounds."""
+class AdminClient(_Client[admin_pb2_grpc.AdminServiceStub]):
+    """What an operator uses: status, closing rounds, revoking certificates."""
 
-    def __init__(self, target: str, identity: Identity | None = None) -> None:
-        super().__init__(target, identity=identity)
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+    _stub_type = admin_pb2_grpc.AdminServiceStub
 
     def status(self) -> admin_pb2.GetStatusResponse:
         return self._stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=30)
@@ -258,18 +252,10 @@ class AdminClient(_Client):
         return self._stub.CloseRound(req, timeout=600)
 
 
-class EgressClient(_Client):
+class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
     """What the global team outside the region uses: list, read manifests, pull files."""
 
-    def __init__(
-        self,
-        target: str,
-        retry: RetryPolicy | None = None,
-        timeout_s: float = 600,
-        identity: Identity | None = None,
-    ) -> None:
-        super().__init__(target, retry, timeout_s, identity)
-        self._stub = egress_pb2_grpc.EgressServiceStub(self._channel)
+    _stub_type = egress_pb2_grpc.EgressServiceStub
 
     def releases(self, model: str = "") -> list[egress_pb2.Release]:
         req = egress_pb2.ListReleasesRequest(model=model)

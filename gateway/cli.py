@@ -115,7 +115,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from clients.sdk import AdminClient
 
-    with AdminClient(args.target, _identity(args)) as admin:
+    with AdminClient(args.target, identity=_identity(args)) as admin:
         for m in admin.status().models:
             print(
                 f"{m.model}: round {m.open_round} open on version {m.base_version} "
@@ -128,7 +128,7 @@ def _status(args: argparse.Namespace) -> int:
 def _close_round(args: argparse.Namespace) -> int:
     from clients.sdk import AdminClient
 
-    with AdminClient(args.target, _identity(args)) as admin:
+    with AdminClient(args.target, identity=_identity(args)) as admin:
         closed = admin.close_round(args.model, args.round)
     if closed.released:
         print(f"version {closed.version}, released")
@@ -192,7 +192,7 @@ def _revoke(args: argparse.Namespace) -> int:
         if not (args.serial and args.principal):
             raise SystemExit("sluice revoke: pass --cert FILE, or --serial HEX --principal NAME")
         serial, name = args.serial, args.principal
-    with AdminClient(args.target, _identity(args)) as admin:
+    with AdminClient(args.target, identity=_identity(args)) as admin:
         dropped = admin.revoke(serial, name, args.reason)
     print(f"revoked {name} (serial {serial}); discarded updates: {', '.join(dropped) or 'none'}")
     return 0
