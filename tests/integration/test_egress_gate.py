@@ -17,7 +17,7 @@ from gateway.cli import main
 from models.manifest import ManifestRefused, load_public_key
 from models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway
-from tests.integration.test_round import _publish_one, push, wait_for_round
+from tests.integration.test_round import _publish_one, push
 
 
 def public_key_path(running: Running) -> Path:
@@ -137,23 +137,6 @@ def test_editing_any_audit_row_is_named_by_audit_verify(
     db.close()
     gateway.gateway = type(gateway.gateway)(gateway.config)  # let the fixture's stop() work
     gateway.gateway.start()
-
-
-def test_round_below_k_is_not_released_and_the_reason_is_audited(
-    tmp_path: Path, template_cache: Path, tiny_schema: Schema
-) -> None:
-    running = start_gateway(tmp_path / "gw", template_cache, quorum=2, min_trainers=3)
-    try:
-        with TrainerClient(running.endpoints.internal) as client:
-            push(client, tiny_schema, random_delta(tiny_schema, 1), "shanghai-01", 5)
-            push(client, tiny_schema, random_delta(tiny_schema, 2), "beijing-01", 5)
-            wait_for_round(client, 2)
-        (refused,) = running.gateway.store.audit_entries("release.refused")
-        assert refused.subject == f"{TINY}/release/1"
-        assert "2 distinct trainers" in str(refused.detail) or "trainers" in str(refused.detail)
-        assert running.gateway.store.list_releases(TINY) == []
-    finally:
-        running.gateway.stop()
 
 
 def test_operator_closing_a_round_below_k_is_told_why_nothing_was_released(

@@ -188,6 +188,9 @@ def test_fewer_than_k_trainers_produce_a_version_but_no_release(
                 egress.pull(TINY, tmp_path / "x.onnx")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert not (running.data_dir / "registry" / TINY / "1").exists()
+        (refused,) = running.gateway.store.audit_entries("release.refused")  # and why
+        assert refused.subject == f"{TINY}/release/1"
+        assert "aggregates 2 distinct trainers" in str(refused.detail)
     finally:
         running.gateway.stop()
 
