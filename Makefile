@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint proto bench clean
+.PHONY: install demo test test-slow lint proto bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,8 +34,14 @@ lint: install
 proto: install
 	$(BIN)/python -m gateway.protogen
 
+# The benchmark suite (bench/README.md): writes bench/results/latest.json and .md and
+# rewrites the README's performance table. Full: ~20 min, ~30 GB of free disk.
 bench: install
-	$(BIN)/python -m bench.bench_first
+	$(BIN)/python -m bench
+
+# The same code paths on small models in ~2 min (results in bench/results/latest-quick.*).
+bench-quick: install
+	$(BIN)/python -m bench --quick
 
 clean:
 	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_first import RESULTS_DIR, Check, Report
+from bench.common import RESULTS_DIR, Check, Report
 from clients.scenes import REGIONS, make_clips
 from clients.trainer import TrainConfig, compute_delta, train_local
 from gateway.core.aggregation import Contribution, fold_fedavg
@@ -505,12 +505,13 @@ def _checks(m: Measured, at: Table) -> list[Check]:
 
 def build_report(m: Measured) -> Report:
     report = Report(
+        "lowbits",
         f"Low bits: a secret in the low mantissa bits of 1 of k trainers' {m.model} updates "
-        f"({m.num_floats:,} float32), after the gateway's FedAvg"
+        f"({m.num_floats:,} float32), after the gateway's FedAvg",
     )
     at = {(c.num_trainers, c.bits, c.receiver, c.noise_rel): c for c in m.cells}
     steps = -(-m.clips // BATCH_SIZE)
-    report.lines += [
+    report.notes += [
         f"deltas: real training, {m.clips} clips and {steps} Adam steps per trainer "
         f"({m.train_s:.1f} s); C = largest natural ||delta|| = {m.clip_norm:.3f} "
         f"({m.buffer_share:.0%} of C^2 is BatchNorm running statistics)",
@@ -533,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured = measure("drivenet-tiny", 64) if args.quick else measure("drivenet")
     report = build_report(measured)
     print(f"\n== {report.title}")
-    for line in report.lines:
+    for line in report.notes:
         print(line)
     for check in report.checks:
         print(f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {check.detail}")

@@ -33,7 +33,8 @@ class ModelEntry:
         return module.eval()
 
     def schema(self) -> Schema:
-        return Schema.of(self.build(self.init_seed).state_dict())
+        with torch.device("meta"):  # names, shapes and dtypes only: no weights allocated
+            return Schema.of(self.factory().state_dict())
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
@@ -55,6 +56,12 @@ REGISTRY: dict[str, ModelEntry] = {
         _drivenet_entry("drivenet", DriveNetConfig(), "camera frame -> controls and lanes, 2.5M"),
         # Wide sibling for throughput benchmarks: a 32768-wide trunk, 100.9M params (403 MB).
         _drivenet_entry("drivenet-xl", DriveNetConfig(hidden=32768), "benchmark-sized DriveNet"),
+        # Benchmark sizes (bench/): a DriveNet's trunk holds ~3079 parameters per unit of
+        # hidden width, so these give ~5M, ~32M (128 MB), ~250M (1 GB) and ~600M (2.4 GB).
+        _drivenet_entry("drivenet-5m", DriveNetConfig(hidden=1600), "DriveNet, ~5M params"),
+        _drivenet_entry("drivenet-128mb", DriveNetConfig(hidden=10368), "DriveNet, 128 MB"),
+        _drivenet_entry("drivenet-1gb", DriveNetConfig(hidden=81200), "DriveNet, 1 GB"),
+        _drivenet_entry("drivenet-600m", DriveNetConfig(hidden=194850), "DriveNet, ~600M"),
         # Over 2 GiB of weights, for the two-file release layout (tests/slow, bench/): a
         # 183000-wide trunk, 563.6M params, 2.25 GB (2.10 GiB) of float32. Not in `make test`.
         _drivenet_entry(

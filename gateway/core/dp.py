@@ -35,8 +35,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-# dp-accounting ships no type information (no py.typed).
-import dp_accounting  # type: ignore[import-untyped]
 import numpy as np
 
 from gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, _read
@@ -336,6 +334,10 @@ class PrivacyLedger:
     def epsilon(self, delta: float) -> float:
         if not self.rounds:
             return 0.0
+        # Imported here: dp-accounting (with scipy.signal) costs ~50 MB of RSS and ~0.9 s,
+        # which a gateway without DP never needs. It ships no type information.
+        import dp_accounting  # type: ignore[import-untyped]
+
         accountant = dp_accounting.rdp.RdpAccountant()
         # Composition commutes: equal rounds compose as one event, O(settings) not O(rounds).
         for r, count in Counter(self.rounds).items():

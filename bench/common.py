@@ -1,0 +1,210 @@
+"""What every benchmark shares: options, reports with PASS/FAIL checks, timing and memory probes,
+and the machine's own limits (loopback socket, sha256, disk write) measured in the same run."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import hashlib
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RSS_INTERVAL_S = 0.001
+CHUNK = 4 << 20  # the SDK's chunk size; raw-socket limits send the same slices
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool  # the 2-minute version: smaller sizes, fewer repeats, same code paths
+    workdir: Path | None  # where spools, data dirs and releases go; None: the system temp dir
+    repeats: int  # timed runs per measurement; medians are reported
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    """What one benchmark prints and saves: a titled table, notes and PASS/FAIL checks.
+
+    `rows` is the table (a header row first), `data` the raw numbers for latest.json.
+    """
+
+    key: str
+    title: str
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, bool(ok), detail))
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def settle() -> None:
+    """Free garbage and give freed heap back to the OS, so baselines are honest."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def timed(run: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of run, each after settle()."""
+    times = []
+    for _ in range(repeats):
+        settle()
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+class PeakRss:
+    """Samples a process's RSS in a thread; `extra` is the peak above the entry value.
+
+    It can miss a spike shorter than the interval, and counts only touched pages.
+    """
+
+    def __init__(self, pid: int | None = None, interval_s: float = RSS_INTERVAL_S) -> None:
+        self._process = psutil.Process(pid)
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.baseline = 0
+        self.peak = 0
+
+    def _rss(self) -> int:
+        try:
+            return int(self._process.memory_info().rss)
+        except psutil.Error:  # the process ended: its last peak stands
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakRss:
+        self.baseline = self.peak = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.baseline
+
+
+def workdir(options: Options, prefix: str) -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix=f"sluice-bench-{prefix}-", dir=options.workdir)
+
+
+# --- the machine's limits, measured in the same run -------------------------------------
+
+
+def raw_socket_seconds(payload: bytes | memoryview, streams: int = 1) -> float:
+    """Seconds to move `streams` copies of payload through loopback TCP, concurrently,
+    in CHUNK sends into a reused receive buffer: what the kernel alone can do."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=streams)
+    port = server.getsockname()[1]
+    received = [0] * streams
+
+    def sink(i: int, conn: socket.socket) -> None:
+        buf = bytearray(CHUNK)
+        with conn:
+            while n := conn.recv_into(buf):
+                received[i] += n
+
+    def source() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            view = memoryview(payload)
+            for off in range(0, len(view), CHUNK):
+                c.sendall(view[off : off + CHUNK])
+
+    started = time.perf_counter()
+    senders = [threading.Thread(target=source) for _ in range(streams)]
+    for t in senders:
+        t.start()
+    sinks = []
+    for i in range(streams):
+        conn, _ = server.accept()
+        sinks.append(threading.Thread(target=sink, args=(i, conn)))
+        sinks[-1].start()
+    for t in senders + sinks:
+        t.join()
+    elapsed = time.perf_counter() - started
+    server.close()
+    if received != [len(payload)] * streams:
+        raise RuntimeError(f"raw socket moved {received} bytes, expected {len(payload)} each")
+    return elapsed
+
+
+def sha256_seconds(payload: bytes | memoryview) -> float:
+    """Seconds for one sha256 over payload in CHUNK updates (the ingest check's own hash)."""
+    digest = hashlib.sha256()
+    view = memoryview(payload)
+    started = time.perf_counter()
+    for off in range(0, len(view), CHUNK):
+        digest.update(view[off : off + CHUNK])
+    digest.hexdigest()
+    return time.perf_counter() - started
+
+
+def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
+    """Seconds to write payload to a new file in directory and fsync it (then delete it)."""
+    path = directory / "raw-write.bin"
+    view = memoryview(payload)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for off in range(0, len(view), CHUNK):
+            os.write(fd, view[off : off + CHUNK])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import platform
+
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }

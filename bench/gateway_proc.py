@@ -1,0 +1,174 @@
+"""A real `sluice serve` process for the benchmarks, plus the helpers to push to it.
+
+Templates are built once per bench run: each gateway's templates/ is hard-linked from a
+shared cache and new ones are linked back when it stops (a template never changes).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clients.sdk import CHUNK_BYTES
+from models import registry
+from models.schema import Schema
+from sluice.v1 import tensors_pb2, trainer_pb2
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    internal: str
+    egress: str
+    startup_s: float  # until both listeners answer: template build/load, self-test, bootstrap
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        log = self.data_dir / "gateway.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of src that dst lacks into dst."""
+    for path in src.rglob("*") if src.is_dir() else ():
+        target = dst / path.relative_to(src)
+        if path.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+
+
+def start(
+    data_dir: Path,
+    models: tuple[str, ...],
+    templates: Path,
+    *,
+    quorum: int = 1000,
+    min_trainers: int = 1,
+    env: dict[str, str] | None = None,
+) -> GatewayProcess:
+    """`sluice serve` on loopback ephemeral ports (plain text: the transport is what we measure)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _link_tree(templates, data_dir / "templates")
+    (data_dir / "endpoints.json").unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "gateway.cli", "serve",
+            "--data-dir", str(data_dir), "--models", ",".join(models),
+            "--quorum", str(quorum), "--min-updates", "1", "--min-trainers", str(min_trainers),
+            "--round-seconds", "86400", "--insecure-loopback",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(data_dir / "gateway.log").open("wb"),
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    endpoints = data_dir / "endpoints.json"
+    while not endpoints.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited {proc.returncode}; see {data_dir / 'gateway.log'}")
+        time.sleep(0.05)
+    doc = json.loads(endpoints.read_text())
+    return GatewayProcess(
+        proc, data_dir, doc["internal"], doc["egress"], time.perf_counter() - started
+    )
+
+
+def stop(gw: GatewayProcess, templates: Path) -> None:
+    gw.proc.terminate()
+    try:
+        gw.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        gw.proc.kill()
+        gw.proc.wait()
+    _link_tree(gw.data_dir / "templates", templates)
+
+
+def random_payload(schema: Schema, seed: int) -> bytes:
+    """A valid delta: small random floats, zero integer steps, flattened in schema order."""
+    rng = np.random.default_rng(seed)
+    out = bytearray(schema.payload_bytes)
+    for spec, start, end in schema.spans():
+        view = np.frombuffer(memoryview(out)[start:end], dtype=spec.dtype)
+        if spec.is_float:
+            view[:] = rng.standard_normal(view.size, dtype=np.float32) * np.float32(1e-3)
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class SharedPayload:
+    """Distinct updates without N copies: every trainer sends the same bytes but its own last
+    chunk (content-addressed blobs would otherwise merge identical payloads)."""
+
+    body: bytes  # everything but the last chunk, shared
+    tail: bytes  # the last chunk, which each variant perturbs
+    body_digest: hashlib._Hash  # sha256 state after body, copied per variant
+
+    @classmethod
+    def of(cls, payload: bytes) -> SharedPayload:
+        cut = (len(payload) - 1) // CHUNK_BYTES * CHUNK_BYTES  # the tail: 1..CHUNK_BYTES
+        digest = hashlib.sha256(memoryview(payload)[:cut])
+        return cls(payload[:cut], payload[cut:], digest)
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.tail)
+
+    def variant(self, i: int) -> tuple[bytes, str]:
+        """Trainer i's last chunk and the sha256 of its whole payload."""
+        tail = bytearray(self.tail)
+        tail[:4] = np.float32(1e-3 * (i + 1)).tobytes()  # the first value, a float tensor's
+        digest = self.body_digest.copy()
+        digest.update(tail)
+        return bytes(tail), digest.hexdigest()
+
+
+def push_requests(
+    header: trainer_pb2.UpdateHeader, body: bytes, tail: bytes
+) -> Iterator[trainer_pb2.PushUpdateRequest]:
+    """The SDK's PushUpdate stream (clients.sdk.push_messages) over body then tail."""
+    yield trainer_pb2.PushUpdateRequest(header=header)
+    count, offset, view = 0, 0, memoryview(body)
+    for part in [view[at : at + CHUNK_BYTES] for at in range(0, len(view), CHUNK_BYTES)] + [tail]:
+        if part:
+            chunk = tensors_pb2.Chunk(offset=offset, data=bytes(part))
+            yield trainer_pb2.PushUpdateRequest(chunk=chunk)
+            offset += len(part)
+            count += 1
+    yield trainer_pb2.PushUpdateRequest(trailer=trainer_pb2.UpdateTrailer(num_chunks=count))
+
+
+@functools.cache
+def schema_of(model: str) -> Schema:
+    return registry.get(model).schema()
+
+
+def update_header(
+    model: str, info: trainer_pb2.RoundInfo, trainer: str, size: int, sha256: str
+) -> trainer_pb2.UpdateHeader:
+    return trainer_pb2.UpdateHeader(
+        update_id=uuid.uuid4().hex,
+        trainer=trainer,
+        region="shanghai",
+        model=model,
+        round=info.round,
+        base_version=info.base_version,
+        num_examples=100,
+        schema_hash=schema_of(model).hash,
+        payload_sha256=sha256,
+        payload_bytes=size,
+    )
