@@ -93,6 +93,7 @@ class PeakRss:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self.baseline = 0
         self.peak = 0
+        self.timeline: list[tuple[float, int]] = []  # (perf_counter, rss) of every sample
 
     def _rss(self) -> int:
         try:
@@ -102,7 +103,9 @@ class PeakRss:
 
     def _sample(self) -> None:
         while not self._stop.wait(self._interval_s):
-            self.peak = max(self.peak, self._rss())
+            rss = self._rss()
+            self.timeline.append((time.perf_counter(), rss))
+            self.peak = max(self.peak, rss)
 
     def __enter__(self) -> PeakRss:
         self.baseline = self.peak = self._rss()
@@ -117,6 +120,10 @@ class PeakRss:
     @property
     def extra(self) -> int:
         return self.peak - self.baseline
+
+    def peak_between(self, start: float, end: float) -> int:
+        """The peak of the samples taken between two perf_counter() readings."""
+        return max((rss for t, rss in self.timeline if start <= t <= end), default=0)
 
 
 def workdir(options: Options, prefix: str) -> tempfile.TemporaryDirectory[str]:

@@ -71,9 +71,14 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
             with PeakRss(gw.pid, interval_s=0.005) as rss:
                 started = time.perf_counter()
                 _push_all(gw.internal, model, shared)
-                pushed_s = time.perf_counter() - started
+                pushed = time.perf_counter()
                 _wait_release(gw.egress, model)
-                round_s = time.perf_counter() - started
+                released = time.perf_counter()
+            pushed_s, round_s = pushed - started, released - started
+            peak_push, peak_close = (
+                rss.peak_between(started, pushed),
+                rss.peak_between(pushed, released),
+            )
             pulls, streams, size = _pull(gw.egress, model, Path(tmp), options.repeats)
         finally:
             gateway_proc.stop(gw, templates)
@@ -85,6 +90,10 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
         ["what", "bytes", "x model"],
         ["idle gateway (interpreter, torch, onnxruntime, template)", f"{rss.baseline / MB:.0f} MB",
          f"{rss.baseline / model_bytes:.2f}x"],
+        ["peak while the 16 pushes stream in", f"{peak_push / MB:.0f} MB",
+         f"{peak_push / model_bytes:.2f}x"],
+        ["peak while the round closes (fold, release, guard)", f"{peak_close / MB:.0f} MB",
+         f"{peak_close / model_bytes:.2f}x"],
         ["peak during the round", f"{rss.peak / MB:.0f} MB", f"{rss.peak / model_bytes:.2f}x"],
         ["peak above idle", f"{rss.extra / MB:.0f} MB", f"{rss.extra / model_bytes:.2f}x"],
     ]  # fmt: skip
@@ -103,6 +112,8 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
         "model_bytes": model_bytes,
         "idle_rss_bytes": rss.baseline,
         "peak_rss_bytes": rss.peak,
+        "peak_rss_pushing_bytes": peak_push,
+        "peak_rss_closing_bytes": peak_close,
         "pushes_s": pushed_s,
         "round_s": round_s,
     }

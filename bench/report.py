@@ -37,12 +37,15 @@ def render_markdown(doc: dict[str, Any]) -> str:
     notes and PASS/FAIL lines. Deterministic: the same JSON gives the same text."""
     m = doc["machine"]
     out = [
-        f"Measured {doc['date']} ({doc['mode']} run, {doc['seconds']:.0f} s, medians of "
-        f"{doc['repeats']}) on {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB RAM, "
-        f"Python {m['python']}; load average at the end {m['load_average']}.",
+        f"`make bench` ({doc['mode']} run, medians of {doc['repeats']}) on {m['cpu']}, "
+        f"{m['cpus']} CPUs, {m['memory_gib']} GiB RAM, Python {m['python']}. Each benchmark "
+        "compares with its peers and the machine's limit in the same run.",
     ]
     for r in doc["reports"]:
         out += ["", f"**{r['title']}**", "", *_table(r["rows"]), ""]
+        if "date" in r:
+            rm = r["machine"]
+            out.append(f"- measured {r['date']}, load average after it {rm['load_average']}")
         out += [f"- {note}" for note in r["notes"]]
         out += [
             f"- **{'PASS' if c['ok'] else 'FAIL'}** {c['name']}: {c['detail']}" for c in r["checks"]

@@ -21,7 +21,7 @@ from gateway.core.rounds import RoundManager, RoundPolicy
 from gateway.core.screening import ScreeningPolicy
 from gateway.core.strategies import build_strategy
 from gateway.export.gate import EgressGate
-from gateway.export.guard import GuardPolicy
+from gateway.export.guard import GuardPolicy, Verdicts
 from gateway.export.publish import ReleaseWriter, template_for
 from gateway.export.signing import Signer
 from gateway.pki import PkiLayout
@@ -144,8 +144,11 @@ class Gateway:
         policy = GuardPolicy(
             min_trainers=config.min_trainers, max_epsilon=dp.max_epsilon if dp else None
         )
-        self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer)
-        self.gate = EgressGate(self.store, self.catalog, templates, root / "registry", policy)
+        verdicts = Verdicts()  # what the guard accepted at publish, the gate need not parse
+        self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer, verdicts)
+        self.gate = EgressGate(
+            self.store, self.catalog, templates, root / "registry", policy, verdicts
+        )
         fedbuff = (
             FedBuffPolicy(config.max_staleness, config.staleness_exponent)
             if config.fedbuff

@@ -124,9 +124,7 @@ def _from_buffer(data: bytes | memoryview) -> onnx.ModelProto:
     return model
 
 
-def _parse(data: bytes | memoryview) -> onnx.ModelProto:
-    if len(data) > _MAX_SINGLE_FILE_BYTES:
-        raise ArtifactRefused(f"file of {len(data)} bytes is over protobuf's 2 GiB limit")
+def _parse(data: bytes | memoryview, elided: bool = False) -> onnx.ModelProto:
     try:
         model = _from_buffer(data)
     except Exception as exc:  # upb raises its own DecodeError type; any failure is a refusal
@@ -138,12 +136,39 @@ def _parse(data: bytes | memoryview) -> onnx.ModelProto:
     canonical = model.SerializeToString(deterministic=True)
     first = _first_difference(canonical, data)
     if first is not None:
+        where = " (with its raw_data elided)" if elided else ""
         raise ArtifactRefused(
-            f"file is not the canonical encoding of its own content ({len(data)} bytes, "
-            f"canonical {len(canonical)}, first difference at byte {first}): unknown "
+            f"file is not the canonical encoding of its own content{where} ({len(data)} "
+            f"bytes, canonical {len(canonical)}, first difference at byte {first}): unknown "
             "fields, repeated scalars or trailing bytes"
         )
     return model
+
+
+def _parse_skeleton(
+    data: bytes | memoryview, external: bool
+) -> tuple[onnx.ModelProto, tuple[onnx_wire.InitializerSpan, ...] | None]:
+    """The parsed model and, for the single-file layout, its initializers' raw_data spans.
+
+    A single file is parsed with every initializer's raw_data elided (onnx_wire): the same
+    checks on the same message, without two more copies of the weights. Where it cannot be
+    elided (no or repeated raw_data, malformed wire format), the whole file is parsed, so
+    the refusal names what the parser finds.
+    """
+    if len(data) > _MAX_SINGLE_FILE_BYTES:
+        raise ArtifactRefused(f"file of {len(data)} bytes is over protobuf's 2 GiB limit")
+    if not external:
+        try:
+            skeleton, spans = onnx_wire.elide_raw_data(data)
+        except onnx_wire.NotCanonical as exc:
+            raise ArtifactRefused(
+                f"file is not the canonical encoding of its own content: {exc}"
+            ) from exc
+        except ValueError:
+            pass  # refused below by the full parse, or by the initializer checks
+        else:
+            return _parse(skeleton, elided=True), spans
+    return _parse(data), None
 
 
 def _first_difference(a: bytes | memoryview, b: bytes | memoryview) -> int | None:
@@ -190,8 +215,15 @@ def _domain(domain: str) -> str:
 
 
 def op_set(data: bytes | memoryview) -> frozenset[tuple[str, str]]:
-    """The (domain, op_type) pairs of a model's graph; a template's is the allowed set."""
-    model = _from_buffer(data)
+    """The (domain, op_type) pairs of a model's graph; a template's is the allowed set.
+
+    Parsed without the initializers' raw_data where the layout allows: the weights are
+    never read (a mapped template's stay on disk)."""
+    try:
+        skeleton, _ = onnx_wire.elide_raw_data(data)
+    except ValueError:
+        skeleton = bytes(data) if isinstance(data, memoryview) else data
+    model = _from_buffer(skeleton)
     return frozenset((_domain(n.domain), n.op_type) for n in model.graph.node)
 
 
@@ -453,13 +485,14 @@ def inspect_onnx(
     initializers, local functions, training info, subgraphs, other opset domains or ops
     outside allowed_ops; Constant values of at most max_constant_bytes and every name or
     string of at most max_string_bytes. Raises ArtifactRefused naming the first problem.
-    Memory: two copies of data (the parse and its re-encoding).
+    Memory: a single file's structure without its weights (parsed with raw_data elided); a
+    file that cannot be elided, two copies of data (the parse and its re-encoding).
     """
     if external_data_file is not None and (
         external_data_file in ("", ".", "..") or any(c in external_data_file for c in "/\\\0")
     ):
         raise ArtifactRefused(f"external data file {external_data_file!r} is not a plain name")
-    model = _parse(data)
+    model, elided_spans = _parse_skeleton(data, external_data_file is not None)
     _only(model, _MODEL_FIELDS, "model")
     for value in (model.producer_name, model.producer_version, model.domain):
         _short(value, max_string_bytes, "model producer or domain")
@@ -477,7 +510,7 @@ def inspect_onnx(
     if external_data_file is not None:
         return ArtifactReport((), structure_hash(data, ()), ops, data_bytes)
     try:
-        spans = onnx_wire.initializer_spans(data)
+        spans = elided_spans or onnx_wire.initializer_spans(data)
     except ValueError as exc:  # cannot happen after the checks above; refuse, never crash
         raise ArtifactRefused(f"initializer layout: {exc}") from exc
     _check_raw_lengths(spans, {spec.name: spec for spec in weights})

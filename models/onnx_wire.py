@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 # Protobuf wire types (https://protobuf.dev/programming-guides/encoding/).
@@ -29,6 +29,7 @@ class Field:
     start: int
     end: int
     value: int  # the decoded varint / fixed value; the payload length for LEN fields
+    key_start: int = 0  # where the field's key varint begins: [key_start, end) is the field
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,21 @@ def iter_fields(buf: bytes | memoryview, start: int = 0, end: int | None = None)
         raise ValueError(f"message range [{start}, {stop}) outside a buffer of {len(buf)} bytes")
     pos = start
     while pos < stop:
+        key_start = pos
         key, pos = read_varint(buf, pos, stop)
         number, wire_type = key >> 3, key & 0x7
         if number == 0:
             raise ValueError(f"field number 0 at byte {pos}")
         if wire_type == VARINT:
             value, after = read_varint(buf, pos, stop)
-            yield Field(number, wire_type, pos, after, value)
+            yield Field(number, wire_type, pos, after, value, key_start)
             pos = after
         elif wire_type in (FIXED64, FIXED32):
             size = 8 if wire_type == FIXED64 else 4
             if pos + size > stop:
                 raise ValueError(f"field {number}: truncated fixed{size * 8} at byte {pos}")
             value = int.from_bytes(bytes(buf[pos : pos + size]), "little")
-            yield Field(number, wire_type, pos, pos + size, value)
+            yield Field(number, wire_type, pos, pos + size, value, key_start)
             pos += size
         elif wire_type == LEN:
             length, pos = read_varint(buf, pos, stop)
@@ -90,7 +92,7 @@ def iter_fields(buf: bytes | memoryview, start: int = 0, end: int | None = None)
                     f"field {number}: length {length} at byte {pos} runs past the "
                     f"enclosing message end {stop}"
                 )
-            yield Field(number, wire_type, pos, pos + length, length)
+            yield Field(number, wire_type, pos, pos + length, length, key_start)
             pos += length
         else:
             raise ValueError(f"field {number}: unsupported wire type {wire_type} at byte {pos}")
@@ -133,3 +135,63 @@ def initializer_spans(model: bytes | memoryview) -> tuple[InitializerSpan, ...]:
         seen.add(name)
         spans.append(InitializerSpan(name, raw.start, raw.end))
     return tuple(spans)
+
+
+def encode_varint(value: int) -> bytes:
+    """The minimal (canonical) varint encoding of a non-negative value."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class NotCanonical(ValueError):
+    """A key or length varint that a canonical encoder would have written shorter."""
+
+
+def _header(buf: bytes | memoryview, field: Field, length: int) -> bytes:
+    """field's key and a new length, after checking its own key and length were minimal."""
+    key = encode_varint((field.number << 3) | LEN)
+    if bytes(buf[field.key_start : field.start]) != key + encode_varint(field.value):
+        raise NotCanonical(f"field {field.number} at byte {field.key_start}: non-minimal varint")
+    return key + encode_varint(length)
+
+
+def _rebuild(
+    buf: bytes | memoryview, start: int, end: int, number: int, inner: Callable[[Field], bytes]
+) -> bytes:
+    """The message buf[start:end] with every LEN field `number` replaced by inner(field)."""
+    out = bytearray()
+    for f in iter_fields(buf, start, end):
+        if f.number == number and f.wire_type == LEN:
+            payload = inner(f)
+            out += _header(buf, f, len(payload))
+            out += payload
+        else:
+            out += buf[f.key_start : f.end]
+    return bytes(out)
+
+
+def elide_raw_data(model: bytes | memoryview) -> tuple[bytes, tuple[InitializerSpan, ...]]:
+    """model with every graph initializer's raw_data emptied, and those raw_data ranges.
+
+    The skeleton is what a parser needs to check everything but the weight values, at a
+    fraction of the memory: it parses to the same message with empty raw_data. The model
+    is its own canonical encoding exactly when the skeleton is and every rewritten key and
+    length (the graph, each initializer, each raw_data) was minimal: NotCanonical otherwise.
+    Raises ValueError where initializer_spans does (repeats, malformed wire format).
+    """
+    spans = initializer_spans(model)
+
+    def tensor(f: Field) -> bytes:
+        return _rebuild(model, f.start, f.end, TENSOR_RAW_DATA, lambda raw: b"")
+
+    def graph(f: Field) -> bytes:
+        return _rebuild(model, f.start, f.end, GRAPH_INITIALIZER, tensor)
+
+    return _rebuild(model, 0, len(model), MODEL_GRAPH, graph), spans

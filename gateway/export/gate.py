@@ -16,6 +16,7 @@ from gateway.export.guard import (
     GuardPolicy,
     GuardRefused,
     ReleaseFacts,
+    Verdicts,
     check_policy,
     check_release_dir,
 )
@@ -39,8 +40,10 @@ class EgressGate:
         templates: dict[str, OnnxTemplate],
         registry_root: Path,
         policy: GuardPolicy,
+        verdicts: Verdicts | None = None,
     ) -> None:
         self.store = store
+        self.verdicts = verdicts
         self.catalog = catalog
         self.templates = templates
         self.registry_root = registry_root
@@ -92,6 +95,7 @@ class EgressGate:
                 self.catalog.get(r.model).schema,
                 self.policy,
                 {f.name: (f.size, f.sha256) for f in r.files},
+                self.verdicts,
             )
             _same_file(path, opened, os.fstat(fd))
         except (GuardRefused, ValueError, OSError) as exc:

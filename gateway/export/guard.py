@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,35 @@ class GuardPolicy:
     parity_tolerance: float = 1e-4  # max abs diff onnxruntime vs torch
     max_epsilon: float | None = None  # DP budget a release may spend; None: not enforced
     max_constant_bytes: int = 64  # largest Constant node value in the graph
+
+
+class Verdicts:
+    """model.onnx contents the guard accepted: by sha256, with the template, schema and
+    policy they were checked against.
+
+    A file whose sha256 (computed on every call, from the bytes read) equals an accepted
+    one holds the very bytes that were checked, so the parse and template layers need not
+    run again on it; listing, links, sizes and hashes are still checked on every call.
+    Shared by publish and the egress gate: the first pull of a release is already cheap.
+    """
+
+    def __init__(self) -> None:
+        self._accepted: set[tuple[str, str, str, GuardPolicy]] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(
+        sha256: str, t: OnnxTemplate, schema: Schema, policy: GuardPolicy
+    ) -> tuple[str, str, str, GuardPolicy]:
+        return (sha256, t.structure_hash, schema.hash, policy)
+
+    def accepted(self, sha256: str, t: OnnxTemplate, schema: Schema, policy: GuardPolicy) -> bool:
+        with self._lock:
+            return self._key(sha256, t, schema, policy) in self._accepted
+
+    def accept(self, sha256: str, t: OnnxTemplate, schema: Schema, policy: GuardPolicy) -> None:
+        with self._lock:
+            self._accepted.add(self._key(sha256, t, schema, policy))
 
 
 @dataclass(frozen=True)
@@ -242,6 +272,7 @@ def check_release_dir(
     schema: Schema,
     policy: GuardPolicy,
     expected: Mapping[str, tuple[int, str]],
+    verdicts: Verdicts | None = None,
 ) -> None:
     """Refuse a release directory unless it is exactly what the manifest lists.
 
@@ -249,7 +280,9 @@ def check_release_dir(
     file when the template has the two-file layout. The directory must hold those files
     and manifest.json and nothing else (no side file, subdirectory or symlink); each is
     read without following links and must match; the data file must be exactly as long
-    as the graph's weights; then model.onnx must pass check_model_bytes.
+    as the graph's weights; then model.onnx must pass check_model_bytes, unless verdicts
+    holds its sha256 (which the read just confirmed) as accepted for this template, schema
+    and policy. Memory: model.onnx twice while it is parsed; nothing when the verdict is known.
     """
     layout = {MODEL_FILE} if template.data_file is None else {MODEL_FILE, template.data_file}
     if set(expected) != layout:
@@ -288,7 +321,13 @@ def check_release_dir(
             if name != MODEL_FILE:
                 # Streamed: the data file of a large model is never held in memory.
                 _read_checked(dir_fd, name, *expected[name], keep=False)
-        model = _read_checked(dir_fd, MODEL_FILE, *expected[MODEL_FILE], keep=True)
+        size, sha256 = expected[MODEL_FILE]
+        known = verdicts is not None and verdicts.accepted(sha256, template, schema, policy)
+        # Known: hashed as read (keep=False), so these are the bytes that passed before.
+        model = _read_checked(dir_fd, MODEL_FILE, size, sha256, keep=not known)
     finally:
         os.close(dir_fd)
-    check_model_bytes(model, template, schema, policy)
+    if not known:
+        check_model_bytes(model, template, schema, policy)
+        if verdicts is not None:
+            verdicts.accept(sha256, template, schema, policy)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gateway.core.catalog import ServedModel
 from gateway.core.records import CommittedUpdate, PublishOutcome, Release, ReleaseFile, Version
@@ -15,6 +19,7 @@ from gateway.export.guard import (
     GuardPolicy,
     GuardRefused,
     ReleaseFacts,
+    Verdicts,
     check_policy,
     check_release_dir,
     graph_weights,
@@ -56,7 +61,9 @@ def template_for(
     diff = template_self_test(t, served.entry)
     log.info("template self-test of %s: max abs diff %.2e", served.name, diff)
     save_template(t, directory)
-    return t
+    del t  # served from the saved file from now on (mapped, not held in the heap)
+    trim_heap()
+    return load_template(directory)
 
 
 def weight_specs(template: OnnxTemplate, schema: Schema) -> list[dict[str, object]]:
@@ -66,6 +73,30 @@ def weight_specs(template: OnnxTemplate, schema: Schema) -> list[dict[str, objec
         {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
         for t in graph_weights(template, schema)
     ]
+
+
+def payload_module(served: ServedModel, weights: Path) -> torch.nn.Module:
+    """The served model holding a payload file's weights without reading them into the heap:
+    built on the meta device, its tensors then map the file copy-on-write (page cache, given
+    back when the module is dropped). Memory: none beyond the pages the forward pass reads."""
+    with torch.device("meta"):
+        module = served.entry.factory()  # no initialisation: every tensor is replaced below
+    payload = np.memmap(weights, dtype=np.uint8, mode="c")
+    if payload.size != served.schema.payload_bytes:
+        raise ValueError(
+            f"{weights.name}: {payload.size} bytes, schema: {served.schema.payload_bytes}"
+        )
+    state = {name: torch.from_numpy(a) for name, a in served.schema.views(payload).items()}
+    module.load_state_dict(state, assign=True)
+    return module.eval()
+
+
+def trim_heap() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise): a release's transient
+    copies of the weights must not stay in the gateway's RSS until the next one."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _epsilon(dp: Mapping[str, object] | None) -> float | None:
@@ -87,8 +118,10 @@ class ReleaseWriter:
         templates: dict[str, OnnxTemplate],
         policy: GuardPolicy,
         signer: Signer,
+        verdicts: Verdicts | None = None,
     ) -> None:
         self.root = root
+        self.verdicts = verdicts
         self.templates = templates
         self.policy = policy
         self.signer = signer
@@ -120,11 +153,9 @@ class ReleaseWriter:
         try:
             written = write_release_files(template, served.schema, weights, staging)
             onnx_path = staging / MODEL_FILE
-            module = served.entry.build()
-            payload = np.fromfile(weights, dtype=np.uint8)
-            module.load_state_dict(served.schema.to_state_dict(payload))
             try:
-                diff = max_output_diff(onnx_path, served.entry, module)
+                # The module is a temporary: parity drops it before onnxruntime loads.
+                diff = max_output_diff(onnx_path, served.entry, payload_module(served, weights))
             except ValueError as exc:
                 return PublishOutcome(None, f"parity check failed: {exc}")
             files = tuple(ReleaseFile(name, size, sha) for name, size, sha in written)
@@ -154,13 +185,16 @@ class ReleaseWriter:
             try:
                 check_policy(ReleaseFacts(version.num_trainers, diff, _epsilon(dp)), self.policy)
                 expected = {f.name: (f.size, f.sha256) for f in files}
-                check_release_dir(staging, template, served.schema, self.policy, expected)
+                check_release_dir(
+                    staging, template, served.schema, self.policy, expected, self.verdicts
+                )
             except GuardRefused as exc:
                 return PublishOutcome(None, exc.reason)
             shutil.rmtree(final, ignore_errors=True)  # a rerun after a crash writes it anew
             staging.rename(final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            trim_heap()
         release = Release(
             model=served.name,
             version=version.version,

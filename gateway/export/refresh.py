@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -113,15 +113,26 @@ def refresh(t: OnnxTemplate, schema: Schema, payload: bytes | memoryview | np.nd
     return bytes(out)
 
 
+def _range_chunks(payload: BinaryIO, r: WeightRange, start: int, end: int) -> Iterator[bytes]:
+    """One range's payload bytes, read a chunk at a time."""
+    # Plain reads, not a memory map: mapped pages would count towards the process's
+    # resident memory until the whole payload was resident.
+    payload.seek(start)
+    for at in range(start, end, _CHUNK_BYTES):
+        chunk = payload.read(min(_CHUNK_BYTES, end - at))
+        if len(chunk) != min(_CHUNK_BYTES, end - at):
+            raise ValueError(f"payload: ended at byte {at} while reading {r.name!r}")
+        yield chunk
+
+
 def _refreshed_chunks(
-    t: OnnxTemplate, plan: list[tuple[WeightRange, int, int]], raw: np.ndarray
-) -> Iterable[bytes | memoryview]:
+    t: OnnxTemplate, plan: list[tuple[WeightRange, int, int]], payload: BinaryIO
+) -> Iterator[bytes | memoryview]:
     data = memoryview(t.data)
     pos = 0
     for r, start, end in plan:
         yield data[pos : r.start]
-        for at in range(start, end, _CHUNK_BYTES):
-            yield raw[at : min(at + _CHUNK_BYTES, end)].data
+        yield from _range_chunks(payload, r, start, end)
         pos = r.end
     yield data[pos:]
 
@@ -129,17 +140,14 @@ def _refreshed_chunks(
 def write_refreshed(t: OnnxTemplate, schema: Schema, payload_path: Path, out_path: Path) -> str:
     """Stream a payload file into the template and write the result atomically to out_path.
 
-    Returns the hex sha256 of the written file. Memory: O(template) plus one chunk; the
-    payload is memory-mapped, not read into the heap. Single-file templates only.
+    Returns the hex sha256 of the written file. Memory: one chunk, plus the template's
+    bytes between its weight ranges. Single-file templates only.
     """
     _single_file_only(t)
     plan = _plan(t, schema)
-    # Checked before mapping: numpy cannot map an empty file, and a short one should
-    # fail with the same message as refresh().
     _check_payload_size(payload_path, schema)
-    # The mapping is released when `raw` and the chunk views die, i.e. on return.
-    raw = np.memmap(payload_path, dtype=np.uint8, mode="r")
-    return write_atomic(out_path, _refreshed_chunks(t, plan, raw))
+    with payload_path.open("rb") as payload:
+        return write_atomic(out_path, _refreshed_chunks(t, plan, payload))
 
 
 def _check_payload_size(payload_path: Path, schema: Schema) -> None:
@@ -152,16 +160,9 @@ def _data_file_chunks(
     payload_path: Path, plan: list[tuple[WeightRange, int, int]]
 ) -> Iterator[bytes]:
     """The two-file layout's data file: each range's payload bytes, read a chunk at a time."""
-    # Plain reads, not a memory map: mapped pages would count towards the process's
-    # resident memory until the whole 2 GiB payload was resident.
     with payload_path.open("rb") as payload:
         for r, start, end in plan:
-            payload.seek(start)
-            for at in range(start, end, _CHUNK_BYTES):
-                chunk = payload.read(min(_CHUNK_BYTES, end - at))
-                if not chunk:
-                    raise ValueError(f"payload: ended at byte {at} while reading {r.name!r}")
-                yield chunk
+            yield from _range_chunks(payload, r, start, end)
 
 
 def write_release_files(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
+import os
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -70,7 +72,10 @@ class OnnxTemplate:
 
     model: str  # registry name
     schema_hash: str  # Schema.hash of the state_dict the ranges were taken from
-    data: bytes  # the ONNX file (single-file) or model.onnx (two-file)
+    # The ONNX file (single-file) or model.onnx (two-file). A loaded template maps its file
+    # read-only: refresh and guard read only the bytes between the weight ranges, so the
+    # template's own (initial) weights never become resident memory of the gateway.
+    data: bytes | memoryview
     ranges: tuple[WeightRange, ...]  # in file order, non-overlapping
     structure_hash: str  # sha256 of data with every range in it zeroed
     data_file: str | None = None  # the two-file layout's weights file, beside model.onnx
@@ -314,10 +319,10 @@ def build_template(entry: ModelEntry, two_file_threshold: int = TWO_FILE_THRESHO
     return t
 
 
-def _external_spans(data: bytes, data_file: str) -> dict[str, tuple[int, int]]:
+def _external_spans(data: bytes | memoryview, data_file: str) -> dict[str, tuple[int, int]]:
     """name -> [start, end) in data_file of every initializer with external data."""
     spans = {}
-    for init in onnx.load_from_string(data).graph.initializer:
+    for init in onnx.load_from_string(bytes(data)).graph.initializer:  # model.onnx: small
         if init.data_location != onnx.TensorProto.EXTERNAL and not init.external_data:
             continue
         where = f"initializer {init.name!r}"
@@ -359,9 +364,21 @@ def save_template(t: OnnxTemplate, directory: Path) -> None:
     write_atomic(directory / META_FILE, [json.dumps(meta, indent=1).encode() + b"\n"])
 
 
+def _map_read_only(path: Path) -> memoryview:
+    """The file's bytes, mapped: pages are read on demand and can be dropped by the kernel.
+
+    The templates directory is the gateway's own state, like its database: whoever can
+    rewrite it could change the template before a restart anyway.
+    """
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+
 def load_template(directory: Path) -> OnnxTemplate:
     """Read a saved template; its ranges and structure hash are checked against the bytes."""
-    data = (directory / TEMPLATE_FILE).read_bytes()
+    data = _map_read_only(directory / TEMPLATE_FILE)
     try:
         meta = json.loads((directory / META_FILE).read_text())
         ranges = tuple(WeightRange(r["name"], r["start"], r["end"]) for r in meta["ranges"])

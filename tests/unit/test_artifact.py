@@ -41,7 +41,7 @@ def weights(template: OnnxTemplate) -> list[TensorSpec]:
 
 @pytest.fixture(scope="module")
 def ops(template: OnnxTemplate) -> frozenset[tuple[str, str]]:
-    return op_set(template.data)
+    return op_set(bytes(template.data))
 
 
 def _edit(data: bytes, change: Callable[[onnx.ModelProto], None]) -> bytes:
@@ -67,7 +67,7 @@ def _refused(
 def test_template_passes(
     template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
 ) -> None:
-    report = inspect_onnx(template.data, weights, allowed_ops=ops)
+    report = inspect_onnx(bytes(template.data), weights, allowed_ops=ops)
     assert [(s.name, s.start, s.end) for s in report.ranges] == [
         (r.name, r.start, r.end) for r in template.ranges
     ]
@@ -75,11 +75,11 @@ def test_template_passes(
     assert report.structure_hash == template.structure_hash
     assert report.ops == ops and ("", "Conv") in ops
     assert report.external_data_bytes == 0
-    assert inspect_onnx(memoryview(template.data), weights, allowed_ops=ops) == report
+    assert inspect_onnx(memoryview(bytes(template.data)), weights, allowed_ops=ops) == report
 
 
 def test_structure_hash_ignores_weight_values(template: OnnxTemplate) -> None:
-    changed = bytearray(template.data)
+    changed = bytearray(bytes(template.data))
     for r in template.ranges:
         changed[r.start : r.end] = bytes(range(256)) * ((r.end - r.start) // 256) + bytes(
             (r.end - r.start) % 256
@@ -88,18 +88,18 @@ def test_structure_hash_ignores_weight_values(template: OnnxTemplate) -> None:
     changed[0] ^= 1
     assert structure_hash(bytes(changed), template.ranges) != template.structure_hash
     with pytest.raises(ValueError, match="out of order"):
-        structure_hash(template.data, tuple(reversed(template.ranges)))
+        structure_hash(bytes(template.data), tuple(reversed(template.ranges)))
 
 
 def test_weight_order_does_not_matter_in_one_file(
     template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
 ) -> None:
-    inspect_onnx(template.data, list(reversed(weights)), allowed_ops=ops)
+    inspect_onnx(bytes(template.data), list(reversed(weights)), allowed_ops=ops)
 
 
 def test_ai_onnx_is_the_default_domain(template: OnnxTemplate, weights: list[TensorSpec]) -> None:
-    spelled = frozenset(("ai.onnx", op) for _, op in op_set(template.data))
-    inspect_onnx(template.data, weights, allowed_ops=spelled)
+    spelled = frozenset(("ai.onnx", op) for _, op in op_set(bytes(template.data)))
+    inspect_onnx(bytes(template.data), weights, allowed_ops=spelled)
 
 
 # --- canonical encoding -----------------------------------------------------------------
@@ -132,16 +132,69 @@ def test_non_canonical_encodings(
     weights: list[TensorSpec],
     ops: frozenset[tuple[str, str]],
 ) -> None:
-    data = change(template.data)
+    data = change(bytes(template.data))
     assert onnx.ModelProto.FromString(data).ir_version == 10  # protobuf reads it happily
     assert "not the canonical encoding" in _refused(data, weights, ops)
+
+
+def _padded_length(buf: bytes, start: int, end: int, path: Sequence[int]) -> bytes:
+    """buf[start:end] with the length of the first field path[-1] (found under path[:-1])
+    written one byte longer than needed; enclosing lengths are re-encoded to match."""
+    out, todo = bytearray(), list(path)
+    for f in onnx_wire.iter_fields(buf, start, end):
+        if todo and f.number == todo[0] and f.wire_type == onnx_wire.LEN:
+            key = onnx_wire.encode_varint(f.number << 3 | onnx_wire.LEN)
+            if len(todo) == 1:
+                minimal = bytearray(onnx_wire.encode_varint(f.value))
+                minimal[-1] |= 0x80  # same value, one continuation byte more
+                out += key + minimal + b"\x00" + buf[f.start : f.end]
+            else:
+                inner = _padded_length(buf, f.start, f.end, todo[1:])
+                out += key + onnx_wire.encode_varint(len(inner)) + inner
+            todo = []
+        else:
+            out += buf[f.key_start : f.end]
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        (onnx_wire.MODEL_GRAPH,),
+        (onnx_wire.MODEL_GRAPH, onnx_wire.GRAPH_INITIALIZER),
+        (onnx_wire.MODEL_GRAPH, onnx_wire.GRAPH_INITIALIZER, onnx_wire.TENSOR_RAW_DATA),
+    ],
+    ids=["graph", "initializer", "raw_data"],
+)
+def test_over_long_lengths_around_the_elided_weights(
+    path: tuple[int, ...],
+    template: OnnxTemplate,
+    weights: list[TensorSpec],
+    ops: frozenset[tuple[str, str]],
+) -> None:
+    # The lengths the weight-free parse rewrites must still be canonical in the file.
+    data = _padded_length(bytes(template.data), 0, len(bytes(template.data)), path)
+    assert len(data) == len(bytes(template.data)) + 1
+    parsed = onnx.ModelProto.FromString(data)  # protobuf reads it happily
+    assert parsed.SerializeToString(deterministic=True) == bytes(template.data)
+    assert "not the canonical encoding" in _refused(data, weights, ops)
+
+
+def test_weight_free_parse_sees_the_same_model(template: OnnxTemplate) -> None:
+    skeleton, spans = onnx_wire.elide_raw_data(bytes(template.data))
+    assert spans == onnx_wire.initializer_spans(bytes(template.data))
+    assert len(skeleton) < len(bytes(template.data)) - sum(s.end - s.start for s in spans) + 1000
+    full = onnx.ModelProto.FromString(bytes(template.data))
+    for init in full.graph.initializer:
+        init.raw_data = b""
+    assert onnx.ModelProto.FromString(skeleton) == full
 
 
 def test_garbage_and_truncation(
     template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
 ) -> None:
-    assert "not a parseable" in _refused(template.data[:-3], weights, ops)
-    assert "not a parseable" in _refused(template.data + b"\x00", weights, ops)
+    assert "not a parseable" in _refused(bytes(template.data)[:-3], weights, ops)
+    assert "not a parseable" in _refused(bytes(template.data) + b"\x00", weights, ops)
 
 
 # --- expected tensors -------------------------------------------------------------------
@@ -153,16 +206,16 @@ def test_expected_weights_must_match(
     first = weights[0]
     missing = [*weights, TensorSpec("extra.weight", (2,), "<f4")]
     assert "weights missing from the graph: ['extra.weight']" in _refused(
-        template.data, missing, ops
+        bytes(template.data), missing, ops
     )
-    assert "is not an expected weight" in _refused(template.data, weights[1:], ops)
+    assert "is not an expected weight" in _refused(bytes(template.data), weights[1:], ops)
     shape = [TensorSpec(first.name, (8, 27), "<f4"), *weights[1:]]
-    assert "dims [8, 3, 3, 3], expected [8, 27]" in _refused(template.data, shape, ops)
+    assert "dims [8, 3, 3, 3], expected [8, 27]" in _refused(bytes(template.data), shape, ops)
     dtype = [TensorSpec(first.name, first.shape, "<f2"), *weights[1:]]
-    assert "data_type 1, expected 10" in _refused(template.data, dtype, ops)
+    assert "data_type 1, expected 10" in _refused(bytes(template.data), dtype, ops)
     big = [TensorSpec(first.name, first.shape, ">f4"), *weights[1:]]
-    assert "big-endian" in _refused(template.data, big, ops)
-    assert "twice" in _refused(template.data, [*weights, first], ops)
+    assert "big-endian" in _refused(bytes(template.data), big, ops)
+    assert "twice" in _refused(bytes(template.data), [*weights, first], ops)
 
 
 def test_raw_data_must_be_exactly_the_tensor(
@@ -172,13 +225,13 @@ def test_raw_data_must_be_exactly_the_tensor(
         m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:-4]
 
     assert "raw_data holds 860 bytes, the tensor has 864" in _refused(
-        _edit(template.data, shorten), weights, ops
+        _edit(bytes(template.data), shorten), weights, ops
     )
 
     def no_raw_data(m: onnx.ModelProto) -> None:
         m.graph.initializer[0].ClearField("raw_data")
 
-    assert "no raw_data" in _refused(_edit(template.data, no_raw_data), weights, ops)
+    assert "no raw_data" in _refused(_edit(bytes(template.data), no_raw_data), weights, ops)
 
 
 def test_a_hand_built_model() -> None:
@@ -209,7 +262,7 @@ def test_a_hand_built_model() -> None:
 def test_ops_outside_the_allowed_set(
     template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
 ) -> None:
-    reason = _refused(template.data, weights, ops - {("", "Relu")})
+    reason = _refused(bytes(template.data), weights, ops - {("", "Relu")})
     assert "op ai.onnx::Relu is not allowed" in reason and "'node_relu'" in reason
 
 
@@ -217,15 +270,17 @@ def test_constant_size_limit(
     template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
 ) -> None:
     # The template's Constants are one int64 (a shape) or one float32 (a zero) each.
-    inspect_onnx(template.data, weights, allowed_ops=ops, max_constant_bytes=8)
-    reason = _refused(template.data, weights, ops, max_constant_bytes=4)
+    inspect_onnx(bytes(template.data), weights, allowed_ops=ops, max_constant_bytes=8)
+    reason = _refused(bytes(template.data), weights, ops, max_constant_bytes=4)
     assert "'node_Constant_2' attribute 'value_ints': Constant value of 8 bytes" in reason
 
 
 def test_string_limit(
     template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
 ) -> None:
-    assert "more than the 8 allowed" in _refused(template.data, weights, ops, max_string_bytes=8)
+    assert "more than the 8 allowed" in _refused(
+        bytes(template.data), weights, ops, max_string_bytes=8
+    )
 
 
 def _with_node(node: onnx.NodeProto) -> Callable[[onnx.ModelProto], None]:
@@ -240,7 +295,7 @@ def test_subgraph_attributes_even_on_an_allowed_op(
         [helper.make_node("Constant", [], ["b"], value_float=1.0)], "b", [], [out]
     )
     node = helper.make_node("If", ["c"], ["o"], then_branch=branch, else_branch=branch)
-    data = _edit(template.data, _with_node(node))
+    data = _edit(bytes(template.data), _with_node(node))
     reason = _refused(data, weights, ops | {("", "If")})
     assert "attribute type GRAPH (5) is not allowed" in reason
 
@@ -250,7 +305,7 @@ def test_tensor_attribute_only_on_constant(
 ) -> None:
     value = numpy_helper.from_array(np.zeros(1, dtype=np.float32))
     node = helper.make_node("ConstantOfShape", ["s"], ["o"], value=value)
-    data = _edit(template.data, _with_node(node))
+    data = _edit(bytes(template.data), _with_node(node))
     reason = _refused(data, weights, ops | {("", "ConstantOfShape")})
     assert "a TENSOR attribute is only allowed on Constant" in reason
 
@@ -259,7 +314,7 @@ def test_custom_op_without_an_opset_import(
     template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
 ) -> None:
     node = helper.make_node("Frame", [], ["o"], domain="com.smuggle")
-    data = _edit(template.data, _with_node(node))
+    data = _edit(bytes(template.data), _with_node(node))
     assert "op com.smuggle::Frame is not allowed" in _refused(data, weights, ops)
 
 
@@ -295,7 +350,7 @@ def test_attribute_rules(
     weights: list[TensorSpec],
     ops: frozenset[tuple[str, str]],
 ) -> None:
-    assert reason in _refused(_edit(template.data, _with_node(node)), weights, ops)
+    assert reason in _refused(_edit(bytes(template.data), _with_node(node)), weights, ops)
 
 
 def test_ir_version_and_opset(
@@ -310,9 +365,11 @@ def test_ir_version_and_opset(
     def other_domain(m: onnx.ModelProto) -> None:
         m.opset_import[0].domain = "ai.onnx.ml"
 
-    assert "ir_version 2" in _refused(_edit(template.data, old_ir), weights, ops)
-    assert "version 999" in _refused(_edit(template.data, future_opset), weights, ops)
-    assert "domain 'ai.onnx.ml'" in _refused(_edit(template.data, other_domain), weights, ops)
+    assert "ir_version 2" in _refused(_edit(bytes(template.data), old_ir), weights, ops)
+    assert "version 999" in _refused(_edit(bytes(template.data), future_opset), weights, ops)
+    assert "domain 'ai.onnx.ml'" in _refused(
+        _edit(bytes(template.data), other_domain), weights, ops
+    )
 
 
 # --- the two-file layout, built by hand -------------------------------------------------
@@ -338,7 +395,7 @@ def _externalize(data: bytes, weights: Sequence[TensorSpec]) -> tuple[bytes, byt
 
 @pytest.fixture(scope="module")
 def two_file(template: OnnxTemplate, weights: list[TensorSpec]) -> tuple[bytes, bytes]:
-    return _externalize(template.data, weights)
+    return _externalize(bytes(template.data), weights)
 
 
 def test_two_file_layout_passes_and_loads(
@@ -355,7 +412,7 @@ def test_two_file_layout_passes_and_loads(
     (tmp_path / "model.onnx").write_bytes(model)
     (tmp_path / DATA_FILE).write_bytes(payload)
     frames = np.zeros((1, 3, 64, 128), dtype=np.float32)
-    one = ort.InferenceSession(template.data, providers=["CPUExecutionProvider"])
+    one = ort.InferenceSession(bytes(template.data), providers=["CPUExecutionProvider"])
     two = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     for a, b in zip(
         one.run(None, {"frames": frames}), two.run(None, {"frames": frames}), strict=True

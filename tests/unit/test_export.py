@@ -91,7 +91,7 @@ def test_ranges_are_the_float_state_dict(template: OnnxTemplate, tiny: ModelEntr
     assert {r.name for r in template.ranges} == floats
     # The int64 BatchNorm counters are in the schema but not in the graph.
     assert all(name.endswith("num_batches_tracked") for name in set(state) - floats)
-    model = onnx.load_from_string(template.data)
+    model = onnx.load_from_string(bytes(template.data))
     for init in model.graph.initializer:
         assert init.name in state
         assert tuple(init.dims) == tuple(state[init.name].shape)
@@ -105,7 +105,7 @@ def test_build_is_deterministic(template: OnnxTemplate, tiny: ModelEntry) -> Non
 
 
 def test_no_metadata_or_doc_strings(template: OnnxTemplate) -> None:
-    model = onnx.load_from_string(template.data)
+    model = onnx.load_from_string(bytes(template.data))
     for message in _walk(model):
         names = {f.name for f in message.DESCRIPTOR.fields}
         if "metadata_props" in names:
@@ -124,7 +124,7 @@ def test_no_local_paths_in_template(template: OnnxTemplate) -> None:
 
 
 def test_dynamic_batch(template: OnnxTemplate) -> None:
-    model = onnx.load_from_string(template.data)
+    model = onnx.load_from_string(bytes(template.data))
     (frames,) = model.graph.input
     assert frames.type.tensor_type.shape.dim[0].dim_param == "batch"
 
@@ -151,7 +151,7 @@ def test_self_test_catches_an_unrefreshed_weight(template: OnnxTemplate, tiny: M
 
 
 def test_wire_spans_match_onnx(template: OnnxTemplate) -> None:
-    model = onnx.load_from_string(template.data)
+    model = onnx.load_from_string(bytes(template.data))
     spans = onnx_wire.initializer_spans(template.data)
     assert [s.name for s in spans] == [i.name for i in model.graph.initializer]
     for span, init in zip(spans, model.graph.initializer, strict=True):
@@ -322,7 +322,7 @@ def test_build_refuses_weights_a_refresh_cannot_reach() -> None:
 
 
 def _graph_weights(t: OnnxTemplate, schema: Schema) -> list[TensorSpec]:
-    names = {init.name for init in onnx.load_from_string(t.data).graph.initializer}
+    names = {init.name for init in onnx.load_from_string(bytes(t.data)).graph.initializer}
     return [spec for spec in schema.tensors if spec.name in names]
 
 
@@ -338,7 +338,7 @@ def test_small_models_stay_single_file(template: OnnxTemplate) -> None:
 
 def test_two_file_graph_points_at_fixed_offsets(two_file: OnnxTemplate, schema: Schema) -> None:
     assert two_file.data_file == DATA_FILE
-    model = onnx.load_from_string(two_file.data)
+    model = onnx.load_from_string(bytes(two_file.data))
     inits = {init.name: init for init in model.graph.initializer}
     pos = 0
     for spec in _graph_weights(two_file, schema):
@@ -364,11 +364,14 @@ def test_two_file_graph_points_at_fixed_offsets(two_file: OnnxTemplate, schema: 
 def test_two_file_graph_is_the_single_file_graph(
     two_file: OnnxTemplate, template: OnnxTemplate
 ) -> None:
-    one, two = onnx.load_from_string(template.data), onnx.load_from_string(two_file.data)
+    one, two = (
+        onnx.load_from_string(bytes(template.data)),
+        onnx.load_from_string(bytes(two_file.data)),
+    )
     for model in (one, two):
         del model.graph.initializer[:]
     assert one.SerializeToString(deterministic=True) == two.SerializeToString(deterministic=True)
-    for message in _walk(onnx.load_from_string(two_file.data)):
+    for message in _walk(onnx.load_from_string(bytes(two_file.data))):
         names = {f.name for f in message.DESCRIPTOR.fields}
         if "metadata_props" in names:
             assert len(message.metadata_props) == 0, type(message).__name__
@@ -487,7 +490,7 @@ def test_two_file_save_load_round_trip(two_file: OnnxTemplate, tmp_path: Path) -
 
 def test_load_rejects_a_moved_external_offset(two_file: OnnxTemplate, tmp_path: Path) -> None:
     save_template(two_file, tmp_path)
-    model = onnx.load_from_string(two_file.data)
+    model = onnx.load_from_string(bytes(two_file.data))
     model.graph.initializer[1].external_data[1].value = "0"  # overlaps the first weight
     (tmp_path / TEMPLATE_FILE).write_bytes(model.SerializeToString(deterministic=True))
     with pytest.raises(ValueError, match="does not match the recorded ranges"):
@@ -496,7 +499,7 @@ def test_load_rejects_a_moved_external_offset(two_file: OnnxTemplate, tmp_path: 
 
 def test_load_rejects_another_location(two_file: OnnxTemplate, tmp_path: Path) -> None:
     save_template(two_file, tmp_path)
-    model = onnx.load_from_string(two_file.data)
+    model = onnx.load_from_string(bytes(two_file.data))
     model.graph.initializer[0].external_data[0].value = "../elsewhere.data"
     (tmp_path / TEMPLATE_FILE).write_bytes(model.SerializeToString(deterministic=True))
     with pytest.raises(ValueError, match=r"expected 'model\.onnx\.data'"):

@@ -25,6 +25,7 @@ from gateway.export.guard import (
     GuardPolicy,
     GuardRefused,
     ReleaseFacts,
+    Verdicts,
     check_model_bytes,
     check_policy,
     check_release_dir,
@@ -441,6 +442,42 @@ def test_genuine_release_dir_passes(
 ) -> None:
     expected = _write_release(tmp_path / "1", {MODEL_FILE: release})
     check_release_dir(tmp_path / "1", template, schema, POLICY_DEFAULT, expected)
+
+
+# --- remembered verdicts never let other bytes through -----------------------------------
+
+
+def test_a_remembered_verdict_covers_only_the_same_bytes(
+    tmp_path: Path, release: bytes, template: OnnxTemplate, schema: Schema
+) -> None:
+    verdicts = Verdicts()
+    expected = _write_release(tmp_path / "1", {MODEL_FILE: release})
+    check_release_dir(tmp_path / "1", template, schema, POLICY_DEFAULT, expected, verdicts)
+    sha = expected[MODEL_FILE][1]
+    assert verdicts.accepted(sha, template, schema, POLICY_DEFAULT)
+    # Same bytes: accepted again (now without parsing).
+    check_release_dir(tmp_path / "1", template, schema, POLICY_DEFAULT, expected, verdicts)
+    # The file swapped for an attack under the old manifest: its hash gives it away.
+    attack = ATTACKS["Constant as output"].make(release)
+    (tmp_path / "1" / MODEL_FILE).write_bytes(attack[: len(release)].ljust(len(release), b"\0"))
+    with pytest.raises(GuardRefused) as caught:
+        check_release_dir(tmp_path / "1", template, schema, POLICY_DEFAULT, expected, verdicts)
+    assert caught.value.layers == (FILES,)
+    # An insider who also rewrote the manifest's hash: new bytes, no verdict, full check.
+    evil = _write_release(tmp_path / "2", {MODEL_FILE: attack})
+    with pytest.raises(GuardRefused) as caught:
+        check_release_dir(tmp_path / "2", template, schema, POLICY_DEFAULT, evil, verdicts)
+    assert caught.value.layers == (PARSE, TEMPLATE)
+    assert not verdicts.accepted(evil[MODEL_FILE][1], template, schema, POLICY_DEFAULT)
+
+
+def test_a_verdict_is_per_policy(release: bytes, template: OnnxTemplate, schema: Schema) -> None:
+    verdicts = Verdicts()
+    sha = hashlib.sha256(release).hexdigest()
+    verdicts.accept(sha, template, schema, POLICY_DEFAULT)
+    stricter = GuardPolicy(max_constant_bytes=0)
+    assert not verdicts.accepted(sha, template, schema, stricter)
+    assert not verdicts.accepted(sha, template, get("drivenet").schema(), POLICY_DEFAULT)
 
 
 def test_guard_refused_is_a_policy_refusal() -> None:
