@@ -66,6 +66,7 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
     )
     egress = Report("egress", f"Egress: PullRelease of the {model} release over loopback")
     with workdir(options, "round") as tmp:
+        gateway_proc.warm_templates(Path(tmp), (model,), templates)
         gw = gateway_proc.start(Path(tmp) / "gw", (model,), templates, quorum=TRAINERS)
         try:
             with PeakRss(gw.pid, interval_s=0.005) as rss:
@@ -100,7 +101,8 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
     memory.notes += [
         f"{TRAINERS} pushes of {TRAINERS * model_bytes / MB:.0f} MB in all took {pushed_s:.1f} s; "
         f"round closed and released {round_s - pushed_s:.1f} s after the last commit",
-        "RSS sampled every 5 ms with psutil from before the first push until the release is listed",
+        "RSS sampled every 5 ms with psutil from before the first push until the release is listed;"
+        " the model's ONNX template was built by an earlier start (once per model, ever)",
     ]
     memory.check(
         f"gateway peak RSS during the {TRAINERS}-trainer round <= 3x the model",

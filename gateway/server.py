@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway import heap
 from gateway.config import Config
 from gateway.core.catalog import Catalog
 from gateway.core.dp import DpPolicy
@@ -231,6 +232,7 @@ class Gateway:
         )
         self._internal.start()
         self._egress.start()
+        heap.trim()  # bootstrap's transient copies of the weights (version 0) go back
         self.rounds.start()
         self._write_endpoints(self.endpoints)
         log.info("internal listener %s, egress listener %s", *self.endpoints.__dict__.values())

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from gateway.export import refresh as refresh_module
+from gateway.export.parity import PARITY_TOLERANCE, max_output_diff
 from gateway.export.refresh import refresh, write_refreshed, write_release_files
 from gateway.export.selftest import self_test
 from gateway.export.template import (
@@ -447,6 +448,25 @@ def test_write_release_files_single_file(
     assert files == [(MODEL_FILE, out.stat().st_size, _sha256(out))]
     assert out.read_bytes() == refresh(template, schema, payload)
     assert [p.name for p in (tmp_path / "release").iterdir()] == [MODEL_FILE]
+
+
+def test_parity_runs_the_files_own_weights(
+    template: OnnxTemplate, schema: Schema, tiny: ModelEntry, tmp_path: Path
+) -> None:
+    # max_output_diff loads a file's weights in place (external data pointing into the
+    # file itself); the values onnxruntime runs must be exactly the file's bytes.
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(schema.flatten(tiny.build(seed=5).state_dict()))
+    write_release_files(template, schema, payload, tmp_path / "release")
+    path = tmp_path / "release" / MODEL_FILE
+    in_place = max_output_diff(path, tiny, tiny.build(seed=5))
+    assert in_place <= PARITY_TOLERANCE
+    assert in_place == max_output_diff(path.read_bytes(), tiny, tiny.build(seed=5))
+    r = next(r for r in template.ranges if r.name == "control_head.bias")
+    data = bytearray(path.read_bytes())
+    data[r.start : r.start + 4] = np.float32(100.0).tobytes()
+    path.write_bytes(data)
+    assert max_output_diff(path, tiny, tiny.build(seed=5)) > 50
 
 
 def test_single_file_writers_refuse_a_two_file_template(
