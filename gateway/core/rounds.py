@@ -306,6 +306,7 @@ class RoundManager:
         )
         updates = prepared.updates
         sha, report, dp = self._run_strategy(served, strategy, r, base, prepared, version_no)
+        folded_s = time.perf_counter() - started
         version = Version(
             model=r.model,
             version=version_no,
@@ -360,12 +361,13 @@ class RoundManager:
             )
             self._open_next(db, r.model, r.round + 1, version.version)
         log.info(
-            "round %d of %s closed: %d updates -> version %d in %.2fs%s",
+            "round %d of %s closed: %d updates -> version %d in %.2fs (aggregation %.2fs)%s",
             r.round,
             r.model,
             len(updates),
             version.version,
             time.perf_counter() - started,
+            folded_s,
             "" if release else f" (no release: {outcome.refused})",
         )
         return ClosedRound(version, release is not None, outcome.refused)

@@ -8,6 +8,7 @@ import os
 import stat
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,26 +235,22 @@ def _open_regular(dir_fd: int, name: str) -> int:
     return fd
 
 
-def _read_checked(dir_fd: int, name: str, size: int, sha256: str, keep: bool) -> memoryview:
-    """Check one file's size and sha256 as read; return its bytes if keep (else empty).
-
-    Reads into one preallocated buffer, so the caller checks exactly the bytes hashed.
-    """
+def _read_checked(dir_fd: int, name: str, size: int, sha256: str) -> None:
+    """Check one file's size and sha256 as it is streamed through a small buffer."""
     fd = _open_regular(dir_fd, name)
     try:
         actual = os.fstat(fd).st_size
         if actual != size:
             raise _refuse_files(f"{name}: {actual} bytes, the manifest says {size}")
         digest = hashlib.sha256()
-        buf = memoryview(bytearray(size if keep else min(size, _READ_BYTES)))
+        buf = memoryview(bytearray(min(size, _READ_BYTES)))
         pos = 0
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             while pos < size:
-                window = buf[pos:] if keep else buf[: min(size - pos, len(buf))]
-                n = f.readinto(window)
+                n = f.readinto(buf[: min(size - pos, len(buf))])
                 if not n:
                     raise _refuse_files(f"{name}: ended {size - pos} bytes early while read")
-                digest.update(window[:n])
+                digest.update(buf[:n])
                 pos += n
             if f.read(1):
                 raise _refuse_files(f"{name}: grew while being read")
@@ -263,7 +260,31 @@ def _read_checked(dir_fd: int, name: str, size: int, sha256: str, keep: bool) ->
         raise _refuse_files(
             f"{name}: sha256 {digest.hexdigest()[:16]}..., the manifest says {sha256[:16]}..."
         )
-    return buf if keep else memoryview(b"")
+
+
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-sha256")
+
+
+def _read_whole(dir_fd: int, name: str, size: int) -> memoryview:
+    """A file's bytes, exactly `size` of them, into one buffer (hashed by the caller)."""
+    fd = _open_regular(dir_fd, name)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise _refuse_files(f"{name}: {actual} bytes, the manifest says {size}")
+        buf = memoryview(bytearray(size))
+        pos = 0
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            while pos < size:
+                n = f.readinto(buf[pos:])
+                if not n:
+                    raise _refuse_files(f"{name}: ended {size - pos} bytes early while read")
+                pos += n
+            if f.read(1):
+                raise _refuse_files(f"{name}: grew while being read")
+    finally:
+        os.close(fd)
+    return buf
 
 
 def check_release_dir(
@@ -320,14 +341,25 @@ def check_release_dir(
         for name in sorted(expected):
             if name != MODEL_FILE:
                 # Streamed: the data file of a large model is never held in memory.
-                _read_checked(dir_fd, name, *expected[name], keep=False)
+                _read_checked(dir_fd, name, *expected[name])
         size, sha256 = expected[MODEL_FILE]
-        known = verdicts is not None and verdicts.accepted(sha256, template, schema, policy)
-        # Known: hashed as read (keep=False), so these are the bytes that passed before.
-        model = _read_checked(dir_fd, MODEL_FILE, size, sha256, keep=not known)
+        if verdicts is not None and verdicts.accepted(sha256, template, schema, policy):
+            # Hashed as read: these are the very bytes that passed before.
+            _read_checked(dir_fd, MODEL_FILE, size, sha256)
+            return
+        model = _read_whole(dir_fd, MODEL_FILE, size)
     finally:
         os.close(dir_fd)
-    if not known:
+    # The byte checks run while a worker hashes the same buffer (both release the GIL);
+    # the file's hash is judged first, so a changed file is refused as such.
+    hashed = _HASHER.submit(lambda: hashlib.sha256(model).hexdigest())
+    try:
         check_model_bytes(model, template, schema, policy)
-        if verdicts is not None:
-            verdicts.accept(sha256, template, schema, policy)
+    finally:
+        digest = hashed.result()
+        if digest != sha256:
+            raise _refuse_files(
+                f"{MODEL_FILE}: sha256 {digest[:16]}..., the manifest says {sha256[:16]}..."
+            )
+    if verdicts is not None:
+        verdicts.accept(sha256, template, schema, policy)

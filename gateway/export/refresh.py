@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -22,27 +23,45 @@ if TYPE_CHECKING:
 _CHUNK_BYTES = 16 << 20  # bounds each write so a big tensor never needs a second copy
 
 
-def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release-sha256")
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], durable: bool = True) -> str:
     """Write chunks to path via a temp file in the same directory, fsync, os.replace.
 
+    Chunks must not change once yielded (bytes, or views of immutable bytes): each is
+    hashed in a worker while it is written.
+
     Returns the hex sha256 of what was written. Readers see the old file or the whole
-    new one, never a part; after a crash only a stray `.tmp` file can remain.
+    new one, never a part; after a crash only a stray `.tmp` file can remain. With
+    durable=False nothing is fsynced: the caller syncs the file (and the directory)
+    before anything refers to it (publish overlaps that with its checks).
     """
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            pending: Future[None] | None = None
             for chunk in chunks:
+                # Hash this chunk in a worker while writing it (both release the GIL); the
+                # previous chunk's hash is done first, so the order is kept.
+                if pending is not None:
+                    pending.result()
+                pending = _HASHER.submit(digest.update, chunk)
                 out.write(chunk)
-                digest.update(chunk)
+            if pending is not None:
+                pending.result()
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    if not durable:
+        return digest.hexdigest()
     # The rename itself is only durable once the directory entry is on disk.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -137,7 +156,9 @@ def _refreshed_chunks(
     yield data[pos:]
 
 
-def write_refreshed(t: OnnxTemplate, schema: Schema, payload_path: Path, out_path: Path) -> str:
+def write_refreshed(
+    t: OnnxTemplate, schema: Schema, payload_path: Path, out_path: Path, durable: bool = True
+) -> str:
     """Stream a payload file into the template and write the result atomically to out_path.
 
     Returns the hex sha256 of the written file. Memory: one chunk, plus the template's
@@ -147,7 +168,7 @@ def write_refreshed(t: OnnxTemplate, schema: Schema, payload_path: Path, out_pat
     plan = _plan(t, schema)
     _check_payload_size(payload_path, schema)
     with payload_path.open("rb") as payload:
-        return write_atomic(out_path, _refreshed_chunks(t, plan, payload))
+        return write_atomic(out_path, _refreshed_chunks(t, plan, payload), durable)
 
 
 def _check_payload_size(payload_path: Path, schema: Schema) -> None:
@@ -166,28 +187,29 @@ def _data_file_chunks(
 
 
 def write_release_files(
-    t: OnnxTemplate, schema: Schema, payload_path: Path, out_dir: Path
+    t: OnnxTemplate, schema: Schema, payload_path: Path, out_dir: Path, durable: bool = True
 ) -> list[tuple[str, int, str]]:
     """Write the release files of a payload file into out_dir, each atomically.
 
     Returns (file name, size, sha256 hex) per file written: model.onnx for a
     single-file template (write_refreshed); for the two-file layout the data file (the
     graph weights end to end, in the template's range order) and then model.onnx, the
-    template's bytes unchanged. Memory: the template plus one chunk.
+    template's bytes unchanged. Memory: the template plus one chunk. durable=False: as
+    in write_atomic, the caller fsyncs the files and out_dir.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILE
     if t.data_file is None:
-        sha = write_refreshed(t, schema, payload_path, model_path)
+        sha = write_refreshed(t, schema, payload_path, model_path, durable)
         return [(MODEL_FILE, model_path.stat().st_size, sha)]
     plan = _plan(t, schema)
     _check_payload_size(payload_path, schema)
     data_path = out_dir / t.data_file
-    data_sha = write_atomic(data_path, _data_file_chunks(payload_path, plan))
+    data_sha = write_atomic(data_path, _data_file_chunks(payload_path, plan), durable)
     if data_path.stat().st_size != t.data_file_bytes:
         # Only if the payload file shrank while it was being read.
         raise ValueError(
             f"{data_path}: wrote {data_path.stat().st_size} bytes, expected {t.data_file_bytes}"
         )
-    model_sha = write_atomic(model_path, [t.data])
+    model_sha = write_atomic(model_path, [t.data], durable)
     return [(MODEL_FILE, len(t.data), model_sha), (t.data_file, t.data_file_bytes, data_sha)]

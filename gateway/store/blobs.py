@@ -111,12 +111,16 @@ class BlobStore:
         return final
 
     def adopt(self, path: Path) -> str:
-        """Hash a finished file under blobs/tmp, fsync it and move it to its address."""
+        """Hash a finished file under blobs/tmp, fsync it and move it to its address.
+
+        The fsync runs in a worker while this thread hashes the same (cached) bytes.
+        """
         digest = hashlib.sha256()
         with path.open("rb") as f:
+            synced = _HASHERS.submit(os.fsync, f.fileno())
             while data := f.read(8 << 20):
                 digest.update(data)
-            os.fsync(f.fileno())
+            synced.result()
         final = self.path(digest.hexdigest())
         final.parent.mkdir(exist_ok=True)
         os.replace(path, final)
