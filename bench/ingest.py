@@ -22,7 +22,7 @@ from bench.common import (
     sha256_seconds,
     workdir,
 )
-from bench.unary_sink import put
+from bench.grpc_sink import drain, put
 from clients.sdk import TrainerClient
 
 # (single-stream model, concurrent model, concurrent trainers)
@@ -76,10 +76,11 @@ def _concurrent(target: str, model: str, payloads: list[bytes], tag: str) -> flo
     return time.perf_counter() - started
 
 
-def _unary_seconds(payload: bytes, tmp: Path, repeats: int) -> list[float]:
-    port_file = tmp / "unary.port"
+def _plain_grpc_seconds(payload: bytes, tmp: Path, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds per Put (one unary message) and per Drain (a plain chunk stream)."""
+    port_file = tmp / "grpc-sink.port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.unary_sink", str(port_file)], stdout=subprocess.DEVNULL
+        [sys.executable, "-m", "bench.grpc_sink", str(port_file)], stdout=subprocess.DEVNULL
     )
     try:
         while not port_file.exists() or not port_file.read_text():
@@ -88,13 +89,18 @@ def _unary_seconds(payload: bytes, tmp: Path, repeats: int) -> list[float]:
             time.sleep(0.05)
         target = f"127.0.0.1:{port_file.read_text()}"
         expected = hashlib.sha256(payload).hexdigest()
-        times = []
+        unary, stream = [], []
         for _ in range(repeats):
             started = time.perf_counter()
             if put(target, payload) != expected:
                 raise RuntimeError("the unary sink hashed other bytes")
-            times.append(time.perf_counter() - started)
-        return times
+            unary.append(time.perf_counter() - started)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            if drain(target, payload) != len(payload):
+                raise RuntimeError("the stream sink counted other bytes")
+            stream.append(time.perf_counter() - started)
+        return unary, stream
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -128,7 +134,7 @@ def bench_ingest(options: Options, templates: Path) -> Report:
             ]
         finally:
             gateway_proc.stop(gw, templates)
-        unary = _unary_seconds(single, Path(tmp), options.repeats)
+        unary, plain = _plain_grpc_seconds(single, Path(tmp), options.repeats)
     raw_single = [raw_socket_seconds(single) for _ in range(options.repeats)]
     raw_many = [raw_socket_seconds(many[0], streams=trainers) for _ in range(options.repeats)]
     sha = [sha256_seconds(single) for _ in range(options.repeats)]
@@ -141,6 +147,7 @@ def bench_ingest(options: Options, templates: Path) -> Report:
         "raw_socket_single_mb_s": rate(len(single), raw_single),
         "sha256_mb_s": rate(len(single), sha),
         "unary_single_mb_s": rate(len(single), unary),
+        "plain_grpc_stream_mb_s": rate(len(single), plain),
         "push_concurrent_mb_s": rate(many_bytes, push_many),
         "raw_socket_concurrent_mb_s": rate(many_bytes, raw_many),
     }
@@ -151,6 +158,9 @@ def bench_ingest(options: Options, templates: Path) -> Report:
          f"{figures['push_single_mb_s']:.0f}", f"{figures['push_single_mb_s'] / raw1:.0%}"],
         ["one unary gRPC message (parse + sha256)", f"{len(single) / MB:.0f} MB",
          f"{figures['unary_single_mb_s']:.0f}", f"{figures['unary_single_mb_s'] / raw1:.0%}"],
+        ["plain gRPC Python stream, 4 MiB messages, no work", f"{len(single) / MB:.0f} MB",
+         f"{figures['plain_grpc_stream_mb_s']:.0f}",
+         f"{figures['plain_grpc_stream_mb_s'] / raw1:.0%}"],
         ["sha256 of the same bytes", f"{len(single) / MB:.0f} MB",
          f"{figures['sha256_mb_s']:.0f}", f"{figures['sha256_mb_s'] / raw1:.0%}"],
         ["raw TCP loopback socket, 1 stream", f"{len(single) / MB:.0f} MB", f"{raw1:.0f}", "100%"],
@@ -181,6 +191,7 @@ def bench_ingest(options: Options, templates: Path) -> Report:
             "push_single": push_single,
             "push_concurrent": push_many,
             "unary_single": unary,
+            "plain_grpc_stream": plain,
             "raw_single": raw_single,
             "raw_concurrent": raw_many,
             "sha256": sha,

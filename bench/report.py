@@ -47,6 +47,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
             rm = r["machine"]
             out.append(f"- measured {r['date']}, load average after it {rm['load_average']}")
         out += [f"- {note}" for note in r["notes"]]
+        for cell in r["data"].get("cells", []) if isinstance(r["data"], dict) else []:
+            if "skipped" in cell:  # a measurement that could not run says why
+                where = f"P={cell['P'] / 1e6:g}M, N={cell['N']}"
+                out.append(f"- not run: {cell['method']} at {where}: {cell['skipped']}")
         out += [
             f"- **{'PASS' if c['ok'] else 'FAIL'}** {c['name']}: {c['detail']}" for c in r["checks"]
         ]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+import queue
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +18,14 @@ import numpy as np
 from scipy.linalg import blas  # type: ignore[import-untyped]
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
-from models.schema import Schema
+from models.schema import Schema, TensorSpec
 
 # 1 MiB blocks stay in the CPU caches between the read and the axpy, and keep the fold's
 # memory at 4 MiB whatever the model (bench/: as fast as 8 MiB blocks at 25M-100M params).
 DEFAULT_BLOCK_BYTES = 1 << 20
+# Threads folding blocks at once: the fold is bound by memory copies and arithmetic, which
+# run outside the GIL; more than the cores the gateway has only adds hand-offs.
+FOLD_WORKERS = max(1, min(4, os.cpu_count() or 1))
 # y += a * x in one pass (BLAS axpy) for native float32/float64: numpy needs a multiply
 # and an add, two passes over the block (bench/README.md: ~3x the arithmetic throughput).
 _AXPY = {np.dtype(np.float32): blas.saxpy, np.dtype(np.float64): blas.daxpy}
@@ -47,13 +53,86 @@ def _read(fd: int, buf: np.ndarray, offset: int) -> None:
         raise ValueError(f"short read at offset {offset}: {got} of {len(view)} bytes")
 
 
+@dataclass
+class _Arena:
+    """One worker's reusable buffers: raw bytes, viewed per block in the tensor's dtype."""
+
+    acc: np.ndarray  # the accumulator (float tensors: their dtype; integers: float64)
+    buf: np.ndarray  # what is read: a contribution's block, then the base's
+    scratch: np.ndarray  # integer tensors only: the weighted block in float64
+
+    @classmethod
+    def of(cls, block_bytes: int, has_integers: bool) -> _Arena:
+        size = max(block_bytes, 8)
+        return cls(
+            np.empty(size, dtype=np.uint8),
+            np.empty(size, dtype=np.uint8),
+            np.empty(size if has_integers else 0, dtype=np.uint8),
+        )
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """What every block of one fold shares."""
+
+    base_fd: int
+    fds: Sequence[int]
+    contributions: Sequence[Contribution]
+    total: int  # sum of num_examples
+
+    def block(self, spec: TensorSpec, first: int, count: int, arena: _Arena) -> memoryview:
+        """base + sum(n_i * delta_i) / total for `count` elements of spec from byte `first`,
+        in a buffer of its own (the base is read straight into it: no copy to hand it out)."""
+        dtype = np.dtype(spec.dtype)
+        acc_dtype = dtype if spec.is_float else np.dtype(np.float64)
+        axpy = _AXPY.get(dtype) if spec.is_float else None
+        acc = arena.acc[: count * acc_dtype.itemsize].view(acc_dtype)
+        buf = arena.buf[: count * dtype.itemsize].view(dtype)
+        acc.fill(0)
+        for fd, c in zip(self.fds, self.contributions, strict=True):
+            _read(fd, buf, first)
+            if axpy is not None:
+                axpy(buf, acc, a=c.scale * c.num_examples / self.total)  # acc in place
+            elif spec.is_float:
+                np.multiply(buf, dtype.type(c.scale * c.num_examples / self.total), out=buf)
+                np.add(acc, buf, out=acc)
+            else:
+                weighted = arena.scratch[: count * 8].view(np.float64)
+                np.multiply(buf, float(c.num_examples), out=weighted)
+                np.add(acc, weighted, out=acc)
+        out = np.empty(count, dtype=dtype)
+        _read(self.base_fd, out, first)
+        if spec.is_float:
+            np.add(out, acc, out=out)
+        else:
+            np.divide(acc, self.total, out=acc)
+            np.rint(acc, out=acc)
+            mean_delta = arena.scratch[: count * dtype.itemsize].view(dtype)
+            np.copyto(mean_delta, acc, casting="unsafe")
+            np.add(out, mean_delta, out=out)
+        return out.view(np.uint8).data
+
+
+def _blocks(schema: Schema, block_bytes: int) -> Iterator[tuple[TensorSpec, int, int]]:
+    """(tensor, first byte, element count) of every block, in payload order."""
+    for spec, start, end in schema.spans():
+        dtype = np.dtype(spec.dtype)
+        acc_itemsize = dtype.itemsize if spec.is_float else 8
+        # Elements per block: as many as fit block_bytes in the wider of the two dtypes.
+        step = max(block_bytes // max(dtype.itemsize, acc_itemsize), 1)
+        for first in range(start, end, step * dtype.itemsize):
+            yield spec, first, min(step, (end - first) // dtype.itemsize)
+
+
 def fold_fedavg(
     schema: Schema,
     base_path: Path,
     contributions: Sequence[Contribution],
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-) -> Iterator[bytes]:
-    """Yield the new global payload, base + sum(n_i * delta_i) / sum(n_i), block by block.
+    workers: int = FOLD_WORKERS,
+) -> Generator[memoryview, None, None]:
+    """Yield the new global payload, base + sum(n_i * delta_i) / sum(n_i), block by block
+    (each a view of a buffer of its own, never reused).
 
     Contributions are folded in the given order, so the same order gives the same bytes.
     Float tensors accumulate in their own dtype (float32 like Flower's `aggregate`), with
@@ -63,20 +142,23 @@ def fold_fedavg(
     weighted mean delta is rounded half-to-even: a counter stays an integer, unlike
     Flower's in-place FedAvg, which multiplies it by a weight truncated to 0.
 
-    Memory: three blocks of `block_bytes` (accumulator, read buffer, output), plus one
-    scratch block while folding an integer tensor, whatever the number of contributions
-    or the size of the model. Accumulator and buffers are allocated once and reused.
+    `workers` threads fold consecutive blocks at once (reads, axpy and copies release the
+    GIL) while the caller consumes the blocks before them, in order.
+
+    Memory: per worker one arena of three blocks of `block_bytes` (accumulator, read
+    buffer, scratch for integer tensors), plus the finished blocks waiting to be yielded
+    (at most workers + 1): whatever the number of contributions or the size of the model.
     """
     if not contributions:
         raise ValueError("fold_fedavg needs at least one contribution")
     total = sum(c.num_examples for c in contributions)
     if total <= 0 or any(c.num_examples <= 0 for c in contributions):
         raise ValueError("every contribution needs num_examples > 0")
-    # Raw byte arenas, viewed per block in the tensor's dtype (ints: float64 accumulator).
-    acc_raw = np.empty(max(block_bytes, 8), dtype=np.uint8)
-    buf_raw = np.empty(max(block_bytes, 8), dtype=np.uint8)
+    workers = max(workers, 1)
     has_integers = any(not spec.is_float for spec in schema.tensors)
-    scratch_raw = np.empty(max(block_bytes, 8) if has_integers else 0, dtype=np.uint8)
+    arenas: queue.SimpleQueue[_Arena] = queue.SimpleQueue()
+    for _ in range(workers):
+        arenas.put(_Arena.of(block_bytes, has_integers))
     with ExitStack() as stack:
         stack.enter_context(_blas().limit(limits=1))
         base_fd = os.open(base_path, os.O_RDONLY)
@@ -86,35 +168,23 @@ def fold_fedavg(
             fd = os.open(c.path, os.O_RDONLY)
             stack.callback(os.close, fd)
             fds.append(fd)
-        for spec, start, end in schema.spans():
-            dtype = np.dtype(spec.dtype)
-            acc_dtype = dtype if spec.is_float else np.dtype(np.float64)
-            # Elements per block: as many as fit block_bytes in the wider of the two dtypes.
-            step = max(block_bytes // max(dtype.itemsize, acc_dtype.itemsize), 1)
-            axpy = _AXPY.get(dtype) if spec.is_float else None
-            for first in range(start, end, step * dtype.itemsize):
-                count = min(step, (end - first) // dtype.itemsize)
-                acc = acc_raw[: count * acc_dtype.itemsize].view(acc_dtype)
-                buf = buf_raw[: count * dtype.itemsize].view(dtype)
-                acc.fill(0)
-                for fd, c in zip(fds, contributions, strict=True):
-                    _read(fd, buf, first)
-                    if axpy is not None:
-                        axpy(buf, acc, a=c.scale * c.num_examples / total)  # acc in place
-                    elif spec.is_float:
-                        np.multiply(buf, dtype.type(c.scale * c.num_examples / total), out=buf)
-                        np.add(acc, buf, out=acc)
-                    else:
-                        weighted = scratch_raw[: count * 8].view(np.float64)
-                        np.multiply(buf, float(c.num_examples), out=weighted)
-                        np.add(acc, weighted, out=acc)
-                _read(base_fd, buf, first)
-                if spec.is_float:
-                    np.add(buf, acc, out=buf)
-                else:
-                    np.divide(acc, total, out=acc)
-                    np.rint(acc, out=acc)
-                    mean_delta = scratch_raw[: count * dtype.itemsize].view(dtype)
-                    np.copyto(mean_delta, acc, casting="unsafe")
-                    np.add(buf, mean_delta, out=buf)
-                yield buf.tobytes()
+        fold = _Fold(base_fd, fds, contributions, total)
+
+        def run(spec: TensorSpec, first: int, count: int) -> memoryview:
+            arena = arenas.get()  # never waits long: at most `workers` tasks run at once
+            try:
+                return fold.block(spec, first, count, arena)
+            finally:
+                arenas.put(arena)
+
+        # Unwound before the descriptors close: no worker reads a closed (or reused) fd,
+        # also when the caller stops early.
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fold")
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        pending: deque[Future[memoryview]] = deque()
+        for spec, first, count in _blocks(schema, block_bytes):
+            if len(pending) > workers:
+                yield pending.popleft().result()
+            pending.append(pool.submit(run, spec, first, count))
+        while pending:
+            yield pending.popleft().result()

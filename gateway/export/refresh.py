@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from gateway.store.writeback import WriteBehind
 from models.manifest import MODEL_FILE
 from models.schema import Schema
 
@@ -42,6 +43,7 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], durable: bool
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            behind = WriteBehind(fd)
             pending: Future[None] | None = None
             for chunk in chunks:
                 # Hash this chunk in a worker while writing it (both release the GIL); the
@@ -50,6 +52,7 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], durable: bool
                     pending.result()
                 pending = _HASHER.submit(digest.update, chunk)
                 out.write(chunk)
+                behind.wrote(len(chunk))
             if pending is not None:
                 pending.result()
             out.flush()

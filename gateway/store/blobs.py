@@ -12,6 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+from gateway.store.writeback import WriteBehind
+
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -43,6 +45,7 @@ class TempBlob:
         self._hash = hashlib.sha256()
         self._pending: Future[None] | None = None
         self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 - closed by finish/discard
+        self._behind = WriteBehind(self._file.fileno())
 
     def _settle(self) -> None:
         if self._pending is not None:
@@ -54,6 +57,7 @@ class TempBlob:
         self._pending = _HASHERS.submit(self._hash.update, data)
         self._file.write(data)
         self.size += len(data)
+        self._behind.wrote(len(data))
 
     def hexdigest(self) -> str:
         self._settle()

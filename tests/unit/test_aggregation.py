@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 import warnings
 from collections.abc import Sequence
@@ -301,6 +302,9 @@ def test_short_file_is_an_error(tmp_path: Path, which: str) -> None:
         fold(MIXED, setup.base_path, setup.contributions)
 
 
+WORKERS = 2  # the memory tests fold with this many threads
+
+
 def fold_traced(
     schema: Schema, base: Path, contributions: Sequence[Contribution], block_bytes: int, out: Path
 ) -> int:
@@ -314,7 +318,7 @@ def fold_traced(
         assert probe_peak >= block_bytes * 4
         tracemalloc.reset_peak()
         with out.open("wb") as sink:
-            for chunk in fold_fedavg(schema, base, contributions, block_bytes=block_bytes):
+            for chunk in fold_fedavg(schema, base, contributions, block_bytes, WORKERS):
                 sink.write(chunk)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -338,10 +342,53 @@ def test_memory_stays_a_few_blocks_whatever_n(tmp_path: Path) -> None:
 
     peak = fold_traced(schema, base, contributions, block_bytes, out)
 
-    # Accumulator, read buffer and output block, plus the block the caller still holds.
-    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB for {n} updates of 16 MiB"
+    # Per worker an accumulator and a read buffer; finished blocks waiting (workers + 1)
+    # and the one the caller holds: 3w + 2 blocks, whatever n (the docstring's bound).
+    bound = (3 * WORKERS + 2) * block_bytes + (64 << 10)
+    assert peak <= bound, f"peak {peak / 2**20:.1f} MiB for {n} updates of 16 MiB"
     head = np.fromfile(out, dtype="<f4", count=4) - np.fromfile(base, dtype="<f4", count=4)
     np.testing.assert_allclose(head, (n - 1) / 2)
+
+
+def test_the_same_bytes_whatever_the_number_of_workers(tmp_path: Path) -> None:
+    schema = Schema(
+        (
+            TensorSpec("w", (300_001,), "<f4"),
+            TensorSpec("steps", (7,), "<i8"),
+            TensorSpec("h", (5_003,), "<f2"),
+            TensorSpec("d", (70_001,), "<f8"),
+        )
+    )
+    rng = np.random.default_rng(71)
+
+    def arrays() -> dict[str, np.ndarray]:
+        return {
+            spec.name: (rng.standard_normal(spec.shape) * 3).astype(spec.dtype)
+            for spec in schema.tensors
+        }
+
+    base = write(tmp_path / "base.bin", schema, arrays())
+    contributions = [
+        Contribution(write(tmp_path / f"u{i}.bin", schema, arrays()), 10 + 7 * i, 0.5 + i / 10)
+        for i in range(5)
+    ]
+    folds = {
+        workers: b"".join(fold_fedavg(schema, base, contributions, 64 << 10, workers))
+        for workers in (1, 2, 5)
+    }
+    assert folds[1] == folds[2] == folds[5]
+    assert len(folds[1]) == schema.payload_bytes
+
+
+def test_stopping_early_leaves_no_worker_reading(tmp_path: Path) -> None:
+    schema = Schema((TensorSpec("w", (1 << 20,), "<f4"),))
+    base = write(tmp_path / "base.bin", schema, {"w": np.zeros(1 << 20, "<f4")})
+    update = write(tmp_path / "u.bin", schema, {"w": np.ones(1 << 20, "<f4")})
+    blocks = fold_fedavg(schema, base, [Contribution(update, 1)], 4096, workers=3)
+    first = next(blocks)
+    blocks.close()  # the caller gives up after one block: workers stop, descriptors close
+    assert np.frombuffer(first, "<f4")[0] == 1.0
+    assert not [t for t in threading.enumerate() if t.name.startswith("fold")]
 
 
 @pytest.mark.parametrize("dtype", ["<i8", "<i4"])
@@ -360,7 +407,8 @@ def test_integer_tensors_stay_within_the_memory_bound(tmp_path: Path, dtype: str
 
     peak = fold_traced(schema, base, contributions, block_bytes, out)
 
-    # The float64 accumulator and one scratch block come on top of the float case.
-    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB for {n} updates of 16 MiB"
+    # Each worker's scratch block comes on top of the float case: 4w + 2 blocks.
+    bound = (4 * WORKERS + 2) * block_bytes + (64 << 10)
+    assert peak <= bound, f"peak {peak / 2**20:.1f} MiB for {n} updates of 16 MiB"
     got = np.fromfile(out, dtype=dtype)
     np.testing.assert_array_equal(got[[0, -1]], [102, 102])  # mean delta 1.5 rounds to 2
