@@ -164,6 +164,8 @@ def _parse_skeleton(
             raise ArtifactRefused(
                 f"file is not the canonical encoding of its own content: {exc}"
             ) from exc
+        except onnx_wire.TooManyFields as exc:  # refused at once, never walked to the end
+            raise ArtifactRefused(f"not a model this check accepts: {exc}") from exc
         except ValueError:
             pass  # refused below by the full parse, or by the initializer checks
         else:

@@ -18,6 +18,26 @@ TENSOR_NAME = 8  # TensorProto.name
 TENSOR_RAW_DATA = 9  # TensorProto.raw_data
 
 _MAX_VARINT_BYTES = 10
+# Fields a walk of one untrusted file may visit. A real model has a few per node and per
+# initializer; junk fields cost ~15 us each in Python, so this bounds a walk to seconds
+# (upb parses such junk in C, the walker must not be the slow way to refuse a file).
+MAX_FIELDS = 1 << 18
+
+
+class TooManyFields(ValueError):
+    """A walk met more fields than MAX_FIELDS: refused, not walked to the end."""
+
+
+class Budget:
+    """Fields left for one walk; shared by every message the walk enters."""
+
+    def __init__(self, fields: int = MAX_FIELDS) -> None:
+        self.left = fields
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise TooManyFields(f"more than {MAX_FIELDS} protobuf fields")
 
 
 @dataclass(frozen=True)
@@ -58,7 +78,9 @@ def read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     raise ValueError(f"varint longer than {_MAX_VARINT_BYTES} bytes ending at byte {pos}")
 
 
-def iter_fields(buf: bytes | memoryview, start: int = 0, end: int | None = None) -> Iterator[Field]:
+def iter_fields(
+    buf: bytes | memoryview, start: int = 0, end: int | None = None, budget: Budget | None = None
+) -> Iterator[Field]:
     """Walk the fields of one message occupying buf[start:end], in file order.
 
     Raises ValueError on anything that is not well-formed wire format: truncation,
@@ -69,6 +91,8 @@ def iter_fields(buf: bytes | memoryview, start: int = 0, end: int | None = None)
         raise ValueError(f"message range [{start}, {stop}) outside a buffer of {len(buf)} bytes")
     pos = start
     while pos < stop:
+        if budget is not None:
+            budget.spend()
         key_start = pos
         key, pos = read_varint(buf, pos, stop)
         number, wire_type = key >> 3, key & 0x7
@@ -98,38 +122,50 @@ def iter_fields(buf: bytes | memoryview, start: int = 0, end: int | None = None)
             raise ValueError(f"field {number}: unsupported wire type {wire_type} at byte {pos}")
 
 
-def _only_len_field(buf: bytes | memoryview, start: int, end: int, number: int, what: str) -> Field:
+def _only_len_field(
+    buf: bytes | memoryview, start: int, end: int, number: int, what: str, budget: Budget
+) -> Field:
     """The single LEN field `number` of a message; protobuf would merge repeats, we refuse."""
-    found = [f for f in iter_fields(buf, start, end) if f.number == number]
-    if len(found) != 1:
-        raise ValueError(f"{what}: expected exactly one field {number}, found {len(found)}")
-    if found[0].wire_type != LEN:
-        raise ValueError(f"{what}: field {number} has wire type {found[0].wire_type}, not LEN")
-    return found[0]
+    found: Field | None = None
+    for f in iter_fields(buf, start, end, budget):
+        if f.number == number:
+            if found is not None:  # stop at the second: no list of a million repeats
+                raise ValueError(f"{what}: expected exactly one field {number}, found more")
+            found = f
+    if found is None:
+        raise ValueError(f"{what}: expected exactly one field {number}, found 0")
+    if found.wire_type != LEN:
+        raise ValueError(f"{what}: field {number} has wire type {found.wire_type}, not LEN")
+    return found
 
 
-def initializer_spans(model: bytes | memoryview) -> tuple[InitializerSpan, ...]:
+def initializer_spans(
+    model: bytes | memoryview, budget: Budget | None = None
+) -> tuple[InitializerSpan, ...]:
     """Every graph initializer of a serialized ModelProto with its raw_data byte range.
 
     In file order. Each initializer must have exactly one name and exactly one raw_data
     field, and names must be unique; anything else raises ValueError, because a caller
     that rewrites or checks these ranges must not be able to be fooled by repeats.
     """
-    graph = _only_len_field(model, 0, len(model), MODEL_GRAPH, "ModelProto")
+    budget = budget or Budget()
+    graph = _only_len_field(model, 0, len(model), MODEL_GRAPH, "ModelProto", budget)
     spans: list[InitializerSpan] = []
     seen: set[str] = set()
-    for init in iter_fields(model, graph.start, graph.end):
+    for init in iter_fields(model, graph.start, graph.end, budget):
         if init.number != GRAPH_INITIALIZER:
             continue
         what = f"initializer #{len(spans)}"
         if init.wire_type != LEN:
             raise ValueError(f"{what}: wire type {init.wire_type}, not LEN")
-        name_field = _only_len_field(model, init.start, init.end, TENSOR_NAME, what)
+        name_field = _only_len_field(model, init.start, init.end, TENSOR_NAME, what, budget)
         try:
             name = bytes(model[name_field.start : name_field.end]).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(f"{what}: name is not valid UTF-8") from exc
-        raw = _only_len_field(model, init.start, init.end, TENSOR_RAW_DATA, f"initializer {name!r}")
+        raw = _only_len_field(
+            model, init.start, init.end, TENSOR_RAW_DATA, f"initializer {name!r}", budget
+        )
         if name in seen:
             raise ValueError(f"initializer {name!r} appears more than once")
         seen.add(name)
@@ -163,11 +199,16 @@ def _header(buf: bytes | memoryview, field: Field, length: int) -> bytes:
 
 
 def _rebuild(
-    buf: bytes | memoryview, start: int, end: int, number: int, inner: Callable[[Field], bytes]
+    buf: bytes | memoryview,
+    start: int,
+    end: int,
+    number: int,
+    inner: Callable[[Field], bytes],
+    budget: Budget,
 ) -> bytes:
     """The message buf[start:end] with every LEN field `number` replaced by inner(field)."""
     out = bytearray()
-    for f in iter_fields(buf, start, end):
+    for f in iter_fields(buf, start, end, budget):
         if f.number == number and f.wire_type == LEN:
             payload = inner(f)
             out += _header(buf, f, len(payload))
@@ -184,14 +225,16 @@ def elide_raw_data(model: bytes | memoryview) -> tuple[bytes, tuple[InitializerS
     fraction of the memory: it parses to the same message with empty raw_data. The model
     is its own canonical encoding exactly when the skeleton is and every rewritten key and
     length (the graph, each initializer, each raw_data) was minimal: NotCanonical otherwise.
-    Raises ValueError where initializer_spans does (repeats, malformed wire format).
+    Raises ValueError where initializer_spans does (repeats, malformed wire format), and
+    TooManyFields past MAX_FIELDS fields in all.
     """
-    spans = initializer_spans(model)
+    budget = Budget()  # one for the whole walk: TooManyFields past MAX_FIELDS
+    spans = initializer_spans(model, budget)
 
     def tensor(f: Field) -> bytes:
-        return _rebuild(model, f.start, f.end, TENSOR_RAW_DATA, lambda raw: b"")
+        return _rebuild(model, f.start, f.end, TENSOR_RAW_DATA, lambda raw: b"", budget)
 
     def graph(f: Field) -> bytes:
-        return _rebuild(model, f.start, f.end, GRAPH_INITIALIZER, tensor)
+        return _rebuild(model, f.start, f.end, GRAPH_INITIALIZER, tensor, budget)
 
-    return _rebuild(model, 0, len(model), MODEL_GRAPH, graph), spans
+    return _rebuild(model, 0, len(model), MODEL_GRAPH, graph, budget), spans

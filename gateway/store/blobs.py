@@ -122,9 +122,11 @@ class BlobStore:
         digest = hashlib.sha256()
         with path.open("rb") as f:
             synced = _HASHERS.submit(os.fsync, f.fileno())
-            while data := f.read(8 << 20):
-                digest.update(data)
-            synced.result()
+            try:
+                while data := f.read(8 << 20):
+                    digest.update(data)
+            finally:
+                synced.result()  # before the descriptor closes, also when a read failed
         final = self.path(digest.hexdigest())
         final.parent.mkdir(exist_ok=True)
         os.replace(path, final)

@@ -391,6 +391,27 @@ def test_stopping_early_leaves_no_worker_reading(tmp_path: Path) -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("fold")]
 
 
+def test_overlapping_folds_give_the_blas_threads_back(tmp_path: Path) -> None:
+    from gateway.core.aggregation import _blas
+
+    def threads() -> list[int]:
+        return [lib["num_threads"] for lib in _blas().info()]
+
+    before = threads()
+    schema = Schema((TensorSpec("w", (1 << 16,), "<f4"),))
+    base = write(tmp_path / "base.bin", schema, {"w": np.zeros(1 << 16, "<f4")})
+    update = write(tmp_path / "u.bin", schema, {"w": np.ones(1 << 16, "<f4")})
+    first = fold_fedavg(schema, base, [Contribution(update, 1)], 4096)
+    second = fold_fedavg(schema, base, [Contribution(update, 1)], 4096)
+    next(first)
+    next(second)  # both running: BLAS held to one thread
+    assert set(threads()) == {1}
+    first.close()  # the first one out must not restore the second's limit...
+    assert set(threads()) == {1}
+    second.close()  # ...the last one out restores what was there before
+    assert threads() == before
+
+
 @pytest.mark.parametrize("dtype", ["<i8", "<i4"])
 def test_integer_tensors_stay_within_the_memory_bound(tmp_path: Path, dtype: str) -> None:
     n, block_bytes = 16, 1 << 20

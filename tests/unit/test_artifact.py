@@ -180,6 +180,22 @@ def test_over_long_lengths_around_the_elided_weights(
     assert "not the canonical encoding" in _refused(data, weights, ops)
 
 
+def test_a_flood_of_fields_is_refused_without_walking_it(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    # 300k empty unknown fields inside the graph (~1 MB): the walker stops at its budget
+    # instead of visiting them all in Python (upb would have refused them in C).
+    data = bytes(template.data)
+    graph = next(f for f in onnx_wire.iter_fields(data) if f.number == onnx_wire.MODEL_GRAPH)
+    junk = (onnx_wire.encode_varint(99 << 3 | onnx_wire.VARINT) + b"\x00") * 300_000
+    body = data[graph.start : graph.end] + junk
+    key = onnx_wire.encode_varint(onnx_wire.MODEL_GRAPH << 3 | onnx_wire.LEN)
+    flood = data[: graph.key_start] + key + onnx_wire.encode_varint(len(body)) + body
+    flood += data[graph.end :]
+    reason = _refused(flood, weights, ops)
+    assert f"more than {onnx_wire.MAX_FIELDS} protobuf fields" in reason
+
+
 def test_weight_free_parse_sees_the_same_model(template: OnnxTemplate) -> None:
     skeleton, spans = onnx_wire.elide_raw_data(bytes(template.data))
     assert spans == onnx_wire.initializer_spans(bytes(template.data))
