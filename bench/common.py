@@ -58,6 +58,14 @@ class Report:
         self.checks.append(Check(name, bool(ok), detail))
 
 
+THROUGHPUT_HEADER = ["what", "bytes", "MB/s (med)", "vs raw socket"]
+
+
+def throughput_row(what: str, size: str, mb_s: float, raw_mb_s: float) -> list[str]:
+    """A table row: a transfer's MB/s and its share of the raw socket's, measured alike."""
+    return [what, size, f"{mb_s:.0f}", f"{mb_s / raw_mb_s:.0%}"]
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -9,7 +9,17 @@ import time
 from pathlib import Path
 
 from bench import gateway_proc
-from bench.common import MB, Options, PeakRss, Report, median, raw_socket_seconds, workdir
+from bench.common import (
+    MB,
+    THROUGHPUT_HEADER,
+    Options,
+    PeakRss,
+    Report,
+    median,
+    raw_socket_seconds,
+    throughput_row,
+    workdir,
+)
 from clients.sdk import EgressClient, TrainerClient, channel
 from models.manifest import MODEL_FILE, parse
 from sluice.v1 import trainer_pb2_grpc
@@ -123,14 +133,13 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
     rate = {
         k: size / median(v) / MB for k, v in (("file", pulls), ("stream", streams), ("raw", raw))
     }
+    mb = f"{size / MB:.0f} MB"
     egress.rows = [
-        ["what", "bytes", "MB/s (med)", "vs raw socket"],
-        ["EgressClient.pull to a file (sha256, fsync, rename)", f"{size / MB:.0f} MB",
-         f"{rate['file']:.0f}", f"{rate['file'] / rate['raw']:.0%}"],
-        ["PullRelease stream, bytes counted only", f"{size / MB:.0f} MB",
-         f"{rate['stream']:.0f}", f"{rate['stream'] / rate['raw']:.0%}"],
-        ["raw TCP loopback socket, same bytes", f"{size / MB:.0f} MB", f"{rate['raw']:.0f}",
-         "100%"],
+        THROUGHPUT_HEADER,
+        throughput_row("EgressClient.pull to a file (sha256, fsync, rename)", mb, rate["file"],
+                       rate["raw"]),
+        throughput_row("PullRelease stream, bytes counted only", mb, rate["stream"], rate["raw"]),
+        throughput_row("raw TCP loopback socket, same bytes", mb, rate["raw"], rate["raw"]),
     ]  # fmt: skip
     egress.check(
         "egress: every pull to a file is the signed manifest's model.onnx (sha256)",

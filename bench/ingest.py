@@ -15,11 +15,13 @@ from pathlib import Path
 from bench import gateway_proc
 from bench.common import (
     MB,
+    THROUGHPUT_HEADER,
     Options,
     Report,
     median,
     raw_socket_seconds,
     sha256_seconds,
+    throughput_row,
     workdir,
 )
 from bench.grpc_sink import drain, put
@@ -152,23 +154,20 @@ def bench_ingest(options: Options, templates: Path) -> Report:
         "raw_socket_concurrent_mb_s": rate(many_bytes, raw_many),
     }
     raw1, rawn = figures["raw_socket_single_mb_s"], figures["raw_socket_concurrent_mb_s"]
+    one, eight = f"{len(single) / MB:.0f} MB", f"{trainers} x {len(many[0]) / MB:.0f} MB"
     report.rows = [
-        ["what", "bytes", "MB/s (med)", "vs raw socket"],
-        ["Sluice PushUpdate, 1 stream, until commit", f"{len(single) / MB:.0f} MB",
-         f"{figures['push_single_mb_s']:.0f}", f"{figures['push_single_mb_s'] / raw1:.0%}"],
-        ["one unary gRPC message (parse + sha256)", f"{len(single) / MB:.0f} MB",
-         f"{figures['unary_single_mb_s']:.0f}", f"{figures['unary_single_mb_s'] / raw1:.0%}"],
-        ["plain gRPC Python stream, 4 MiB messages, no work", f"{len(single) / MB:.0f} MB",
-         f"{figures['plain_grpc_stream_mb_s']:.0f}",
-         f"{figures['plain_grpc_stream_mb_s'] / raw1:.0%}"],
-        ["sha256 of the same bytes", f"{len(single) / MB:.0f} MB",
-         f"{figures['sha256_mb_s']:.0f}", f"{figures['sha256_mb_s'] / raw1:.0%}"],
-        ["raw TCP loopback socket, 1 stream", f"{len(single) / MB:.0f} MB", f"{raw1:.0f}", "100%"],
-        [f"Sluice PushUpdate, {trainers} streams, until last commit",
-         f"{trainers} x {len(many[0]) / MB:.0f} MB", f"{figures['push_concurrent_mb_s']:.0f}",
-         f"{figures['push_concurrent_mb_s'] / rawn:.0%}"],
-        [f"raw TCP loopback socket, {trainers} streams", f"{trainers} x {len(many[0]) / MB:.0f} MB",
-         f"{rawn:.0f}", "100%"],
+        THROUGHPUT_HEADER,
+        throughput_row("Sluice PushUpdate, 1 stream, until commit", one,
+                       figures["push_single_mb_s"], raw1),
+        throughput_row("one unary gRPC message (parse + sha256)", one,
+                       figures["unary_single_mb_s"], raw1),
+        throughput_row("plain gRPC Python stream, 4 MiB messages, no work", one,
+                       figures["plain_grpc_stream_mb_s"], raw1),
+        throughput_row("sha256 of the same bytes", one, figures["sha256_mb_s"], raw1),
+        throughput_row("raw TCP loopback socket, 1 stream", one, raw1, raw1),
+        throughput_row(f"Sluice PushUpdate, {trainers} streams, until last commit", eight,
+                       figures["push_concurrent_mb_s"], rawn),
+        throughput_row(f"raw TCP loopback socket, {trainers} streams", eight, rawn, rawn),
     ]  # fmt: skip
     report.notes += [
         f"medians of {options.repeats} runs; pushes use clients.sdk.TrainerClient (sha256 of "
