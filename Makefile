@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint proto bench bench-quick clean
+.PHONY: install interop-deps demo test test-slow lint proto bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,10 +16,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The Node.js client of tests/interop (grpc-js with default options), from its lock file.
+NODE_DIR := tests/interop/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed-stamp
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+interop-deps: $(NODE_STAMP)
+
 demo: install
 	$(BIN)/python -m clients.demo
 
-test: install lint
+test: install lint interop-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # A release of a model with more than 2 GiB of weights (two-file layout): ~1 min, ~5 GB RAM.

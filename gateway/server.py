@@ -24,6 +24,7 @@ from gateway.core.strategies import build_strategy
 from gateway.export.gate import EgressGate
 from gateway.export.guard import GuardPolicy, Verdicts
 from gateway.export.publish import ReleaseWriter, template_for
+from gateway.export.release_check import ReleaseChecker
 from gateway.export.signing import Signer
 from gateway.pki import PkiLayout
 from gateway.services.admin import AdminServicer
@@ -147,9 +148,10 @@ class Gateway:
         )
         verdicts = Verdicts()  # what the guard accepted at publish, the gate need not parse
         self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer, verdicts)
-        self.gate = EgressGate(
-            self.store, self.catalog, templates, root / "registry", policy, verdicts
+        checker = ReleaseChecker(
+            self.catalog, templates, root / "registry", policy, self.signer.public_key, verdicts
         )
+        self.gate = EgressGate(self.store, checker)
         fedbuff = (
             FedBuffPolicy(config.max_staleness, config.staleness_exponent)
             if config.fedbuff

@@ -8,11 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-MANIFEST_FORMAT = "sluice.release/1"
+# /2: RFC 8785 (JCS) canonical JSON, which any language can reproduce. /1 (Python's
+# json.dumps with sorted keys) is still verified, for releases published before /2.
+MANIFEST_FORMAT = "sluice.release/2"
+LEGACY_FORMAT = "sluice.release/1"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # the second file of the large-model layout
 
@@ -21,8 +25,16 @@ class ManifestRefused(ValueError):
     """A manifest, its signature or a file it describes failed verification."""
 
 
-def canonical_json(doc: object) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: one byte string per document, so it can be signed."""
+def canonical_json(doc: Any) -> bytes:
+    """RFC 8785 (JCS): one byte string per document, the same in every language, so it can be
+    signed. Integers must lie within +-(2**53 - 1), as JSON numbers in every language do."""
+    try:
+        return rfc8785.dumps(doc)
+    except rfc8785.CanonicalizationError as exc:
+        raise ValueError(f"manifest cannot be put in canonical form: {exc}") from exc
+
+
+def _legacy_canonical_json(doc: object) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -30,12 +42,18 @@ def parse(manifest_json: bytes) -> dict[str, Any]:
     """Decode a manifest that must already be in canonical form and of a known format."""
     try:
         doc = json.loads(manifest_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestRefused(f"manifest is not JSON: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") not in (MANIFEST_FORMAT, LEGACY_FORMAT):
         raise ManifestRefused(f"manifest format is not {MANIFEST_FORMAT!r}")
-    if canonical_json(doc) != manifest_json:
-        raise ManifestRefused("manifest is not in canonical form (sorted keys, no whitespace)")
+    try:
+        canonical = (
+            canonical_json(doc) if doc["format"] == MANIFEST_FORMAT else _legacy_canonical_json(doc)
+        )
+    except ValueError as exc:
+        raise ManifestRefused(str(exc)) from exc
+    if canonical != manifest_json:
+        raise ManifestRefused(f"manifest is not in the canonical form of {doc['format']!r}")
     return doc
 
 

@@ -58,3 +58,10 @@ class Idle(SluiceError):
 
 class Busy(SluiceError):
     pass
+
+
+def bounded(text: str, limit: int = 64) -> str:
+    """A caller- or file-controlled string cut to `limit` characters for a message or the
+    audit log: echoing it whole would let its size choose the answer (gRPC refuses
+    metadata over 16 KiB) and fill the log."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"

@@ -1,28 +1,36 @@
-"""The egress gate: what the cross-border side may list and pull, each pull guarded and audited."""
+"""The egress gate: what the cross-border side may list and pull, decided from signed facts
+only, each call audited with who asked, what for and what came of it."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.core.catalog import Catalog
-from gateway.core.errors import IntegrityError, InvalidInput, NotFound
-from gateway.core.ingest import MAX_CHUNK_BYTES
+from gateway.core.errors import IntegrityError, InvalidInput, NotFound, SluiceError, bounded
 from gateway.core.records import Release, ReleaseFile
-from gateway.export.guard import (
-    GuardPolicy,
-    GuardRefused,
-    ReleaseFacts,
-    Verdicts,
-    check_policy,
-    check_release_dir,
-)
-from gateway.export.template import OnnxTemplate
+from gateway.export.guard import GuardRefused
+from gateway.export.release_check import ReleaseChecker, SignedRelease
+from gateway.store.chunks import SEND_CHUNK_BYTES
 from gateway.store.sqlite import Store
-from models.manifest import MODEL_FILE, parse
+from models.manifest import MODEL_FILE
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the principal of the client certificate (or "anonymous" in plain-text
+    loopback mode) and the transport peer."""
+
+    principal: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class Listed:
+    release: Release  # signed facts only
+    withheld: bool  # its files or policy fail the guard now: a pull would be refused
 
 
 @dataclass(frozen=True)
@@ -32,88 +40,239 @@ class Pull:
     chunks: Iterator[tuple[int, bytes]]  # (offset, data) from the requested offset
 
 
+class _Withheld(Exception):
+    """A candidate release failed the checks; the reason goes to the audit log only."""
+
+    def __init__(self, version: int, reason: str, layers: tuple[str, ...]) -> None:
+        super().__init__(reason)
+        self.version = version
+        self.reason = reason
+        self.layers = layers
+
+
 class EgressGate:
-    def __init__(
-        self,
-        store: Store,
-        catalog: Catalog,
-        templates: dict[str, OnnxTemplate],
-        registry_root: Path,
-        policy: GuardPolicy,
-        verdicts: Verdicts | None = None,
-    ) -> None:
+    def __init__(self, store: Store, checker: ReleaseChecker) -> None:
         self.store = store
-        self.verdicts = verdicts
-        self.catalog = catalog
-        self.templates = templates
-        self.registry_root = registry_root
-        self.policy = policy
+        self.checker = checker
 
-    def releases(self, model: str = "") -> list[Release]:
-        return self.store.list_releases(model)
+    # -- what readers may call ------------------------------------------------------------
 
-    def release(self, model: str, version: int) -> Release:
-        r = self.store.get_release(model, version)
-        if r is None:
-            which = f"version {version}" if version else "any release"
-            raise NotFound(f"model {model!r} has no published {which}")
+    def releases(self, caller: Caller, model: str = "") -> list[Listed]:
+        """Releases whose manifests verify, newest first, each marked withheld or not; rows
+        whose manifest does not verify are not releases and are left out."""
+        listed, withheld, unsigned = [], [], []
+        for row in self.store.list_releases(model):
+            try:
+                signed = self.checker.signed(row)
+            except GuardRefused:
+                unsigned.append(row.version)
+                continue
+            ok = self._looks_intact(signed)
+            if not ok:
+                withheld.append(row.version)
+            listed.append(Listed(signed.release, withheld=not ok))
+        self._audit(
+            "egress.list",
+            caller,
+            model or "*",
+            {"asked": {"model": bounded(model)}, "outcome": "ok", "listed": len(listed)}
+            | ({"withheld": withheld} if withheld else {})
+            | ({"unsigned": unsigned} if unsigned else {}),
+        )
+        return listed
+
+    def manifest(self, caller: Caller, model: str, version: int) -> Release:
+        """The signed manifest of a release (0: the newest intact one)."""
+        asked = {"model": bounded(model), "version": version}
+        subject = f"{bounded(model)}/release/{version or 'newest'}"
+        try:
+            signed = self._resolve(caller, model, version, thorough=False)
+        except _Withheld as exc:
+            raise self._withheld(caller, asked, model, exc) from None
+        except SluiceError as exc:
+            self._refused(caller, subject, asked, exc)
+            raise
+        r = signed.release
+        self._audit(
+            "egress.manifest", caller, f"{r.model}/release/{r.version}", asked | {"outcome": "ok"}
+        )
         return r
 
-    def open_pull(self, model: str, version: int, file: str, offset: int, peer: str) -> Pull:
-        """Run the guard on the whole release again, audit the pull, then stream the file."""
-        r = self.release(model, version)
+    def open_pull(self, caller: Caller, model: str, version: int, file: str, offset: int) -> Pull:
+        """Check the whole release against its signed manifest, audit, then stream the file
+        from the descriptor the checks read."""
         name = file or MODEL_FILE
-        entry = next((f for f in r.files if f.name == name), None)
-        if entry is None:
-            listed = ", ".join(f.name for f in r.files)
-            raise NotFound(f"release {r.version} of {r.model!r} has no file {name!r}: {listed}")
-        if offset > entry.size:
-            raise InvalidInput(f"offset {offset} is past the end ({entry.size} bytes)")
-        path = self.registry_root / r.model / str(r.version) / entry.name
-        subject = f"{r.model}/release/{r.version}/{entry.name}"
+        asked = {"model": bounded(model), "version": version, "file": bounded(name)}
+        asked["offset"] = offset
+        subject = f"{bounded(model)}/release/{version or 'newest'}/{bounded(name)}"
+        opened: dict[str, int] = {}
+        try:
+            signed = self._resolve(caller, model, version, thorough=True, file=name, fds=opened)
+        except _Withheld as exc:
+            raise self._withheld(caller, asked, model, exc) from None
+        except SluiceError as exc:
+            self._refused(caller, subject, asked, exc)
+            raise
+        fd = opened["fd"]
+        try:
+            r, entry = signed.release, signed.files[name]
+            subject = f"{r.model}/release/{r.version}/{entry.name}"
+            if offset > entry.size:
+                past = InvalidInput(f"offset {offset} is past the end ({entry.size} bytes)")
+                self._refused(caller, subject, asked, past)
+                raise past
+            self._audit("egress.pull", caller, subject, asked | {"outcome": "sending"})
+        except BaseException:
+            os.close(fd)
+            raise
+
+        def interrupted(reason: str) -> None:
+            self._audit(
+                "egress.refused",
+                caller,
+                subject,
+                asked | {"outcome": "withheld mid-stream", "reason": reason},
+            )
+
+        chunks = _verified_chunks(fd, offset, entry.size, entry.sha256, interrupted)
+        return Pull(r, entry, chunks)
+
+    # -- the checks -----------------------------------------------------------------------
+
+    def _looks_intact(self, signed: SignedRelease) -> bool:
+        if self.checker.unchanged_since_checked(signed):
+            return True
+        try:
+            self.checker.check(signed)
+        except (GuardRefused, OSError, ValueError):
+            return False
+        return True
+
+    def _resolve(
+        self,
+        caller: Caller,
+        model: str,
+        version: int,
+        *,
+        thorough: bool,
+        file: str = "",
+        fds: dict[str, int] | None = None,
+    ) -> SignedRelease:
+        """The asked release, checked; 0 asks for the newest intact one (skips audited).
+
+        thorough: every file is read and checked (a pull); otherwise a release unchanged
+        since its last full check passes without reading it again (a manifest). With fds,
+        `file` is opened before the checks read it and its descriptor left in fds["fd"].
+        """
+        rows = self.store.list_releases(model) if version == 0 else []
+        if version:
+            row = self.store.get_release(model, version)
+            rows = [row] if row is not None else []
+        if not rows:
+            which = f"version {version}" if version else "release"
+            raise NotFound(f"model {bounded(model)!r} has no published {which}")
+        first: _Withheld | None = None
+        for row in rows:
+            try:
+                signed = self._check(row, thorough, file, fds)
+            except _Withheld as exc:
+                if version:
+                    raise
+                first = first or exc
+                self._audit(
+                    "egress.skipped",
+                    caller,
+                    f"{row.model}/release/{row.version}",
+                    {
+                        "outcome": "withheld, an older release answers 'newest'",
+                        "reason": exc.reason,
+                    },
+                )
+                continue
+            return signed
+        assert first is not None
+        raise first
+
+    def _check(
+        self, row: Release, thorough: bool, file: str, fds: dict[str, int] | None
+    ) -> SignedRelease:
         fd = -1
         try:
-            # Open the file before the guard reads it, and stream from this descriptor:
-            # the bytes that leave are the inode the guard checked, whatever happens to
-            # the name afterwards (a swap, a symlink).
-            fd = _open_no_follow(path)
-            opened = os.fstat(fd)
-            manifest = parse(r.manifest_json)
-            check_policy(
-                ReleaseFacts(
-                    r.num_trainers,
-                    manifest.get("parity_max_abs_diff"),
-                    (manifest.get("dp") or {}).get("epsilon"),
-                ),
-                self.policy,
-            )
-            # Names and paths come from the database row, never from the request.
-            directory = self.registry_root / r.model / str(r.version)
-            check_release_dir(
-                directory,
-                self.templates[r.model],
-                self.catalog.get(r.model).schema,
-                self.policy,
-                {f.name: (f.size, f.sha256) for f in r.files},
-                self.verdicts,
-            )
-            _same_file(path, opened, os.fstat(fd))
-        except (GuardRefused, ValueError, OSError) as exc:
+            signed = self.checker.signed(row)
+            if fds is not None:
+                entry = signed.files.get(file)
+                if entry is None:
+                    listed = ", ".join(signed.files)
+                    raise NotFound(
+                        f"release {row.version} of {row.model!r} has no file "
+                        f"{bounded(file)!r}: {listed}"
+                    )
+                # Open before the checks read it, and stream from this descriptor: the bytes
+                # that leave are the inode the checks read, whatever happens to the name.
+                path = self.checker.directory(signed.release) / entry.name
+                fd = _open_no_follow(path)
+                opened = os.fstat(fd)
+            if thorough or not self.checker.unchanged_since_checked(signed):
+                self.checker.check(signed)
+            if fds is not None:
+                _same_file(path, opened, os.fstat(fd))
+                fds["fd"], fd = fd, -1
+            return signed
+        except GuardRefused as exc:
+            raise _Withheld(row.version, exc.reason, exc.layers) from None
+        except (OSError, ValueError) as exc:
+            raise _Withheld(row.version, bounded(str(exc), 300), ("files",)) from None
+        except SluiceError:
+            raise
+        except Exception as exc:  # a check must end in a verdict; a crash is a refusal
+            reason = bounded(f"the check failed: {type(exc).__name__}: {exc}", 300)
+            raise _Withheld(row.version, reason, ("check",)) from None
+        finally:
             if fd >= 0:
                 os.close(fd)
-            reason = exc.reason if isinstance(exc, GuardRefused) else str(exc)
-            self.store.record("egress.refused", peer, subject, {"reason": reason})
-            raise IntegrityError(
-                f"release {r.version} of {r.model!r} is withheld: the egress guard refused it "
-                f"({reason})"
-            ) from exc
-        self.store.record("egress.pull", peer, subject, {"offset": offset, "sha256": entry.sha256})
-        return Pull(r, entry, _verified_chunks(fd, offset, entry.size, entry.sha256))
+
+    # -- the record -----------------------------------------------------------------------
+
+    def _audit(self, kind: str, caller: Caller, subject: str, detail: dict[str, object]) -> int:
+        entry = self.store.record(kind, caller.principal, subject, {"peer": caller.peer} | detail)
+        return entry.seq
+
+    def _refused(
+        self, caller: Caller, subject: str, asked: dict[str, object], exc: SluiceError
+    ) -> None:
+        outcome = "not found" if isinstance(exc, NotFound) else "invalid request"
+        self._audit(
+            "egress.refused",
+            caller,
+            subject,
+            asked | {"outcome": outcome, "reason": bounded(str(exc), 300)},
+        )
+
+    def _withheld(
+        self, caller: Caller, asked: dict[str, object], model: str, exc: _Withheld
+    ) -> IntegrityError:
+        subject = f"{bounded(model)}/release/{exc.version}"
+        if "file" in asked:
+            subject += f"/{asked['file']}"
+        seq = self._audit(
+            "egress.refused",
+            caller,
+            subject,
+            asked | {"outcome": "withheld", "release": exc.version, "reason": exc.reason},
+        )
+        # What the reader is told names the failing checks from a fixed vocabulary, never
+        # the reason itself: it can quote file names and fields an insider chose.
+        layers = ", ".join(exc.layers) or "check"
+        which = f"release {exc.version}" if asked.get("version") else "every release"
+        return IntegrityError(
+            f"{which} of {bounded(model)!r} is withheld: the egress guard refused it "
+            f"({layers}); see audit entry {seq}"
+        )
 
 
 def _open_no_follow(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ValueError(f"{path.name}: cannot be opened as a regular file ({exc})") from exc
 
@@ -129,22 +288,24 @@ def _same_file(path: Path, opened: os.stat_result, now: os.stat_result) -> None:
         raise ValueError(f"{path.name} changed while the guard was checking it")
 
 
-def _verified_chunks(fd: int, offset: int, total: int, sha256: str) -> Iterator[tuple[int, bytes]]:
+def _verified_chunks(
+    fd: int, offset: int, total: int, sha256: str, interrupted: Callable[[str], None]
+) -> Iterator[tuple[int, bytes]]:
     """Chunks read from the guarded descriptor, re-hashed as they go; the last chunk is held
-    back until the whole file matched its manifest, so a file changed in place mid-pull
-    never completes (the reader's own sha256 check refuses it too)."""
+    back until the whole file matched its signed manifest, so a file changed in place
+    mid-pull never completes (audited through `interrupted`)."""
     digest = hashlib.sha256()
     try:
         pos = 0
         while pos < offset:  # a resumed pull still hashes the prefix it does not send
-            data = os.pread(fd, min(MAX_CHUNK_BYTES, offset - pos), pos)
+            data = os.pread(fd, min(SEND_CHUNK_BYTES, offset - pos), pos)
             if not data:
                 raise IntegrityError(f"release file ended at {pos} of {total} bytes")
             digest.update(data)
             pos += len(data)
         held: tuple[int, bytes] | None = None
         while pos < total:
-            data = os.pread(fd, min(MAX_CHUNK_BYTES, total - pos), pos)
+            data = os.pread(fd, min(SEND_CHUNK_BYTES, total - pos), pos)
             if not data:
                 raise IntegrityError(f"release file ended at {pos} of {total} bytes")
             digest.update(data)
@@ -156,5 +317,8 @@ def _verified_chunks(fd: int, offset: int, total: int, sha256: str) -> Iterator[
             raise IntegrityError("release file changed during the pull; it is withheld")
         if held is not None:
             yield held
+    except IntegrityError as exc:
+        interrupted(str(exc))
+        raise
     finally:
         os.close(fd)

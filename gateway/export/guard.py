@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.core.errors import PolicyRefused
+from gateway.core.errors import InvalidInput, PolicyRefused
+from gateway.core.finite import FiniteCheck
 from gateway.export.template import OnnxTemplate
 from models import artifact
 from models.artifact import ArtifactRefused, inspect_onnx
@@ -28,6 +29,10 @@ POLICY = "policy"
 FILES = "files"
 TEMPLATE = "template"
 PARSE = "parse"
+VALUES = "values"  # a weight that is NaN or Inf: its bit pattern is a channel
+SIGNATURE = "signature"  # the stored manifest or its signature (gateway.export.release_check)
+
+_MAX_MANIFEST_BYTES = 1 << 20
 
 _READ_BYTES = 16 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -121,6 +126,15 @@ def graph_weights(template: OnnxTemplate, schema: Schema) -> list[TensorSpec]:
     return [spec for spec in schema.tensors if spec.name in names]
 
 
+def weight_specs(template: OnnxTemplate, schema: Schema) -> list[dict[str, object]]:
+    """The graph's weight tensors in schema order: what the global team checks a file against
+    (and, in the two-file layout, the order of the weights in model.onnx.data)."""
+    return [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+        for t in graph_weights(template, schema)
+    ]
+
+
 def _allowed_ops(template: OnnxTemplate) -> frozenset[tuple[str, str]]:
     ops = _template_ops.get(template.structure_hash)
     if ops is None:
@@ -155,6 +169,24 @@ def _template_findings(data: bytes | memoryview, t: OnnxTemplate, schema: Schema
             findings.append(f"differs from the template at byte {first}, outside the weights")
             break
     return findings
+
+
+def _value_findings(data: bytes | memoryview, t: OnnxTemplate, schema: Schema) -> list[str]:
+    """Non-finite weights in a single-file model.onnx (a two-file layout's values lie in its
+    data file, checked as it is read)."""
+    if t.data_file is not None:
+        return []
+    specs = {spec.name: spec for spec in schema.tensors}
+    view = memoryview(data)
+    for r in t.ranges:
+        spec = specs.get(r.name)
+        if spec is None or not spec.is_float or r.end > len(view):
+            continue  # reported by the template layer
+        try:
+            FiniteCheck(Schema((spec,))).feed(view[r.start : r.end])
+        except InvalidInput as exc:
+            return [str(exc)]
+    return []
 
 
 def _parse_findings(
@@ -199,8 +231,9 @@ def check_model_bytes(
     the same length and each range exactly the schema tensor's size (a two-file
     template's model.onnx holds no weights and must match whole); (2) parse: the
     template-free check of models.artifact accepts it with the template's op set and
-    finds the template's structure hash. The reason names every failing layer, the parse
-    finding first: it says what is wrong (an extra initializer), not merely where.
+    finds the template's structure hash; (3) values: every float weight is finite (NaN and
+    Inf payloads are bit patterns a reader could decode). The reason names every failing
+    layer, the parse finding first: it says what is wrong (an extra initializer), not merely where.
     Memory: two copies of data for the parse; the template comparison copies nothing.
     """
     if schema.hash != template.schema_hash:
@@ -211,6 +244,8 @@ def check_model_bytes(
         )
     findings = [(PARSE, f) for f in _parse_findings(data, template, schema, policy)]
     findings += [(TEMPLATE, f) for f in _template_findings(data, template, schema)]
+    if not findings:  # the ranges hold the weights only when the structure is the template's
+        findings = [(VALUES, f) for f in _value_findings(data, template, schema)]
     if findings:
         layers = tuple(dict.fromkeys(layer for layer, _ in findings))
         raise GuardRefused(
@@ -235,8 +270,11 @@ def _open_regular(dir_fd: int, name: str) -> int:
     return fd
 
 
-def _read_checked(dir_fd: int, name: str, size: int, sha256: str) -> None:
-    """Check one file's size and sha256 as it is streamed through a small buffer."""
+def _read_checked(
+    dir_fd: int, name: str, size: int, sha256: str, values: FiniteCheck | None = None
+) -> None:
+    """Check one file's size and sha256 (and, given `values`, that the weights it holds are
+    finite) as it is streamed through a small buffer."""
     fd = _open_regular(dir_fd, name)
     try:
         actual = os.fstat(fd).st_size
@@ -251,6 +289,11 @@ def _read_checked(dir_fd: int, name: str, size: int, sha256: str) -> None:
                 if not n:
                     raise _refuse_files(f"{name}: ended {size - pos} bytes early while read")
                 digest.update(buf[:n])
+                if values is not None:
+                    try:
+                        values.feed(buf[:n])
+                    except InvalidInput as exc:
+                        raise GuardRefused(f"{name}: {exc}", (VALUES,)) from exc
                 pos += n
             if f.read(1):
                 raise _refuse_files(f"{name}: grew while being read")
@@ -287,6 +330,20 @@ def _read_whole(dir_fd: int, name: str, size: int) -> memoryview:
     return buf
 
 
+def _check_manifest_file(dir_fd: int, manifest_json: bytes | None) -> None:
+    """manifest.json is a regular file; given the signed bytes, it holds exactly them."""
+    fd = _open_regular(dir_fd, MANIFEST_FILE)
+    try:
+        if manifest_json is None:
+            return  # its signature is checked by the caller
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            on_disk = f.read(_MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
+    if on_disk != manifest_json:
+        raise _refuse_files(f"{MANIFEST_FILE}: differs from the signed manifest")
+
+
 def check_release_dir(
     directory: Path,
     template: OnnxTemplate,
@@ -294,6 +351,7 @@ def check_release_dir(
     policy: GuardPolicy,
     expected: Mapping[str, tuple[int, str]],
     verdicts: Verdicts | None = None,
+    manifest_json: bytes | None = None,
 ) -> None:
     """Refuse a release directory unless it is exactly what the manifest lists.
 
@@ -303,7 +361,10 @@ def check_release_dir(
     read without following links and must match; the data file must be exactly as long
     as the graph's weights; then model.onnx must pass check_model_bytes, unless verdicts
     holds its sha256 (which the read just confirmed) as accepted for this template, schema
-    and policy. Memory: model.onnx twice while it is parsed; nothing when the verdict is known.
+    and policy. Given manifest_json (the signed bytes), manifest.json must hold exactly them.
+    The data file's weights must be finite (skipped for a data file the verdicts accepted,
+    its sha256 still checked). Memory: model.onnx twice while it is parsed; nothing when the
+    verdict is known.
     """
     layout = {MODEL_FILE} if template.data_file is None else {MODEL_FILE, template.data_file}
     if set(expected) != layout:
@@ -327,8 +388,9 @@ def check_release_dir(
         wanted = {*expected, MANIFEST_FILE}
         if present != wanted:
             extra, missing = sorted(present - wanted), sorted(wanted - present)
+            shown = [name[:64] for name in extra[:5]] + ["..."] * (len(extra) > 5)
             raise _refuse_files(
-                f"{directory.name}: unexpected entries {extra}, missing {missing}; "
+                f"{directory.name}: unexpected entries {shown}, missing {missing}; "
                 f"a release holds exactly {sorted(wanted)}"
             )
         for name in sorted(present):
@@ -337,11 +399,19 @@ def check_release_dir(
                 raise _refuse_files(f"{name}: is a symlink")
             if not stat.S_ISREG(mode):
                 raise _refuse_files(f"{name}: not a regular file")
-        os.close(_open_regular(dir_fd, MANIFEST_FILE))  # its signature is checked elsewhere
+        _check_manifest_file(dir_fd, manifest_json)
         for name in sorted(expected):
             if name != MODEL_FILE:
                 # Streamed: the data file of a large model is never held in memory.
-                _read_checked(dir_fd, name, *expected[name])
+                size, sha256 = expected[name]
+                key = f"{sha256}:{name}"  # a data file's verdict, apart from model.onnx's
+                known = verdicts is not None and verdicts.accepted(key, template, schema, policy)
+                values = (
+                    None if known else FiniteCheck(Schema(tuple(graph_weights(template, schema))))
+                )
+                _read_checked(dir_fd, name, size, sha256, values)
+                if verdicts is not None:
+                    verdicts.accept(key, template, schema, policy)
         size, sha256 = expected[MODEL_FILE]
         if verdicts is not None and verdicts.accepted(sha256, template, schema, policy):
             # Hashed as read: these are the very bytes that passed before.

@@ -23,7 +23,7 @@ from gateway.export.guard import (
     Verdicts,
     check_policy,
     check_release_dir,
-    graph_weights,
+    weight_specs,
 )
 from gateway.export.parity import max_output_diff
 from gateway.export.refresh import write_atomic, write_release_files
@@ -39,7 +39,6 @@ from gateway.export.template import (
 from gateway.store.blobs import fsync_dir
 from models.artifact import op_set
 from models.manifest import MANIFEST_FORMAT, MODEL_FILE, canonical_json
-from models.schema import Schema
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +65,6 @@ def template_for(
     del t  # served from the saved file from now on (mapped, not held in the heap)
     heap.trim()
     return load_template(directory)
-
-
-def weight_specs(template: OnnxTemplate, schema: Schema) -> list[dict[str, object]]:
-    """The graph's weight tensors in schema order: what the global team checks a file against
-    (and, in the two-file layout, the order of the weights in model.onnx.data)."""
-    return [
-        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
-        for t in graph_weights(template, schema)
-    ]
 
 
 class _Stages:

@@ -7,12 +7,13 @@ from collections.abc import Iterator
 import grpc
 
 from gateway.core.records import Release
-from gateway.export.gate import EgressGate
+from gateway.export.gate import Caller, EgressGate
+from gateway.services.auth import principal_of
 from gateway.services.errors import mapped_errors
 from sluice.v1 import egress_pb2, egress_pb2_grpc, tensors_pb2
 
 
-def _release_msg(r: Release) -> egress_pb2.Release:
+def _release_msg(r: Release, withheld: bool = False) -> egress_pb2.Release:
     return egress_pb2.Release(
         model=r.model,
         version=r.version,
@@ -20,7 +21,13 @@ def _release_msg(r: Release) -> egress_pb2.Release:
         created_unix_ms=r.created_ms,
         num_trainers=r.num_trainers,
         files=[egress_pb2.ReleaseFile(name=f.name, size=f.size, sha256=f.sha256) for f in r.files],
+        withheld=withheld,
     )
+
+
+def _caller(context: grpc.ServicerContext) -> Caller:
+    principal = principal_of(context)
+    return Caller(principal.name if principal else "anonymous", context.peer())
 
 
 class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
@@ -31,14 +38,16 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
         self, request: egress_pb2.ListReleasesRequest, context: grpc.ServicerContext
     ) -> egress_pb2.ListReleasesResponse:
         with mapped_errors(context):
-            releases = self.gate.releases(request.model)
-            return egress_pb2.ListReleasesResponse(releases=[_release_msg(r) for r in releases])
+            listed = self.gate.releases(_caller(context), request.model)
+            return egress_pb2.ListReleasesResponse(
+                releases=[_release_msg(x.release, x.withheld) for x in listed]
+            )
 
     def GetManifest(
         self, request: egress_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> egress_pb2.GetManifestResponse:
         with mapped_errors(context):
-            r = self.gate.release(request.model, request.version)
+            r = self.gate.manifest(_caller(context), request.model, request.version)
             return egress_pb2.GetManifestResponse(
                 manifest_json=r.manifest_json, signature=r.signature
             )
@@ -48,7 +57,7 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
     ) -> Iterator[egress_pb2.PullReleaseResponse]:
         with mapped_errors(context):
             pull = self.gate.open_pull(
-                request.model, request.version, request.file, request.offset, context.peer()
+                _caller(context), request.model, request.version, request.file, request.offset
             )
             yield egress_pb2.PullReleaseResponse(
                 header=egress_pb2.PullReleaseHeader(

@@ -6,11 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.core.errors import InvalidInput
-from gateway.core.ingest import MAX_CHUNK_BYTES
+
+# Every message the gateway sends (PullRelease, PullGlobal) carries at most this much data,
+# so it fits the 4 MiB default receive limit of grpc-js, grpc-go, grpc-java and grpc-dotnet
+# with room to spare: a client in any language pulls with its defaults.
+SEND_CHUNK_BYTES = 2 << 20
 
 
 def file_chunks(
-    path: Path, offset: int, total: int, chunk_bytes: int = MAX_CHUNK_BYTES
+    path: Path, offset: int, total: int, chunk_bytes: int = SEND_CHUNK_BYTES
 ) -> Iterator[tuple[int, bytes]]:
     """(offset, data) pieces of path from offset to total bytes; a bad offset raises now,
     before the caller sends anything."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluice.v1 import tensors_pb2 as sluice_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/egress.proto\x12\tsluice.v1\x1a\x17sluice/v1/tensors.proto\"9\n\x0bReleaseFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x8e\x01\n\x07Release\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\x12%\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x16.sluice.v1.ReleaseFile\x12\x14\n\x0cnum_trainers\x18\x05 \x01(\r\x12\r\n\x05round\x18\x06 \x01(\x04\"$\n\x13ListReleasesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x14ListReleasesResponse\x12$\n\x08releases\x18\x01 \x03(\x0b\x32\x12.sluice.v1.Release\"4\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"?\n\x13GetManifestResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"R\n\x12PullReleaseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"f\n\x11PullReleaseHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"p\n\x13PullReleaseResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.sluice.v1.PullReleaseHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x42\x06\n\x04kind2\xfe\x01\n\rEgressService\x12O\n\x0cListReleases\x12\x1e.sluice.v1.ListReleasesRequest\x1a\x1f.sluice.v1.ListReleasesResponse\x12L\n\x0bGetManifest\x12\x1d.sluice.v1.GetManifestRequest\x1a\x1e.sluice.v1.GetManifestResponse\x12N\n\x0bPullRelease\x12\x1d.sluice.v1.PullReleaseRequest\x1a\x1e.sluice.v1.PullReleaseResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/egress.proto\x12\tsluice.v1\x1a\x17sluice/v1/tensors.proto\"9\n\x0bReleaseFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xa0\x01\n\x07Release\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\x12%\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x16.sluice.v1.ReleaseFile\x12\x14\n\x0cnum_trainers\x18\x05 \x01(\r\x12\r\n\x05round\x18\x06 \x01(\x04\x12\x10\n\x08withheld\x18\x07 \x01(\x08\"$\n\x13ListReleasesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x14ListReleasesResponse\x12$\n\x08releases\x18\x01 \x03(\x0b\x32\x12.sluice.v1.Release\"4\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"?\n\x13GetManifestResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"R\n\x12PullReleaseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"f\n\x11PullReleaseHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"p\n\x13PullReleaseResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.sluice.v1.PullReleaseHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x42\x06\n\x04kind2\xfe\x01\n\rEgressService\x12O\n\x0cListReleases\x12\x1e.sluice.v1.ListReleasesRequest\x1a\x1f.sluice.v1.ListReleasesResponse\x12L\n\x0bGetManifest\x12\x1d.sluice.v1.GetManifestRequest\x1a\x1e.sluice.v1.GetManifestResponse\x12N\n\x0bPullRelease\x12\x1d.sluice.v1.PullReleaseRequest\x1a\x1e.sluice.v1.PullReleaseResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEFILE']._serialized_start=62
   _globals['_RELEASEFILE']._serialized_end=119
   _globals['_RELEASE']._serialized_start=122
-  _globals['_RELEASE']._serialized_end=264
-  _globals['_LISTRELEASESREQUEST']._serialized_start=266
-  _globals['_LISTRELEASESREQUEST']._serialized_end=302
-  _globals['_LISTRELEASESRESPONSE']._serialized_start=304
-  _globals['_LISTRELEASESRESPONSE']._serialized_end=364
-  _globals['_GETMANIFESTREQUEST']._serialized_start=366
-  _globals['_GETMANIFESTREQUEST']._serialized_end=418
-  _globals['_GETMANIFESTRESPONSE']._serialized_start=420
-  _globals['_GETMANIFESTRESPONSE']._serialized_end=483
-  _globals['_PULLRELEASEREQUEST']._serialized_start=485
-  _globals['_PULLRELEASEREQUEST']._serialized_end=567
-  _globals['_PULLRELEASEHEADER']._serialized_start=569
-  _globals['_PULLRELEASEHEADER']._serialized_end=671
-  _globals['_PULLRELEASERESPONSE']._serialized_start=673
-  _globals['_PULLRELEASERESPONSE']._serialized_end=785
-  _globals['_EGRESSSERVICE']._serialized_start=788
-  _globals['_EGRESSSERVICE']._serialized_end=1042
+  _globals['_RELEASE']._serialized_end=282
+  _globals['_LISTRELEASESREQUEST']._serialized_start=284
+  _globals['_LISTRELEASESREQUEST']._serialized_end=320
+  _globals['_LISTRELEASESRESPONSE']._serialized_start=322
+  _globals['_LISTRELEASESRESPONSE']._serialized_end=382
+  _globals['_GETMANIFESTREQUEST']._serialized_start=384
+  _globals['_GETMANIFESTREQUEST']._serialized_end=436
+  _globals['_GETMANIFESTRESPONSE']._serialized_start=438
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=501
+  _globals['_PULLRELEASEREQUEST']._serialized_start=503
+  _globals['_PULLRELEASEREQUEST']._serialized_end=585
+  _globals['_PULLRELEASEHEADER']._serialized_start=587
+  _globals['_PULLRELEASEHEADER']._serialized_end=689
+  _globals['_PULLRELEASERESPONSE']._serialized_start=691
+  _globals['_PULLRELEASERESPONSE']._serialized_end=803
+  _globals['_EGRESSSERVICE']._serialized_start=806
+  _globals['_EGRESSSERVICE']._serialized_end=1060
 # @@protoc_insertion_point(module_scope)

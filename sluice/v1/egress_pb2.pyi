@@ -56,12 +56,18 @@ class Release(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     NUM_TRAINERS_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     created_unix_ms: _builtins.int
     num_trainers: _builtins.int
     """Distinct trainers whose updates were aggregated (a count, never identities)."""
     round: _builtins.int
+    withheld: _builtins.bool
+    """True when the release's files no longer match its signed manifest (or the policy now
+    refuses it): it is listed so that the gap is visible, and every pull of it is refused.
+    Every other field of a listed release comes from its verified signed manifest.
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseFile]: ...
     def __init__(
@@ -73,10 +79,11 @@ class Release(_message.Message):
         files: _abc.Iterable[Global___ReleaseFile] | None = ...,
         num_trainers: _builtins.int = ...,
         round: _builtins.int = ...,
+        withheld: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "files", b"files", "model", b"model", "num_trainers", b"num_trainers", "round", b"round", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "files", b"files", "model", b"model", "num_trainers", b"num_trainers", "round", b"round", "version", b"version", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,10 +14,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clients.sdk import EgressClient, TrainerClient
 from gateway.cli import main
+from gateway.export.gate import Caller
 from models.manifest import ManifestRefused, load_public_key
 from models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway
 from tests.integration.test_round import _publish_one, push
+
+TEST_CALLER = Caller("test-reader", "in-process")
 
 
 def public_key_path(running: Running) -> Path:
@@ -111,7 +114,8 @@ def test_every_pull_push_and_release_is_audited(gateway: Running, tiny_schema: S
     (rejected,) = store.audit_entries("push.rejected")
     assert rejected.actor == "harbin-01" and "stale base version" in str(rejected.detail)
     (pulled,) = store.audit_entries("egress.pull")
-    assert pulled.actor.startswith("ipv4:127.0.0.1") and pulled.subject.endswith("/1/model.onnx")
+    assert pulled.actor == "anonymous" and pulled.subject.endswith("/1/model.onnx")
+    assert str(pulled.detail["peer"]).startswith("ipv4:127.0.0.1")
     assert store.verify_audit() == (len(kinds), None)
 
 
@@ -210,7 +214,7 @@ def test_a_file_swapped_or_symlinked_after_the_guard_is_not_what_leaves(
         p for p in (gateway.data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"
     )
     for attack in ("swap", "symlink"):
-        pull = gateway.gateway.gate.open_pull(TINY, 1, "", 0, "test")  # guard passed
+        pull = gateway.gateway.gate.open_pull(TEST_CALLER, TINY, 1, "", 0)  # guard passed
         if attack == "swap":
             (directory / ".x").write_bytes(b"RAW-UPDATE " * (len(genuine) // 11 + 1))
             os.replace(directory / ".x", directory / "model.onnx")
@@ -229,7 +233,7 @@ def test_a_file_changed_in_place_mid_pull_never_completes(
 
     _publish_one(gateway, tiny_schema)
     path = gateway.data_dir / "registry" / TINY / "1" / "model.onnx"
-    pull = gateway.gateway.gate.open_pull(TINY, 1, "", 0, "test")
+    pull = gateway.gateway.gate.open_pull(TEST_CALLER, TINY, 1, "", 0)
     with path.open("r+b") as f:  # same inode, new bytes
         f.seek(10)
         f.write(b"FRAME")
