@@ -7,7 +7,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", CHUNK_BYTES + (64 << 10)),
     ("grpc.max_send_message_length", CHUNK_BYTES + (64 << 10)),
 ]
-# Transient failures worth another try; everything else is the caller's to fix.
+# Transient failures worth another try (UNAVAILABLE includes a gateway whose disk is full);
+# everything else is the caller's to fix.
 RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 )
@@ -199,9 +199,16 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
         metrics: Mapping[str, float] | None = None,
         update_id: str | None = None,
     ) -> trainer_pb2.PushUpdateResponse:
-        """Push one update; retries reuse the same update id, so nothing counts twice."""
+        """Push one update; retries reuse the same update id, so nothing counts twice.
+
+        The id defaults to `default_update_id(trainer, model, round_no)`: calling this
+        again after an error, even after the gateway restarted, is acknowledged
+        (created=False) if the first attempt was committed, never counted twice. The
+        gateway takes one update per trainer and round: another payload for the same round
+        is refused with ALREADY_EXISTS.
+        """
         header = trainer_pb2.UpdateHeader(
-            update_id=update_id or uuid.uuid4().hex,
+            update_id=update_id or default_update_id(trainer, model, round_no),
             trainer=trainer,
             region=region,
             model=model,
@@ -217,6 +224,12 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
             lambda: self._stub.PushUpdate(push_messages(header, payload), timeout=self.timeout_s),
             self.retry,
         )
+
+
+def default_update_id(trainer: str, model: str, round_no: int) -> str:
+    """The update id of a trainer's update to a round: the same for every attempt."""
+    key = "\n".join(("sluice.update_id.v1", trainer, model, str(round_no)))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def push_messages(
@@ -247,7 +260,8 @@ class AdminClient(_Client[admin_pb2_grpc.AdminServiceStub]):
         return list(self._stub.Revoke(req, timeout=60).discarded_update_ids)
 
     def close_round(self, model: str, round_no: int) -> admin_pb2.CloseRoundResponse:
-        """Close the open round now; says which version came out and whether it was released."""
+        """Close the open round now; says which version came out and whether it was released
+        (asked again for a round already closed, it says so: already_closed)."""
         req = admin_pb2.CloseRoundRequest(model=model, round=round_no)
         return self._stub.CloseRound(req, timeout=600)
 
@@ -274,13 +288,20 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
         return iter(self._stub.PullRelease(req, timeout=self.timeout_s))
 
     def pull_release(
-        self, model: str, dest_dir: Path, public_key: Ed25519PublicKey, version: int = 0
+        self,
+        model: str,
+        dest_dir: Path,
+        public_key: Ed25519PublicKey,
+        version: int = 0,
+        structure_hash: str | None = None,
     ) -> dict[str, Any]:
         """Pull a whole release into dest_dir after verifying it like `sluice verify`.
 
-        The signature is checked before any download; every file is pulled into a staging
-        directory, checked (size, sha256, the parse-level format check, structure hash), and
-        only then renamed into dest_dir with manifest.json and manifest.sig beside it.
+        The signature is checked before any download (and, given structure_hash, the signed
+        structure hash against that pin); every file is pulled into a staging directory
+        beside dest_dir, checked (size, sha256, the parse-level format check, the structure
+        hash of the file itself), and only then moved into dest_dir with manifest.json and
+        manifest.sig. A refusal leaves dest_dir as it was (not even created).
         """
         m = self.manifest(model, version)
         doc = verify_signature(m.manifest_json, m.signature, public_key)
@@ -290,15 +311,25 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
                 f"asked for {model} v{version or 'newest'}, the signed manifest is "
                 f"{doc.get('model')} v{doc.get('version')}"
             )
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=dest_dir, prefix=".pull-"))
+        if structure_hash is not None and doc.get("structure_hash") != structure_hash:
+            raise ManifestRefused(
+                f"{model} v{doc.get('version')}: the signed structure hash "
+                f"{str(doc.get('structure_hash'))[:16]}... is not the pinned "
+                f"{structure_hash[:16]}... (the graph changed)"
+            )
+        dest_dir = dest_dir.absolute()
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f".{dest_dir.name}.pull-"))
         try:
             files = {name: staging / name for name in listed_files(doc)}
             for name, path in files.items():
                 self.pull(model, path, version=int(doc["version"]), file=name)
-            verify_release(m.manifest_json, m.signature, public_key, files)
+            verify_release(
+                m.manifest_json, m.signature, public_key, files, structure_hash=structure_hash
+            )
             (staging / MANIFEST_FILE).write_bytes(m.manifest_json)
             (staging / SIGNATURE_FILE).write_bytes(m.signature)
+            dest_dir.mkdir(exist_ok=True)
             for name in [*files, MANIFEST_FILE, SIGNATURE_FILE]:
                 os.replace(staging / name, dest_dir / name)
         finally:

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from clients.sdk import Identity
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.config import load_config
-    from gateway.server import Gateway
+    from gateway.server import Gateway, StartupError
 
     overrides = {
         "data_dir": args.data_dir,
@@ -31,13 +31,18 @@ def _serve(args: argparse.Namespace) -> int:
         "pki_dir": args.pki,
         "insecure_loopback": args.insecure_loopback or None,
         "fedbuff": args.fedbuff or None,
+        "accept_new_ca": args.accept_new_ca or None,
     }
 
     config = load_config(args.config, overrides)
     if args.strategy:
         config = config.replace(strategies={m: {"name": args.strategy} for m in config.models})
-    gateway = Gateway(config)
-    endpoints = gateway.start()
+    try:
+        gateway = Gateway(config)
+        endpoints = gateway.start()
+    except StartupError as exc:  # a lock held, another CA, an unusable key: say so plainly
+        print(f"sluice serve: {exc}", file=sys.stderr)
+        return 2
     print(f"sluice: internal {endpoints.internal}  egress {endpoints.egress}", flush=True)
     done = threading.Event()
 
@@ -52,16 +57,30 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
+    import grpc
+
+    from clients.pins import Pins
     from clients.sdk import EgressClient
     from models.manifest import ManifestRefused, load_public_key
 
     key = load_public_key(args.public_key)
+    pins = Pins.load(args.pin_file) if args.pin_file else None
+    pinned = args.structure_hash or (pins.get(args.model) if pins else None)
     with EgressClient(args.egress, identity=_identity(args)) as client:
         try:
-            doc = client.pull_release(args.model, args.out, key, version=args.version)
+            doc = client.pull_release(
+                args.model, args.out, key, version=args.version, structure_hash=pinned
+            )
         except ManifestRefused as exc:
-            print(f"sluice pull: REFUSED, nothing written: {exc}", file=sys.stderr)
+            print(f"refused: {exc}; nothing written", file=sys.stderr)
             return 1
+        except grpc.RpcError as exc:
+            code = exc.code().name if exc.code() else "UNKNOWN"
+            print(f"refused: {code}: {exc.details()}; nothing written", file=sys.stderr)
+            return 1
+    if pins is not None and pins.get(args.model) is None:
+        pins.pin(args.model, str(doc["structure_hash"]))
+        print(f"{args.pin_file}: pinned the structure of {args.model} (first pull)")
     names = ", ".join(f["name"] for f in doc["files"])
     print(f"{args.out}: {doc['model']} v{doc['version']} ({names}) verified and written")
     return 0
@@ -79,7 +98,11 @@ def _verify(args: argparse.Namespace) -> int:
         if DATA_FILE in listed:
             files[DATA_FILE] = args.file.with_name(DATA_FILE)
         doc = verify_release(
-            manifest_json, signature_path.read_bytes(), load_public_key(args.public_key), files
+            manifest_json,
+            signature_path.read_bytes(),
+            load_public_key(args.public_key),
+            files,
+            structure_hash=args.structure_hash,
         )
     except (ManifestRefused, OSError) as exc:
         print(f"sluice verify: FAILED: {exc}", file=sys.stderr)
@@ -94,6 +117,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _audit_verify(args: argparse.Namespace) -> int:
     import sqlite3
 
+    from gateway.config import load_config
+    from gateway.export.release_audit import verify_published
     from gateway.store.audit import verify_chain
 
     path = args.data_dir / "sluice.db"
@@ -109,7 +134,13 @@ def _audit_verify(args: argparse.Namespace) -> int:
         print(f"sluice audit verify: BROKEN after {count} good entries: {broken}", file=sys.stderr)
         return 1
     print(f"audit chain intact: {count} entries")
-    return 0
+    # Every published release against its signed manifest, as a pull would check it.
+    statuses = verify_published(load_config(args.config, {"data_dir": args.data_dir}))
+    withheld = [s for s in statuses if s.withheld]
+    for s in withheld:
+        print(f"WITHHELD {s.model} v{s.version}: {s.withheld}", file=sys.stderr)
+    print(f"releases: {len(statuses) - len(withheld)} intact, {len(withheld)} withheld")
+    return 1 if withheld else 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -118,10 +149,14 @@ def _status(args: argparse.Namespace) -> int:
     with AdminClient(args.target, identity=_identity(args)) as admin:
         for m in admin.status().models:
             print(
-                f"{m.model}: round {m.open_round} open on version {m.base_version} "
-                f"({m.accepted} updates), latest version {m.latest_version}, "
+                f"{m.model}: round {m.open_round} {m.round_state or 'open'} on version "
+                f"{m.base_version} ({m.accepted} trainers), latest version {m.latest_version}, "
                 f"latest release {m.latest_release or '-'}"
             )
+            if m.close_error:
+                print(f"  closing round {m.open_round} failed, retrying: {m.close_error}")
+            if m.failed_round:
+                print(f"  round {m.failed_round} FAILED: {m.failed_reason}")
     return 0
 
 
@@ -130,10 +165,11 @@ def _close_round(args: argparse.Namespace) -> int:
 
     with AdminClient(args.target, identity=_identity(args)) as admin:
         closed = admin.close_round(args.model, args.round)
+    before = " (the round had already been closed)" if closed.already_closed else ""
     if closed.released:
-        print(f"version {closed.version}, released")
+        print(f"version {closed.version}, released{before}")
     else:
-        print(f"version {closed.version}, NOT released: {closed.release_refused}")
+        print(f"version {closed.version}, NOT released: {closed.release_refused}{before}")
     return 0
 
 
@@ -223,6 +259,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategy", help="Flower strategy name for every served model")
     serve.add_argument("--fedbuff", action="store_true", help="buffered async aggregation")
     serve.add_argument(
+        "--accept-new-ca",
+        action="store_true",
+        help="serve with a CA other than the one this data dir was first served with",
+    )
+    serve.add_argument(
         "--insecure-loopback",
         action="store_true",
         help="plain text, no client certificates: loopback addresses only, for demos",
@@ -237,6 +278,15 @@ def parser() -> argparse.ArgumentParser:
     pull.add_argument("--version", type=int, default=0, help="0: the newest release")
     pull.add_argument("--public-key", type=Path, required=True, help="the gateway's signing key")
     pull.add_argument("--out", type=Path, required=True, help="directory for the release")
+    pull.add_argument(
+        "--structure-hash", help="refuse a release whose graph structure hash is not this one"
+    )
+    pull.add_argument(
+        "--pin-file",
+        type=Path,
+        help="JSON file of pinned structure hashes per model: pinned at the first pull, "
+        "every later pull must match",
+    )
     _add_identity(pull)
     pull.set_defaults(run=_pull)
 
@@ -245,12 +295,20 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("manifest", type=Path, help="manifest.json")
     verify.add_argument("--signature", type=Path, help="default: manifest.sig beside it")
     verify.add_argument("--public-key", type=Path, required=True)
+    verify.add_argument(
+        "--structure-hash", help="refuse a file whose graph structure hash is not this one"
+    )
     verify.set_defaults(run=_verify)
 
     audit = sub.add_parser("audit", help="(compliance) the hash-chained audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    audit_verify = audit_sub.add_parser("verify", help="recompute the chain, name a break")
+    audit_verify = audit_sub.add_parser(
+        "verify",
+        help="recompute the chain and name a break; check every published release on disk "
+        "against its signed manifest and name the withheld ones",
+    )
     audit_verify.add_argument("--data-dir", type=Path, default=Path(".sluice"))
+    audit_verify.add_argument("--config", type=Path, help="the gateway's TOML (its egress policy)")
     audit_verify.set_defaults(run=_audit_verify)
 
     init = sub.add_parser("init", help="create a development PKI: CA, listener and client certs")
@@ -291,11 +349,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever sys.stderr is at the time of each record (not the stream of the
+    first call: main() may run many times in one process, under a replaced stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[_StderrHandler()],
     )
     code: int = args.run(args)
     return code

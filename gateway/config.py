@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gateway.core.ingest import MAX_CHUNK_BYTES
+from gateway.core.ingest import MAX_CHUNK_BYTES, MAX_NUM_EXAMPLES
+from gateway.core.records import MAX_SAFE_INT
 from gateway.export.template import TWO_FILE_THRESHOLD
 
 
@@ -26,12 +27,24 @@ class Config:
     min_trainers: int = 3  # k: distinct trainers a release must aggregate
     max_chunk_bytes: int = MAX_CHUNK_BYTES  # largest payload chunk accepted
     max_header_bytes: int = 16 << 10  # largest serialized update header accepted
-    workers: int = 16  # gRPC handler threads per listener
+    workers: int = 32  # gRPC handler threads per listener
+    reserved_workers: int = 4  # of those, never held by admitted calls: refusals stay prompt
     two_file_bytes: int = TWO_FILE_THRESHOLD  # graph weights above this: model.onnx + .data
     pki_dir: Path | None = None  # CA and listener certificates; None: <data_dir>/pki
     insecure_loopback: bool = False  # plain text, loopback addresses only: demos and tests
-    max_streams_per_principal: int = 8  # concurrent calls of one principal per listener
-    idle_stream_seconds: float = 60.0  # a push stream silent this long is dropped
+    # Availability (README: what one principal can hold). workers - reserved_workers must be
+    # at least 3 x max_streams_per_principal: two principals at their cap leave room.
+    max_streams_per_principal: int = 4  # concurrent calls of one principal per listener
+    idle_stream_seconds: float = 60.0  # a client stream silent this long is dropped
+    first_message_seconds: float = 10.0  # a client stream's first message comes this soon
+    # A push (and a pull's reader) must average push_min_bytes_per_second of payload from
+    # its start once push_grace_seconds have passed: N bytes take at most grace + N / rate.
+    push_grace_seconds: float = 30.0
+    push_min_bytes_per_second: int = 1_000_000
+    send_stall_seconds: float = 60.0  # a response stream whose client stops reading: cancelled
+    audit_window_seconds: float = 10.0  # repeated refusals: one audit row per window, counted
+    accept_new_ca: bool = False  # start with a CA other than the one recorded at first start
+    start_reserve_bytes: int = 1 << 20  # held in the data dir, given up to start on a full disk
     # Per model, Flower's strategy name and hyperparameters, e.g. from TOML:
     # [gateway.strategies.drivenet] name = "FedAdam", eta = 0.01. Absent: FedAvg.
     strategies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -48,6 +61,9 @@ class Config:
     fedbuff: bool = False  # buffered async aggregation: a version every `quorum` updates
     max_staleness: int = 4  # FedBuff: versions an update's base may lag behind
     staleness_exponent: float = 0.5  # FedBuff: stale updates weigh (1 + tau) ** -exponent
+    # An update's num_examples (its FedAvg weight) is at most this: a round's sum must stay
+    # below 2**53 (the manifest's JSON integers), so 2**31 - 1 allows 2**22 trainers a round.
+    max_num_examples: int = MAX_NUM_EXAMPLES
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -97,4 +113,6 @@ def load_config(
             config = config.replace(**{key: _coerce(key, value, getattr(config, key))})
     if config.quorum < 1 or config.min_updates < 1 or config.min_trainers < 1:
         raise ValueError("quorum, min_updates and min_trainers must be at least 1")
+    if not 1 <= config.max_num_examples <= MAX_SAFE_INT:
+        raise ValueError(f"max_num_examples must be 1 to {MAX_SAFE_INT}")
     return config

@@ -9,10 +9,13 @@ certificates the same way:
   ("reader" is the global team outside the region);
 - subject CN = the principal's name, subject OU = its role, both agreeing with the URI;
 - names and regions match `[a-z0-9][a-z0-9_.-]{0,63}`;
-- extendedKeyUsage clientAuth; the serial number is what the revocation list names.
+- extendedKeyUsage clientAuth, basicConstraints CA:FALSE (or absent), no keyCertSign;
+  the serial number is what the revocation list names.
 
-Trust and validity (chain, dates, EKU) are checked by the TLS handshake against the
-listener's CA bundle; principal_from_pem only reads the identity of a verified peer.
+Trust and dates are checked by the TLS handshake against the listener's CA bundle; it
+also refuses a certificate whose EKU lacks clientAuth, but lets through one with no EKU
+at all, or a CA certificate. principal_from_pem reads the identity of a verified peer and
+refuses those two: only a client certificate names a principal.
 All keys here are ECDSA P-256 signed with SHA-256: gRPC's BoringSSL handles them on
 every platform. Private keys are written 0600 in 0700 directories.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
+import logging
 import os
 import re
 import secrets
@@ -32,7 +37,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger(__name__)
 
 TRAINER = "trainer"
 OPERATOR = "operator"
@@ -125,6 +133,28 @@ def _identity(cert: x509.Certificate) -> tuple[str, str, str | None]:
     return name, role, region
 
 
+def _check_client_usage(cert: x509.Certificate) -> None:
+    """A client certificate, as the module docstring says: clientAuth, and not a CA."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise ValueError("no extendedKeyUsage; a client certificate names clientAuth") from None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        raise ValueError("extendedKeyUsage lacks clientAuth")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise ValueError("a CA certificate (basicConstraints CA:TRUE) is no client certificate")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and (usage.key_cert_sign or usage.crl_sign):
+        raise ValueError("keyUsage allows signing certificates; a client certificate may not")
+
+
 def principal_from_pem(pem: bytes) -> Principal:
     """The Principal a verified client certificate names (gRPC's auth_context x509_pem_cert).
 
@@ -135,6 +165,7 @@ def principal_from_pem(pem: bytes) -> Principal:
     except ValueError as exc:
         raise UnknownPrincipal(f"client certificate: not a PEM X.509 certificate ({exc})") from exc
     try:
+        _check_client_usage(cert)
         name, role, region = _identity(cert)
     # The extension parsers raise these for malformed or duplicated extensions.
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
@@ -146,7 +177,29 @@ def principal_from_pem(pem: bytes) -> Principal:
 
 
 def load_pem_cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as exc:
+        why = f"{path}: not a PEM certificate ({exc}); restore it from a backup"
+        raise ValueError(why) from exc
+
+
+def load_private_key(path: Path, what: str) -> PrivateKeyTypes:
+    """The PEM private key at path; a ValueError that says what to do if it is empty or
+    corrupt (a crash of an older version while writing it, a bad copy)."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(
+            f"{path} is empty ({what}): it was never written completely. Restore it from a "
+            "backup; if there is none, move it aside and create a new one explicitly"
+        )
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{path} is not a readable unencrypted PEM private key ({what}): restore it from "
+            "a backup; if there is none, move it aside and create a new one explicitly"
+        ) from exc
 
 
 def cert_serial(path: Path) -> int:
@@ -171,6 +224,11 @@ class PkiLayout:
     @property
     def clients_dir(self) -> Path:
         return self.directory / "clients"
+
+    @property
+    def issued_log(self) -> Path:
+        """One JSON line per client certificate ever issued here: what Revoke checks against."""
+        return self.directory / "issued.jsonl"
 
     def server_cert(self, listener: str) -> Path:
         return self.directory / f"{_listener(listener)}.pem"
@@ -253,7 +311,7 @@ class CertificateAuthority:
     def load(cls, layout: PkiLayout) -> CertificateAuthority:
         if layout.ca_key.stat().st_mode & 0o077:
             raise PermissionError(f"{layout.ca_key}: private key readable by group or others")
-        key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+        key = load_private_key(layout.ca_key, "the CA's key: every certificate depends on it")
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{layout.ca_key}: expected an ECDSA private key")
         cert = load_pem_cert(layout.ca_cert)
@@ -409,6 +467,13 @@ def _write(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
         os.close(dir_fd)
 
 
+def create_private_file(path: Path, data: bytes) -> None:
+    """Write a new private key file (0600) atomically and durably; FileExistsError if one
+    is there: a key is never replaced by accident. A kill leaves no file or the whole file
+    (and perhaps a `.<name>.*.tmp` to delete)."""
+    _write(path, data, _PRIVATE_MODE, overwrite=False)
+
+
 def _save(issued: Issued, cert_path: Path, key_path: Path, *, overwrite: bool = True) -> None:
     # Key first: a certificate on disk always has its key beside it.
     _write(key_path, issued.key_pem(), _PRIVATE_MODE, overwrite=overwrite)
@@ -463,15 +528,70 @@ def _check_existing_client(
     return True
 
 
+def key_matches_cert(cert_path: Path, key_path: Path) -> bool:
+    """Whether both files parse and the key is the certificate's (a crash between writing
+    the two, or a bad copy, leaves a pair that TLS cannot use)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return False
+    return bool(cert.public_key() == key.public_key())
+
+
 def _server_is_current(
     layout: PkiLayout, ca: CertificateAuthority, listener: str, sans: list[x509.GeneralName]
 ) -> bool:
-    path = layout.server_cert(listener)
-    if not (path.exists() and layout.server_key(listener).exists()):
-        return False
+    path, key = layout.server_cert(listener), layout.server_key(listener)
+    if not (path.exists() and key.exists() and key_matches_cert(path, key)):
+        return False  # reissued: a listener's certificate is the CA's to remake at will
     cert = load_pem_cert(path)
     have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return ca.issued(cert) and all(san in have for san in sans)
+
+
+def _record_issued(layout: PkiLayout, issued: Issued) -> None:
+    """Append the new client certificate to the issued log (fsynced before its files)."""
+    principal = principal_from_pem(issued.cert_pem())
+    line = {
+        "serial": f"{principal.serial:x}",
+        "name": principal.name,
+        "role": principal.role,
+        "region": principal.region,
+    }
+    fd = os.open(layout.issued_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, _PUBLIC_MODE)
+    with os.fdopen(fd, "a") as out:
+        out.write(json.dumps(line, sort_keys=True) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def issued_principals(layout: PkiLayout) -> dict[int, Principal]:
+    """Serial -> principal of every client certificate this PKI issued: the issued log,
+    and the certificates in clients/ (a PKI made before the log existed)."""
+    found: dict[int, Principal] = {}
+    if layout.issued_log.exists():
+        for line in layout.issued_log.read_text().splitlines():
+            try:
+                doc = json.loads(line)
+                serial = int(doc["serial"], 16)
+                found[serial] = Principal(doc["name"], doc["role"], doc["region"], serial)
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: skipping an unreadable line", layout.issued_log)
+    for name in layout.client_names():
+        try:
+            principal = principal_from_pem(layout.client_cert(name).read_bytes())
+        except (OSError, UnknownPrincipal):
+            log.warning("%s: not a client certificate; skipped", layout.client_cert(name))
+            continue
+        found.setdefault(principal.serial, principal)
+    return found
+
+
+def _drop_stale_temps(directory: Path) -> None:
+    """Temp files _write left behind when killed: they may hold a private key."""
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def init_pki(
@@ -505,6 +625,8 @@ def init_pki(
 
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     layout.clients_dir.mkdir(exist_ok=True, mode=0o700)
+    for place in (directory, layout.clients_dir):
+        _drop_stale_temps(place)
     if ca is None:
         ca = CertificateAuthority.create()
         _save(Issued(ca.cert, ca.key), layout.ca_cert, layout.ca_key, overwrite=False)
@@ -515,5 +637,6 @@ def init_pki(
     for name, (role, region) in wanted.items():
         if name not in existing:
             issued = issue_client_cert(ca, name, role, region, days=days)
+            _record_issued(layout, issued)
             _save(issued, layout.client_cert(name), layout.client_key(name))
     return layout

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,162 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+_HEX = frozenset("0123456789abcdef")
+_MAX_INT = (1 << 53) - 1
+_RELEASE_FILES = frozenset({MODEL_FILE, DATA_FILE})
+_DP_FIELDS = {
+    "epsilon": float,
+    "delta": float,
+    "noise_multiplier": float,
+    "clipping_norm": float,
+    "adaptive_clipping": bool,
+    "sampling_rate": float,
+    "rounds": int,
+    "accountant": str,
+    "noise_stddev": float,
+}
+
+
+def _fail(field: str, what: str) -> ManifestRefused:
+    return ManifestRefused(f"manifest field {field!r}: {what}")
+
+
+def _int(doc: Mapping[str, Any], field: str) -> None:
+    value = doc[field]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INT:
+        raise _fail(field, "not an integer from 0 to 2**53 - 1")
+
+
+def _number(value: object, field: str) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(float(value)):  # type: ignore[arg-type]
+        raise _fail(field, "not a finite number")
+
+
+def _text(value: object, field: str, limit: int = 256) -> str:
+    if not isinstance(value, str) or not 0 < len(value.encode()) <= limit:
+        raise _fail(field, f"not a string of 1 to {limit} bytes")
+    return value
+
+
+def _hex(value: object, field: str, length: int) -> None:
+    if not isinstance(value, str) or len(value) != length or not set(value) <= _HEX:
+        raise _fail(field, f"not {length} lowercase hex digits")
+
+
+def _list(value: object, field: str, limit: int) -> list[Any]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise _fail(field, f"not a list of at most {limit} entries")
+    return value
+
+
+_FIELDS: dict[str, Callable[[Mapping[str, Any], str], None]] = {}
+
+
+def check_fields(doc: Mapping[str, Any]) -> None:
+    """A signed manifest holds exactly the fields the gateway writes, each of its type and
+    bounded: a leaked key cannot use the manifest itself as a channel of its own."""
+    extra = sorted(set(doc) - set(_FIELDS))
+    missing = sorted(set(_FIELDS) - set(doc))
+    if extra or missing:
+        raise ManifestRefused(
+            f"manifest fields: unexpected {[k[:32] for k in extra[:5]]}, missing {missing}"
+        )
+    for field, check in _FIELDS.items():
+        check(doc, field)
+
+
+def _check_files(doc: Mapping[str, Any], field: str) -> None:
+    files = _list(doc[field], field, 2)
+    names = []
+    for f in files:
+        if not isinstance(f, dict) or set(f) != {"name", "size", "sha256"}:
+            raise _fail(field, "each entry holds exactly name, size and sha256")
+        if f["name"] not in _RELEASE_FILES:
+            raise _fail(field, f"a release holds only {sorted(_RELEASE_FILES)}")
+        _int(f, "size")
+        _hex(f["sha256"], "sha256", 64)
+        names.append(f["name"])
+    if MODEL_FILE not in names or len(set(names)) != len(names):
+        raise _fail(field, f"lists {MODEL_FILE} once, and the data file at most once")
+
+
+def _check_weights(doc: Mapping[str, Any], field: str) -> None:
+    for w in _list(doc[field], field, 1 << 16):
+        if not isinstance(w, dict) or set(w) != {"name", "shape", "dtype"}:
+            raise _fail(field, "each entry holds exactly name, shape and dtype")
+        _text(w["name"], "weights.name")
+        _text(w["dtype"], "weights.dtype", 8)
+        for d in _list(w["shape"], "weights.shape", 8):
+            if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= _MAX_INT:
+                raise _fail("weights.shape", "not a list of non-negative integers")
+
+
+def _check_ops(doc: Mapping[str, Any], field: str) -> None:
+    for op in _list(doc[field], field, 256):
+        if not isinstance(op, list) or len(op) != 2 or not isinstance(op[0], str):
+            raise _fail(field, "each entry is [domain, op_type]")
+        if len(op[0]) > 64:
+            raise _fail(field, "a domain of at most 64 characters")
+        _text(op[1], "ops.op_type", 64)
+
+
+def _check_dp(doc: Mapping[str, Any], field: str) -> None:
+    dp = doc[field]
+    if dp is None:
+        return
+    if not isinstance(dp, dict) or not set(dp) <= set(_DP_FIELDS):
+        raise _fail(field, f"null or an object of {sorted(_DP_FIELDS)}")
+    for key, kind in _DP_FIELDS.items():
+        if key not in dp:
+            continue
+        if kind is float:
+            _number(dp[key], f"dp.{key}")
+        elif kind is int:
+            _int(dp, key)
+        elif kind is bool and not isinstance(dp[key], bool):
+            raise _fail(f"dp.{key}", "not a boolean")
+        elif kind is str:
+            _text(dp[key], f"dp.{key}", 16)
+
+
+def _check_rounds(doc: Mapping[str, Any], field: str) -> None:
+    for r in _list(doc[field], field, 1 << 10):
+        _int({"round": r}, "round")
+
+
+def _check_text(doc: Mapping[str, Any], field: str, limit: int) -> None:
+    _text(doc[field], field, limit)
+
+
+def _check_parity(doc: Mapping[str, Any], field: str) -> None:
+    _number(doc[field], field)
+
+
+_FIELDS.update(
+    {
+        "format": lambda d, f: None,  # parse() checked it
+        "model": lambda d, f: _check_text(d, f, 64),
+        "version": _int,
+        "parent_version": _int,
+        "rounds": _check_rounds,
+        "schema_hash": lambda d, f: _hex(d[f], f, 64),
+        "structure_hash": lambda d, f: _hex(d[f], f, 64),
+        "weights": _check_weights,
+        "ops": _check_ops,
+        "files": _check_files,
+        "num_trainers": _int,
+        "num_regions": _int,
+        "num_examples": _int,
+        "num_updates": _int,
+        "parity_max_abs_diff": _check_parity,
+        "dp": _check_dp,
+        "created_ms": _int,
+        "signing_key_id": lambda d, f: _hex(d[f], f, 16),
+    }
+)
+
+
 def verify_signature(
     manifest_json: bytes, signature: bytes, public_key: Ed25519PublicKey
 ) -> dict[str, Any]:
@@ -79,7 +236,9 @@ def verify_signature(
         raise ManifestRefused(
             f"manifest signature does not verify with key {key_id(public_key)}"
         ) from None
-    return parse(manifest_json)
+    doc = parse(manifest_json)
+    check_fields(doc)
+    return doc
 
 
 def listed_files(doc: Mapping[str, Any]) -> dict[str, tuple[int, str]]:

@@ -61,8 +61,16 @@ class InitializerSpan:
     end: int
 
 
+def _show(name: str) -> str:
+    """A name from the file for a message: quoted, and cut short if it is long."""
+    return repr(name) if len(name) <= 64 else f"{name[:64]!r}... ({len(name)} chars)"
+
+
 def read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     """Decode a varint at pos; return (value, position after it)."""
+    end = min(end, len(buf))  # an end past the buffer is the buffer's end, not an IndexError
+    if pos < 0:  # buf[-1] would read from the end
+        raise ValueError(f"varint at negative offset {pos}")
     value = 0
     for i in range(_MAX_VARINT_BYTES):
         if pos >= end:
@@ -164,10 +172,10 @@ def initializer_spans(
         except UnicodeDecodeError as exc:
             raise ValueError(f"{what}: name is not valid UTF-8") from exc
         raw = _only_len_field(
-            model, init.start, init.end, TENSOR_RAW_DATA, f"initializer {name!r}", budget
+            model, init.start, init.end, TENSOR_RAW_DATA, f"initializer {_show(name)}", budget
         )
         if name in seen:
-            raise ValueError(f"initializer {name!r} appears more than once")
+            raise ValueError(f"initializer {_show(name)} appears more than once")
         seen.add(name)
         spans.append(InitializerSpan(name, raw.start, raw.end))
     return tuple(spans)
@@ -175,6 +183,8 @@ def initializer_spans(
 
 def encode_varint(value: int) -> bytes:
     """The minimal (canonical) varint encoding of a non-negative value."""
+    if value < 0:  # >> never reaches 0 for a negative int: this would loop forever
+        raise ValueError(f"varint of negative value {value}")
     out = bytearray()
     while True:
         byte = value & 0x7F

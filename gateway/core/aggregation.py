@@ -201,7 +201,10 @@ def fold_fedavg(
         def run(spec: TensorSpec, first: int, count: int) -> memoryview:
             arena = arenas.get()  # never waits long: at most `workers` tasks run at once
             try:
-                return fold.block(spec, first, count, arena)
+                # An overflow gives inf, silently: the round manager refuses a non-finite
+                # result as a whole (numpy's error state is per thread, so it is set here).
+                with np.errstate(over="ignore", invalid="ignore"):
+                    return fold.block(spec, first, count, arena)
             finally:
                 arenas.put(arena)
 

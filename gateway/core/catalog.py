@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from gateway.core.errors import NotFound
+from gateway.core.errors import NotFound, bounded
 from models.registry import ModelEntry, get
 from models.schema import Schema
 
@@ -38,4 +38,6 @@ class Catalog:
             return self._models[name]
         except KeyError:
             served = ", ".join(self._models) or "none"
-            raise NotFound(f"model {name!r} is not served here; served: {served}") from None
+            raise NotFound(
+                f"model {bounded(name)!r} is not served here; served: {served}"
+            ) from None

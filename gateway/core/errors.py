@@ -10,10 +10,14 @@ SluiceError
 ├── PolicyRefused       the egress policy refuses a release
 ├── Forbidden           a known principal acting outside its rights (another region)
 ├── Idle                a stream that stopped sending
-└── Busy                try again shortly (a buffer being folded)
+├── Busy                try again shortly (a buffer being folded)
+└── Unavailable         the gateway's storage failed (disk full, I/O error): retry later
 """
 
 from __future__ import annotations
+
+import errno
+import sqlite3
 
 
 class SluiceError(Exception):
@@ -65,3 +69,29 @@ def bounded(text: str, limit: int = 64) -> str:
     audit log: echoing it whole would let its size choose the answer (gRPC refuses
     metadata over 16 KiB) and fill the log."""
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+class Unavailable(SluiceError):
+    pass
+
+
+# A write or read of the gateway's own storage that failed for a reason that may go away:
+# a full disk or quota, an I/O error, no memory.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EIO: "I/O error", errno.ENOMEM: "out of memory"}  # fmt: skip
+_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_NOMEM = 13, 10, 7  # primary result codes
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """What went wrong if exc is a storage failure worth retrying later, else None."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return _STORAGE_ERRNOS[exc.errno]
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # extended codes keep the primary
+        if code == _SQLITE_FULL:
+            return "no space left on device (database)"
+        if code in (_SQLITE_IOERR, _SQLITE_NOMEM):
+            return f"database {getattr(exc, 'sqlite_errorname', 'error')}"
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,10 +20,14 @@ from gateway.core.errors import (
     PreconditionFailed,
     SluiceError,
     TooLarge,
+    Unavailable,
+    bounded,
+    storage_fault,
 )
 from gateway.core.fedbuff import FedBuffPolicy
 from gateway.core.finite import FiniteCheck
 from gateway.core.records import (
+    MAX_SAFE_INT,
     NAME_PATTERN,
     SHA256_PATTERN,
     UPDATE_ID_PATTERN,
@@ -37,6 +42,9 @@ from gateway.store.blobs import BlobStore
 from gateway.store.sqlite import Store
 
 MAX_CHUNK_BYTES = 4 << 20
+# An update's FedAvg weight: fits a signed 32-bit integer wherever trainers count, and a
+# round's sum stays a safe JSON integer (< 2**53) for up to 2**22 trainers.
+MAX_NUM_EXAMPLES = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class Limits:
     max_chunk_bytes: int = MAX_CHUNK_BYTES  # payload bytes in one chunk message
     max_header_bytes: int = 16 << 10  # serialized header message
     max_metrics: int = 64  # entries in the header's metrics map
+    max_num_examples: int = MAX_NUM_EXAMPLES  # an update's FedAvg weight
+    max_metric_name: int = 64  # characters in a metric's name
 
 
 @dataclass(frozen=True)
@@ -64,14 +74,37 @@ def _check_header_fields(h: UpdateHeader, header_bytes: int, limits: Limits) -> 
     if header_bytes > limits.max_header_bytes:
         raise TooLarge(f"update header is {header_bytes} bytes; at most {limits.max_header_bytes}")
     if not UPDATE_ID_PATTERN.fullmatch(h.update_id):
-        raise InvalidInput(f"update_id {h.update_id!r}: expected 1-64 chars of [A-Za-z0-9._-]")
+        raise InvalidInput(
+            f"update_id {bounded(h.update_id)!r}: expected 1-64 chars of [A-Za-z0-9._-]"
+        )
     for field, value in (("trainer", h.trainer), ("region", h.region)):
         if not NAME_PATTERN.fullmatch(value):
-            raise InvalidInput(f"{field} {value!r}: expected 1-64 lowercase chars of [a-z0-9_.-]")
-    if h.num_examples <= 0:
-        raise InvalidInput("num_examples must be > 0: it is the update's FedAvg weight")
+            raise InvalidInput(
+                f"{field} {bounded(value)!r}: expected 1-64 lowercase chars of [a-z0-9_.-]"
+            )
+    if not 0 < h.num_examples <= limits.max_num_examples:
+        raise InvalidInput(
+            f"num_examples must be > 0 and at most {limits.max_num_examples}: it is the "
+            f"update's FedAvg weight; got {h.num_examples}"
+        )
+    # uint64 on the wire; the gateway stores and signs no integer past 2**53 - 1.
+    for field, number in (
+        ("round", h.round),
+        ("base_version", h.base_version),
+        ("payload_bytes", h.payload_bytes),
+    ):
+        if number > MAX_SAFE_INT:
+            raise InvalidInput(f"{field} {number} is out of range; at most {MAX_SAFE_INT}")
     if len(h.metrics) > limits.max_metrics:
         raise TooLarge(f"{len(h.metrics)} metrics; at most {limits.max_metrics}")
+    for name, metric in h.metrics.items():
+        if not 0 < len(name) <= limits.max_metric_name or not name.isprintable():
+            raise InvalidInput(
+                f"metric name {bounded(name)!r}: expected 1-{limits.max_metric_name} "
+                "printable characters"
+            )
+        if not math.isfinite(metric):
+            raise InvalidInput(f"metric {name!r} is {metric}; metrics must be finite")
     if not SHA256_PATTERN.fullmatch(h.payload_sha256):
         raise InvalidInput("payload_sha256: expected 64 lowercase hex characters")
 
@@ -120,10 +153,16 @@ class Ingest:
         )
         if not same:
             raise Conflict(
-                f"update_id {h.update_id!r} was already used for a different update; "
-                "use a fresh id per update"
+                f"update_id {h.update_id!r} was already used for a different update "
+                f"(by {row['trainer']!r} in round {row['round']} of {row['model']!r}); a trainer "
+                "sends one update per round, and a fresh id names each"
             )
         stored = self.store.get_round(h.model, row["round"])
+        if stored is not None and stored.state == RoundState.FAILED:
+            raise PreconditionFailed(
+                f"update {h.update_id!r} was committed to round {stored.round} of {h.model!r}, "
+                f"which failed ({stored.failure}); push it to the open round with a new id"
+            )
         return PushResult(h.update_id, False, row["round"], stored.accepted if stored else 0)
 
     def _open_round(self, h: UpdateHeader) -> Round:
@@ -157,6 +196,18 @@ class Ingest:
             )
         return r
 
+    def _join(self, h: UpdateHeader) -> Round:
+        """The round this update joins, if its trainer has no update there yet: a trainer
+        counts once per round, so one trainer is never a quorum (README: updates)."""
+        r = self._open_round(h)
+        committed = self.store.trainer_update(h.model, r.round, h.trainer)
+        if committed is not None:
+            raise Conflict(
+                f"trainer {h.trainer!r} already has update {committed!r} in round {r.round} of "
+                f"{h.model!r}; a trainer sends one update per round (a retry reuses its id)"
+            )
+        return r
+
     def check_header(self, h: UpdateHeader, header_bytes: int) -> PushResult | None:
         """Validate everything knowable from the header; returns an ack for a replayed id."""
         _check_header_fields(h, header_bytes, self.limits)
@@ -174,7 +225,7 @@ class Ingest:
                 f"payload_bytes {h.payload_bytes}: model {h.model!r} updates are exactly "
                 f"{served.schema.payload_bytes} bytes"
             )
-        self._open_round(h)
+        self._join(h)
         return None
 
     def receive(
@@ -192,18 +243,25 @@ class Ingest:
         """
         try:
             if principal is not None:
+                # Sizes and shapes first: the identity check echoes the header's names.
+                _check_header_fields(h, header_bytes, self.limits)
                 _check_principal(h, principal)
             return self._receive(h, header_bytes, body, peer, principal)
         except SluiceError as exc:
             self._audit_failure("push.rejected", h, peer, str(exc))
             raise
         except Exception as exc:
-            self._audit_failure("push.interrupted", h, peer, type(exc).__name__)
+            fault = storage_fault(exc)
+            self._audit_failure("push.interrupted", h, peer, fault or type(exc).__name__)
+            if fault is not None:
+                raise Unavailable(
+                    f"the gateway could not store the update: {fault}; push it again later"
+                ) from exc
             raise
 
     def _audit_failure(self, kind: str, h: UpdateHeader, peer: str, reason: str) -> None:
         # Header fields may be hostile: cap what goes into the log.
-        self.store.record(
+        self.store.record_soon(  # on a full disk: once there is room again
             kind,
             h.trainer[:64] or "unknown",
             f"{h.model[:64]}/round/{h.round}",
@@ -214,6 +272,20 @@ class Ingest:
                 "reason": reason[:500],
             },
         )
+
+    def record_interrupted(self) -> int:
+        """At start-up: audit every push a crash cut off (its temp file is still in
+        blobs/tmp, tagged with who sent what); returns how many."""
+        found = self.blobs.temp_tags()
+        for tag, size in found:
+            parts = tag.split("+")  # _receive's tag: trainer+model+round+update_id
+            if len(parts) < 4 or not parts[-2].isdigit():
+                parts = ["unknown", "unknown", "0", tag]
+            model = "+".join(parts[1:-2])
+            h = UpdateHeader(parts[-1], parts[0], "", model, int(parts[-2]), 0, 0, "", "", 0)
+            reason = f"the gateway stopped after receiving {size} bytes of it"
+            self._audit_failure("push.interrupted", h, "", reason)
+        return len(found)
 
     def _receive(
         self,
@@ -228,7 +300,7 @@ class Ingest:
             return replayed
         schema = self.catalog.get(h.model).schema
         finite = FiniteCheck(schema)
-        with self.blobs.temp() as tmp:
+        with self.blobs.temp(f"{h.trainer}+{h.model}+{h.round}+{h.update_id}") as tmp:
             trailer, num_chunks = None, 0
             for item in body:
                 if trailer is not None:
@@ -287,7 +359,7 @@ class Ingest:
                 raise Forbidden(
                     f"the certificate of {principal.name!r} was revoked during the upload"
                 )
-            joined = self._open_round(h)  # the round may have closed during the upload
+            joined = self._join(h)  # the round may have closed during the upload
             h = dataclasses.replace(h, round=joined.round)
             self.store.insert_update(db, h, int(time.time() * 1000))
             audit.append(

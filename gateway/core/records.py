@@ -11,12 +11,18 @@ from enum import StrEnum
 UPDATE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+# Every integer the gateway stores or signs stays at most this: SQLite holds signed 64-bit
+# integers, and the manifest's canonical JSON (RFC 8785) refuses any beyond 2**53 - 1.
+MAX_SAFE_INT = (1 << 53) - 1
 
 
 class RoundState(StrEnum):
     OPEN = "open"
     AGGREGATING = "aggregating"  # closed to pushes, version being computed
     CLOSED = "closed"
+    # Could not be folded, for a reason that would not go away (Round.failure says which);
+    # the next round opened on the same base version.
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,9 @@ class Round:
     state: RoundState
     opened_ms: int
     deadline_ms: int
-    accepted: int = 0
+    accepted: int = 0  # distinct trainers with a committed update
     version: int | None = None  # the version this round produced, once closed
+    failure: str = ""  # why it failed, when FAILED
 
 
 @dataclass(frozen=True)
@@ -109,3 +116,4 @@ class ClosedRound:
     version: Version
     released: bool
     refused: str = ""  # the guard's or the policy's reason when nothing was released
+    already_closed: bool = False  # an earlier close (perhaps before a restart) produced it

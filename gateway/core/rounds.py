@@ -1,4 +1,11 @@
-"""Rounds: open, count commits, close on quorum or deadline, fold into a new version, publish."""
+"""Rounds: open, count trainers, close on quorum or deadline, fold into a new version, publish.
+
+A close that fails leaves nothing behind and ends one of three ways (core/closing.py): a
+corrupt update is excluded and the close runs without it; a reason that will not go away
+fails the round (audited, in status) and opens the next on the same base; anything else
+(a full disk first) keeps the round aggregating and is retried with backoff, without
+holding up other models.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +17,21 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from gateway.core.aggregation import Contribution
 from gateway.core.catalog import Catalog, ServedModel
-from gateway.core.errors import NotFound, PreconditionFailed
-from gateway.core.fedbuff import FedBuffPolicy
-from gateway.core.privacy import PreparedRound, RoundPrivacy
-from gateway.core.records import (
-    ClosedRound,
-    CommittedUpdate,
-    PublishOutcome,
-    Round,
-    RoundState,
-    Version,
+from gateway.core.closing import CloseRefused, CorruptUpdates, Retry
+from gateway.core.errors import (
+    NotFound,
+    PreconditionFailed,
+    SluiceError,
+    Unavailable,
+    storage_fault,
 )
-from gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
+from gateway.core.fedbuff import FedBuffPolicy
+from gateway.core.folding import Publisher, RoundFolder, now_ms
+from gateway.core.privacy import RoundPrivacy
+from gateway.core.records import ClosedRound, CommittedUpdate, Round, RoundState, Version
+from gateway.core.strategies.base import Strategy
 from gateway.store import audit
 from gateway.store.blobs import BlobStore
 from gateway.store.sqlite import Store
@@ -33,30 +39,16 @@ from gateway.store.sqlite import Store
 log = logging.getLogger(__name__)
 
 
-RETRY_SECONDS = 5.0  # a failed close (disk full, a publish error) is retried this often
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+RETRY_SECONDS = 5.0  # first wait before a failed close (disk full) is retried; doubles
+MAX_RETRY_SECONDS = 300.0  # longest wait between two tries of a close
+CLOSE_ATTEMPTS = 3  # a close failing this often for an unknown reason fails its round
 
 
 @dataclass(frozen=True)
 class RoundPolicy:
-    quorum: int = 4  # close as soon as this many updates are committed
-    min_updates: int = 1  # at the deadline, close only with at least this many
+    quorum: int = 4  # close as soon as this many trainers have an update committed
+    min_updates: int = 1  # at the deadline, close only with updates of at least this many
     round_seconds: float = 600.0  # deadline, counted from the round's opening
-
-
-class Publisher(Protocol):
-    def publish(
-        self,
-        model: ServedModel,
-        version: Version,
-        weights: Path,
-        updates: Sequence[CommittedUpdate],
-        dp: Mapping[str, object] | None = None,
-    ) -> PublishOutcome:
-        """Write a release of these weights, or say why policy or the guard refused one."""
 
 
 class RoundManager:
@@ -74,10 +66,7 @@ class RoundManager:
         fedbuff: FedBuffPolicy | None = None,
         privacy: RoundPrivacy | None = None,
     ) -> None:
-        self.privacy = privacy or RoundPrivacy(None)  # screening always, DP when configured
-        self.fedbuff = fedbuff  # buffered asynchronous mode: stale updates weighted down
-        self.strategies = dict(strategies or {})  # model -> strategy; FedAvg when absent
-        unknown = set(self.strategies) - set(catalog.names())
+        unknown = set(strategies or {}) - set(catalog.names())
         if unknown:
             raise ValueError(f"strategies configured for models not served: {sorted(unknown)}")
         self.state_root = state_root or blobs.root.parent / "state"
@@ -86,8 +75,18 @@ class RoundManager:
         self.catalog = catalog
         self.policy = policy
         self.publisher = publisher
+        self.folder = RoundFolder(
+            store,
+            blobs,
+            publisher,
+            privacy or RoundPrivacy(None),
+            strategies or {},
+            self.state_root,
+            self._open_next,
+            fedbuff,
+        )
         self._close_lock = threading.Lock()
-        self._retry_at: dict[tuple[str, int], float] = {}
+        self._retries: dict[tuple[str, int], Retry] = {}  # closes that failed, to try again
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -95,16 +94,30 @@ class RoundManager:
     # life cycle
 
     def bootstrap(self) -> None:
-        """Create version 0 and round 1 for new models; finish closes a crash interrupted."""
+        """Create version 0 and round 1 for new models; remove what a crash left half-made;
+        finish closes a crash interrupted (a failure is retried by the worker)."""
         for served in self.catalog:
             if self.store.latest_version(served.name) is None:
                 self._create_initial_version(served)
+        self._drop_orphans()
         for r in self.store.rounds_in_state(RoundState.AGGREGATING):
             log.warning("finishing round %s of %s interrupted by a restart", r.round, r.model)
-            try:
-                self.close(r.model, r.round, force=True)
-            except Exception:  # the gateway still starts; the worker retries the close
-                log.exception("round %s of %s could not be closed yet", r.round, r.model)
+            self._attempt(r.model, r.round, force=True)
+
+    def _drop_orphans(self) -> None:
+        """Release directories with no release row (a kill between their rename and the
+        commit) and strategy state directories with no version row."""
+        released = self.store.released_versions()
+        for path in self.publisher.drop_orphans(released):
+            log.warning("removed %s: no release row names it (left by a crash)", path)
+            subject = f"{path.parent.name}/release/{path.name}"
+            self.store.record("release.orphan_removed", "gateway", subject, {"path": str(path)})
+        for model_dir in sorted(self.state_root.iterdir()) if self.state_root.is_dir() else []:
+            for entry in sorted(model_dir.iterdir()) if model_dir.is_dir() else []:
+                name = entry.name
+                known = name.isdigit() and self.store.get_version(model_dir.name, int(name))
+                if entry.is_dir() and not known and (name.isdigit() or name.endswith(".staging")):
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def _create_initial_version(self, served: ServedModel) -> None:
         module = served.entry.build(served.entry.init_seed)
@@ -197,177 +210,227 @@ class RoundManager:
 
     def tick(self) -> None:
         """Close every open round that reached its quorum, or its deadline with enough updates;
-        retry (at most every RETRY_SECONDS) a close that failed half-way."""
+        retry, with backoff, a close that failed for a reason that may go away."""
         for stuck in self.store.rounds_in_state(RoundState.AGGREGATING):
-            key = (stuck.model, stuck.round)
-            if time.monotonic() >= self._retry_at.get(key, 0.0):
-                self._retry_at[key] = time.monotonic() + RETRY_SECONDS
-                self.close(stuck.model, stuck.round, force=True)
+            retry = self._retries.get((stuck.model, stuck.round))
+            if retry is None or time.monotonic() >= retry.due:
+                self._attempt(stuck.model, stuck.round, force=True)
         for served in self.catalog:
             r = self.store.latest_round(served.name)
             if r is None or r.state != RoundState.OPEN:
                 continue
+            retry = self._retries.get((r.model, r.round))
+            if retry is not None and time.monotonic() < retry.due:
+                continue
             due = now_ms() >= r.deadline_ms
             if r.accepted >= self.policy.quorum or (due and r.accepted >= self.policy.min_updates):
-                self.close(r.model, r.round)
+                self._attempt(r.model, r.round)
             elif due:
                 # Too few updates by the deadline: keep the round open another period.
                 with self.store.transaction() as db:
                     extended = now_ms() + int(self.policy.round_seconds * 1000)
                     self.store.extend_deadline(db, r.model, r.round, extended)
 
+    def _attempt(self, model: str, round_no: int, force: bool = False) -> None:
+        """close() for the worker: a failure is logged (and audited by close), and the
+        other models' rounds still get their turn."""
+        try:
+            self.close(model, round_no, force=force)
+        except SluiceError as exc:
+            log.warning("round %s of %s: %s", round_no, model, exc)
+        except Exception:
+            log.exception("round %s of %s could not be closed yet", round_no, model)
+
     def close(self, model: str, round_no: int, force: bool = False) -> ClosedRound:
-        """Close a round and fold its updates into the next version (idempotent)."""
+        """Close a round and fold its updates into the next version. Idempotent: a round
+        closed before (perhaps before a restart) says again what it produced.
+
+        Raises PreconditionFailed when the round failed or was reopened (the message says
+        why), Unavailable when the gateway's storage failed (the close is retried).
+        """
         with self._close_lock:
             r = self.store.get_round(model, round_no)
             if r is None:
                 raise NotFound(f"round {round_no} of {model!r} does not exist")
             if r.state == RoundState.CLOSED and r.version is not None:
-                v = self.store.get_version(model, r.version)
-                if v is not None:
-                    released = self.store.get_release(model, v.version) is not None
-                    return ClosedRound(v, released, "" if released else "see the audit log")
-            if r.state == RoundState.OPEN:
-                if r.accepted < max(self.policy.min_updates, 1) and not force:
-                    raise PreconditionFailed(
-                        f"round {round_no} of {model!r} has {r.accepted} updates; "
-                        f"closing needs at least {max(self.policy.min_updates, 1)}"
-                    )
-                with self.store.transaction() as db:
-                    self.store.set_round_state(db, model, round_no, RoundState.AGGREGATING)
-            return self._aggregate(self.catalog.get(model), r)
+                return self._closed(r, r.version)
+            if r.state == RoundState.FAILED:
+                raise PreconditionFailed(
+                    f"round {round_no} of {model!r} failed: {r.failure}; round {round_no + 1} "
+                    f"opened on the same base version {r.base_version}"
+                )
+            try:
+                if r.state == RoundState.OPEN:
+                    if r.accepted < max(self.policy.min_updates, 1) and not force:
+                        raise PreconditionFailed(
+                            f"round {round_no} of {model!r} has updates of {r.accepted} "
+                            f"trainers; closing needs at least {max(self.policy.min_updates, 1)}"
+                        )
+                    with self.store.transaction() as db:
+                        self.store.set_round_state(db, model, round_no, RoundState.AGGREGATING)
+                closed = self._aggregate(self.catalog.get(model), r)
+            except SluiceError:
+                raise
+            except CloseRefused as exc:
+                try:
+                    self._fail(r, str(exc))
+                except Exception as failing:  # a full disk refuses even that: retried
+                    raise self._failed_attempt(r, failing) from exc
+                raise PreconditionFailed(
+                    f"round {round_no} of {model!r} failed: {exc}; round {round_no + 1} opened "
+                    f"on the same base version {r.base_version}"
+                ) from exc
+            except Exception as exc:
+                instead = self._failed_attempt(r, exc)
+                if instead is exc:
+                    raise
+                raise instead from exc
+            self._retries.pop((model, round_no), None)
+            return closed
 
-    def strategy_for(self, model: str) -> Strategy:
-        return self.strategies.get(model) or FedAvg()
-
-    def state_dir(self, model: str, version: int) -> Path:
-        """Server-side strategy state kept with a version (e.g. FedAdam's moments)."""
-        return self.state_root / model / str(version)
-
-    def _run_strategy(
-        self,
-        served: ServedModel,
-        strategy: Strategy,
-        r: Round,
-        base: Version,
-        prepared: PreparedRound,
-        version_no: int,
-    ) -> tuple[str, RoundReport, dict[str, object] | None]:
-        """Aggregate into a blob; the strategy's state goes to state/<model>/<version>."""
-        state_in = self.state_dir(r.model, base.version)
-        final_state = self.state_dir(r.model, version_no)
-        staging = final_state.with_name(f".{version_no}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        out = self.blobs.temp_path()
-        try:
-            report = strategy.aggregate(
-                RoundInput(
-                    schema=served.schema,
-                    base_path=self.blobs.path(base.weights_sha256),
-                    contributions=prepared.contributions,
-                    server_round=r.round,
-                    state_in=state_in if state_in.is_dir() else None,
-                ),
-                out,
-                staging,
-            )
-            dp = self.privacy.finish(served.schema, prepared, out, staging)  # before hashing
-            sha = self.blobs.adopt(out)
-            shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
-            staging.rename(final_state)
-        finally:
-            out.unlink(missing_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        return sha, report, dp
-
-    def _aggregate(self, served: ServedModel, r: Round) -> ClosedRound:
-        updates = self.store.round_updates(r.model, r.round)
-        if not updates:
-            raise PreconditionFailed(f"round {r.round} of {r.model!r} has no updates to fold")
-        base = self.store.get_version(r.model, r.base_version)
-        if base is None:
-            raise NotFound(f"base version {r.base_version} of {r.model!r} is missing")
-        started = time.perf_counter()
-        contributions = [
-            Contribution(
-                self.blobs.path(u.payload_sha256),
-                u.num_examples,
-                self.fedbuff.weight(r.base_version - u.base_version) if self.fedbuff else 1.0,
-            )
-            for u in updates
+    def _closed(self, r: Round, version: int) -> ClosedRound:
+        """What the close of an already closed round produced, and why nothing was released."""
+        v = self.store.get_version(r.model, version)
+        if v is None:
+            raise NotFound(f"version {version} of {r.model!r} is missing")
+        if self.store.get_release(r.model, v.version) is not None:
+            return ClosedRound(v, True, already_closed=True)
+        subject = f"{r.model}/release/{v.version}"
+        reasons = [
+            str(e.detail.get("reason", ""))
+            for e in self.store.audit_entries("release.refused")
+            if e.subject == subject
         ]
-        strategy = self.strategy_for(r.model)
-        latest = self.store.latest_version(r.model)
-        version_no = (latest.version if latest else 0) + 1
-        state_in = self.state_dir(r.model, base.version)
-        prepared = self.privacy.prepare(
-            served.schema, updates, contributions, state_in if state_in.is_dir() else None
-        )
-        updates = prepared.updates
-        sha, report, dp = self._run_strategy(served, strategy, r, base, prepared, version_no)
-        folded_s = time.perf_counter() - started
-        version = Version(
-            model=r.model,
-            version=version_no,
-            round=r.round,
-            weights_sha256=sha,
-            num_trainers=len({u.trainer for u in updates}),
-            num_regions=len({u.region for u in updates}),
-            num_examples=sum(u.num_examples for u in updates),
-            created_ms=now_ms(),
-        )
-        outcome = self.publisher.publish(served, version, self.blobs.path(sha), updates, dp)
-        release = outcome.release
+        return ClosedRound(v, False, reasons[-1] if reasons else "", already_closed=True)
+
+    def _failed_attempt(self, r: Round, exc: Exception) -> Exception:
+        """Note a close that failed for a reason that may go away; what to raise instead.
+        The round stays aggregating and tick() tries again after a growing wait; after
+        CLOSE_ATTEMPTS failures of an unknown kind the round fails."""
+        key = (r.model, r.round)
+        fault = storage_fault(exc)
+        error = fault or f"{type(exc).__name__}: {exc}"
+        last = self._retries.get(key)
+        attempts = (last.attempts if last else 0) + 1
+        wait = min(RETRY_SECONDS * 2 ** (attempts - 1), MAX_RETRY_SECONDS)
+        self._retries[key] = Retry(attempts, time.monotonic() + wait, error)
+        if fault is None and attempts >= CLOSE_ATTEMPTS:
+            reason = f"closing failed {attempts} times: {error[:300]}"
+            try:
+                self._fail(r, reason)
+            except Exception:
+                log.exception("round %s of %s: could not record its failure", r.round, r.model)
+                return exc
+            return PreconditionFailed(f"round {r.round} of {r.model!r} failed: {reason}")
+        if last is None or last.error != error:  # one entry per distinct error, not per try
+            self.store.record_soon(
+                "round.close_failed",
+                "gateway",
+                f"{r.model}/round/{r.round}",
+                {"error": error[:500], "attempt": attempts, "retry_in_s": wait},
+            )
+        if fault is not None:
+            return Unavailable(
+                f"round {r.round} of {r.model!r} could not be closed: {fault}; the gateway "
+                f"tries again in {wait:.0f} s"
+            )
+        return exc
+
+    def close_error(self, model: str, round_no: int) -> str:
+        """Why the last try to close this round failed, while it is being retried."""
+        retry = self._retries.get((model, round_no))
+        return retry.error if retry else ""
+
+    def _fail(self, r: Round, reason: str) -> None:
+        """End a round that can never be folded, visibly: audited, in status; its updates
+        stay recorded but unfolded, and the next round opens on the same base."""
+        updates = self.store.round_updates(r.model, r.round)
         with self.store.transaction() as db:
-            self.store.insert_version(db, version)
+            self.store.set_round_state(
+                db, r.model, r.round, RoundState.FAILED, closed_ms=now_ms(), failure=reason
+            )
             audit.append(
                 db,
-                "round.closed",
+                "round.failed",
                 "gateway",
                 f"{r.model}/round/{r.round}",
                 {
-                    "version": version.version,
+                    "reason": reason,
                     "base_version": r.base_version,
-                    "weights_sha256": sha,
                     "updates": [u.update_id for u in updates],
-                    "num_trainers": version.num_trainers,
-                    "num_regions": version.num_regions,
-                    "strategy": strategy.name,
-                    "strategy_facts": dict(report.facts),
-                    "screening": prepared.screening.facts(),
-                    "dp": dp,
                 },
             )
-            if release is not None:
-                self.store.insert_release(db, release)
+            self._open_next(db, r.model, r.round + 1, r.base_version)
+        self._retries.pop((r.model, r.round), None)
+        log.error("round %s of %s failed: %s", r.round, r.model, reason)
+
+    def _exclude(
+        self, r: Round, updates: Sequence[CommittedUpdate], problems: dict[str, str]
+    ) -> None:
+        """Drop updates whose spool files changed after they were acknowledged (audited)."""
+        bad = [u for u in updates if u.payload_sha256 in problems]
+        with self.store.transaction() as db:
+            self.store.delete_updates(db, [u.update_id for u in bad])
+            for u in bad:
                 audit.append(
                     db,
-                    "release.published",
+                    "push.excluded",
                     "gateway",
-                    f"{r.model}/release/{version.version}",
-                    {"files": [f.__dict__ for f in release.files]},
+                    f"{r.model}/round/{r.round}",
+                    {
+                        "update_id": u.update_id,
+                        "trainer": u.trainer,
+                        "reason": f"{problems[u.payload_sha256]} (changed since acknowledged)",
+                    },
                 )
-            else:
-                audit.append(
-                    db,
-                    "release.refused",
-                    "gateway",
-                    f"{r.model}/release/{version.version}",
-                    {"reason": outcome.refused},
-                )
-            self.store.set_round_state(
-                db, r.model, r.round, RoundState.CLOSED, closed_ms=now_ms(), version=version.version
-            )
-            self._open_next(db, r.model, r.round + 1, version.version)
-        log.info(
-            "round %d of %s closed: %d updates -> version %d in %.2fs (aggregation %.2fs)%s",
+        self.folder.unlink_unreferenced({u.payload_sha256 for u in bad})
+        log.error(
+            "round %s of %s: excluded corrupt updates %s",
             r.round,
             r.model,
-            len(updates),
-            version.version,
-            time.perf_counter() - started,
-            folded_s,
-            "" if release else f" (no release: {outcome.refused})",
+            [u.update_id for u in bad],
         )
-        return ClosedRound(version, release is not None, outcome.refused)
+
+    def _reopen(self, r: Round, remaining: int) -> None:
+        self._retries.pop((r.model, r.round), None)
+        with self.store.transaction() as db:
+            self.store.set_round_state(db, r.model, r.round, RoundState.OPEN)
+            deadline = now_ms() + int(self.policy.round_seconds * 1000)
+            self.store.extend_deadline(db, r.model, r.round, deadline)
+            audit.append(
+                db,
+                "round.reopened",
+                "gateway",
+                f"{r.model}/round/{r.round}",
+                {"remaining_trainers": remaining, "needed": max(self.policy.min_updates, 1)},
+            )
+
+    def strategy_for(self, model: str) -> Strategy:
+        return self.folder.strategy_for(model)
+
+    def _participants(self, r: Round) -> list[CommittedUpdate]:
+        """The round's updates to fold: each trainer's first (ingest refuses a second one;
+        a database from before that rule may hold more)."""
+        first: dict[str, CommittedUpdate] = {}
+        for u in self.store.round_updates(r.model, r.round):
+            first.setdefault(u.trainer, u)
+        return list(first.values())
+
+    def _aggregate(self, served: ServedModel, r: Round) -> ClosedRound:
+        """Fold the round, excluding corrupt updates (and folding again) until it folds, too
+        few remain (the round reopens) or it is refused (CloseRefused)."""
+        excluded = False
+        while True:
+            updates = self._participants(r)
+            if not updates or (excluded and len(updates) < self.policy.min_updates):
+                self._reopen(r, len(updates))
+                raise PreconditionFailed(
+                    f"round {r.round} of {r.model!r} reopened: updates of {len(updates)} "
+                    f"trainers remain after corrupt ones were excluded (see the audit log); "
+                    f"closing needs {max(self.policy.min_updates, 1)}"
+                )
+            try:
+                return self.folder.fold(served, r, updates)
+            except CorruptUpdates as exc:
+                self._exclude(r, updates, exc.problems)
+                excluded = True

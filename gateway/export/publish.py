@@ -147,6 +147,28 @@ class ReleaseWriter:
     def release_dir(self, model: str, version: int) -> Path:
         return self.root / model / str(version)
 
+    def discard(self, model: str, version: int) -> None:
+        """Remove what publish() wrote for a version whose commit then failed."""
+        final = self.release_dir(model, version)
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(final.with_name(f".{final.name}.staging"), ignore_errors=True)
+
+    def drop_orphans(self, released: set[tuple[str, int]]) -> list[Path]:
+        """At start-up: remove staging directories and release directories no release row
+        names (a crash between the rename and the commit); returns what was removed."""
+        dropped = []
+        for model_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not model_dir.is_dir():
+                continue
+            for entry in sorted(model_dir.iterdir()):
+                name = entry.name
+                staging = name.startswith(".") and name.endswith(".staging")
+                orphan = name.isdigit() and (model_dir.name, int(name)) not in released
+                if entry.is_dir() and (staging or orphan):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    dropped.append(entry)
+        return dropped
+
     def publish(
         self,
         served: ServedModel,

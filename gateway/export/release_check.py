@@ -42,6 +42,7 @@ class SignedRelease:
 
     release: Release  # every field from the signed manifest (the row only located it)
     manifest: Mapping[str, Any]
+    row: Release  # as the database has it: `check` refuses a row that disagrees
 
     @property
     def files(self) -> dict[str, ReleaseFile]:
@@ -101,15 +102,16 @@ class ReleaseChecker:
         self.public_key = public_key
         self.key_id = key_id(public_key)
         self.verdicts = verdicts
-        self._intact: dict[tuple[str, int], tuple[bytes, tuple[tuple[int, ...], ...]]] = {}
+        # (model, version) -> (signed row as checked, its files' stat keys then)
+        self._intact: dict[tuple[str, int], tuple[Release, tuple[tuple[int, ...], ...]]] = {}
 
     def directory(self, r: Release) -> Path:
         return self.registry_root / r.model / str(r.version)
 
     def signed(self, row: Release) -> SignedRelease:
         """The row's release as its verified manifest states it; GuardRefused (signature)
-        when the manifest is not the gateway's, describes another release or another
-        model, or disagrees with the row."""
+        when the manifest is not the gateway's, describes another release, or does not
+        describe the served model."""
         try:
             doc = verify_signature(row.manifest_json, row.signature, self.public_key)
         except ManifestRefused as exc:
@@ -135,20 +137,15 @@ class ReleaseChecker:
         for field, value in expected.items():
             if doc.get(field) != value:
                 raise _refuse(f"the signed manifest's {field} is not the served model's")
-        row_facts = (row.round, row.created_ms, row.num_trainers, sorted(row.files, key=_name))
-        if row_facts != (
-            release.round,
-            release.created_ms,
-            release.num_trainers,
-            sorted(release.files, key=_name),
-        ):
-            raise _refuse("the database row disagrees with the signed manifest")
-        return SignedRelease(release, doc)
+        return SignedRelease(release, doc, row)
 
     def check(self, signed: SignedRelease) -> None:
         """Policy and every file of the release against the signed manifest; GuardRefused
         names what failed."""
-        r, doc = signed.release, signed.manifest
+        r, doc, row = signed.release, signed.manifest, signed.row
+        facts = (r.round, r.created_ms, r.num_trainers, sorted(r.files, key=_name))
+        if facts != (row.round, row.created_ms, row.num_trainers, sorted(row.files, key=_name)):
+            raise _refuse("the database row disagrees with the signed manifest")
         dp = doc.get("dp")
         epsilon = dp.get("epsilon") if isinstance(dp, Mapping) else None
         parity = doc.get("parity_max_abs_diff")
@@ -170,13 +167,13 @@ class ReleaseChecker:
             self.verdicts,
             manifest_json=r.manifest_json,
         )
-        self._intact[(r.model, r.version)] = (r.signature, _stat_keys(directory, signed))
+        self._intact[(r.model, r.version)] = (row, _stat_keys(directory, signed))
 
     def unchanged_since_checked(self, signed: SignedRelease) -> bool:
         """True when the release passed `check` and none of its files changed since."""
         r = signed.release
         known = self._intact.get((r.model, r.version))
-        if known is None or known[0] != r.signature:
+        if known is None or known[0] != signed.row:
             return False
         try:
             return known[1] == _stat_keys(self.directory(r), signed)

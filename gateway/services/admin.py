@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import grpc
 
-from gateway.core.errors import InvalidInput, PreconditionFailed
+from gateway.core.errors import InvalidInput, NotFound, bounded
 from gateway.core.records import NAME_PATTERN
 from gateway.core.rounds import RoundManager
+from gateway.services.auth import Certificates, principal_of
 from gateway.services.errors import mapped_errors
 from gateway.store.sqlite import Store
 from sluice.v1 import admin_pb2, admin_pb2_grpc
 
+MAX_SERIAL_HEX = 40  # RFC 5280: a serial number is at most 20 octets
+MAX_REASON_CHARS = 512  # stored and audited
+
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, store: Store, rounds: RoundManager) -> None:
+    def __init__(self, store: Store, rounds: RoundManager, certificates: Certificates) -> None:
         self.store = store
         self.rounds = rounds
+        self.certificates = certificates  # whose each serial is: Revoke checks the pair
 
     def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext
@@ -26,6 +31,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 r = self.rounds.current(name)
                 v = self.store.latest_version(name)
                 rel = self.store.get_release(name, 0)
+                failed = self.store.latest_failed_round(name)
                 out.append(
                     admin_pb2.ModelStatus(
                         model=name,
@@ -34,6 +40,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                         accepted=r.accepted,
                         latest_version=v.version if v else 0,
                         latest_release=rel.version if rel else 0,
+                        round_state=str(r.state),
+                        close_error=self.rounds.close_error(name, r.round),
+                        failed_round=failed.round if failed else 0,
+                        failed_reason=failed.failure if failed else "",
                     )
                 )
             return admin_pb2.GetStatusResponse(models=out)
@@ -42,29 +52,44 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CloseRoundRequest, context: grpc.ServicerContext
     ) -> admin_pb2.CloseRoundResponse:
         with mapped_errors(context):
-            current = self.rounds.current(request.model)
-            if request.round != current.round:
-                raise PreconditionFailed(
-                    f"round {request.round} is not the open round of {request.model!r} "
+            current = self.rounds.current(request.model)  # NOT_FOUND for an unknown model
+            if request.round > current.round:
+                raise NotFound(
+                    f"round {request.round} of {request.model!r} does not exist "
                     f"(open: {current.round})"
                 )
+            # An older round answers what its close produced: a close retried after a
+            # restart finished it is told so, not refused.
             closed = self.rounds.close(request.model, request.round)
             return admin_pb2.CloseRoundResponse(
                 version=closed.version.version,
                 released=closed.released,
                 release_refused=closed.refused,
+                already_closed=closed.already_closed,
             )
 
     def Revoke(
         self, request: admin_pb2.RevokeRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RevokeResponse:
         with mapped_errors(context):
-            serial = request.serial_hex.lower().removeprefix("0x")
-            if not serial or any(c not in "0123456789abcdef" for c in serial):
-                raise InvalidInput(f"serial_hex {request.serial_hex!r}: expected hex digits")
+            digits = request.serial_hex.lower().removeprefix("0x")
+            if not 0 < len(digits) <= MAX_SERIAL_HEX or digits.strip("0123456789abcdef"):
+                raise InvalidInput(
+                    f"serial_hex {bounded(request.serial_hex)!r}: expected 1-{MAX_SERIAL_HEX} "
+                    "hex digits"
+                )
             if not NAME_PATTERN.fullmatch(request.principal):
-                raise InvalidInput(f"principal {request.principal!r}: not a principal name")
-            dropped = self.rounds.revoke(
-                serial.lstrip("0") or "0", request.principal, request.reason
+                raise InvalidInput(
+                    f"principal {bounded(request.principal)!r}: not a principal name"
+                )
+            if len(request.reason) > MAX_REASON_CHARS:
+                raise InvalidInput(
+                    f"reason is {len(request.reason)} characters; at most {MAX_REASON_CHARS}"
+                )
+            serial = digits.lstrip("0") or "0"
+            operator = principal_of(context)
+            self.certificates.check_revocation(
+                int(serial, 16), request.principal, operator.name if operator else "operator"
             )
+            dropped = self.rounds.revoke(serial, request.principal, request.reason)
             return admin_pb2.RevokeResponse(discarded_update_ids=dropped)

@@ -1,52 +1,79 @@
-"""One authorization interceptor, one table: which roles may call which RPC, and stream limits."""
+"""One interceptor, one table: who may call which RPC, and within what (services/idle.py).
+
+Every call on a listener goes through AuthInterceptor, in this order, before a byte of its
+request is parsed: authenticate the client certificate (mTLS only), check revocation,
+authorize by ROLE_TABLE, then admit it within the listener's budget (CallLimits). Only
+then is the request decoded (bytes that do not parse: INVALID_ARGUMENT), and a client
+stream paced. A unary health Check runs on a pool of its own and never queues behind
+streams; Health/Watch keeps its callback mode and holds a call but no thread; a response
+stream whose client stops reading is cancelled by the listener's watchdog.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from typing import Any, NoReturn
 
 import grpc
 
+from gateway.core.errors import InvalidInput, NotFound, SluiceError, bounded
 from gateway.pki import (
     OPERATOR,
     READER,
     ROLES,
     TRAINER,
+    PkiLayout,
     Principal,
     UnknownPrincipal,
+    issued_principals,
     principal_from_pem,
 )
+from gateway.services import errors
+from gateway.services.idle import Budget, CallLimits, HeldStream, Slot, Watchdog, paced
+from gateway.store.audit import Coalescer
 from gateway.store.sqlite import Store
 from sluice.v1 import admin_pb2, egress_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)
 
 _ANY = frozenset(ROLES)
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+PUSH_UPDATE = "/sluice.v1.TrainerService/PushUpdate"
 
 # The one table. A method missing here is denied to everyone, whatever the listener.
+# Least privilege: trainers use TrainerService, operators AdminService (GetStatus shows
+# them rounds and versions; no raw weights), readers EgressService; health for all.
 ROLE_TABLE: Mapping[str, frozenset[str]] = {
-    "/sluice.v1.TrainerService/GetRound": frozenset({TRAINER, OPERATOR}),
-    "/sluice.v1.TrainerService/PullGlobal": frozenset({TRAINER, OPERATOR}),
-    "/sluice.v1.TrainerService/PushUpdate": frozenset({TRAINER}),
+    "/sluice.v1.TrainerService/GetRound": frozenset({TRAINER}),
+    "/sluice.v1.TrainerService/PullGlobal": frozenset({TRAINER}),
+    PUSH_UPDATE: frozenset({TRAINER}),
     "/sluice.v1.AdminService/GetStatus": frozenset({OPERATOR}),
     "/sluice.v1.AdminService/CloseRound": frozenset({OPERATOR}),
     "/sluice.v1.AdminService/Revoke": frozenset({OPERATOR}),
     "/sluice.v1.EgressService/ListReleases": frozenset({READER}),
     "/sluice.v1.EgressService/GetManifest": frozenset({READER}),
     "/sluice.v1.EgressService/PullRelease": frozenset({READER}),
-    "/grpc.health.v1.Health/Check": _ANY,
+    HEALTH_CHECK: _ANY,
     "/grpc.health.v1.Health/Watch": _ANY,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY,
 }
 
 
-@dataclass(frozen=True)
-class StreamLimits:
-    max_streams_per_principal: int = 8  # concurrent calls of one principal on one listener
+def _chunk_bytes(message: Any) -> int:
+    """Payload bytes a PushUpdate request or a pull response carries: what counts as progress."""
+    return len(message.chunk.data) if message.WhichOneof("kind") == "chunk" else 0
+
+
+# Methods whose messages make measurable progress; the rest are paced by time only.
+_REQUEST_PROGRESS: Mapping[str, Callable[[Any], int]] = {PUSH_UPDATE: _chunk_bytes}
+_RESPONSE_PROGRESS: Mapping[str, Callable[[Any], int]] = {
+    "/sluice.v1.TrainerService/PullGlobal": _chunk_bytes,
+    "/sluice.v1.EgressService/PullRelease": _chunk_bytes,
+}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -64,53 +91,172 @@ def principal_of(context: grpc.ServicerContext) -> Principal | None:
     return _principal(pems[0])
 
 
-def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any],
-    guard: Callable[[grpc.ServicerContext], Callable[[], None]],
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler, with guard(context) run first; guard returns the release callback."""
+class Certificates:
+    """Whose each certificate serial is: what `sluice init` issued, and every certificate
+    that has called the gateway (audited once as `cert.seen`, so it survives restarts).
+    Revoke checks that the serial it is given belongs to the principal it names."""
 
-    def around(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
-            release = guard(context)
-            if not context.add_callback(release):  # runs when the RPC ends, however it ends
-                release()  # it already has: give the slot back now
-                context.abort(grpc.StatusCode.CANCELLED, "the call ended before it started")
-            return behaviour(request, context)
+    def __init__(self, store: Store, pki: PkiLayout | None) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._owners: dict[int, str] = {}
+        for entry in store.audit_entries("cert.seen"):
+            self._owners.setdefault(int(entry.subject, 16), entry.actor)
+        if pki is not None:
+            for serial, principal in issued_principals(pki).items():
+                self._owners.setdefault(serial, principal.name)
 
-        return call
+    def note(self, principal: Principal) -> None:
+        with self._lock:
+            if principal.serial in self._owners:
+                return
+            self._owners[principal.serial] = principal.name
+        detail = {"role": principal.role, "region": principal.region}
+        try:
+            self._store.record("cert.seen", principal.name, f"{principal.serial:x}", detail)
+        except Exception:  # a full disk must not turn away a valid caller
+            log.exception("could not audit the first call of certificate %x", principal.serial)
 
-    make: Callable[..., grpc.RpcMethodHandler[Any, Any]]
-    behaviour: Any
-    if handler.unary_unary:
-        make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    elif handler.unary_stream:
-        make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    elif handler.stream_unary:
-        make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-    else:
-        make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
-    return make(
-        around(behaviour),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    def owner(self, serial: int) -> str | None:
+        with self._lock:
+            return self._owners.get(serial)
+
+    def check_revocation(self, serial: int, principal: str, actor: str) -> None:
+        """Raises NotFound or InvalidInput (audited `cert.revoke_refused`) unless the
+        certificate with this serial is known and names this principal."""
+        owner = self.owner(serial)
+        if owner == principal:
+            return
+        error: SluiceError
+        if owner is None:
+            error = NotFound(
+                f"certificate {serial:x}: not issued by this gateway's PKI and never seen "
+                "on a call; revoke with the serial of a certificate the principal holds"
+            )
+        else:
+            error = InvalidInput(
+                f"certificate {serial:x} belongs to {owner!r}, not {bounded(principal)!r}; "
+                "nothing was revoked"
+            )
+        self._store.record(
+            "cert.revoke_refused",
+            actor,
+            bounded(principal),
+            {"serial": f"{serial:x}", "reason": str(error)},
+        )
+        raise error
+
+
+def _decoded(
+    requests: Iterator[bytes], decode: Callable[[bytes], Any] | None, method: str
+) -> Iterator[Any]:
+    for data in requests:
+        yield _decode(data, decode, method)
+
+
+def _decode(data: bytes, decode: Callable[[bytes], Any] | None, method: str) -> Any:
+    if decode is None:
+        return data
+    try:
+        return decode(data)
+    except Exception:  # protobuf's DecodeError, or whatever a parser raises on garbage
+        raise InvalidInput(f"the request is not a valid message for {method}") from None
+
+
+class _Guarded:
+    """A method's behaviour behind the interceptor: admit, decode, pace, run, give back."""
+
+    def __init__(
+        self,
+        interceptor: AuthInterceptor,
+        method: str,
+        inner: Callable[..., Any],
+        decode: Callable[[bytes], Any] | None,
+        request_streaming: bool,
+        response_streaming: bool,
+    ) -> None:
+        self._interceptor = interceptor
+        self._method = method
+        self._inner = inner
+        self._decode = decode
+        self._request_streaming = request_streaming
+        self._response_streaming = response_streaming
+        # gRPC reads these two off the behaviour: keep Health/Watch's callback mode (it then
+        # holds no thread), and answer Check from a pool that streams cannot fill.
+        self.experimental_non_blocking = bool(getattr(inner, "experimental_non_blocking", False))
+        self.experimental_thread_pool = interceptor.health_pool if method == HEALTH_CHECK else None
+
+    def __call__(self, request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+        slot = self._interceptor.admit(self._method, context)
+        try:
+            if self._request_streaming:
+                request = self._interceptor.pace(
+                    self._method, _decoded(request, self._decode, self._method)
+                )
+            else:
+                request = _decode(request, self._decode, self._method)
+            result = self._inner(request, context, *callback)
+        except SluiceError as exc:
+            if slot is not None:
+                slot.end_thread()
+            errors.abort(context, exc)
+        except BaseException:
+            if slot is not None:
+                slot.end_thread()
+            raise
+        if slot is None:
+            return result
+        if self._response_streaming and not self.experimental_non_blocking:
+            held = HeldStream(result, slot, context, _RESPONSE_PROGRESS.get(self._method))
+            self._interceptor.watchdog.watch(held, context)
+            return held
+        slot.end_thread()
+        return result
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Authenticates every call by its client certificate and authorizes it by ROLE_TABLE.
+    """Authenticates every call by its client certificate, authorizes it by ROLE_TABLE and
+    admits it within CallLimits.
 
     No certificate reaches here without a valid chain to the CA (TLS refuses it first);
-    what arrives may still be revoked or carry no Sluice identity: UNAUTHENTICATED. A
-    known principal whose role the table does not allow: PERMISSION_DENIED. Both audited.
+    what arrives may still be revoked, carry no Sluice identity, or not be a client
+    certificate (no clientAuth EKU, a CA): UNAUTHENTICATED. A known principal whose role
+    the table does not allow: PERMISSION_DENIED. Both audited, repeats coalesced. A
+    principal at its cap: RESOURCE_EXHAUSTED; a listener at its budget: UNAVAILABLE.
+    With authenticate=False (--insecure-loopback) there are no principals: only the
+    listener's budget, pacing and decoding apply.
     """
 
-    def __init__(self, store: Store, listener: str, limits: StreamLimits) -> None:
+    def __init__(
+        self,
+        store: Store,
+        listener: str,
+        limits: CallLimits,
+        audit: Coalescer,
+        certificates: Certificates,
+        *,
+        authenticate: bool = True,
+    ) -> None:
+        limits.check()
         self.store = store
         self.listener = listener
         self.limits = limits
-        self._lock = threading.Lock()
-        self._active: dict[str, int] = {}
+        self.audit = audit
+        self.certificates = certificates
+        self.authenticate = authenticate  # False: plain text, nobody to authenticate
+        self.health_pool = futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix=f"{listener}-health"
+        )
+        self.budget = Budget(limits)
+        self.watchdog = Watchdog(limits, listener)
+
+    def start(self) -> None:
+        """Start the watchdog for response streams (with the listener)."""
+        self.watchdog.start()
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.health_pool.shutdown(wait=False)
 
     def intercept_service(
         self,
@@ -125,54 +271,63 @@ class AuthInterceptor(grpc.ServerInterceptor):
             handler = _unimplemented_handler(method)
             if handler is None:
                 return None
-        return _wrap(handler, functools.partial(self._admit, method))
+        return _guarded(self, method, handler)
 
     def open_calls(self, principal: str) -> int:
-        """Calls of a principal open on this listener now (the stream limit counts these)."""
-        with self._lock:
-            return self._active.get(principal, 0)
+        """Calls of a principal open on this listener now (the per-principal cap counts these)."""
+        return self.budget.calls(principal)
 
-    def _deny(
-        self,
-        context: grpc.ServicerContext,
-        code: grpc.StatusCode,
-        actor: str,
-        method: str,
-        why: str,
-    ) -> None:
-        self.store.record(
-            "auth.denied",
-            actor,
-            method,
-            {"listener": self.listener, "status": code.name, "reason": why, "peer": context.peer()},
-        )
-        context.abort(code, why)
+    def held_threads(self) -> int:
+        """Handler threads admitted calls hold on this listener now."""
+        return self.budget.threads()
 
-    def _admit(self, method: str, context: grpc.ServicerContext) -> Callable[[], None]:
+    def admit(self, method: str, context: grpc.ServicerContext) -> Slot | None:
+        """Authenticate, authorize and take a slot, or abort; None for a health Check."""
+        principal = self._authenticate(method, context)
+        if method == HEALTH_CHECK:
+            return None  # answered at once on its own pool: holds nothing worth counting
+        actor = principal.name if principal is not None else None
+        taken = self.budget.take(actor)
+        if isinstance(taken, tuple):
+            code, why = taken
+            self._refuse(context, code, actor or "anonymous", method, why, "auth.limited")
+        if not context.add_callback(taken.end_call):  # runs when the RPC ends, however
+            taken.end_call()  # it already has: give the slot back now
+            taken.end_thread()
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before it started")
+        return taken
+
+    def pace(self, method: str, requests: Iterator[Any]) -> Iterator[Any]:
+        progress = _REQUEST_PROGRESS.get(method)
+        pace = self.limits.push if progress is not None else self.limits.stream
+        return paced(requests, pace, progress)
+
+    def _authenticate(self, method: str, context: grpc.ServicerContext) -> Principal | None:
+        if not self.authenticate:
+            return None
         try:
             principal = principal_of(context)
         except UnknownPrincipal as exc:
-            self._deny(context, grpc.StatusCode.UNAUTHENTICATED, "unknown", method, str(exc))
-            raise AssertionError("unreachable") from exc
+            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "unknown", method, str(exc))
         if principal is None:
-            self._deny(
+            self._refuse(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "anonymous",
                 method,
                 "a client certificate issued by the gateway's CA is required",
             )
-        assert principal is not None
         if self.store.is_revoked(principal.serial):
-            self._deny(
+            self._refuse(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 principal.name,
                 method,
                 f"certificate {principal.serial:x} of {principal.name!r} is revoked",
             )
+        self.certificates.note(principal)
         if principal.role not in ROLE_TABLE.get(method, frozenset()):
-            self._deny(
+            self._refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 principal.name,
@@ -180,25 +335,52 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 f"{principal.role} {principal.name!r} may not call {method} "
                 f"on the {self.listener} listener",
             )
-        key = principal.name
-        with self._lock:
-            if self._active.get(key, 0) >= self.limits.max_streams_per_principal:
-                busy = True
-            else:
-                busy = False
-                self._active[key] = self._active.get(key, 0) + 1
-        if busy:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{principal.name!r} already has {self.limits.max_streams_per_principal} "
-                "calls open on this listener; wait for one to finish",
-            )
+        return principal
 
-        def release() -> None:
-            with self._lock:
-                self._active[key] -= 1
+    def _refuse(
+        self,
+        context: grpc.ServicerContext,
+        code: grpc.StatusCode,
+        actor: str,
+        method: str,
+        why: str,
+        kind: str = "auth.denied",
+    ) -> NoReturn:
+        why = errors.public(why)
+        detail = {"listener": self.listener, "status": code.name, "reason": why}
+        self.audit.record(
+            kind, actor, method, {**detail, "peer": context.peer()}, group=self.listener
+        )
+        context.abort(code, why)
 
-        return release
+
+def _guarded(
+    interceptor: AuthInterceptor, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler behind the interceptor, taking raw bytes: the request is decoded
+    only after the caller is authorized."""
+    make: Callable[..., grpc.RpcMethodHandler[Any, Any]]
+    behaviour: Any
+    if handler.unary_unary:
+        make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream:
+        make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    elif handler.stream_unary:
+        make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    else:
+        make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    return make(
+        _Guarded(
+            interceptor,
+            method,
+            behaviour,
+            handler.request_deserializer,
+            handler.request_streaming,
+            handler.response_streaming,
+        ),
+        request_deserializer=None,  # raw bytes: nothing is parsed before authorization
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _unimplemented(request: Any, context: grpc.ServicerContext) -> None:

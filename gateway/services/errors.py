@@ -25,6 +25,7 @@ STATUS: dict[type[errors.SluiceError], grpc.StatusCode] = {
     errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     errors.Idle: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Busy: grpc.StatusCode.ABORTED,  # the SDK retries ABORTED
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,  # and UNAVAILABLE: a full disk, say
 }
 
 
@@ -35,9 +36,20 @@ def status_for(exc: errors.SluiceError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# gRPC carries the message in a header and refuses headers over 16 KiB (percent-encoded,
+# up to 12 bytes a character): a longer message would replace the answer with a transport
+# error. Callers bound what they echo (errors.bounded); this is the last net.
+MAX_MESSAGE_CHARS = 1024
+
+
+def public(message: str) -> str:
+    """A status message cut to what the transport always carries."""
+    return errors.bounded(message, MAX_MESSAGE_CHARS)
+
+
 def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     if isinstance(exc, errors.SluiceError):
-        context.abort(status_for(exc), str(exc))
+        context.abort(status_for(exc), public(str(exc)))
     ref = uuid.uuid4().hex[:12]
     log.error("internal error %s", ref, exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the gateway log")

@@ -12,7 +12,6 @@ from gateway.core.records import UpdateHeader
 from gateway.core.rounds import RoundManager
 from gateway.services.auth import principal_of
 from gateway.services.errors import mapped_errors
-from gateway.services.idle import with_idle_timeout
 from gateway.store.blobs import BlobStore
 from gateway.store.chunks import file_chunks
 from gateway.store.sqlite import Store
@@ -39,6 +38,8 @@ def _body(requests: Iterator[trainer_pb2.PushUpdateRequest]) -> Iterator[BodyIte
     for req in requests:
         kind = req.WhichOneof("kind")
         if kind == "chunk":
+            if not req.chunk.data:  # it would make no progress, and keep the stream alive
+                raise InvalidInput(f"empty chunk at offset {req.chunk.offset}; chunks carry bytes")
             yield PayloadChunk(req.chunk.offset, req.chunk.data)
         elif kind == "trailer":
             yield Trailer(req.trailer.num_chunks)
@@ -53,9 +54,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         blobs: BlobStore,
         rounds: RoundManager,
         ingest: Ingest,
-        idle_seconds: float = 60.0,
     ) -> None:
-        self.idle_seconds = idle_seconds  # a push stream silent this long is dropped
         self.store = store
         self.blobs = blobs
         self.rounds = rounds
@@ -127,7 +126,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             result = self.ingest.receive(
                 header,
                 first.ByteSize(),
-                _body(with_idle_timeout(request_iterator, self.idle_seconds)),
+                _body(request_iterator),  # paced by the interceptor (services/idle.py)
                 peer=context.peer(),
                 principal=principal_of(context),
             )

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 
@@ -95,3 +99,114 @@ def verify_chain(db: sqlite3.Connection) -> tuple[int, str | None]:
             return count, f"entry {seq} ({kind}): contents do not match its hash"
         prev, expected_seq, count = digest, seq + 1, count + 1
     return count, None
+
+
+Write = Callable[[str, str, str, Mapping[str, object]], object]
+
+
+@dataclass
+class _Repeats:
+    written: float  # when this key's last row was written (monotonic seconds)
+    count: int  # refusals since then that no row carries yet
+    detail: Mapping[str, object]  # the latest one's
+
+
+class Coalescer:
+    """Audit rows for repeated refusals, at most one per window per (kind, actor, subject,
+    group), still counting every refusal.
+
+    The first refusal of a key is written at once. Repeats within `window_s` of that key's
+    last row are only counted; the next row of the key carries `count`: how many refusals
+    it stands for since the previous row (itself included, if it is one). A background
+    flusher writes the count of a window that ended with no later refusal; stop() writes
+    what is left. So a flood costs one fsynced row per window, and the sum of `count`
+    (1 where absent) over a key's rows is the number of refusals.
+    """
+
+    def __init__(
+        self,
+        write: Write,
+        window_s: float,
+        *,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._write = write
+        self.window_s = window_s
+        self._max_keys = max_keys  # distinct keys held before everything is flushed
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._keys: dict[tuple[str, str, str, str], _Repeats] = {}
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    def record(
+        self,
+        kind: str,
+        actor: str,
+        subject: str,
+        detail: Mapping[str, object],
+        group: str = "",
+    ) -> None:
+        key = (kind, actor, subject, group)
+        now = self._clock()
+        with self._lock:
+            held = self._keys.get(key)
+            if held is not None and now - held.written < self.window_s:
+                held.count += 1
+                held.detail = detail
+                return
+            pending = held.count if held is not None else 0
+            if held is None and len(self._keys) >= self._max_keys:
+                overflow = self._take(lambda _: True, now)
+                self._keys.clear()
+            else:
+                overflow = []
+            self._keys[key] = _Repeats(now, 0, detail)
+        for row in overflow:
+            self._emit(*row)
+        self._emit(key, {**detail, "count": pending + 1} if pending else detail)
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Write the counts of windows that have ended (all of them with everything=True)."""
+        now = self._clock()
+        with self._lock:
+            rows = self._take(lambda held: everything or now - held.written >= self.window_s, now)
+        for row in rows:
+            self._emit(*row)
+
+    def start(self) -> None:
+        self._flusher = threading.Thread(target=self._run, name="audit-coalescer", daemon=True)
+        self._flusher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        self.flush(everything=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(timeout=self.window_s / 2):
+            self.flush()
+
+    def _take(
+        self, due: Callable[[_Repeats], bool], now: float
+    ) -> list[tuple[tuple[str, str, str, str], Mapping[str, object]]]:
+        """Rows for the due keys' counts (under the lock); keys with nothing pending go."""
+        rows: list[tuple[tuple[str, str, str, str], Mapping[str, object]]] = []
+        for key, held in list(self._keys.items()):
+            if not due(held):
+                continue
+            if held.count:
+                rows.append((key, {**held.detail, "count": held.count}))
+                held.count, held.written = 0, now
+            else:
+                del self._keys[key]
+        return rows
+
+    def _emit(self, key: tuple[str, str, str, str], detail: Mapping[str, object]) -> None:
+        kind, actor, subject, _ = key
+        try:
+            self._write(kind, actor, subject, detail)
+        except Exception:  # a full disk: the refusal itself must still be answered
+            log.exception("could not audit %s of %s on %s", kind, actor, subject)

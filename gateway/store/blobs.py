@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -15,6 +16,7 @@ from typing import BinaryIO
 from gateway.store.writeback import WriteBehind
 
 _HEX = frozenset("0123456789abcdef")
+_TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
 
 
 def fsync_dir(path: Path) -> None:
@@ -71,10 +73,12 @@ class TempBlob:
         self._file.close()
 
     def discard(self) -> None:
-        self._settle()
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        try:
+            self._settle()
+            self._file.close()  # may raise what a buffered write raises (a full disk)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 class BlobStore:
@@ -97,13 +101,26 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     @contextlib.contextmanager
-    def temp(self) -> Iterator[TempBlob]:
-        """A temp blob that is removed unless adopted by commit()."""
-        blob = TempBlob(self.tmp / f"{uuid.uuid4().hex}.part")
+    def temp(self, tag: str = "") -> Iterator[TempBlob]:
+        """A temp blob that is removed unless adopted by commit(). A tag (characters of
+        [A-Za-z0-9._+-]) goes into its name, so whoever finds it after a crash can say
+        whose it was (temp_tags)."""
+        if not set(tag) <= _TAG_CHARS:
+            raise ValueError(f"temp blob tag {tag!r}: characters of [A-Za-z0-9._+-] only")
+        name = f"{uuid.uuid4().hex}{'~' + tag if tag else ''}.part"
+        blob = TempBlob(self.tmp / name)
         try:
             yield blob
         finally:
             blob.discard()
+
+    def temp_tags(self) -> list[tuple[str, int]]:
+        """(tag, bytes written) of every tagged temp file: what a crash cut off."""
+        found = []
+        for part in sorted(self.tmp.glob("*~*.part")):
+            with contextlib.suppress(FileNotFoundError):
+                found.append((part.name[33:-5], part.stat().st_size))
+        return found
 
     def commit(self, blob: TempBlob) -> Path:
         """fsync and rename the temp blob to its content address; returns the final path."""
@@ -114,10 +131,11 @@ class BlobStore:
         fsync_dir(final.parent)
         return final
 
-    def adopt(self, path: Path) -> str:
+    def adopt(self, path: Path, inspect: Callable[[bytes], None] | None = None) -> str:
         """Hash a finished file under blobs/tmp, fsync it and move it to its address.
 
-        The fsync runs in a worker while this thread hashes the same (cached) bytes.
+        The fsync runs in a worker while this thread hashes the same (cached) bytes, and
+        hands each piece to `inspect`, which may refuse the file by raising.
         """
         digest = hashlib.sha256()
         with path.open("rb") as f:
@@ -125,6 +143,8 @@ class BlobStore:
             try:
                 while data := f.read(8 << 20):
                     digest.update(data)
+                    if inspect is not None:
+                        inspect(data)
             finally:
                 synced.result()  # before the descriptor closes, also when a read failed
         final = self.path(digest.hexdigest())
@@ -132,6 +152,33 @@ class BlobStore:
         os.replace(path, final)
         fsync_dir(final.parent)
         return digest.hexdigest()
+
+    def verify(self, sha256: str, size: int) -> str:
+        """Why the blob named sha256 is not `size` bytes hashing to that name; "" if it is.
+
+        One front-to-back read in 1 MiB pieces (sha256 releases the GIL): run it in a
+        worker beside a fold of the same files, whose reads then come from the page cache.
+        """
+        digest = hashlib.sha256()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        got = 0
+        try:
+            with self.path(sha256).open("rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    digest.update(view[:n])
+                    got += n
+        except FileNotFoundError:
+            return "its spool file is missing"
+        except OSError as exc:  # a bad sector: this file is lost, not the whole disk
+            if exc.errno != errno.EIO:
+                raise
+            return "its spool file cannot be read (I/O error)"
+        if got != size:
+            return f"its spool file is {got} bytes, expected {size}"
+        if digest.hexdigest() != sha256:
+            return f"its spool file's sha256 is {digest.hexdigest()}, not its name"
+        return ""
 
     def temp_path(self, suffix: str = ".part") -> Path:
         """A fresh name under blobs/tmp (dropped on start if never adopted)."""

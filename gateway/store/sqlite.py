@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from gateway.core.errors import storage_fault
 from gateway.core.records import (
     CommittedUpdate,
     Release,
@@ -20,19 +22,23 @@ from gateway.core.records import (
 )
 from gateway.store import audit
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rounds (
+_ROUNDS = """
+CREATE TABLE IF NOT EXISTS {name} (
     model TEXT NOT NULL,
     round INTEGER NOT NULL,
     base_version INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('open', 'aggregating', 'closed')),
+    state TEXT NOT NULL CHECK (state IN ('open', 'aggregating', 'closed', 'failed')),
     opened_ms INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL,
     closed_ms INTEGER,
     version INTEGER,
+    failure TEXT,
     PRIMARY KEY (model, round)
 );
-CREATE TABLE IF NOT EXISTS updates (
+"""
+_SCHEMA = (
+    _ROUNDS.format(name="rounds")
+    + """CREATE TABLE IF NOT EXISTS updates (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     update_id TEXT NOT NULL UNIQUE,
     model TEXT NOT NULL,
@@ -76,6 +82,32 @@ CREATE TABLE IF NOT EXISTS releases (
     PRIMARY KEY (model, version)
 );
 """
+)
+_ROUND_COLUMNS = "model, round, base_version, state, opened_ms, deadline_ms, closed_ms, version"
+# SQLite integers are signed 64-bit: a larger key names no row (and would raise OverflowError).
+_SQL_INT = range(-(1 << 63), 1 << 63)
+MAX_DEFERRED = 1000  # audit entries a full disk refused, kept until a write succeeds again
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database written by an older Sluice up to this schema."""
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'rounds'")
+    if "'failed'" not in row.fetchone()[0]:
+        # Rounds can fail since (state 'failed', and why): SQLite cannot alter a CHECK
+        # constraint, so the table is rebuilt, as its documentation describes.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(_ROUNDS.format(name="rounds_new"))
+            db.execute(
+                f"INSERT INTO rounds_new ({_ROUND_COLUMNS}) SELECT {_ROUND_COLUMNS} FROM rounds"
+            )
+            db.execute("DROP TABLE rounds")
+            db.execute("ALTER TABLE rounds_new RENAME TO rounds")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
 
 class Store:
@@ -89,7 +121,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        _migrate(self._db)
         self._db.executescript(audit.SCHEMA)
+        self._deferred: list[tuple[str, str, str, dict[str, object]]] = []
+        self._deferred_dropped = 0
 
     def close(self) -> None:
         with self._lock:
@@ -101,11 +136,27 @@ class Store:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                deferred = self._write_deferred()
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # After some errors (a full disk, even at COMMIT) SQLite has rolled back
+                # already, and ROLLBACK would fail; after others the transaction is open.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            del self._deferred[:deferred]
+            if deferred:
+                self._deferred_dropped = 0
+
+    def _write_deferred(self) -> int:
+        """Append the audit entries a full disk refused, in the transaction that opened."""
+        for kind, actor, subject, detail in self._deferred:
+            audit.append(self._db, kind, actor, subject, detail)
+        if self._deferred and self._deferred_dropped:
+            detail = {"dropped": self._deferred_dropped, "reason": "the disk was full"}
+            audit.append(self._db, "audit.deferred_dropped", "gateway", "audit", detail)
+        return len(self._deferred)
 
     def _one(self, sql: str, *args: object) -> sqlite3.Row | None:
         with self._lock:
@@ -119,8 +170,9 @@ class Store:
     # rounds
 
     def _round(self, row: sqlite3.Row) -> Round:
+        # Trainers, not updates: one trainer is never a quorum.
         accepted = self._one(
-            "SELECT COUNT(*) AS n FROM updates WHERE model = ? AND round = ?",
+            "SELECT COUNT(DISTINCT trainer) AS n FROM updates WHERE model = ? AND round = ?",
             row["model"],
             row["round"],
         )
@@ -133,14 +185,25 @@ class Store:
             deadline_ms=row["deadline_ms"],
             accepted=accepted["n"] if accepted else 0,
             version=row["version"],
+            failure=row["failure"] or "",
         )
 
     def get_round(self, model: str, round_no: int) -> Round | None:
+        if round_no not in _SQL_INT:
+            return None
         row = self._one("SELECT * FROM rounds WHERE model = ? AND round = ?", model, round_no)
         return self._round(row) if row else None
 
     def latest_round(self, model: str) -> Round | None:
         row = self._one("SELECT * FROM rounds WHERE model = ? ORDER BY round DESC LIMIT 1", model)
+        return self._round(row) if row else None
+
+    def latest_failed_round(self, model: str) -> Round | None:
+        row = self._one(
+            "SELECT * FROM rounds WHERE model = ? AND state = ? ORDER BY round DESC LIMIT 1",
+            model,
+            str(RoundState.FAILED),
+        )
         return self._round(row) if row else None
 
     def rounds_in_state(self, state: RoundState) -> list[Round]:
@@ -164,11 +227,13 @@ class Store:
         *,
         closed_ms: int | None = None,
         version: int | None = None,
+        failure: str | None = None,
     ) -> None:
         db.execute(
             "UPDATE rounds SET state = ?, closed_ms = COALESCE(?, closed_ms),"
-            " version = COALESCE(?, version) WHERE model = ? AND round = ?",
-            (str(state), closed_ms, version, model, round_no),
+            " version = COALESCE(?, version), failure = COALESCE(?, failure)"
+            " WHERE model = ? AND round = ?",
+            (str(state), closed_ms, version, failure, model, round_no),
         )
 
     @staticmethod
@@ -198,6 +263,17 @@ class Store:
 
     def find_update(self, update_id: str) -> sqlite3.Row | None:
         return self._one("SELECT * FROM updates WHERE update_id = ?", update_id)
+
+    def trainer_update(self, model: str, round_no: int, trainer: str) -> str | None:
+        """The id of the trainer's update in that round, if it has one."""
+        row = self._one(
+            "SELECT update_id FROM updates WHERE model = ? AND round = ? AND trainer = ?"
+            " ORDER BY seq LIMIT 1",
+            model,
+            round_no,
+            trainer,
+        )
+        return str(row["update_id"]) if row else None
 
     def round_updates(self, model: str, round_no: int) -> list[CommittedUpdate]:
         rows = self._all(
@@ -233,6 +309,8 @@ class Store:
         return Version(**{k: row[k] for k in row.keys()})  # noqa: SIM118 - Row has no __iter__ of keys
 
     def get_version(self, model: str, version: int) -> Version | None:
+        if version not in _SQL_INT:
+            return None
         row = self._one("SELECT * FROM versions WHERE model = ? AND version = ?", model, version)
         return self._version(row) if row else None
 
@@ -283,6 +361,9 @@ class Store:
         return [self._release(r) for r in rows]
 
     def get_release(self, model: str, version: int) -> Release | None:
+        """The release of that version; 0: the newest."""
+        if version not in _SQL_INT:
+            return None
         if version == 0:
             row = self._one(
                 "SELECT * FROM releases WHERE model = ? ORDER BY version DESC LIMIT 1", model
@@ -310,6 +391,11 @@ class Store:
                 r.signature,
             ),
         )
+
+    def released_versions(self) -> set[tuple[str, int]]:
+        return {
+            (r["model"], r["version"]) for r in self._all("SELECT model, version FROM releases")
+        }
 
     def referenced_blobs(self) -> set[str]:
         rows = self._all(
@@ -344,6 +430,24 @@ class Store:
         """Append one audit entry in its own transaction."""
         with self.transaction() as db:
             return audit.append(db, kind, actor, subject, detail)
+
+    def record_soon(
+        self, kind: str, actor: str, subject: str, detail: Mapping[str, object]
+    ) -> None:
+        """Append an audit entry now, or, if the disk refuses it (full, failing), with the
+        next transaction that commits: audited when possible, never in place of the error
+        being recorded."""
+        try:
+            self.record(kind, actor, subject, detail)
+        except Exception as exc:
+            if storage_fault(exc) is None:
+                raise
+            with self._lock:
+                if len(self._deferred) < MAX_DEFERRED:
+                    at = {"deferred_from_ms": int(time.time() * 1000)}
+                    self._deferred.append((kind, actor, subject, {**detail, **at}))
+                else:
+                    self._deferred_dropped += 1
 
     def audit_entries(self, kind: str = "") -> list[audit.AuditEntry]:
         with self._lock:

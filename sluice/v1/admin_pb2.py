@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\"\x12\n\x10GetStatusRequest\"\x88\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nopen_round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x16\n\x0elatest_version\x18\x05 \x01(\x04\x12\x16\n\x0elatest_release\x18\x06 \x01(\x04\";\n\x11GetStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.sluice.v1.ModelStatus\"1\n\x11\x43loseRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"P\n\x12\x43loseRoundResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x17\n\x0frelease_refused\x18\x03 \x01(\t\"F\n\rRevokeRequest\x12\x12\n\nserial_hex\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0eRevokeResponse\x12\x1c\n\x14\x64iscarded_update_ids\x18\x01 \x03(\t2\xe0\x01\n\x0c\x41\x64minService\x12\x46\n\tGetStatus\x12\x1b.sluice.v1.GetStatusRequest\x1a\x1c.sluice.v1.GetStatusResponse\x12I\n\nCloseRound\x12\x1c.sluice.v1.CloseRoundRequest\x1a\x1d.sluice.v1.CloseRoundResponse\x12=\n\x06Revoke\x12\x18.sluice.v1.RevokeRequest\x1a\x19.sluice.v1.RevokeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\"\x12\n\x10GetStatusRequest\"\xdf\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nopen_round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x16\n\x0elatest_version\x18\x05 \x01(\x04\x12\x16\n\x0elatest_release\x18\x06 \x01(\x04\x12\x13\n\x0bround_state\x18\x07 \x01(\t\x12\x13\n\x0b\x63lose_error\x18\x08 \x01(\t\x12\x14\n\x0c\x66\x61iled_round\x18\t \x01(\x04\x12\x15\n\rfailed_reason\x18\n \x01(\t\";\n\x11GetStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.sluice.v1.ModelStatus\"1\n\x11\x43loseRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"h\n\x12\x43loseRoundResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x17\n\x0frelease_refused\x18\x03 \x01(\t\x12\x16\n\x0e\x61lready_closed\x18\x04 \x01(\x08\"F\n\rRevokeRequest\x12\x12\n\nserial_hex\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0eRevokeResponse\x12\x1c\n\x14\x64iscarded_update_ids\x18\x01 \x03(\t2\xe0\x01\n\x0c\x41\x64minService\x12\x46\n\tGetStatus\x12\x1b.sluice.v1.GetStatusRequest\x1a\x1c.sluice.v1.GetStatusResponse\x12I\n\nCloseRound\x12\x1c.sluice.v1.CloseRoundRequest\x1a\x1d.sluice.v1.CloseRoundResponse\x12=\n\x06Revoke\x12\x18.sluice.v1.RevokeRequest\x1a\x19.sluice.v1.RevokeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=36
   _globals['_GETSTATUSREQUEST']._serialized_end=54
   _globals['_MODELSTATUS']._serialized_start=57
-  _globals['_MODELSTATUS']._serialized_end=193
-  _globals['_GETSTATUSRESPONSE']._serialized_start=195
-  _globals['_GETSTATUSRESPONSE']._serialized_end=254
-  _globals['_CLOSEROUNDREQUEST']._serialized_start=256
-  _globals['_CLOSEROUNDREQUEST']._serialized_end=305
-  _globals['_CLOSEROUNDRESPONSE']._serialized_start=307
-  _globals['_CLOSEROUNDRESPONSE']._serialized_end=387
-  _globals['_REVOKEREQUEST']._serialized_start=389
-  _globals['_REVOKEREQUEST']._serialized_end=459
-  _globals['_REVOKERESPONSE']._serialized_start=461
-  _globals['_REVOKERESPONSE']._serialized_end=507
-  _globals['_ADMINSERVICE']._serialized_start=510
-  _globals['_ADMINSERVICE']._serialized_end=734
+  _globals['_MODELSTATUS']._serialized_end=280
+  _globals['_GETSTATUSRESPONSE']._serialized_start=282
+  _globals['_GETSTATUSRESPONSE']._serialized_end=341
+  _globals['_CLOSEROUNDREQUEST']._serialized_start=343
+  _globals['_CLOSEROUNDREQUEST']._serialized_end=392
+  _globals['_CLOSEROUNDRESPONSE']._serialized_start=394
+  _globals['_CLOSEROUNDRESPONSE']._serialized_end=498
+  _globals['_REVOKEREQUEST']._serialized_start=500
+  _globals['_REVOKEREQUEST']._serialized_end=570
+  _globals['_REVOKERESPONSE']._serialized_start=572
+  _globals['_REVOKERESPONSE']._serialized_end=618
+  _globals['_ADMINSERVICE']._serialized_start=621
+  _globals['_ADMINSERVICE']._serialized_end=845
 # @@protoc_insertion_point(module_scope)

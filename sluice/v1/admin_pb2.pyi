@@ -43,12 +43,29 @@ class ModelStatus(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     LATEST_VERSION_FIELD_NUMBER: _builtins.int
     LATEST_RELEASE_FIELD_NUMBER: _builtins.int
+    ROUND_STATE_FIELD_NUMBER: _builtins.int
+    CLOSE_ERROR_FIELD_NUMBER: _builtins.int
+    FAILED_ROUND_FIELD_NUMBER: _builtins.int
+    FAILED_REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     open_round: _builtins.int
+    """The newest round: open, or "aggregating" (round_state) while it is being closed."""
     base_version: _builtins.int
     accepted: _builtins.int
+    """Distinct trainers with an update committed in that round."""
     latest_version: _builtins.int
     latest_release: _builtins.int
+    round_state: _builtins.str
+    """"open" or "aggregating"."""
+    close_error: _builtins.str
+    """While a close of that round fails for a reason that may go away (a full disk) and is
+    retried: the last error. Empty otherwise.
+    """
+    failed_round: _builtins.int
+    """The newest round that failed (0: none): its updates were not folded and the next round
+    opened on the same base version; failed_reason says why (also in the audit log).
+    """
+    failed_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -58,10 +75,14 @@ class ModelStatus(_message.Message):
         accepted: _builtins.int = ...,
         latest_version: _builtins.int = ...,
         latest_release: _builtins.int = ...,
+        round_state: _builtins.str = ...,
+        close_error: _builtins.str = ...,
+        failed_round: _builtins.int = ...,
+        failed_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "latest_release", b"latest_release", "latest_version", b"latest_version", "model", b"model", "open_round", b"open_round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "close_error", b"close_error", "failed_reason", b"failed_reason", "failed_round", b"failed_round", "latest_release", b"latest_release", "latest_version", b"latest_version", "model", b"model", "open_round", b"open_round", "round_state", b"round_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -95,7 +116,9 @@ class CloseRoundRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     round: _builtins.int
-    """Must equal the open round, so a stale operator command does nothing."""
+    """The open round (a stale command for an older round closes nothing: it answers what
+    that round produced).
+    """
     def __init__(
         self,
         *,
@@ -117,22 +140,28 @@ class CloseRoundResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
     RELEASE_REFUSED_FIELD_NUMBER: _builtins.int
+    ALREADY_CLOSED_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version the round produced."""
     released: _builtins.bool
     """Whether a release of that version was published through egress."""
     release_refused: _builtins.str
     """When not released: the policy's or the egress guard's reason (also in the audit log)."""
+    already_closed: _builtins.bool
+    """True when the round had been closed before this call (e.g. by a close a restart
+    interrupted and finished): nothing new was done.
+    """
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         released: _builtins.bool = ...,
         release_refused: _builtins.str = ...,
+        already_closed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["release_refused", b"release_refused", "released", b"released", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_closed", b"already_closed", "release_refused", b"release_refused", "released", b"released", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,14 +57,19 @@ class AdminServiceServicer:
     """
 
     def GetStatus(self, request, context):
-        """Models, their open round and newest version.
+        """Models, their newest round (and whether it is being closed), newest version, and the
+        last round that failed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseRound(self, request, context):
-        """Close the open round now if it has at least min_updates, aggregating it.
+        """Close the open round now if it has updates of at least min_updates trainers,
+        aggregating it. Repeated for a round already closed (also before a restart), it says
+        again what the close produced. FAILED_PRECONDITION when the round failed or was
+        reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
+        gateway retries the close itself).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

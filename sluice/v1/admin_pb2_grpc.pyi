@@ -34,9 +34,16 @@ class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.GetStatusResponse]
-    """Models, their open round and newest version."""
+    """Models, their newest round (and whether it is being closed), newest version, and the
+    last round that failed.
+    """
     CloseRound: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseRoundRequest, _admin_pb2.CloseRoundResponse]
-    """Close the open round now if it has at least min_updates, aggregating it."""
+    """Close the open round now if it has updates of at least min_updates trainers,
+    aggregating it. Repeated for a round already closed (also before a restart), it says
+    again what the close produced. FAILED_PRECONDITION when the round failed or was
+    reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
+    gateway retries the close itself).
+    """
     Revoke: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.RevokeResponse]
     """Revoke a client certificate now (no restart): every later call with it is refused,
     and the principal's uncommitted-to-a-version updates in open rounds are discarded.
@@ -48,9 +55,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.GetStatusResponse]  # type: ignore[assignment]
-    """Models, their open round and newest version."""
+    """Models, their newest round (and whether it is being closed), newest version, and the
+    last round that failed.
+    """
     CloseRound: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseRoundRequest, _admin_pb2.CloseRoundResponse]  # type: ignore[assignment]
-    """Close the open round now if it has at least min_updates, aggregating it."""
+    """Close the open round now if it has updates of at least min_updates trainers,
+    aggregating it. Repeated for a round already closed (also before a restart), it says
+    again what the close produced. FAILED_PRECONDITION when the round failed or was
+    reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
+    gateway retries the close itself).
+    """
     Revoke: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.RevokeResponse]  # type: ignore[assignment]
     """Revoke a client certificate now (no restart): every later call with it is refused,
     and the principal's uncommitted-to-a-version updates in open rounds are discarded.
@@ -65,7 +79,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetStatusResponse, _abc.Awaitable[_admin_pb2.GetStatusResponse]]:
-        """Models, their open round and newest version."""
+        """Models, their newest round (and whether it is being closed), newest version, and the
+        last round that failed.
+        """
 
     @_abc_1.abstractmethod
     def CloseRound(
@@ -73,7 +89,12 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.CloseRoundRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CloseRoundResponse, _abc.Awaitable[_admin_pb2.CloseRoundResponse]]:
-        """Close the open round now if it has at least min_updates, aggregating it."""
+        """Close the open round now if it has updates of at least min_updates trainers,
+        aggregating it. Repeated for a round already closed (also before a restart), it says
+        again what the close produced. FAILED_PRECONDITION when the round failed or was
+        reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
+        gateway retries the close itself).
+        """
 
     @_abc_1.abstractmethod
     def Revoke(

@@ -154,14 +154,30 @@ Global___GetManifestRequest: _TypeAlias = GetManifestRequest  # noqa: Y015
 
 @_typing.final
 class GetManifestResponse(_message.Message):
+    """The signature scheme, for a client in any language:
+    - manifest_json is RFC 8785 (JCS) canonical JSON, UTF-8, format "sluice.release/2"
+      (parse it, re-canonicalize with any JCS library and compare: the bytes must be equal);
+    - signature is a 64-byte Ed25519 signature (RFC 8032, pure, no pre-hash) of exactly the
+      manifest_json bytes, by the gateway's release-signing key, whose public half
+      (`keys/release-signing.pub`, PEM SubjectPublicKeyInfo) is handed over out of band;
+    - the manifest's signing_key_id is the first 16 hex digits of the sha256 of the 32 raw
+      public key bytes;
+    - each pulled file must have the size and sha256 (lowercase hex) that the manifest's
+      "files" list gives; structure_hash is the sha256 of model.onnx with every weight's
+      raw_data zeroed, the same for every release of a model structure (pin it).
+    The gateway checks the same signature before it sends any byte of a release.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MANIFEST_JSON_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     manifest_json: _builtins.bytes
-    """Canonical JSON (sorted keys, no whitespace, UTF-8)."""
+    """RFC 8785 canonical JSON (see above); releases published before format /2 carry
+    "sluice.release/1" with Python's sorted-keys json.dumps.
+    """
     signature: _builtins.bytes
-    """Detached signature of manifest_json (empty until signing is configured)."""
+    """Ed25519 signature of manifest_json (see above)."""
     def __init__(
         self,
         *,

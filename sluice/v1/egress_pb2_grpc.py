@@ -57,7 +57,8 @@ class EgressServiceServicer:
     """
 
     def ListReleases(self, request, context):
-        """Published releases of a model (or of all models), newest first.
+        """Published releases of a model (or of all models), newest first, every field taken
+        from the release's verified signed manifest; a withheld release is marked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,7 +72,10 @@ class EgressServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullRelease(self, request, context):
-        """The bytes of one file of a release, from an offset, as a header then chunks.
+        """The bytes of one file of a release, from an offset, as a header then chunks of at
+        most 2 MiB each (every message fits any gRPC stack's default 4 MiB receive limit).
+        Refused with DATA_LOSS, before any byte, when the release does not match its signed
+        manifest; with 0 ("newest") the newest intact release answers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,11 +34,17 @@ class EgressServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EgressServiceAsyncStub: ...
     ListReleases: _grpc.UnaryUnaryMultiCallable[_egress_pb2.ListReleasesRequest, _egress_pb2.ListReleasesResponse]
-    """Published releases of a model (or of all models), newest first."""
+    """Published releases of a model (or of all models), newest first, every field taken
+    from the release's verified signed manifest; a withheld release is marked.
+    """
     GetManifest: _grpc.UnaryUnaryMultiCallable[_egress_pb2.GetManifestRequest, _egress_pb2.GetManifestResponse]
     """The canonical JSON manifest of one release, as published."""
     PullRelease: _grpc.UnaryStreamMultiCallable[_egress_pb2.PullReleaseRequest, _egress_pb2.PullReleaseResponse]
-    """The bytes of one file of a release, from an offset, as a header then chunks."""
+    """The bytes of one file of a release, from an offset, as a header then chunks of at
+    most 2 MiB each (every message fits any gRPC stack's default 4 MiB receive limit).
+    Refused with DATA_LOSS, before any byte, when the release does not match its signed
+    manifest; with 0 ("newest") the newest intact release answers.
+    """
 
 @_typing.type_check_only
 class EgressServiceAsyncStub(EgressServiceStub):
@@ -46,11 +52,17 @@ class EgressServiceAsyncStub(EgressServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListReleases: _aio.UnaryUnaryMultiCallable[_egress_pb2.ListReleasesRequest, _egress_pb2.ListReleasesResponse]  # type: ignore[assignment]
-    """Published releases of a model (or of all models), newest first."""
+    """Published releases of a model (or of all models), newest first, every field taken
+    from the release's verified signed manifest; a withheld release is marked.
+    """
     GetManifest: _aio.UnaryUnaryMultiCallable[_egress_pb2.GetManifestRequest, _egress_pb2.GetManifestResponse]  # type: ignore[assignment]
     """The canonical JSON manifest of one release, as published."""
     PullRelease: _aio.UnaryStreamMultiCallable[_egress_pb2.PullReleaseRequest, _egress_pb2.PullReleaseResponse]  # type: ignore[assignment]
-    """The bytes of one file of a release, from an offset, as a header then chunks."""
+    """The bytes of one file of a release, from an offset, as a header then chunks of at
+    most 2 MiB each (every message fits any gRPC stack's default 4 MiB receive limit).
+    Refused with DATA_LOSS, before any byte, when the release does not match its signed
+    manifest; with 0 ("newest") the newest intact release answers.
+    """
 
 class EgressServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served on the egress listener only. It can only ever read published releases."""
@@ -61,7 +73,9 @@ class EgressServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _egress_pb2.ListReleasesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_egress_pb2.ListReleasesResponse, _abc.Awaitable[_egress_pb2.ListReleasesResponse]]:
-        """Published releases of a model (or of all models), newest first."""
+        """Published releases of a model (or of all models), newest first, every field taken
+        from the release's verified signed manifest; a withheld release is marked.
+        """
 
     @_abc_1.abstractmethod
     def GetManifest(
@@ -77,6 +91,10 @@ class EgressServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _egress_pb2.PullReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_egress_pb2.PullReleaseResponse], _abc.AsyncIterator[_egress_pb2.PullReleaseResponse]]:
-        """The bytes of one file of a release, from an offset, as a header then chunks."""
+        """The bytes of one file of a release, from an offset, as a header then chunks of at
+        most 2 MiB each (every message fits any gRPC stack's default 4 MiB receive limit).
+        Refused with DATA_LOSS, before any byte, when the release does not match its signed
+        manifest; with 0 ("newest") the newest intact release answers.
+        """
 
 def add_EgressServiceServicer_to_server(servicer: EgressServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -66,15 +66,15 @@ class RoundInfo(_message.Message):
     payload_bytes: _builtins.int
     """Exact size of an update payload in bytes."""
     quorum: _builtins.int
-    """Updates needed to close the round early."""
+    """Distinct trainers needed to close the round early."""
     accepted: _builtins.int
-    """Updates committed so far in this round."""
+    """Distinct trainers with an update committed so far in this round."""
     deadline_unix_ms: _builtins.int
     """Unix time (ms) at which the round closes if at least min_updates arrived."""
     max_chunk_bytes: _builtins.int
     """Largest chunk the gateway accepts."""
     min_updates: _builtins.int
-    """Updates needed to close at the deadline."""
+    """Distinct trainers needed to close at the deadline."""
     strategy: _builtins.str
     """The model's aggregation strategy (Flower's name, e.g. "FedAvg", "FedProx")."""
     proximal_mu: _builtins.float
@@ -233,23 +233,30 @@ class UpdateHeader(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
     """Client-chosen id (1-64 chars of [A-Za-z0-9._-]); a retry with the same id and
-    payload is acknowledged without being counted twice.
+    payload is acknowledged without being counted twice. A trainer has one update per
+    round: another id from the same trainer in the same round is refused (ALREADY_EXISTS).
+    The SDK derives the id from (trainer, model, round), so any retry reuses it.
     """
     trainer: _builtins.str
     """Trainer identity and its region, e.g. "shanghai-01", "shanghai"."""
     region: _builtins.str
     model: _builtins.str
     round: _builtins.int
+    """Round and base version: at most 2^53 - 1 (INVALID_ARGUMENT beyond)."""
     base_version: _builtins.int
     num_examples: _builtins.int
-    """Local training examples behind this update: the FedAvg weight."""
+    """Local training examples behind this update: the FedAvg weight, 1 to the gateway's
+    max_num_examples (default 2^31 - 1).
+    """
     schema_hash: _builtins.str
     payload_sha256: _builtins.str
     """Hex sha256 and exact size of the payload that follows."""
     payload_bytes: _builtins.int
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Free-form training metrics (loss, accuracy ...), reported not trusted."""
+        """Free-form training metrics (loss, accuracy ...), reported not trusted: at most 64,
+        names of 1-64 printable characters, finite values.
+        """
 
     def __init__(
         self,
@@ -343,7 +350,7 @@ class PushUpdateResponse(_message.Message):
     """False when this id had already been committed (a retry): nothing was counted twice."""
     round: _builtins.int
     accepted: _builtins.int
-    """Updates committed in that round after this one."""
+    """Distinct trainers with an update committed in that round, this one included."""
     def __init__(
         self,
         *,

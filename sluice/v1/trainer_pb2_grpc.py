@@ -73,7 +73,9 @@ class TrainerServiceServicer:
 
     def PushUpdate(self, request_iterator, context):
         """One update: a header, then chunks of at most 4 MiB, then a trailer. Nothing is
-        committed until the trailer arrives and every check passed.
+        committed until the trailer arrives and every check passed. A trainer has at most one
+        update per round (ALREADY_EXISTS for another). UNAVAILABLE when the gateway cannot
+        store it now (a full disk): push it again later, with the same update id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,9 @@ class TrainerServiceStub:
     """
     PushUpdate: _grpc.StreamUnaryMultiCallable[_trainer_pb2.PushUpdateRequest, _trainer_pb2.PushUpdateResponse]
     """One update: a header, then chunks of at most 4 MiB, then a trailer. Nothing is
-    committed until the trailer arrives and every check passed.
+    committed until the trailer arrives and every check passed. A trainer has at most one
+    update per round (ALREADY_EXISTS for another). UNAVAILABLE when the gateway cannot
+    store it now (a full disk): push it again later, with the same update id.
     """
 
 @_typing.type_check_only
@@ -57,7 +59,9 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """
     PushUpdate: _aio.StreamUnaryMultiCallable[_trainer_pb2.PushUpdateRequest, _trainer_pb2.PushUpdateResponse]  # type: ignore[assignment]
     """One update: a header, then chunks of at most 4 MiB, then a trailer. Nothing is
-    committed until the trailer arrives and every check passed.
+    committed until the trailer arrives and every check passed. A trainer has at most one
+    update per round (ALREADY_EXISTS for another). UNAVAILABLE when the gateway cannot
+    store it now (a full disk): push it again later, with the same update id.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -88,7 +92,9 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.PushUpdateResponse, _abc.Awaitable[_trainer_pb2.PushUpdateResponse]]:
         """One update: a header, then chunks of at most 4 MiB, then a trailer. Nothing is
-        committed until the trailer arrives and every check passed.
+        committed until the trailer arrives and every check passed. A trainer has at most one
+        update per round (ALREADY_EXISTS for another). UNAVAILABLE when the gateway cannot
+        store it now (a full disk): push it again later, with the same update id.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -113,7 +113,7 @@ HARMLESS: dict[str, Harmless] = {
     "/sluice.v1.TrainerService/PushUpdate": Harmless((), Code.INVALID_ARGUMENT),
     "/sluice.v1.AdminService/GetStatus": Harmless((admin_pb2.GetStatusRequest(),), Code.OK),
     "/sluice.v1.AdminService/CloseRound": Harmless(
-        (admin_pb2.CloseRoundRequest(model=TINY, round=999),), Code.FAILED_PRECONDITION
+        (admin_pb2.CloseRoundRequest(model=TINY, round=999),), Code.NOT_FOUND
     ),
     "/sluice.v1.AdminService/Revoke": Harmless(
         (admin_pb2.RevokeRequest(serial_hex="not-hex", principal="nobody"),),
@@ -292,6 +292,10 @@ def test_role_table_gives_each_role_only_its_side() -> None:
             assert roles == {READER}, path
         if service == ADMIN_SERVICE.full_name:
             assert roles == {OPERATOR}, path
+        if service == TRAINER_SERVICE.full_name:
+            # Least privilege: operators administer (GetStatus shows rounds and versions)
+            # and revoke; the round's training contract and the raw weights are trainers'.
+            assert roles == {TRAINER}, path
     assert ROLE_TABLE[path_of(TRAINER_SERVICE.methods_by_name["PushUpdate"])] == {TRAINER}
 
 

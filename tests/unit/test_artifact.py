@@ -12,10 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gateway.export.template import OnnxTemplate, build_template
-from models import onnx_wire
+from models import artifact, onnx_wire
 from models.artifact import (
     ArtifactRefused,
     WeightSpec,
+    check_weight_specs,
     inspect_onnx,
     op_set,
     structure_hash,
@@ -497,3 +498,131 @@ def test_two_file_layout_refusals(
 ) -> None:
     data = _edit(two_file[0], change)
     assert reason in _refused(data, weights, ops, external_data_file=DATA_FILE)
+
+
+# --- hostile values end in a refusal, never a crash ---------------------------------------
+
+
+def _constant(tensor: TensorProto) -> Callable[[onnx.ModelProto], None]:
+    return _with_node(helper.make_node("Constant", [], ["c"], value=tensor))
+
+
+def _set_elem_type(value: int) -> Callable[[onnx.ModelProto], None]:
+    def change(m: onnx.ModelProto) -> None:
+        m.graph.value_info[0].type.tensor_type.elem_type = value
+
+    return change
+
+
+def _set_dim_value(m: onnx.ModelProto) -> None:
+    m.graph.value_info[0].type.tensor_type.shape.dim[0].dim_value = -5
+
+
+def _set_opset_version(m: onnx.ModelProto) -> None:
+    m.opset_import[0].version = -1
+
+
+_F = TensorProto.FLOAT
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        # Once a bare KeyError: 99 from onnx.helper.tensor_dtype_to_np_dtype.
+        (_constant(TensorProto(data_type=99, dims=[1], raw_data=b"\0")), "data_type 99 is not"),
+        (_constant(TensorProto(data_type=(1 << 31) - 1, dims=[1])), "data_type 2147483647"),
+        (_constant(TensorProto(data_type=TensorProto.STRING, dims=[1])), "data_type 8 is not"),
+        (_constant(TensorProto(data_type=TensorProto.INT4, dims=[2], raw_data=b"\0")), "type 22"),
+        # 2**32 * 2**32 floats wraps to 0 bytes in int64: an empty raw_data once matched it.
+        (_constant(TensorProto(data_type=_F, dims=[1 << 32, 1 << 32])), "value of 7378697629"),
+        (_constant(TensorProto(data_type=_F, dims=[-1, -4], raw_data=b"\0" * 16)), "negative dim"),
+        (_constant(TensorProto(data_type=_F, dims=[1] * 9, raw_data=b"\0" * 4)), "(limit dims)"),
+        (_set_elem_type(99), "elem_type 99 is not a data type"),
+        (_set_elem_type(-(1 << 31)), "elem_type -2147483648 is not a data type"),
+        (_set_elem_type(0), "elem_type 0 is not a data type"),
+        (_set_dim_value, "negative dim_value -5"),
+        (_set_opset_version, "version -1 is not a known opset"),
+    ],
+)
+def test_hostile_values_are_refused(
+    change: Callable[[onnx.ModelProto], None],
+    reason: str,
+    template: OnnxTemplate,
+    weights: list[TensorSpec],
+    ops: frozenset[tuple[str, str]],
+) -> None:
+    assert reason in _refused(_edit(bytes(template.data), change), weights, ops)
+
+
+def test_unknown_enum_values_are_refused(
+    template: OnnxTemplate, weights: list[TensorSpec], ops: frozenset[tuple[str, str]]
+) -> None:
+    # AttributeProto.type (field 20) is a closed enum: upb keeps 99 as an unknown field.
+    node = helper.make_node("Relu", ["frames"], ["o"])
+    node.attribute.add(name="alpha", type=onnx.AttributeProto.FLOAT, f=1.0)
+    type_float = _varint(20 << 3) + _varint(onnx.AttributeProto.FLOAT)
+    raw = node.SerializeToString()
+    assert raw.count(type_float) == 1
+    data = bytes(template.data)
+    graph = next(f for f in onnx_wire.iter_fields(data) if f.number == onnx_wire.MODEL_GRAPH)
+    body = _varint(1 << 3 | 2) + _varint(len(raw)) + raw.replace(type_float, type_float[:-1] + b"c")
+    body += data[graph.start : graph.end]
+    key = _varint(onnx_wire.MODEL_GRAPH << 3 | 2)
+    hostile = data[: graph.key_start] + key + _varint(len(body)) + body + data[graph.end :]
+    assert onnx.ModelProto.FromString(hostile).graph.node[0].attribute[0].type == 0
+    assert "not the canonical encoding" in _refused(hostile, weights, ops)
+
+
+def test_a_check_that_breaks_refuses_with_a_short_reason(
+    template: OnnxTemplate,
+    weights: list[TensorSpec],
+    ops: frozenset[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object) -> None:
+        raise IndexError("frame" * 10_000)
+
+    monkeypatch.setattr(artifact, "_check_value_info", broken)
+    reason = _refused(bytes(template.data), weights, ops)
+    assert reason.startswith("malformed model: IndexError: 'frameframe")
+    assert len(reason) < 160 and "(50000 chars)" in reason
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TensorSpec("w", (2,), "<U4"),
+        TensorSpec("w", (2,), "not a dtype"),
+        TensorSpec("w", (-2,), "<f4"),
+        TensorSpec("w", ("2",), "<f4"),  # type: ignore[arg-type]
+        TensorSpec(7, (2,), "<f4"),  # type: ignore[arg-type]
+        TensorSpec("w", (2,), "<c32"),
+    ],
+)
+def test_expected_weights_no_file_could_match(
+    spec: TensorSpec, template: OnnxTemplate, ops: frozenset[tuple[str, str]]
+) -> None:
+    with pytest.raises(ArtifactRefused, match="expected weight"):
+        check_weight_specs([spec])
+    assert "expected weight" in _refused(bytes(template.data), [spec], ops)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x00", b"\x0a\xff\xff\xff\xff\x0f", b"\x08" + b"\xff" * 11, bytes(range(256))],
+)
+def test_op_set_of_bytes_that_are_no_model(data: bytes) -> None:
+    with pytest.raises(ValueError):  # ArtifactRefused; never protobuf's own DecodeError
+        op_set(data)
+
+
+def test_wire_helpers_raise_value_errors_only() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        onnx_wire.encode_varint(-1)
+    with pytest.raises(ValueError, match="truncated varint"):
+        onnx_wire.read_varint(b"\x80", 0, 10)  # an end past the buffer: no IndexError
+    long_name = TensorProto(name="n" * 1000, raw_data=b"\0")
+    graph = onnx.GraphProto(initializer=[long_name, long_name])
+    with pytest.raises(ValueError, match=r"appears more than once") as caught:
+        onnx_wire.initializer_spans(onnx.ModelProto(graph=graph).SerializeToString())
+    assert len(str(caught.value)) < 120  # the name is cut short

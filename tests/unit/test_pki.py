@@ -69,7 +69,9 @@ def test_init_creates_every_file_with_private_keys_0600(tmp_path: Path) -> None:
     for directory in (layout.directory, layout.clients_dir):
         assert mode(directory) & 0o077 == 0
     assert sorted(layout.client_names()) == sorted(names)
-    assert set(all_files(layout)) == set(keys) | set(certs)  # no stray temp files
+    # No stray temp files; the issued log is public (Revoke checks serials against it).
+    assert set(all_files(layout)) == set(keys) | set(certs) | {layout.issued_log}
+    assert mode(layout.issued_log) == 0o644
 
 
 def test_rerun_adds_principals_and_changes_nothing_else(tmp_path: Path) -> None:
@@ -77,7 +79,9 @@ def test_rerun_adds_principals_and_changes_nothing_else(tmp_path: Path) -> None:
     before = all_files(layout)
     init_full(tmp_path / "pki", readers=[*READERS, "auditor"])
     after = all_files(layout)
-    assert {p: after[p] for p in before} == before
+    log = layout.issued_log  # appended to, never rewritten
+    assert {p: after[p] for p in before if p != log} == {p: before[p] for p in before if p != log}
+    assert after[log].startswith(before[log]) and b'"auditor"' in after[log][len(before[log]) :]
     assert set(after) - set(before) == {
         layout.client_cert("auditor"),
         layout.client_key("auditor"),
@@ -225,7 +229,7 @@ def test_malformed_identities_are_refused(
 
 def test_a_server_certificate_is_no_principal(tmp_path: Path) -> None:
     layout = init_pki(tmp_path / "pki")
-    with pytest.raises(UnknownPrincipal, match="exactly one URI SAN, found 0"):
+    with pytest.raises(UnknownPrincipal, match="extendedKeyUsage lacks clientAuth"):
         principal_from_pem(layout.server_cert("egress").read_bytes())
 
 

@@ -106,9 +106,9 @@ def test_a_close_that_fails_half_way_is_retried_by_the_worker(
         return real(*args, **kwargs)
 
     gw.rounds.publisher.publish = flaky  # type: ignore[method-assign]
-    with pytest.raises(OSError):
-        gw.rounds.tick()
+    gw.rounds.tick()  # logs the failure; other models would still get their turn
     assert gw.store.get_round(TINY, 1).state == RoundState.AGGREGATING  # type: ignore[union-attr]
+    assert gw.rounds.close_error(TINY, 1) == "no space left on device"
     gw.rounds.tick()  # the worker's next tick finishes it
     assert gw.store.get_round(TINY, 1).state == RoundState.CLOSED  # type: ignore[union-attr]
     assert len(calls) == 2 and gw.store.latest_version(TINY).version == 1  # type: ignore[union-attr]

@@ -1,0 +1,90 @@
+"""What a failed round close means, and the checks that tell: spool integrity, finite weights.
+
+A close fails in one of three ways (RoundManager sorts them; README: rounds and updates):
+
+- `CorruptUpdates`: spool files that no longer hash to their names (changed, truncated or
+  missing after the push was acknowledged); those updates are excluded and the close runs
+  again without them;
+- `CloseRefused`: a reason that will not go away (weights that are not finite, a corrupt
+  base, a sum of examples past what can be stored, a strategy's refusal); the round fails;
+- anything else, storage faults first (`errors.storage_fault`): retried with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.core.errors import InvalidInput, NotFound, PreconditionFailed
+from gateway.core.finite import FiniteCheck
+from gateway.store.blobs import BlobStore
+from models.schema import Schema
+
+# Two threads hash while the fold's workers read: together they keep 2 cores busy, and the
+# spool files are read from disk once (each reader finds what the other just read in the
+# page cache).
+CHECK_WORKERS = 2
+
+
+class CloseRefused(Exception):
+    """The round can never be folded as it is; the message says why, for the audit log."""
+
+
+class CorruptUpdates(Exception):
+    """Spool files that are not what was acknowledged: payload sha256 -> what is wrong."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        super().__init__(f"{len(problems)} corrupt spool file(s)")
+        self.problems = dict(problems)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A close that failed for a reason that may go away: when to try it again."""
+
+    attempts: int
+    due: float  # time.monotonic() of the next attempt
+    error: str
+
+
+class SpoolCheck:
+    """The sha256 and size of every file a close reads, checked in worker threads while the
+    fold reads the same files (as ingest hashes while it writes). Memory: one 1 MiB buffer
+    per worker."""
+
+    def __init__(self, blobs: BlobStore, size: int, shas: Iterable[str]) -> None:
+        pool = ThreadPoolExecutor(max_workers=CHECK_WORKERS, thread_name_prefix="spool-check")
+        self._checks: dict[str, Future[str]] = {
+            sha: pool.submit(blobs.verify, sha, size) for sha in dict.fromkeys(shas)
+        }
+        pool.shutdown(wait=False)  # the checks run on; the threads end with the last one
+
+    def problems(self) -> dict[str, str]:
+        """sha256 -> what is wrong with that file, once every check has finished; raises
+        what a read raised (an I/O error is the storage's fault, not the file's)."""
+        return {sha: why for sha, check in self._checks.items() if (why := check.result())}
+
+
+def check_finite(schema: Schema, path: Path, what: str) -> None:
+    """Refuse a file in payload layout holding NaN or Inf in a float tensor."""
+    check = FiniteCheck(schema)
+    with path.open("rb") as f:
+        while data := f.read(8 << 20):
+            feed(check, data, what)
+
+
+def feed(check: FiniteCheck, data: bytes, what: str) -> None:
+    """FiniteCheck.feed, its refusal restated as a refused close."""
+    try:
+        check.feed(data)
+    except InvalidInput as exc:
+        found = str(exc).split(";")[0]  # "tensor 'x': element 5 is inf"
+        raise CloseRefused(f"{what} is not finite ({found})") from None
+
+
+def deterministic(exc: BaseException) -> bool:
+    """Whether a close that raised exc would raise it again, whatever the retry: the
+    strategy's and the numbers' refusals, not the storage's."""
+    return isinstance(exc, ValueError | ArithmeticError | PreconditionFailed | NotFound)

@@ -1,0 +1,293 @@
+"""Fold one round into a version: the strategy over spool files checked as they are read, a
+finite result, the release, and one commit; nothing of an uncommitted version stays."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from gateway.core.aggregation import Contribution
+from gateway.core.catalog import ServedModel
+from gateway.core.closing import (
+    CloseRefused,
+    CorruptUpdates,
+    SpoolCheck,
+    check_finite,
+    deterministic,
+    feed,
+)
+from gateway.core.fedbuff import FedBuffPolicy
+from gateway.core.finite import FiniteCheck
+from gateway.core.privacy import PreparedRound, RoundPrivacy
+from gateway.core.records import (
+    MAX_SAFE_INT,
+    ClosedRound,
+    CommittedUpdate,
+    PublishOutcome,
+    Round,
+    RoundState,
+    Version,
+)
+from gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
+from gateway.store import audit
+from gateway.store.blobs import BlobStore
+from gateway.store.sqlite import Store
+
+log = logging.getLogger(__name__)
+
+# Opens the round after a closed one, in the closing transaction: (db, model, round, base).
+OpenNext = Callable[[sqlite3.Connection, str, int, int], None]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Publisher(Protocol):
+    def publish(
+        self,
+        model: ServedModel,
+        version: Version,
+        weights: Path,
+        updates: Sequence[CommittedUpdate],
+        dp: Mapping[str, object] | None = None,
+    ) -> PublishOutcome:
+        """Write a release of these weights, or say why policy or the guard refused one."""
+
+    def discard(self, model: str, version: int) -> None:
+        """Remove what publish() wrote for a version that was then not committed."""
+
+    def drop_orphans(self, released: set[tuple[str, int]]) -> list[Path]:
+        """Remove release directories no release row names; returns them."""
+
+
+class RoundFolder:
+    """What a close does once the round's updates are chosen (RoundManager chooses them,
+    and sorts out what a failure here means)."""
+
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        publisher: Publisher,
+        privacy: RoundPrivacy,
+        strategies: Mapping[str, Strategy],
+        state_root: Path,
+        open_next: OpenNext,
+        fedbuff: FedBuffPolicy | None = None,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.publisher = publisher
+        self.privacy = privacy  # screening always, DP when configured
+        self.strategies = dict(strategies)  # model -> strategy; FedAvg when absent
+        self.state_root = state_root
+        self.fedbuff = fedbuff  # buffered asynchronous mode: stale updates weighted down
+        self._open_next = open_next
+
+    def strategy_for(self, model: str) -> Strategy:
+        return self.strategies.get(model) or FedAvg()
+
+    def state_dir(self, model: str, version: int) -> Path:
+        """Server-side strategy state kept with a version (e.g. FedAdam's moments)."""
+        return self.state_root / model / str(version)
+
+    def unlink_unreferenced(self, shas: set[str]) -> None:
+        with self.blobs.lock:
+            for sha in shas - self.store.referenced_blobs():
+                self.blobs.path(sha).unlink(missing_ok=True)
+
+    def fold(self, served: ServedModel, r: Round, updates: list[CommittedUpdate]) -> ClosedRound:
+        """Fold these updates of round r into the next version and commit it with its
+        release (or the reason there is none), opening the next round.
+
+        Raises CorruptUpdates (spool files that are not what was acknowledged),
+        CloseRefused (a reason that will not go away) or what storage raised; nothing
+        written for the uncommitted version stays behind.
+        """
+        base = self.store.get_version(r.model, r.base_version)
+        if base is None:
+            raise CloseRefused(f"base version {r.base_version} of {r.model!r} is missing")
+        total = sum(u.num_examples for u in updates)
+        if total > MAX_SAFE_INT:
+            raise CloseRefused(f"its updates sum to {total} examples; at most {MAX_SAFE_INT}")
+        started = time.perf_counter()
+        contributions = [
+            Contribution(
+                self.blobs.path(u.payload_sha256),
+                u.num_examples,
+                self.fedbuff.weight(r.base_version - u.base_version) if self.fedbuff else 1.0,
+            )
+            for u in updates
+        ]
+        strategy = self.strategy_for(r.model)
+        latest = self.store.latest_version(r.model)
+        version_no = (latest.version if latest else 0) + 1
+        state_in = self.state_dir(r.model, base.version)
+        size = served.schema.payload_bytes
+        spool = SpoolCheck(
+            self.blobs, size, [base.weights_sha256, *(u.payload_sha256 for u in updates)]
+        )
+        try:
+            prepared = self.privacy.prepare(
+                served.schema, updates, contributions, state_in if state_in.is_dir() else None
+            )
+            sha, report, dp = self._run_strategy(
+                served, strategy, r, base, prepared, version_no, spool
+            )
+        except CorruptUpdates as exc:
+            raise self._spoiled(base, exc.problems) from None
+        except Exception as exc:
+            # A truncated or missing file fails the fold before its check finishes.
+            problems = spool.problems()
+            if problems:
+                raise self._spoiled(base, problems) from exc
+            if deterministic(exc):
+                raise CloseRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        folded_s = time.perf_counter() - started
+        updates = prepared.updates
+        version = Version(
+            model=r.model,
+            version=version_no,
+            round=r.round,
+            weights_sha256=sha,
+            num_trainers=len({u.trainer for u in updates}),
+            num_regions=len({u.region for u in updates}),
+            num_examples=sum(u.num_examples for u in updates),
+            created_ms=now_ms(),
+        )
+        facts = {
+            "version": version.version,
+            "base_version": r.base_version,
+            "weights_sha256": sha,
+            "updates": [u.update_id for u in updates],
+            "num_trainers": version.num_trainers,
+            "num_regions": version.num_regions,
+            "strategy": strategy.name,
+            "strategy_facts": dict(report.facts),
+            "screening": prepared.screening.facts(),
+            "dp": dp,
+        }
+        try:
+            closed = self._publish(served, r, version, updates, facts, dp)
+        except BaseException:
+            # Nothing of a version that was not committed stays behind.
+            self.publisher.discard(r.model, version_no)
+            shutil.rmtree(self.state_dir(r.model, version_no), ignore_errors=True)
+            self.unlink_unreferenced({sha})
+            raise
+        log.info(
+            "round %d of %s closed: %d updates -> version %d in %.2fs (aggregation %.2fs)%s",
+            r.round,
+            r.model,
+            len(updates),
+            version.version,
+            time.perf_counter() - started,
+            folded_s,
+            "" if closed.released else f" (no release: {closed.refused})",
+        )
+        return closed
+
+    def _publish(
+        self,
+        served: ServedModel,
+        r: Round,
+        version: Version,
+        updates: Sequence[CommittedUpdate],
+        facts: Mapping[str, object],
+        dp: Mapping[str, object] | None,
+    ) -> ClosedRound:
+        """Write the release (or record why not) and commit the version in one transaction."""
+        weights = self.blobs.path(version.weights_sha256)
+        outcome = self.publisher.publish(served, version, weights, updates, dp)
+        release = outcome.release
+        with self.store.transaction() as db:
+            self.store.insert_version(db, version)
+            audit.append(db, "round.closed", "gateway", f"{r.model}/round/{r.round}", facts)
+            if release is not None:
+                self.store.insert_release(db, release)
+                audit.append(
+                    db,
+                    "release.published",
+                    "gateway",
+                    f"{r.model}/release/{version.version}",
+                    {"files": [f.__dict__ for f in release.files]},
+                )
+            else:
+                audit.append(
+                    db,
+                    "release.refused",
+                    "gateway",
+                    f"{r.model}/release/{version.version}",
+                    {"reason": outcome.refused},
+                )
+            self.store.set_round_state(
+                db, r.model, r.round, RoundState.CLOSED, closed_ms=now_ms(), version=version.version
+            )
+            self._open_next(db, r.model, r.round + 1, version.version)
+        return ClosedRound(version, release is not None, outcome.refused)
+
+    def _spoiled(self, base: Version, problems: dict[str, str]) -> Exception:
+        if base.weights_sha256 in problems:
+            why = problems[base.weights_sha256].replace("its spool file", "its weights file")
+            return CloseRefused(f"base version {base.version} is corrupt: {why}")
+        return CorruptUpdates(problems)
+
+    def _run_strategy(
+        self,
+        served: ServedModel,
+        strategy: Strategy,
+        r: Round,
+        base: Version,
+        prepared: PreparedRound,
+        version_no: int,
+        spool: SpoolCheck,
+    ) -> tuple[str, RoundReport, dict[str, object] | None]:
+        """Aggregate into a blob; the strategy's state goes to state/<model>/<version>.
+
+        Nothing is adopted unless every spool file hashed to its name while the strategy
+        read it, and the weights and the strategy's state are finite.
+        """
+        state_in = self.state_dir(r.model, base.version)
+        final_state = self.state_dir(r.model, version_no)
+        staging = final_state.with_name(f".{version_no}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        out = self.blobs.temp_path()
+        try:
+            # Overflow makes inf, refused below as a whole, not a warning half-way.
+            with np.errstate(over="ignore", invalid="ignore"):
+                report = strategy.aggregate(
+                    RoundInput(
+                        schema=served.schema,
+                        base_path=self.blobs.path(base.weights_sha256),
+                        contributions=prepared.contributions,
+                        server_round=r.round,
+                        state_in=state_in if state_in.is_dir() else None,
+                    ),
+                    out,
+                    staging,
+                )
+                problems = spool.problems()
+                if problems:
+                    raise CorruptUpdates(problems)
+                dp = self.privacy.finish(served.schema, prepared, out, staging)  # before hashing
+            for state in sorted(staging.glob("*.bin")):  # server optimizers' moments
+                check_finite(served.schema, state, f"the {strategy.name} state {state.name}")
+            finite = FiniteCheck(served.schema)
+            what = f"the aggregate of round {r.round}"
+            sha = self.blobs.adopt(out, inspect=lambda data: feed(finite, data, what))
+            shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
+            staging.rename(final_state)
+        finally:
+            out.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        return sha, report, dp
