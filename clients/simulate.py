@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -123,8 +122,7 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
                 num_examples=result.num_examples,
                 payload=payload,
                 metrics={"train_loss": result.train_loss, "holdout_loss": after},
-                update_id=f"{spec.trainer}.r{info.round}.{uuid.uuid4().hex[:12]}",
-            )
+            )  # the id is derived from (trainer, model, round): a retry never counts twice
             reports.append(
                 RoundReport(
                     spec.trainer,

@@ -31,8 +31,9 @@ from gateway.core.rounds import RoundManager, RoundPolicy
 from gateway.core.screening import ScreeningPolicy
 from gateway.core.strategies import build_strategy
 from gateway.export.gate import EgressGate
-from gateway.export.guard import GuardPolicy, Verdicts
+from gateway.export.guard import Verdicts
 from gateway.export.publish import ReleaseWriter, template_for
+from gateway.export.release_audit import guard_policy
 from gateway.export.release_check import ReleaseChecker
 from gateway.export.signing import Signer, SigningKeyError
 from gateway.pki import PkiLayout, key_matches_cert
@@ -291,15 +292,15 @@ class Gateway:
             if config.dp_noise_multiplier > 0
             else None
         )
-        policy = GuardPolicy(
-            min_trainers=config.min_trainers, max_epsilon=dp.max_epsilon if dp else None
-        )
+        policy = guard_policy(config)
         verdicts = Verdicts()  # what the guard accepted at publish, the gate need not parse
         self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer, verdicts)
         checker = ReleaseChecker(
             self.catalog, templates, root / "registry", policy, self.signer.public_key, verdicts
         )
-        self.gate = EgressGate(self.store, checker)
+        # Repeated refusals and egress reads: one audit row per window, counted.
+        self.audit = Coalescer(self.store.record_soon, config.audit_window_seconds)
+        self.gate = EgressGate(self.store, checker, self.audit)
         fedbuff = (
             FedBuffPolicy(config.max_staleness, config.staleness_exponent)
             if config.fedbuff
@@ -326,6 +327,7 @@ class Gateway:
             ),
             on_commit=self.rounds.note_commit,
             fedbuff=fedbuff,
+            coalesce=self.audit,
         )
         try:
             self.store.record(
@@ -348,7 +350,6 @@ class Gateway:
         dropped = self.blobs.drop_orphans(self.store.referenced_blobs())
         if dropped:
             log.warning("dropped %d orphan blobs left by an interrupted push", len(dropped))
-        self.audit = Coalescer(self.store.record, config.audit_window_seconds)
         self.certificates = Certificates(self.store, self.pki)
         # listener -> its interceptor; with --insecure-loopback it authenticates no one but
         # still keeps the listener's budget, pacing and decode-after-admission.

@@ -131,7 +131,9 @@ class Ingest:
         limits: Limits | None = None,
         on_commit: Callable[[str, int], None] | None = None,
         fedbuff: FedBuffPolicy | None = None,
+        coalesce: audit.Coalescer | None = None,
     ) -> None:
+        self.coalesce = coalesce  # repeated rejections: one audit row per window, counted
         self.fedbuff = fedbuff
         self.store = store
         self.blobs = blobs
@@ -261,17 +263,18 @@ class Ingest:
 
     def _audit_failure(self, kind: str, h: UpdateHeader, peer: str, reason: str) -> None:
         # Header fields may be hostile: cap what goes into the log.
-        self.store.record_soon(  # on a full disk: once there is room again
-            kind,
-            h.trainer[:64] or "unknown",
-            f"{h.model[:64]}/round/{h.round}",
-            {
-                "update_id": h.update_id[:64],
-                "region": h.region[:64],
-                "peer": peer,
-                "reason": reason[:500],
-            },
-        )
+        actor, subject = h.trainer[:64] or "unknown", f"{h.model[:64]}/round/{h.round}"
+        detail = {
+            "update_id": h.update_id[:64],
+            "region": h.region[:64],
+            "peer": peer,
+            "reason": reason[:500],
+        }
+        if kind == "push.rejected" and self.coalesce is not None:
+            # A trainer retrying a bad push in a loop: counted, not a row (and fsync) each.
+            self.coalesce.record(kind, actor, subject, detail, reason[:80])
+        else:
+            self.store.record_soon(kind, actor, subject, detail)  # full disk: once there is room
 
     def record_interrupted(self) -> int:
         """At start-up: audit every push a crash cut off (its temp file is still in

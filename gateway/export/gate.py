@@ -13,6 +13,7 @@ from gateway.core.errors import IntegrityError, InvalidInput, NotFound, SluiceEr
 from gateway.core.records import Release, ReleaseFile
 from gateway.export.guard import GuardRefused
 from gateway.export.release_check import ReleaseChecker, SignedRelease
+from gateway.store.audit import Coalescer
 from gateway.store.chunks import SEND_CHUNK_BYTES
 from gateway.store.sqlite import Store
 from models.manifest import MODEL_FILE
@@ -51,9 +52,17 @@ class _Withheld(Exception):
 
 
 class EgressGate:
-    def __init__(self, store: Store, checker: ReleaseChecker) -> None:
+    """Lists, manifests and pulls for readers. Every call is audited; repeats of a listing,
+    a manifest, a refusal or a skip go through `coalesce` (one row per window with a count,
+    so a reader in a loop cannot flood the log), while each pull that sends bytes is a row
+    of its own."""
+
+    def __init__(
+        self, store: Store, checker: ReleaseChecker, coalesce: Coalescer | None = None
+    ) -> None:
         self.store = store
         self.checker = checker
+        self.coalesce = coalesce
 
     # -- what readers may call ------------------------------------------------------------
 
@@ -121,7 +130,9 @@ class EgressGate:
                 past = InvalidInput(f"offset {offset} is past the end ({entry.size} bytes)")
                 self._refused(caller, subject, asked, past)
                 raise past
-            self._audit("egress.pull", caller, subject, asked | {"outcome": "sending"})
+            self._audit(
+                "egress.pull", caller, subject, asked | {"outcome": "sending"}, repeatable=False
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -132,6 +143,7 @@ class EgressGate:
                 caller,
                 subject,
                 asked | {"outcome": "withheld mid-stream", "reason": reason},
+                repeatable=False,
             )
 
         chunks = _verified_chunks(fd, offset, entry.size, entry.sha256, interrupted)
@@ -233,9 +245,20 @@ class EgressGate:
 
     # -- the record -----------------------------------------------------------------------
 
-    def _audit(self, kind: str, caller: Caller, subject: str, detail: dict[str, object]) -> int:
-        entry = self.store.record(kind, caller.principal, subject, {"peer": caller.peer} | detail)
-        return entry.seq
+    def _audit(
+        self,
+        kind: str,
+        caller: Caller,
+        subject: str,
+        detail: dict[str, object],
+        *,
+        repeatable: bool = True,
+    ) -> None:
+        row = {"peer": caller.peer} | detail
+        if repeatable and self.coalesce is not None:
+            self.coalesce.record(kind, caller.principal, subject, row, str(detail["outcome"]))
+        else:
+            self.store.record(kind, caller.principal, subject, row)
 
     def _refused(
         self, caller: Caller, subject: str, asked: dict[str, object], exc: SluiceError
@@ -254,7 +277,7 @@ class EgressGate:
         subject = f"{bounded(model)}/release/{exc.version}"
         if "file" in asked:
             subject += f"/{asked['file']}"
-        seq = self._audit(
+        self._audit(
             "egress.refused",
             caller,
             subject,
@@ -266,7 +289,7 @@ class EgressGate:
         which = f"release {exc.version}" if asked.get("version") else "every release"
         return IntegrityError(
             f"{which} of {bounded(model)!r} is withheld: the egress guard refused it "
-            f"({layers}); see audit entry {seq}"
+            f"({layers}); the gateway's audit log has the reason"
         )
 
 

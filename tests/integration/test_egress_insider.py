@@ -244,6 +244,7 @@ def test_every_egress_call_is_audited_with_principal_and_outcome(
 ) -> None:
     _publish_one(gateway, tiny_schema)
     store = gateway.gateway.store
+    gateway.gateway.audit.flush(everything=True)  # _publish_one's listings, coalesced
     before = len(store.audit_entries())
     with EgressClient(gateway.endpoints.egress) as egress:
         egress.releases(TINY)
@@ -387,3 +388,23 @@ def test_sluice_pull_prints_one_line_and_leaves_out_untouched(
     err = capsys.readouterr().err  # the in-process gateway logs here too: the last line
     assert err.splitlines()[-1].startswith("refused: DATA_LOSS: ") and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_reader_in_a_loop_costs_one_audit_row_per_window_with_counts(
+    gateway: Running, tiny_schema: Schema
+) -> None:
+    _publish_one(gateway, tiny_schema)
+    store = gateway.gateway.store
+    with EgressClient(gateway.endpoints.egress) as egress:
+        for _ in range(40):
+            egress.releases(TINY)
+            with pytest.raises(grpc.RpcError):
+                egress.manifest(TINY, 77)
+        list(egress.pull_stream(TINY))
+        list(egress.pull_stream(TINY))
+    assert len(store.audit_entries("egress.pull")) == 2  # bytes that left: a row each
+    gateway.gateway.audit.flush(everything=True)
+    for kind, calls in (("egress.list", 40), ("egress.refused", 40)):
+        rows = [e for e in store.audit_entries(kind) if e.subject.startswith(TINY)]
+        assert len(rows) <= 3
+        assert sum(int(str(e.detail.get("count", 1))) for e in rows) >= calls
