@@ -38,7 +38,7 @@ from gateway.pki import (
 from gateway.services.auth import ROLE_TABLE
 from gateway.store.audit import AuditEntry
 from models.schema import Schema
-from sluice.v1 import admin_pb2, egress_pb2, trainer_pb2, trainer_pb2_grpc
+from sluice.v1 import admin_pb2, egress_pb2, egress_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import TINY, Running, random_delta, start_gateway, stored_state, update_header
 from tests.integration.test_round import wait_for_round
 
@@ -595,3 +595,20 @@ def test_a_request_over_the_message_cap_is_refused(
     before = len(world.denials())
     assert invoke(world.channel(caller, listener), rpc, [request]) == Code.RESOURCE_EXHAUSTED
     assert len(world.denials()) == before
+
+
+def test_egress_calls_are_audited_with_the_readers_principal(world: World) -> None:
+    """Every egress call names the reader from its certificate, not only the peer address."""
+    stub = egress_pb2_grpc.EgressServiceStub(world.channel("reader", "egress"))
+    stub.ListReleases(egress_pb2.ListReleasesRequest(model=TINY), timeout=CALL_TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.PullRelease(egress_pb2.PullReleaseRequest(model=TINY, file="../sluice.db"),
+                              timeout=CALL_TIMEOUT_S))  # fmt: skip
+    assert err.value.code() in (Code.NOT_FOUND,)
+    world.running.gateway.audit.flush(everything=True)
+    store = world.running.gateway.store
+    listed = [e for e in store.audit_entries("egress.list") if e.actor == READER_NAME]
+    refused = [e for e in store.audit_entries("egress.refused") if e.actor == READER_NAME]
+    assert listed and refused
+    assert refused[-1].detail["file"] == "../sluice.db"
+    assert str(refused[-1].detail["peer"]).startswith("ipv4:127.0.0.1")
