@@ -12,9 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from models.manifest import ManifestRefused
+from models.manifest import ManifestRefused, read_bounded
 
 _HEX = frozenset("0123456789abcdef")
+_MAX_PIN_FILE_BYTES = 1 << 20
 
 
 class Pins:
@@ -24,13 +25,14 @@ class Pins:
 
     @classmethod
     def load(cls, path: Path) -> Pins:
-        if not path.exists():
+        if not os.path.lexists(path):
             return cls(path, {})
+        data = read_bounded(path, _MAX_PIN_FILE_BYTES, "pin file")
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(data)
             pins = {str(k): str(v) for k, v in doc["structure_hashes"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ManifestRefused(f"{path}: not a pin file ({exc})") from exc
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ManifestRefused(f"{path}: not a pin file ({str(exc)[:200]})") from exc
         for model, value in pins.items():
             if len(value) != 64 or not set(value) <= _HEX:
                 raise ManifestRefused(f"{path}: pin of {model!r} is not a sha256 hex digest")

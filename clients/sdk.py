@@ -303,6 +303,8 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
         hash of the file itself), and only then moved into dest_dir with manifest.json and
         manifest.sig. A refusal leaves dest_dir as it was (not even created).
         """
+        if dest_dir.exists() and not dest_dir.is_dir():  # checked again at the move
+            raise NotADirectoryError(f"{dest_dir}: exists and is not a directory")
         m = self.manifest(model, version)
         doc = verify_signature(m.manifest_json, m.signature, public_key)
         # A genuine but different release (another model, an older version) is a rollback.

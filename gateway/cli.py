@@ -63,8 +63,12 @@ def _pull(args: argparse.Namespace) -> int:
     from clients.sdk import EgressClient
     from models.manifest import ManifestRefused, load_public_key
 
-    key = load_public_key(args.public_key)
-    pins = Pins.load(args.pin_file) if args.pin_file else None
+    try:  # local inputs first: a garbage key or pin file is a one-line refusal
+        key = load_public_key(args.public_key)
+        pins = Pins.load(args.pin_file) if args.pin_file else None
+    except ManifestRefused as exc:
+        print(f"sluice pull: {exc}; nothing pulled", file=sys.stderr)
+        return 2
     pinned = args.structure_hash or (pins.get(args.model) if pins else None)
     with EgressClient(args.egress, identity=_identity(args)) as client:
         try:
@@ -78,6 +82,9 @@ def _pull(args: argparse.Namespace) -> int:
             code = exc.code().name if exc.code() else "UNKNOWN"
             print(f"refused: {code}: {exc.details()}; nothing written", file=sys.stderr)
             return 1
+        except (OSError, ValueError) as exc:  # --out unusable, a stream that did not add up
+            print(f"refused: {str(exc)[:300]}; nothing written", file=sys.stderr)
+            return 1
     if pins is not None and pins.get(args.model) is None:
         pins.pin(args.model, str(doc["structure_hash"]))
         print(f"{args.pin_file}: pinned the structure of {args.model} (first pull)")
@@ -88,21 +95,29 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from clients.verify import verify_release
-    from models.manifest import DATA_FILE, MODEL_FILE, ManifestRefused, load_public_key, parse
+    from models.manifest import (
+        DATA_FILE,
+        MAX_MANIFEST_BYTES,
+        MAX_SIGNATURE_BYTES,
+        MODEL_FILE,
+        ManifestRefused,
+        listed_files,
+        load_public_key,
+        read_bounded,
+        verify_signature,
+    )
 
-    manifest_json = args.manifest.read_bytes()
     signature_path = args.signature or args.manifest.with_name("manifest.sig")
     files = {MODEL_FILE: args.file}
     try:
-        listed = {f["name"] for f in parse(manifest_json)["files"]}
-        if DATA_FILE in listed:
+        manifest_json = read_bounded(args.manifest, MAX_MANIFEST_BYTES, "manifest")
+        signature = read_bounded(signature_path, MAX_SIGNATURE_BYTES, "signature")
+        key = load_public_key(args.public_key)
+        # The signature before anything is parsed: which files to read is a signed fact.
+        if DATA_FILE in listed_files(verify_signature(manifest_json, signature, key)):
             files[DATA_FILE] = args.file.with_name(DATA_FILE)
         doc = verify_release(
-            manifest_json,
-            signature_path.read_bytes(),
-            load_public_key(args.public_key),
-            files,
-            structure_hash=args.structure_hash,
+            manifest_json, signature, key, files, structure_hash=args.structure_hash
         )
     except (ManifestRefused, OSError) as exc:
         print(f"sluice verify: FAILED: {exc}", file=sys.stderr)
@@ -135,7 +150,11 @@ def _audit_verify(args: argparse.Namespace) -> int:
         return 1
     print(f"audit chain intact: {count} entries")
     # Every published release against its signed manifest, as a pull would check it.
-    statuses = verify_published(load_config(args.config, {"data_dir": args.data_dir}))
+    try:
+        statuses = verify_published(load_config(args.config, {"data_dir": args.data_dir}))
+    except (ValueError, OSError, sqlite3.Error) as exc:  # ManifestRefused: no usable key
+        print(f"sluice audit verify: releases not checked: {str(exc)[:300]}", file=sys.stderr)
+        return 1
     withheld = [s for s in statuses if s.withheld]
     for s in withheld:
         print(f"WITHHELD {s.model} v{s.version}: {s.withheld}", file=sys.stderr)

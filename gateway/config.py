@@ -64,6 +64,9 @@ class Config:
     # An update's num_examples (its FedAvg weight) is at most this: a round's sum must stay
     # below 2**53 (the manifest's JSON integers), so 2**31 - 1 allows 2**22 trainers a round.
     max_num_examples: int = MAX_NUM_EXAMPLES
+    # Largest magnitude of any float in an update (its delta): bounded inputs keep every
+    # fold finite, so one trainer cannot fail every round with float32-max values.
+    max_update_abs_value: float = 1e6
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -113,6 +116,8 @@ def load_config(
             config = config.replace(**{key: _coerce(key, value, getattr(config, key))})
     if config.quorum < 1 or config.min_updates < 1 or config.min_trainers < 1:
         raise ValueError("quorum, min_updates and min_trainers must be at least 1")
+    if not (0 < config.max_update_abs_value < float("inf")):
+        raise ValueError("max_update_abs_value must be a positive finite number")
     if not 1 <= config.max_num_examples <= MAX_SAFE_INT:
         raise ValueError(f"max_num_examples must be 1 to {MAX_SAFE_INT}")
     return config

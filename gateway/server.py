@@ -81,16 +81,41 @@ class StartupError(RuntimeError):
 
 
 class _DataDirLock:
-    """An exclusive flock on the data dir's lock file, held until release() (or until the
-    object is collected, or the process ends: the kernel drops it with the descriptor)."""
+    """An exclusive flock on the data dir itself and on its lock file (which holds the
+    pid), held until release() (or until the object is collected, or the process ends: the
+    kernel drops them with the descriptors). The directory's lock holds even when someone
+    deletes or replaces the lock file under a running gateway (a "stale" pid file)."""
 
     def __init__(self, root: Path) -> None:
-        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(dir_fd)
+            try:
+                holder = (root / LOCK_FILE).read_text(errors="replace").strip()[:32]
+            except OSError:
+                holder = ""
+            raise StartupError(
+                f"{root} is in use by another gateway (pid {holder or 'unknown'}); stop it "
+                "first or serve another --data-dir: two gateways on one data dir would "
+                "corrupt each other"
+            ) from None
+        try:
+            # Not through a link: the pid is written over what the path names.
+            fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            os.close(dir_fd)
+            raise StartupError(
+                f"{root / LOCK_FILE}: cannot open it ({exc.strerror}); it must be a regular "
+                "file (or absent)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            os.close(dir_fd)
             raise StartupError(
                 f"{root} is in use by another gateway (pid {holder}); stop it first or serve "
                 "another --data-dir: two gateways on one data dir would corrupt each other"
@@ -100,7 +125,12 @@ class _DataDirLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:  # a full disk: the lock holds, only the pid is missing
             log.warning("could not write the pid into %s: %s", root / LOCK_FILE, exc)
-        self.release = weakref.finalize(self, os.close, fd)
+        self.release = weakref.finalize(self, _close_all, fd, dir_fd)
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _keep_reserve(root: Path, size: int) -> None:
@@ -262,6 +292,7 @@ class Gateway:
                 config.push_min_bytes_per_second,
             ),
             send_stall_seconds=config.send_stall_seconds,
+            max_header_bytes=config.max_header_bytes,
         )
         limits.check()  # before any work: settings that let two principals fill a listener
         _keep_reserve(root, config.start_reserve_bytes)
@@ -324,6 +355,7 @@ class Gateway:
                 config.max_chunk_bytes,
                 config.max_header_bytes,
                 max_num_examples=config.max_num_examples,
+                max_abs_value=config.max_update_abs_value,
             ),
             on_commit=self.rounds.note_commit,
             fedbuff=fedbuff,

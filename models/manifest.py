@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,11 @@ MANIFEST_FORMAT = "sluice.release/2"
 LEGACY_FORMAT = "sluice.release/1"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # the second file of the large-model layout
+# The largest manifest anyone verifies (the gateway writes a few KiB; a model of 2**16
+# weights stays well below): a larger one is refused before it is hashed or parsed.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 64  # Ed25519
+MAX_KEY_FILE_BYTES = 16 << 10
 
 
 class ManifestRefused(ValueError):
@@ -43,8 +50,8 @@ def parse(manifest_json: bytes) -> dict[str, Any]:
     """Decode a manifest that must already be in canonical form and of a known format."""
     try:
         doc = json.loads(manifest_json)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ManifestRefused(f"manifest is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # a decode error, an integer of 5000 digits
+        raise ManifestRefused(f"manifest is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(doc, dict) or doc.get("format") not in (MANIFEST_FORMAT, LEGACY_FORMAT):
         raise ManifestRefused(f"manifest format is not {MANIFEST_FORMAT!r}")
     try:
@@ -63,8 +70,37 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """A regular file's bytes, refused (ManifestRefused) when it is larger than limit or not
+    a regular file: a hostile path (a FIFO, /dev/zero, a sparse terabyte) is never read
+    whole and never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ManifestRefused(f"{what} {path}: cannot be opened: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ManifestRefused(f"{what} {path}: not a regular file")
+        if info.st_size > limit:
+            raise ManifestRefused(f"{what} {path}: {info.st_size} bytes; at most {limit}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ManifestRefused(f"{what} {path}: cannot be read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ManifestRefused(f"{what} {path}: grew past {limit} bytes while read")
+    return data
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(path.read_bytes())
+    data = read_bounded(path, MAX_KEY_FILE_BYTES, "public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:  # not PEM, or not a public key at all
+        raise ManifestRefused(f"{path}: not a PEM public key") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ManifestRefused(f"{path}: not an Ed25519 public key")
     return key
@@ -229,7 +265,13 @@ _FIELDS.update(
 def verify_signature(
     manifest_json: bytes, signature: bytes, public_key: Ed25519PublicKey
 ) -> dict[str, Any]:
-    """The parsed manifest if the signature is the given key's; ManifestRefused otherwise."""
+    """The parsed manifest if the signature is the given key's; ManifestRefused otherwise.
+    The signature is checked first: nothing unsigned is ever parsed."""
+    if len(manifest_json) > MAX_MANIFEST_BYTES or len(signature) > MAX_SIGNATURE_BYTES:
+        raise ManifestRefused(
+            f"manifest of {len(manifest_json)} bytes or signature of {len(signature)} bytes: "
+            f"at most {MAX_MANIFEST_BYTES} and {MAX_SIGNATURE_BYTES}"
+        )
     try:
         public_key.verify(signature, manifest_json)
     except InvalidSignature:

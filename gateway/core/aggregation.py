@@ -81,6 +81,45 @@ def _read(fd: int, buf: np.ndarray, offset: int) -> None:
         raise ValueError(f"short read at offset {offset}: {got} of {len(view)} bytes")
 
 
+def add_integer_mean(
+    out: np.ndarray,
+    mean: np.ndarray,
+    what: str = "an integer tensor",
+    delta: np.ndarray | None = None,
+) -> None:
+    """out += mean in out's integer dtype, where mean is the rounded mean delta in float64
+    (read only); `delta`, out's dtype and size, is scratch.
+
+    numpy wraps integer overflow silently, and casting a float past the dtype's range gives
+    garbage (2**63 becomes -2**63): either would put a wrapped counter into the version.
+    Raises OverflowError instead (a close that fails the same way every time: the round
+    fails, audited, and its base stays). Unless a value is near the limits, it allocates
+    nothing the size of the block.
+    """
+    info = np.iinfo(out.dtype)
+    lo, hi = float(info.min), float(info.max) + 1.0  # hi excluded; both exact in float64
+    if not mean.size:
+        return
+    if not (mean.min() >= lo and mean.max() < hi):  # NaN fails both
+        raise OverflowError(f"{what}: the mean update leaves the range of {out.dtype}")
+    if delta is None:
+        delta = np.empty_like(out)
+    np.copyto(delta, mean, casting="unsafe")  # exact: in range, and already an integer
+    if (
+        int(out.max()) + int(mean.max()) <= info.max
+        and int(out.min()) + int(mean.min()) >= info.min
+    ):
+        np.add(out, delta, out=out)  # cannot overflow anywhere: the common case
+        return
+    # Near the limits somewhere: element by element, exactly (rare: its copy is fine).
+    before = out.copy()
+    np.add(out, delta, out=out)  # wraps where it overflows
+    # Signed: the sum's sign differs from both operands'; unsigned: it came out smaller.
+    wrapped = ((before ^ out) & (delta ^ out)) < 0 if info.min < 0 else out < before
+    if wrapped.any():
+        raise OverflowError(f"{what}: base + mean update leaves the range of {out.dtype}")
+
+
 @dataclass
 class _Arena:
     """One worker's reusable buffers: raw bytes, viewed per block in the tensor's dtype."""
@@ -136,8 +175,7 @@ class _Fold:
             np.divide(acc, self.total, out=acc)
             np.rint(acc, out=acc)
             mean_delta = arena.scratch[: count * dtype.itemsize].view(dtype)
-            np.copyto(mean_delta, acc, casting="unsafe")
-            np.add(out, mean_delta, out=out)
+            add_integer_mean(out, acc, f"tensor {spec.name!r}", mean_delta)
         return out.view(np.uint8).data
 
 

@@ -9,9 +9,11 @@ from models.schema import Schema
 
 
 class FiniteCheck:
-    """Feed payload bytes in order; raises InvalidInput naming the first non-finite tensor."""
+    """Feed payload bytes in order; raises InvalidInput naming the first non-finite value
+    (or, given max_abs, the first value of a larger magnitude)."""
 
-    def __init__(self, schema: Schema) -> None:
+    def __init__(self, schema: Schema, max_abs: float | None = None) -> None:
+        self._max_abs = max_abs
         self._spans = list(schema.spans())
         self._index = 0
         self._pos = 0
@@ -48,13 +50,23 @@ class FiniteCheck:
             self._verify(name, dtype, piece[:whole], offset)
         self._carry = bytes(piece[whole:])
 
-    @staticmethod
-    def _verify(name: str, dtype: str, raw: bytes | memoryview, offset: int) -> None:
+    def _verify(self, name: str, dtype: str, raw: bytes | memoryview, offset: int) -> None:
         values = np.frombuffer(raw, dtype=dtype)
-        finite = np.isfinite(values)
-        if not finite.all():
-            element = offset // values.itemsize + int(np.argmin(finite))
-            raise InvalidInput(
-                f"tensor {name!r}: element {element} is {values[np.argmin(finite)]}; "
-                "updates must hold finite values only"
-            )
+        bound = self._max_abs
+        if bound is None:
+            ok = np.isfinite(values)
+            if ok.all():
+                return
+            what = "finite values only"
+        else:
+            # min/max pass over the values without a copy; NaN fails every comparison.
+            low, high = float(values.min()), float(values.max())  # compared in float64
+            if -bound <= low and high <= bound:
+                return
+            ok = np.abs(values.astype(np.float64)) <= bound
+            what = f"finite values of magnitude at most {bound:g} only"
+        element = int(np.argmin(ok))
+        raise InvalidInput(
+            f"tensor {name!r}: element {offset // values.itemsize + element} is "
+            f"{values[element]}; updates must hold {what}"
+        )

@@ -54,6 +54,9 @@ class Limits:
     max_metrics: int = 64  # entries in the header's metrics map
     max_num_examples: int = MAX_NUM_EXAMPLES  # an update's FedAvg weight
     max_metric_name: int = 64  # characters in a metric's name
+    # Largest magnitude of a float in an update: one trainer's float32-max deltas (weighted
+    # by a large num_examples) would overflow the fold to Inf and fail every round.
+    max_abs_value: float = 1e6
 
 
 @dataclass(frozen=True)
@@ -250,26 +253,38 @@ class Ingest:
                 _check_principal(h, principal)
             return self._receive(h, header_bytes, body, peer, principal)
         except SluiceError as exc:
-            self._audit_failure("push.rejected", h, peer, str(exc))
+            self._audit_failure("push.rejected", h, peer, str(exc), principal)
             raise
         except Exception as exc:
             fault = storage_fault(exc)
-            self._audit_failure("push.interrupted", h, peer, fault or type(exc).__name__)
+            reason = fault or type(exc).__name__
+            self._audit_failure("push.interrupted", h, peer, reason, principal)
             if fault is not None:
                 raise Unavailable(
                     f"the gateway could not store the update: {fault}; push it again later"
                 ) from exc
             raise
 
-    def _audit_failure(self, kind: str, h: UpdateHeader, peer: str, reason: str) -> None:
-        # Header fields may be hostile: cap what goes into the log.
-        actor, subject = h.trainer[:64] or "unknown", f"{h.model[:64]}/round/{h.round}"
+    def _audit_failure(
+        self,
+        kind: str,
+        h: UpdateHeader,
+        peer: str,
+        reason: str,
+        principal: Principal | None = None,
+    ) -> None:
+        # Header fields may be hostile: cap what goes into the log. The actor is who sent
+        # the push (its certificate), not whom the header names.
+        actor = principal.name if principal is not None else h.trainer[:64] or "unknown"
+        subject = f"{h.model[:64]}/round/{h.round}"
         detail = {
             "update_id": h.update_id[:64],
             "region": h.region[:64],
             "peer": peer,
             "reason": reason[:500],
         }
+        if principal is not None and h.trainer != principal.name:
+            detail["header_trainer"] = h.trainer[:64]
         if kind == "push.rejected" and self.coalesce is not None:
             # A trainer retrying a bad push in a loop: counted, not a row (and fsync) each.
             self.coalesce.record(kind, actor, subject, detail, reason[:80])
@@ -302,7 +317,7 @@ class Ingest:
         if replayed is not None:
             return replayed
         schema = self.catalog.get(h.model).schema
-        finite = FiniteCheck(schema)
+        finite = FiniteCheck(schema, self.limits.max_abs_value)
         with self.blobs.temp(f"{h.trainer}+{h.model}+{h.round}+{h.update_id}") as tmp:
             trailer, num_chunks = None, 0
             for item in body:

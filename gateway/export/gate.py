@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.core.errors import IntegrityError, InvalidInput, NotFound, SluiceError, bounded
 from gateway.core.records import Release, ReleaseFile
-from gateway.export.guard import GuardRefused
+from gateway.export.guard import GuardRefused, PieceDigests
 from gateway.export.release_check import ReleaseChecker, SignedRelease
 from gateway.store.audit import Coalescer
 from gateway.store.chunks import SEND_CHUNK_BYTES
@@ -39,6 +39,15 @@ class Pull:
     release: Release
     file: ReleaseFile
     chunks: Iterator[tuple[int, bytes]]  # (offset, data) from the requested offset
+
+
+@dataclass
+class _Opened:
+    """The descriptor a pull streams from, and the digests of the pieces the checks read."""
+
+    fd: int = -1
+    pieces: list[bytes] | None = None
+    piece_bytes: int = 0
 
 
 class _Withheld(Exception):
@@ -114,7 +123,7 @@ class EgressGate:
         asked = {"model": bounded(model), "version": version, "file": bounded(name)}
         asked["offset"] = offset
         subject = f"{bounded(model)}/release/{version or 'newest'}/{bounded(name)}"
-        opened: dict[str, int] = {}
+        opened = _Opened()
         try:
             signed = self._resolve(caller, model, version, thorough=True, file=name, fds=opened)
         except _Withheld as exc:
@@ -122,7 +131,7 @@ class EgressGate:
         except SluiceError as exc:
             self._refused(caller, subject, asked, exc)
             raise
-        fd = opened["fd"]
+        fd = opened.fd
         try:
             r, entry = signed.release, signed.files[name]
             subject = f"{r.model}/release/{r.version}/{entry.name}"
@@ -146,7 +155,10 @@ class EgressGate:
                 repeatable=False,
             )
 
-        chunks = _verified_chunks(fd, offset, entry.size, entry.sha256, interrupted)
+        assert opened.pieces is not None
+        chunks = _verified_chunks(
+            fd, offset, entry.size, opened.pieces, opened.piece_bytes, interrupted
+        )
         return Pull(r, entry, chunks)
 
     # -- the checks -----------------------------------------------------------------------
@@ -168,14 +180,17 @@ class EgressGate:
         *,
         thorough: bool,
         file: str = "",
-        fds: dict[str, int] | None = None,
+        fds: _Opened | None = None,
     ) -> SignedRelease:
         """The asked release, checked; 0 asks for the newest intact one (skips audited).
 
         thorough: every file is read and checked (a pull); otherwise a release unchanged
         since its last full check passes without reading it again (a manifest). With fds,
-        `file` is opened before the checks read it and its descriptor left in fds["fd"].
+        `file` is opened before the checks read it; its descriptor and the digests of the
+        pieces the checks read are left in fds.
         """
+        if not model:
+            raise InvalidInput("name the model whose release you want")
         rows = self.store.list_releases(model) if version == 0 else []
         if version:
             row = self.store.get_release(model, version)
@@ -205,10 +220,9 @@ class EgressGate:
         assert first is not None
         raise first
 
-    def _check(
-        self, row: Release, thorough: bool, file: str, fds: dict[str, int] | None
-    ) -> SignedRelease:
+    def _check(self, row: Release, thorough: bool, file: str, fds: _Opened | None) -> SignedRelease:
         fd = -1
+        wanted: tuple[ReleaseFile, PieceDigests] | None = None
         try:
             signed = self.checker.signed(row)
             if fds is not None:
@@ -224,11 +238,17 @@ class EgressGate:
                 path = self.checker.directory(signed.release) / entry.name
                 fd = _open_no_follow(path)
                 opened = os.fstat(fd)
-            if thorough or not self.checker.unchanged_since_checked(signed):
-                self.checker.check(signed)
-            if fds is not None:
+                wanted = (entry, PieceDigests(SEND_CHUNK_BYTES))
+            if thorough or wanted is not None or not self.checker.unchanged_since_checked(signed):
+                self.checker.check(signed, {wanted[0].name: wanted[1]} if wanted else None)
+            if fds is not None and wanted is not None:
+                entry, piece = wanted
                 _same_file(path, opened, os.fstat(fd))
-                fds["fd"], fd = fd, -1
+                digests = piece.finish()
+                if len(digests) != -(-entry.size // piece.size):
+                    raise ValueError(f"{entry.name}: the checks did not read it whole")
+                fds.fd, fds.pieces, fds.piece_bytes = fd, digests, piece.size
+                fd = -1
             return signed
         except GuardRefused as exc:
             raise _Withheld(row.version, exc.reason, exc.layers) from None
@@ -312,36 +332,49 @@ def _same_file(path: Path, opened: os.stat_result, now: os.stat_result) -> None:
 
 
 def _verified_chunks(
-    fd: int, offset: int, total: int, sha256: str, interrupted: Callable[[str], None]
+    fd: int,
+    offset: int,
+    total: int,
+    pieces: list[bytes],
+    piece_bytes: int,
+    interrupted: Callable[[str], None],
 ) -> Iterator[tuple[int, bytes]]:
-    """Chunks read from the guarded descriptor, re-hashed as they go; the last chunk is held
-    back until the whole file matched its signed manifest, so a file changed in place
-    mid-pull never completes (audited through `interrupted`)."""
-    digest = hashlib.sha256()
+    """Chunks read from the guarded descriptor, each sent only after the whole piece it lies
+    in hashed to what the checks read (`pieces`, one sha256 per `piece_bytes`): a file changed
+    in place after the check never has a changed byte leave, in whatever chunk it lies; the
+    pull ends there (audited through `interrupted`). A resumed pull reads the piece its
+    offset falls in and sends from the offset: nothing before it is read."""
     try:
-        pos = 0
-        while pos < offset:  # a resumed pull still hashes the prefix it does not send
-            data = os.pread(fd, min(SEND_CHUNK_BYTES, offset - pos), pos)
-            if not data:
-                raise IntegrityError(f"release file ended at {pos} of {total} bytes")
-            digest.update(data)
-            pos += len(data)
-        held: tuple[int, bytes] | None = None
+        index = offset // piece_bytes
+        pos = index * piece_bytes
         while pos < total:
-            data = os.pread(fd, min(SEND_CHUNK_BYTES, total - pos), pos)
-            if not data:
-                raise IntegrityError(f"release file ended at {pos} of {total} bytes")
-            digest.update(data)
-            if held is not None:
-                yield held
-            held = (pos, data)
-            pos += len(data)
-        if digest.hexdigest() != sha256:
-            raise IntegrityError("release file changed during the pull; it is withheld")
-        if held is not None:
-            yield held
+            want = min(piece_bytes, total - pos)
+            data = _pread_exactly(fd, want, pos)
+            if (
+                len(data) != want
+                or index >= len(pieces)
+                or hashlib.sha256(data).digest() != pieces[index]
+            ):
+                raise IntegrityError("release file changed during the pull; it is withheld")
+            skip = max(0, offset - pos)
+            if skip < len(data):
+                yield pos + skip, data[skip:]
+            pos += want
+            index += 1
     except IntegrityError as exc:
         interrupted(str(exc))
         raise
     finally:
         os.close(fd)
+
+
+def _pread_exactly(fd: int, size: int, pos: int) -> bytes:
+    """Up to size bytes at pos; fewer only where the file ends."""
+    parts, got = [], 0
+    while got < size:
+        data = os.pread(fd, size - got, pos + got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)

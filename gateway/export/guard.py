@@ -19,7 +19,7 @@ from gateway.core.finite import FiniteCheck
 from gateway.export.template import OnnxTemplate
 from models import artifact
 from models.artifact import ArtifactRefused, inspect_onnx
-from models.manifest import MODEL_FILE
+from models.manifest import MAX_MANIFEST_BYTES, MODEL_FILE
 from models.schema import Schema, TensorSpec
 
 MANIFEST_FILE = "manifest.json"
@@ -31,8 +31,6 @@ TEMPLATE = "template"
 PARSE = "parse"
 VALUES = "values"  # a weight that is NaN or Inf: its bit pattern is a channel
 SIGNATURE = "signature"  # the stored manifest or its signature (gateway.export.release_check)
-
-_MAX_MANIFEST_BYTES = 1 << 20
 
 _READ_BYTES = 16 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -87,6 +85,40 @@ class Verdicts:
     def accept(self, sha256: str, t: OnnxTemplate, schema: Schema, policy: GuardPolicy) -> None:
         with self._lock:
             self._accepted.add(self._key(sha256, t, schema, policy))
+
+
+class PieceDigests:
+    """sha256 of each `size`-byte piece of one file, fed in order as the checks read it.
+
+    The egress gate sends a piece only if the bytes it reads to send still hash to what the
+    checks read: a file rewritten in place after the check (same inode, even with its mtime
+    put back) never has a changed byte leave, in whatever piece it lies.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError("a piece holds at least one byte")
+        self.size = size
+        self.digests: list[bytes] = []
+        self._hash = hashlib.sha256()
+        self._filled = 0
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), self.size - self._filled)
+            self._hash.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.size:
+                self.digests.append(self._hash.digest())
+                self._hash, self._filled = hashlib.sha256(), 0
+
+    def finish(self) -> list[bytes]:
+        if self._filled:
+            self.digests.append(self._hash.digest())
+            self._hash, self._filled = hashlib.sha256(), 0
+        return self.digests
 
 
 @dataclass(frozen=True)
@@ -271,7 +303,12 @@ def _open_regular(dir_fd: int, name: str) -> int:
 
 
 def _read_checked(
-    dir_fd: int, name: str, size: int, sha256: str, values: FiniteCheck | None = None
+    dir_fd: int,
+    name: str,
+    size: int,
+    sha256: str,
+    values: FiniteCheck | None = None,
+    pieces: PieceDigests | None = None,
 ) -> None:
     """Check one file's size and sha256 (and, given `values`, that the weights it holds are
     finite) as it is streamed through a small buffer."""
@@ -289,6 +326,8 @@ def _read_checked(
                 if not n:
                     raise _refuse_files(f"{name}: ended {size - pos} bytes early while read")
                 digest.update(buf[:n])
+                if pieces is not None:
+                    pieces.feed(buf[:n])
                 if values is not None:
                     try:
                         values.feed(buf[:n])
@@ -337,7 +376,7 @@ def _check_manifest_file(dir_fd: int, manifest_json: bytes | None) -> None:
         if manifest_json is None:
             return  # its signature is checked by the caller
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-            on_disk = f.read(_MAX_MANIFEST_BYTES + 1)
+            on_disk = f.read(MAX_MANIFEST_BYTES + 1)
     finally:
         os.close(fd)
     if on_disk != manifest_json:
@@ -352,6 +391,7 @@ def check_release_dir(
     expected: Mapping[str, tuple[int, str]],
     verdicts: Verdicts | None = None,
     manifest_json: bytes | None = None,
+    pieces: Mapping[str, PieceDigests] | None = None,
 ) -> None:
     """Refuse a release directory unless it is exactly what the manifest lists.
 
@@ -363,9 +403,11 @@ def check_release_dir(
     holds its sha256 (which the read just confirmed) as accepted for this template, schema
     and policy. Given manifest_json (the signed bytes), manifest.json must hold exactly them.
     The data file's weights must be finite (skipped for a data file the verdicts accepted,
-    its sha256 still checked). Memory: model.onnx twice while it is parsed; nothing when the
-    verdict is known.
+    its sha256 still checked). Given pieces, each named file's piece digests are filled from
+    the very bytes checked (see PieceDigests). Memory: model.onnx twice while it is parsed;
+    nothing when the verdict is known.
     """
+    pieces = pieces or {}
     layout = {MODEL_FILE} if template.data_file is None else {MODEL_FILE, template.data_file}
     if set(expected) != layout:
         raise _refuse_files(
@@ -409,20 +451,27 @@ def check_release_dir(
                 values = (
                     None if known else FiniteCheck(Schema(tuple(graph_weights(template, schema))))
                 )
-                _read_checked(dir_fd, name, size, sha256, values)
+                _read_checked(dir_fd, name, size, sha256, values, pieces.get(name))
                 if verdicts is not None:
                     verdicts.accept(key, template, schema, policy)
         size, sha256 = expected[MODEL_FILE]
         if verdicts is not None and verdicts.accepted(sha256, template, schema, policy):
             # Hashed as read: these are the very bytes that passed before.
-            _read_checked(dir_fd, MODEL_FILE, size, sha256)
+            _read_checked(dir_fd, MODEL_FILE, size, sha256, pieces=pieces.get(MODEL_FILE))
             return
         model = _read_whole(dir_fd, MODEL_FILE, size)
     finally:
         os.close(dir_fd)
     # The byte checks run while a worker hashes the same buffer (both release the GIL);
     # the file's hash is judged first, so a changed file is refused as such.
-    hashed = _HASHER.submit(lambda: hashlib.sha256(model).hexdigest())
+    model_pieces = pieces.get(MODEL_FILE)
+
+    def digest_of_model() -> str:
+        if model_pieces is not None:
+            model_pieces.feed(model)
+        return hashlib.sha256(model).hexdigest()
+
+    hashed = _HASHER.submit(digest_of_model)
     try:
         check_model_bytes(model, template, schema, policy)
     finally:

@@ -38,7 +38,14 @@ from gateway.export.template import (
 )
 from gateway.store.blobs import fsync_dir
 from models.artifact import op_set
-from models.manifest import MANIFEST_FORMAT, MODEL_FILE, canonical_json
+from models.manifest import (
+    MANIFEST_FORMAT,
+    MODEL_FILE,
+    ManifestRefused,
+    canonical_json,
+    check_fields,
+    parse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +239,10 @@ class ReleaseWriter:
                     "signing_key_id": self.signer.key_id,
                 }
             )
+            try:  # what readers (and the gate) will accept: else a release none could see
+                check_fields(parse(manifest))
+            except ManifestRefused as exc:
+                return PublishOutcome(None, f"the manifest would not verify: {exc}")
             write_atomic(staging / MANIFEST_FILE, [manifest])
             try:
                 check_policy(ReleaseFacts(version.num_trainers, diff, _epsilon(dp)), self.policy)

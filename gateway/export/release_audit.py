@@ -74,6 +74,8 @@ def verify_published(config: Config) -> list[ReleaseStatus]:
             reason = f"{', '.join(exc.layers)}: {exc.reason}"
         except (OSError, ValueError) as exc:
             reason = f"files: {exc}"
+        except Exception as exc:  # a check ends in a verdict: one that crashed withholds
+            reason = f"check: the check failed: {type(exc).__name__}: {exc}"
         statuses.append(ReleaseStatus(row.model, row.version, reason[:500]))
     return statuses
 

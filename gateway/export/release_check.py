@@ -26,6 +26,7 @@ from gateway.export.guard import (
     SIGNATURE,
     GuardPolicy,
     GuardRefused,
+    PieceDigests,
     ReleaseFacts,
     Verdicts,
     check_policy,
@@ -84,6 +85,10 @@ class ReleaseChecker:
     sha256, the guard's byte and parse checks, finite values) and the policy. Releases that
     passed `check` are remembered with their files' inode, size, mtime and ctime, so a
     listing can tell cheaply whether they may have changed since (a pull checks anyway).
+    Refusals are remembered the same way: a withheld release whose row and files have not
+    changed since is refused again without reading it, so readers asking in a loop cannot
+    make the gateway hash it on every call (refusing without a read is never a leak; any
+    change, a repair included, changes a stat key and the next call checks it anew).
     """
 
     def __init__(
@@ -104,6 +109,10 @@ class ReleaseChecker:
         self.verdicts = verdicts
         # (model, version) -> (signed row as checked, its files' stat keys then)
         self._intact: dict[tuple[str, int], tuple[Release, tuple[tuple[int, ...], ...]]] = {}
+        # (model, version) -> (row, stat keys, the refusal) of releases that failed `check`
+        self._refused: dict[
+            tuple[str, int], tuple[Release, tuple[tuple[int, ...], ...], GuardRefused]
+        ] = {}
 
     def directory(self, r: Release) -> Path:
         return self.registry_root / r.model / str(r.version)
@@ -139,9 +148,32 @@ class ReleaseChecker:
                 raise _refuse(f"the signed manifest's {field} is not the served model's")
         return SignedRelease(release, doc, row)
 
-    def check(self, signed: SignedRelease) -> None:
+    def check(
+        self, signed: SignedRelease, pieces: Mapping[str, PieceDigests] | None = None
+    ) -> None:
         """Policy and every file of the release against the signed manifest; GuardRefused
-        names what failed."""
+        names what failed. Given pieces, they are filled from the bytes checked (a pull sends
+        only bytes that still match them)."""
+        r, row = signed.release, signed.row
+        key = (r.model, r.version)
+        try:  # taken before the read: a change while it reads changes them for next time
+            keys: tuple[tuple[int, ...], ...] | None = _stat_keys(self.directory(r), signed)
+        except OSError:
+            keys = None  # a file is missing: the check refuses it without a read anyway
+        known = self._refused.get(key)
+        if known is not None and keys is not None and known[:2] == (row, keys):
+            raise GuardRefused(known[2].reason, known[2].layers)
+        try:
+            self._check(signed, pieces)
+        except GuardRefused as exc:
+            if keys is not None:
+                self._refused[key] = (row, keys, exc)
+            raise
+        self._refused.pop(key, None)
+        if keys is not None:
+            self._intact[key] = (row, keys)
+
+    def _check(self, signed: SignedRelease, pieces: Mapping[str, PieceDigests] | None) -> None:
         r, doc, row = signed.release, signed.manifest, signed.row
         facts = (r.round, r.created_ms, r.num_trainers, sorted(r.files, key=_name))
         if facts != (row.round, row.created_ms, row.num_trainers, sorted(row.files, key=_name)):
@@ -166,8 +198,8 @@ class ReleaseChecker:
             {f.name: (f.size, f.sha256) for f in r.files},
             self.verdicts,
             manifest_json=r.manifest_json,
+            pieces=pieces,
         )
-        self._intact[(r.model, r.version)] = (row, _stat_keys(directory, signed))
 
     def unchanged_since_checked(self, signed: SignedRelease) -> bool:
         """True when the release passed `check` and none of its files changed since."""

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from gateway.core.errors import InvalidInput, NotFound, SluiceError, bounded
+from gateway.core.errors import InvalidInput, NotFound, SluiceError, TooLarge, bounded
 from gateway.pki import (
     OPERATOR,
     READER,
@@ -147,16 +147,78 @@ class Certificates:
         raise error
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while shift < 64:
+        if pos >= len(data):
+            raise InvalidInput("the request is truncated")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise InvalidInput("the request holds a malformed varint")
+
+
+MAX_PUSH_FIELDS = 4  # top-level fields in one PushUpdateRequest (a client sends one)
+
+
+def push_header_bytes(data: bytes, max_header_bytes: int) -> None:
+    """Refuse a serialized PushUpdateRequest whose header field is over max_header_bytes,
+    before it is parsed: a 4 MiB header of a few hundred thousand metrics costs about a
+    second of CPU (and the GIL) to parse, and is refused by size afterwards anyway. Reads
+    only the top-level tags and lengths of at most MAX_PUSH_FIELDS fields."""
+    pos, fields, header = 0, 0, 0
+    while pos < len(data):
+        fields += 1
+        if fields > MAX_PUSH_FIELDS:
+            raise InvalidInput(
+                f"a push message carries one of header, chunk or trailer; this one has more "
+                f"than {MAX_PUSH_FIELDS} fields"
+            )
+        key, pos = _varint(data, pos)
+        wire = key & 7
+        if wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise InvalidInput("the request is truncated: a field runs past its end")
+            if key >> 3 == 1:
+                header += length
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            return  # a group or garbage: the parser refuses it
+    if header > max_header_bytes:
+        raise TooLarge(f"update header is {header} bytes; at most {max_header_bytes}")
+
+
 def _decoded(
-    requests: Iterator[bytes], decode: Callable[[bytes], Any] | None, method: str
+    requests: Iterator[bytes],
+    decode: Callable[[bytes], Any] | None,
+    method: str,
+    precheck: Callable[[bytes], None] | None = None,
 ) -> Iterator[Any]:
     for data in requests:
-        yield _decode(data, decode, method)
+        yield _decode(data, decode, method, precheck)
 
 
-def _decode(data: bytes, decode: Callable[[bytes], Any] | None, method: str) -> Any:
+def _decode(
+    data: bytes,
+    decode: Callable[[bytes], Any] | None,
+    method: str,
+    precheck: Callable[[bytes], None] | None = None,
+) -> Any:
     if decode is None:
         return data
+    if precheck is not None:
+        try:
+            precheck(data)
+        except InvalidInput as exc:
+            raise InvalidInput(f"the request is not a valid message for {method}: {exc}") from None
     try:
         return decode(data)
     except Exception:  # protobuf's DecodeError, or whatever a parser raises on garbage
@@ -190,8 +252,9 @@ class _Guarded:
         slot = self._interceptor.admit(self._method, context)
         try:
             if self._request_streaming:
+                precheck = self._interceptor.precheck(self._method)
                 request = self._interceptor.pace(
-                    self._method, _decoded(request, self._decode, self._method)
+                    self._method, _decoded(request, self._decode, self._method, precheck)
                 )
             else:
                 request = _decode(request, self._decode, self._method)
@@ -296,6 +359,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
             taken.end_thread()
             context.abort(grpc.StatusCode.CANCELLED, "the call ended before it started")
         return taken
+
+    def precheck(self, method: str) -> Callable[[bytes], None] | None:
+        """What to check of a request message's raw bytes before parsing it."""
+        if method != PUSH_UPDATE:
+            return None
+        return functools.partial(push_header_bytes, max_header_bytes=self.limits.max_header_bytes)
 
     def pace(self, method: str, requests: Iterator[Any]) -> Iterator[Any]:
         progress = _REQUEST_PROGRESS.get(method)

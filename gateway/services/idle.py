@@ -123,6 +123,8 @@ class CallLimits:
     # pull must also be taken at push.min_bytes_per_second, counting only the time spent
     # waiting on the client, once that exceeds push.grace_seconds.
     send_stall_seconds: float = 60.0
+    # A PushUpdate message whose header is larger is refused before it is parsed.
+    max_header_bytes: int = 16 << 10
 
     def check(self) -> None:
         budget = self.workers - self.reserved_workers

@@ -104,6 +104,10 @@ def verify_chain(db: sqlite3.Connection) -> tuple[int, str | None]:
 Write = Callable[[str, str, str, Mapping[str, object]], object]
 
 
+# The subject (and group) of the key that pools an actor's keys past its share.
+OTHER_SUBJECTS = "(other subjects)"
+
+
 @dataclass
 class _Repeats:
     written: float  # when this key's last row was written (monotonic seconds)
@@ -121,6 +125,13 @@ class Coalescer:
     flusher writes the count of a window that ended with no later refusal; stop() writes
     what is left. So a flood costs one fsynced row per window, and the sum of `count`
     (1 where absent) over a key's rows is the number of refusals.
+
+    Subjects and groups may be chosen by the caller (a model name, a round number, a
+    reason that echoes them): an actor already holding `max_keys_per_actor` keys of one
+    kind has every further new key counted under one key of its own, (kind, actor,
+    OTHER_SUBJECTS, OTHER_SUBJECTS), whose detail names the latest subject. So a flood of
+    distinct subjects from one actor still costs at most max_keys_per_actor + 1 rows per
+    window. After stop(), a refusal is written at once: nothing is left uncounted.
     """
 
     def __init__(
@@ -129,11 +140,15 @@ class Coalescer:
         window_s: float,
         *,
         max_keys: int = 4096,
+        max_keys_per_actor: int = 32,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._write = write
         self.window_s = window_s
         self._max_keys = max_keys  # distinct keys held before everything is flushed
+        # Of one kind, then pooled: at least every method x listener a denial can name.
+        self._max_keys_per_actor = max(max_keys_per_actor, 1)
+        self._per_actor: dict[tuple[str, str], int] = {}  # (kind, actor) -> keys held
         self._clock = clock
         self._lock = threading.Lock()
         self._keys: dict[tuple[str, str, str, str], _Repeats] = {}
@@ -150,8 +165,16 @@ class Coalescer:
     ) -> None:
         key = (kind, actor, subject, group)
         now = self._clock()
+        if self._stop.is_set():  # stopped: no flusher, nothing may wait for one
+            self._emit(key, detail)
+            return
         with self._lock:
             held = self._keys.get(key)
+            if held is None and self._per_actor.get((kind, actor), 0) >= self._max_keys_per_actor:
+                # Subjects the actor chooses: past its share, all are counted as one key.
+                key = (kind, actor, OTHER_SUBJECTS, OTHER_SUBJECTS)
+                detail = {**detail, "subject": subject[:128]}
+                held = self._keys.get(key)
             if held is not None and now - held.written < self.window_s:
                 held.count += 1
                 held.detail = detail
@@ -160,8 +183,11 @@ class Coalescer:
             if held is None and len(self._keys) >= self._max_keys:
                 overflow = self._take(lambda _: True, now)
                 self._keys.clear()
+                self._per_actor.clear()
             else:
                 overflow = []
+            if held is None:
+                self._per_actor[(kind, actor)] = self._per_actor.get((kind, actor), 0) + 1
             self._keys[key] = _Repeats(now, 0, detail)
         for row in overflow:
             self._emit(*row)
@@ -202,6 +228,11 @@ class Coalescer:
                 held.count, held.written = 0, now
             else:
                 del self._keys[key]
+                left = self._per_actor.get(key[:2], 0) - 1
+                if left > 0:
+                    self._per_actor[key[:2]] = left
+                else:
+                    self._per_actor.pop(key[:2], None)
         return rows
 
     def _emit(self, key: tuple[str, str, str, str], detail: Mapping[str, object]) -> None:

@@ -86,6 +86,26 @@ CREATE TABLE IF NOT EXISTS releases (
 _ROUND_COLUMNS = "model, round, base_version, state, opened_ms, deadline_ms, closed_ms, version"
 # SQLite integers are signed 64-bit: a larger key names no row (and would raise OverflowError).
 _SQL_INT = range(-(1 << 63), 1 << 63)
+
+
+def _release_files(text: object) -> tuple[ReleaseFile, ...]:
+    """A release row's file list; none when the column is not one (the row then disagrees
+    with its signed manifest and is withheld)."""
+    try:
+        files = json.loads(text) if isinstance(text, str | bytes) else None
+        if not isinstance(files, list):
+            return ()
+        return tuple(ReleaseFile(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in files)
+    except (TypeError, ValueError, KeyError, RecursionError):
+        return ()
+
+
+def _blob(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else b""
+
+
 MAX_DEFERRED = 1000  # audit entries a full disk refused, kept until a write succeeds again
 
 
@@ -341,16 +361,19 @@ class Store:
 
     @staticmethod
     def _release(row: sqlite3.Row) -> Release:
-        files = tuple(ReleaseFile(**f) for f in json.loads(row["files_json"]))
+        """The row as it stands. A row edited behind the gateway's back (a file list that is
+        not JSON, text where bytes belong) still parses, to what it holds or to nothing: the
+        egress gate decides from the signed manifest and withholds a row that disagrees, so
+        one bad row must not make every listing fail."""
         return Release(
             model=row["model"],
             version=row["version"],
             round=row["round"],
             created_ms=row["created_ms"],
             num_trainers=row["num_trainers"],
-            files=files,
-            manifest_json=bytes(row["manifest_json"]),
-            signature=bytes(row["signature"]),
+            files=_release_files(row["files_json"]),
+            manifest_json=_blob(row["manifest_json"]),
+            signature=_blob(row["signature"]),
         )
 
     def list_releases(self, model: str = "") -> list[Release]:

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.sdk import AdminClient, EgressClient, TrainerClient
+from clients.sdk import AdminClient, EgressClient, RetryPolicy, TrainerClient
 from models.schema import Schema
 from sluice.v1 import (
     admin_pb2,
@@ -220,7 +220,10 @@ def test_float32_max_deltas_never_make_an_inf_version(
     convex combination, so round 1's version is huge but finite; round 2 would overflow to
     inf and fails instead: version 1 stays the base, round 3 opens on it and closes."""
     # k = 4: no release is attempted for three trainers, so no parity run on huge weights.
-    running = start_gateway(tmp_path / "gw", template_cache, min_trainers=4)
+    # The ingest bound on values is lifted: this tests the fold's own safety net.
+    running = start_gateway(
+        tmp_path / "gw", template_cache, min_trainers=4, max_update_abs_value=1e39
+    )
     try:
         with TrainerClient(running.endpoints.internal) as client:
             for round_no in (1, 2):
@@ -351,3 +354,22 @@ def test_push_to_a_round_that_failed_says_so(
             push(client, tiny_schema, payload, TRAINERS[0], 10, round_no=2)
     finally:
         running.gateway.stop()
+
+
+def test_one_trainer_cannot_fail_every_round_with_huge_values(
+    gateway: Running, tiny_schema: Schema
+) -> None:
+    """At the default bound a float32-max delta is refused at ingest (nothing stored), so the
+    other trainers' round closes: one hostile trainer cannot stop progress."""
+    before = stored_state(gateway)
+    with TrainerClient(gateway.endpoints.internal, retry=RetryPolicy(attempts=1)) as client:
+        for payload in (_max_delta(tiny_schema), _max_delta(tiny_schema)[:-4] + b"\xff" * 4):
+            with pytest.raises(grpc.RpcError) as err:
+                push(client, tiny_schema, payload, "shenzhen-01", 1_000_000, 1, 0)
+            assert err.value.code() == Code.INVALID_ARGUMENT
+            assert "magnitude at most" in (err.value.details() or "")
+        assert stored_state(gateway) == before
+        for i, name in enumerate(TRAINERS):
+            push(client, tiny_schema, random_delta(tiny_schema, 60 + i), name, 10, 1, 0)
+        wait_for_round(client, 2)
+        assert client.pull_global(TINY).version == 1

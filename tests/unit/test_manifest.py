@@ -126,3 +126,39 @@ def test_any_signed_value_is_verified_or_refused_never_a_crash(field: str, value
         verify_signature(data, sig, KEY.public_key())
     except ManifestRefused as exc:
         assert str(exc)
+
+
+def test_an_oversized_manifest_or_signature_is_refused_before_it_is_parsed() -> None:
+    data, sig = signed(genuine())
+    padded = data[:-1] + b" " * (1 << 20) + b"}"
+    with pytest.raises(ManifestRefused, match="at most"):
+        verify_signature(padded, KEY.sign(padded), KEY.public_key())
+    with pytest.raises(ManifestRefused, match="at most"):
+        verify_signature(data, sig + b"\x00" * 64, KEY.public_key())
+
+
+def test_a_signed_manifest_with_a_5000_digit_integer_is_refused_not_a_crash() -> None:
+    data = b'{"format":"sluice.release/2","version":' + b"7" * 5000 + b"}"
+    with pytest.raises(ManifestRefused, match="not JSON"):
+        verify_signature(data, KEY.sign(data), KEY.public_key())
+
+
+def test_local_files_are_read_bounded_and_never_block(tmp_path: Any) -> None:
+    import os
+
+    from models.manifest import load_public_key, read_bounded
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ManifestRefused, match="not a regular file"):
+        read_bounded(fifo, 100, "manifest")  # returns at once: nobody writes to it
+    big = tmp_path / "big"
+    with big.open("wb") as f:
+        f.truncate(1 << 40)
+    with pytest.raises(ManifestRefused, match="at most 100"):
+        read_bounded(big, 100, "manifest")
+    (tmp_path / "key.pem").write_bytes(
+        b"-----BEGIN PUBLIC KEY-----\n!!\n-----END PUBLIC KEY-----\n"
+    )
+    with pytest.raises(ManifestRefused, match="not a PEM public key"):
+        load_public_key(tmp_path / "key.pem")

@@ -45,7 +45,7 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
-from gateway.core.aggregation import Contribution
+from gateway.core.aggregation import Contribution, add_integer_mean
 from gateway.core.strategies.base import RoundInput, RoundReport
 from models.schema import Schema
 
@@ -348,10 +348,8 @@ def _integer_block(
         np.add(acc, scratch, out=acc)
     np.divide(acc, total, out=acc)
     np.rint(acc, out=acc)
-    mean_delta = scratch.view(np.uint8)[: buf.nbytes].view(buf.dtype)
-    np.copyto(mean_delta, acc, casting="unsafe")
     _read(base_fd, buf, first)
-    np.add(buf, mean_delta, out=buf)
+    add_integer_mean(buf, acc, delta=scratch.view(np.uint8)[: buf.nbytes].view(buf.dtype))
 
 
 def _write_narrowed(sink: BinaryIO, buf: np.ndarray, block: F64) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 # One short-read check and message for every reader of spooled files.
-from gateway.core.aggregation import _read
+from gateway.core.aggregation import _read, add_integer_mean
 from gateway.core.strategies.base import RoundInput, RoundReport
 from models.schema import TensorSpec
 
@@ -111,7 +111,7 @@ class _Spool:
                 np.add(acc, weighted, out=acc)
             np.divide(acc, total, out=acc)
             np.rint(acc, out=acc)
-            base[cols] += acc.astype(base.dtype)
+            add_integer_mean(base[cols], acc)
 
     def squared_distances(self) -> np.ndarray:
         """(N, N) squared L2 distances between the clients' weights, in one pass over the files.
