@@ -51,6 +51,12 @@ class RoundPolicy:
     round_seconds: float = 600.0  # deadline, counted from the round's opening
 
 
+# A close resumed at start-up is audited; a round whose close was resumed this many times
+# (each time the process died before it finished) fails instead of looping on restarts.
+RESUMED = "round.close_resumed"
+RESUME_LIMIT = 8
+
+
 class RoundManager:
     """Owns round state transitions; one aggregation at a time, in commit order."""
 
@@ -101,7 +107,15 @@ class RoundManager:
                 self._create_initial_version(served)
         self._drop_orphans()
         for r in self.store.rounds_in_state(RoundState.AGGREGATING):
+            subject = f"{r.model}/round/{r.round}"
+            resumed = [e for e in self.store.audit_entries(RESUMED) if e.subject == subject]
+            if len(resumed) >= RESUME_LIMIT:
+                # The process died in each of these closes (a crash, an OOM kill): the
+                # next try would die too. End it visibly instead of a crash loop.
+                self._fail(r, f"the gateway stopped during {len(resumed)} restarts' closes")
+                continue
             log.warning("finishing round %s of %s interrupted by a restart", r.round, r.model)
+            self.store.record_soon(RESUMED, "gateway", subject, {"restart": len(resumed) + 1})
             self._attempt(r.model, r.round, force=True)
 
     def _drop_orphans(self) -> None:

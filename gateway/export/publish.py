@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 
 
+def template_dir(served: ServedModel, root: Path, two_file_threshold: int) -> Path:
+    """Where the model's template for this schema and layout is cached under root."""
+    weights = sum(t.num_bytes for t in served.schema.tensors)  # an upper bound is enough
+    layout = "two-file" if weights > two_file_threshold else "single-file"
+    return root / served.name / f"{served.schema.hash}-{layout}"
+
+
 def template_for(
     served: ServedModel, root: Path, two_file_threshold: int = TWO_FILE_THRESHOLD
 ) -> OnnxTemplate:
@@ -59,9 +66,8 @@ def template_for(
 
     Cached per schema and layout: the threshold decides single-file or two-file.
     """
-    weights = sum(t.num_bytes for t in served.schema.tensors)  # an upper bound is enough
-    layout = "two-file" if weights > two_file_threshold else "single-file"
-    directory = root / served.name / f"{served.schema.hash}-{layout}"
+    directory = template_dir(served, root, two_file_threshold)
+    layout = "two-file" if directory.name.endswith("-two-file") else "single-file"
     if (directory / "template.json").exists():
         return load_template(directory)
     log.info("building the %s ONNX template of %s (once per schema)", layout, served.name)

@@ -7,15 +7,18 @@ same checks as every pull (signature, row, files, guard, finite values, policy),
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from gateway.config import Config
 from gateway.core.catalog import Catalog
 from gateway.core.records import Release
 from gateway.export.guard import GuardPolicy, GuardRefused
-from gateway.export.publish import template_for
+from gateway.export.publish import template_dir, template_for
 from gateway.export.release_check import ReleaseChecker
 from gateway.export.signing import PUBLIC_FILE
+from gateway.export.template import OnnxTemplate
 from gateway.store.sqlite import Store
 from models import registry
 from models.manifest import load_public_key
@@ -55,9 +58,29 @@ def verify_published(config: Config) -> list[ReleaseStatus]:
     known = {name for name in {r.model for r in rows} if _registered(name)}
     catalog = Catalog(sorted(known))
     root = config.data_dir
-    templates = {
-        m.name: template_for(m, root / "templates", config.two_file_bytes) for m in catalog
-    }
+    with tempfile.TemporaryDirectory(prefix="sluice-audit-") as scratch:
+        # The gateway's cached templates; one that is missing is built in a scratch
+        # directory: this check writes nothing into the data dir.
+        templates = {
+            m.name: template_for(
+                m,
+                root / "templates"
+                if (template_dir(m, root / "templates", config.two_file_bytes)).exists()
+                else Path(scratch),
+                config.two_file_bytes,
+            )
+            for m in catalog
+        }
+        return _check_all(rows, config, catalog, templates)
+
+
+def _check_all(
+    rows: list[Release],
+    config: Config,
+    catalog: Catalog,
+    templates: dict[str, OnnxTemplate],
+) -> list[ReleaseStatus]:
+    root = config.data_dir
     checker = ReleaseChecker(
         catalog,
         templates,

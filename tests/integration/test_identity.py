@@ -36,7 +36,8 @@ from gateway.services.errors import MAX_MESSAGE_CHARS
 from gateway.store.audit import AuditEntry
 from models.schema import Schema
 from sluice.v1 import admin_pb2, egress_pb2, trainer_pb2
-from tests.conftest import TINY, Running, random_delta, start_gateway, stored_state, update_header
+from tests.conftest import TINY, Running, random_delta, stored_state, update_header
+from tests.integration.test_auth import identity, mtls_gateway
 
 Code = grpc.StatusCode
 TIMEOUT_S = 10.0
@@ -69,14 +70,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
     )
 
 
-def identity(layout: PkiLayout, name: str) -> Identity:
-    return Identity.from_pki(layout.directory, name)
-
-
-def mtls(data_dir: Path, template_cache: Path, layout: PkiLayout, **settings: Any) -> Running:
-    return start_gateway(
-        data_dir, template_cache, insecure_loopback=False, pki_dir=layout.directory, **settings
-    )
+mtls = mtls_gateway
 
 
 @pytest.fixture(scope="module")

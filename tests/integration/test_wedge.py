@@ -373,3 +373,36 @@ def test_one_trainer_cannot_fail_every_round_with_huge_values(
             push(client, tiny_schema, random_delta(tiny_schema, 60 + i), name, 10, 1, 0)
         wait_for_round(client, 2)
         assert client.pull_global(TINY).version == 1
+
+
+def test_a_close_that_kills_the_process_on_every_restart_ends_in_a_failed_round(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    """Each restart resumes an interrupted close (audited); a round whose close the process
+    died in RESUME_LIMIT times fails visibly instead of crash-looping the gateway."""
+    from gateway.core.records import RoundState
+    from gateway.core.rounds import RESUME_LIMIT, RESUMED
+
+    running = start_gateway(tmp_path / "gw", template_cache, quorum=10)
+    with TrainerClient(running.endpoints.internal) as client:
+        for i, name in enumerate(TRAINERS):
+            push(client, tiny_schema, random_delta(tiny_schema, 70 + i), name, 10, 1, 0)
+    running.gateway.stop()
+    # What RESUME_LIMIT restarts that each died mid-close leave: the round aggregating, and
+    # one resume entry per restart.
+    store = type(running.gateway.store)(running.data_dir / "sluice.db")
+    with store.transaction() as db:
+        store.set_round_state(db, TINY, 1, RoundState.AGGREGATING)
+    for n in range(RESUME_LIMIT):
+        store.record(RESUMED, "gateway", f"{TINY}/round/1", {"restart": n + 1})
+    store.close()
+    running.gateway = type(running.gateway)(running.config)
+    running.endpoints = running.gateway.start()
+    try:
+        with AdminClient(running.endpoints.internal) as admin:
+            (status,) = admin.status().models
+        assert (status.failed_round, status.open_round) == (1, 2)
+        assert "restarts" in status.failed_reason
+        assert residue(running) == []
+    finally:
+        running.gateway.stop()
