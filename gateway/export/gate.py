@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class Pull:
     release: Release
     file: ReleaseFile
     chunks: Iterator[tuple[int, bytes]]  # (offset, data) from the requested offset
+    close: Callable[[], None]  # gives the descriptor back (idempotent), streamed or not
 
 
 @dataclass
@@ -156,10 +158,11 @@ class EgressGate:
             )
 
         assert opened.pieces is not None
+        descriptor = _Descriptor(fd)
         chunks = _verified_chunks(
-            fd, offset, entry.size, opened.pieces, opened.piece_bytes, interrupted
+            descriptor, offset, entry.size, opened.pieces, opened.piece_bytes, interrupted
         )
-        return Pull(r, entry, chunks)
+        return Pull(r, entry, chunks, descriptor.close)
 
     # -- the checks -----------------------------------------------------------------------
 
@@ -332,7 +335,7 @@ def _same_file(path: Path, opened: os.stat_result, now: os.stat_result) -> None:
 
 
 def _verified_chunks(
-    fd: int,
+    descriptor: _Descriptor,
     offset: int,
     total: int,
     pieces: list[bytes],
@@ -349,7 +352,7 @@ def _verified_chunks(
         pos = index * piece_bytes
         while pos < total:
             want = min(piece_bytes, total - pos)
-            data = _pread_exactly(fd, want, pos)
+            data = _pread_exactly(descriptor.fd, want, pos)
             if (
                 len(data) != want
                 or index >= len(pieces)
@@ -365,7 +368,22 @@ def _verified_chunks(
         interrupted(str(exc))
         raise
     finally:
-        os.close(fd)
+        descriptor.close()
+
+
+class _Descriptor:
+    """A file descriptor closed exactly once: by the stream when it ends, or by the caller
+    when the stream never started (a client gone before the first chunk)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def _pread_exactly(fd: int, size: int, pos: int) -> bytes:

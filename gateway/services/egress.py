@@ -59,16 +59,19 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
             pull = self.gate.open_pull(
                 _caller(context), request.model, request.version, request.file, request.offset
             )
-            yield egress_pb2.PullReleaseResponse(
-                header=egress_pb2.PullReleaseHeader(
-                    model=pull.release.model,
-                    version=pull.release.version,
-                    file=pull.file.name,
-                    total_bytes=pull.file.size,
-                    sha256=pull.file.sha256,
-                )
-            )
-            for offset, data in pull.chunks:
+            try:
                 yield egress_pb2.PullReleaseResponse(
-                    chunk=tensors_pb2.Chunk(offset=offset, data=data)
+                    header=egress_pb2.PullReleaseHeader(
+                        model=pull.release.model,
+                        version=pull.release.version,
+                        file=pull.file.name,
+                        total_bytes=pull.file.size,
+                        sha256=pull.file.sha256,
+                    )
                 )
+                for offset, data in pull.chunks:
+                    yield egress_pb2.PullReleaseResponse(
+                        chunk=tensors_pb2.Chunk(offset=offset, data=data)
+                    )
+            finally:  # a client gone before the first chunk: the stream never started
+                pull.close()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from gateway.export.gate import Caller
 from gateway.export.guard import VALUES
 from models.manifest import canonical_json
 from models.schema import Schema
+from sluice.v1 import egress_pb2
 from tests.conftest import TINY, Running, random_delta
 from tests.integration.test_egress_gate import public_key_path
 from tests.integration.test_round import _publish_one, push, wait_for_round
@@ -416,3 +418,29 @@ def test_a_reader_in_a_loop_costs_one_audit_row_per_window_with_counts(
         rows = [e for e in store.audit_entries(kind) if e.subject.startswith(TINY)]
         assert len(rows) <= 3
         assert sum(int(str(e.detail.get("count", 1))) for e in rows) >= calls
+
+
+def test_a_pull_abandoned_before_its_first_chunk_gives_its_descriptor_back(
+    gateway: Running, tiny_schema: Schema
+) -> None:
+    _publish_one(gateway, tiny_schema)
+    registry = gateway.data_dir / "registry"
+    before = open_fds(registry)
+    for _ in range(5):
+        pull = gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
+        assert open_fds(registry) == before + 1
+        pull.close()  # what the servicer does when the client left after the header
+        pull.close()  # idempotent
+    assert open_fds(registry) == before
+    # Over gRPC: cancelled after the header, many times; nothing stays open.
+    with EgressClient(gateway.endpoints.egress) as egress:
+        for _ in range(5):
+            stream = egress._stub.PullRelease(
+                egress_pb2.PullReleaseRequest(model=TINY, version=1), timeout=10
+            )
+            next(stream)
+            stream.cancel()
+    deadline = time.monotonic() + 5
+    while open_fds(registry) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds(registry) == before
