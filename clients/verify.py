@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from models.manifest import (
     listed_files,
     verify_signature,
 )
+from models.onnx_wire import InitializerSpan
 from models.schema import TensorSpec
 
 _READ_BYTES = 8 << 20
@@ -27,6 +29,16 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in after the check: no hang on open
 _SHOWN_CHARS = 200  # of an error's text in a refusal
 _LAYOUTS = ({MODEL_FILE}, {MODEL_FILE, DATA_FILE})  # the files a release may hold
+
+
+@dataclass(frozen=True)
+class VerifiedRelease:
+    """A release read_release accepted, with the very bytes it checked."""
+
+    manifest: dict[str, Any]
+    model: memoryview  # model.onnx as hashed
+    data: memoryview  # model.onnx.data as hashed; empty in the single-file layout
+    ranges: tuple[InitializerSpan, ...]  # weights' raw_data in model, file order; () if two-file
 
 
 def verify_release(
@@ -46,8 +58,36 @@ def verify_release(
     description is blamed on the manifest, anything wrong in a file on that file; any
     other failure is a ManifestRefused too, and every file opened is closed again.
     """
+    return _guarded(manifest_json, signature, public_key, files, structure_hash, False).manifest
+
+
+def read_release(
+    manifest_json: bytes,
+    signature: bytes,
+    public_key: Ed25519PublicKey,
+    files: Mapping[str, Path],
+    *,
+    structure_hash: str | None = None,
+) -> VerifiedRelease:
+    """verify_release's checks, returning the bytes checked as well as the manifest.
+
+    For a reader of the weights: it reads the bytes that were hashed, never the files a
+    second time (which could have changed since). Memory: every file of the release,
+    model.onnx.data included, where verify_release only streams the data file.
+    """
+    return _guarded(manifest_json, signature, public_key, files, structure_hash, True)
+
+
+def _guarded(
+    manifest_json: bytes,
+    signature: bytes,
+    public_key: Ed25519PublicKey,
+    files: Mapping[str, Path],
+    pinned: str | None,
+    keep_data: bool,
+) -> VerifiedRelease:
     try:
-        return _verify(manifest_json, signature, public_key, files, structure_hash)
+        return _verify(manifest_json, signature, public_key, files, pinned, keep_data)
     except ManifestRefused:
         raise
     except Exception as exc:  # never a crash on a pulled release: a refusal saying what broke
@@ -62,7 +102,8 @@ def _verify(
     public_key: Ed25519PublicKey,
     files: Mapping[str, Path],
     pinned: str | None,
-) -> dict[str, Any]:
+    keep_data: bool,
+) -> VerifiedRelease:
     doc = verify_signature(manifest_json, signature, public_key)
     listed = listed_files(doc)
     if set(listed) not in _LAYOUTS:  # a side file would leave unchecked but for its hash
@@ -77,11 +118,11 @@ def _verify(
         raise ManifestRefused(
             f"manifest names graph structure {described[:16]}, not the pinned {pinned[:16]}"
         )
-    model = memoryview(b"")
+    read: dict[str, memoryview] = {}
     for name, path in files.items():
-        data = _read_checked(path, name, *listed[name], keep=name == MODEL_FILE)
-        if name == MODEL_FILE:
-            model = data
+        keep = name == MODEL_FILE or keep_data
+        read[name] = _read_checked(path, name, *listed[name], keep=keep)
+    model = read[MODEL_FILE]
     try:
         report = inspect_onnx(
             model,
@@ -106,7 +147,7 @@ def _verify(
     if report.ops != frozenset((d if d != "ai.onnx" else "", o) for d, o in ops):
         # The manifest's op list is exactly the file's: no unused entries to carry data.
         raise ManifestRefused(f"the manifest's ops are not the ops {MODEL_FILE} uses")
-    return doc
+    return VerifiedRelease(doc, model, read.get(DATA_FILE, memoryview(b"")), report.ranges)
 
 
 def _description(

@@ -129,6 +129,20 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_weights(args: argparse.Namespace) -> int:
+    from clients.weights import export_safetensors
+    from models.manifest import ManifestRefused, load_public_key
+
+    try:
+        key = load_public_key(args.public_key)
+        doc = export_safetensors(args.release_dir, key, args.out, args.structure_hash)
+    except (ManifestRefused, OSError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {doc['model']} v{doc['version']}, {len(doc['weights'])} tensors")
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     import sqlite3
 
@@ -318,6 +332,17 @@ def parser() -> argparse.ArgumentParser:
         "--structure-hash", help="refuse a file whose graph structure hash is not this one"
     )
     verify.set_defaults(run=_verify)
+
+    export = sub.add_parser(
+        "export-weights", help="(global team) a verified release's weights as safetensors"
+    )
+    export.add_argument("release_dir", type=Path, help="a pulled release: model.onnx, manifest")
+    export.add_argument("--public-key", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    export.add_argument(
+        "--structure-hash", help="refuse a release whose graph structure hash is not this one"
+    )
+    export.set_defaults(run=_export_weights)
 
     audit = sub.add_parser("audit", help="(compliance) the hash-chained audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
