@@ -27,7 +27,7 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 interop-deps: $(NODE_STAMP)
 
 demo: install
-	$(BIN)/python -m clients.demo
+	$(BIN)/python -m sluice.clients.demo
 
 test: install lint interop-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -42,7 +42,7 @@ lint: install
 	$(BIN)/mypy
 
 proto: install
-	$(BIN)/python -m gateway.protogen
+	$(BIN)/python -m sluice.gateway.protogen
 
 # The benchmark suite (bench/README.md): writes bench/results/latest.json and .md and
 # rewrites the README's performance table. Full: ~20 min, ~30 GB of free disk.

@@ -22,8 +22,8 @@ import numpy as np
 import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
 
 from bench.common import Options, PeakRss, Report, median, settle, workdir
-from gateway.core.aggregation import Contribution, fold_fedavg
-from models.schema import Schema, TensorSpec
+from sluice.gateway.core.aggregation import Contribution, fold_fedavg
+from sluice.models.schema import Schema, TensorSpec
 
 LIMIT_READ_BYTES = 8 << 20  # the limit's read size
 TIMED_SECONDS, MAX_REPEATS = 1.0, 15  # timed runs per cell: at least --repeats, up to this

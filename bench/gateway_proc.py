@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.sdk import CHUNK_BYTES
-from models import registry
-from models.schema import Schema
+from sluice.clients.sdk import CHUNK_BYTES
+from sluice.models import registry
+from sluice.models.schema import Schema
 from sluice.v1 import tensors_pb2, trainer_pb2
 
 
@@ -68,7 +68,7 @@ def start(
     started = time.perf_counter()
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "gateway.cli", "serve",
+            sys.executable, "-m", "sluice.gateway.cli", "serve",
             "--data-dir", str(data_dir), "--models", ",".join(models),
             "--quorum", str(quorum), "--min-updates", "1", "--min-trainers", str(min_trainers),
             "--round-seconds", "86400", "--insecure-loopback",

@@ -20,8 +20,8 @@ from bench.common import (
     throughput_row,
     workdir,
 )
-from clients.sdk import EgressClient, TrainerClient, channel
-from models.manifest import MODEL_FILE, parse
+from sluice.clients.sdk import EgressClient, TrainerClient, channel
+from sluice.models.manifest import MODEL_FILE, parse
 from sluice.v1 import trainer_pb2_grpc
 
 FULL_MODEL, QUICK_MODEL = "drivenet-xl", "drivenet"

@@ -25,7 +25,7 @@ from bench.common import (
     workdir,
 )
 from bench.grpc_sink import drain, put
-from clients.sdk import TrainerClient
+from sluice.clients.sdk import TrainerClient
 
 # (single-stream model, concurrent model, concurrent trainers)
 FULL = ("drivenet-1gb", "drivenet-128mb", 8)

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from gateway.export.parity import PARITY_TOLERANCE, max_output_diff
-from gateway.export.refresh import write_atomic, write_release_files
-from gateway.export.selftest import self_test
-from gateway.export.template import build_template
-from models import registry
-from models.manifest import DATA_FILE, MODEL_FILE
-from models.registry import ModelEntry
-from models.schema import Schema
+from sluice.gateway.export.parity import PARITY_TOLERANCE, max_output_diff
+from sluice.gateway.export.refresh import write_atomic, write_release_files
+from sluice.gateway.export.selftest import self_test
+from sluice.gateway.export.template import build_template
+from sluice.models import registry
+from sluice.models.manifest import DATA_FILE, MODEL_FILE
+from sluice.models.registry import ModelEntry
+from sluice.models.schema import Schema
 
 LARGE_MODEL = "drivenet-2g"  # 563.6M float32 parameters, 2.25 GB
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

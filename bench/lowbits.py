@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS_DIR, Check, Report
-from clients.scenes import REGIONS, make_clips
-from clients.trainer import TrainConfig, compute_delta, train_local
-from gateway.core.aggregation import Contribution, fold_fedavg
-from models import registry
-from models.schema import Schema
+from sluice.clients.scenes import REGIONS, make_clips
+from sluice.clients.trainer import TrainConfig, compute_delta, train_local
+from sluice.gateway.core.aggregation import Contribution, fold_fedavg
+from sluice.models import registry
+from sluice.models.schema import Schema
 
 MANTISSA_BITS = 23
 FRAME_SHAPE = (128, 256, 3)  # the secret: one uint8 camera frame, rows x columns x RGB

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from bench import gateway_proc
 from bench.common import MB, Options, Report, median, settle, workdir, write_seconds
-from clients.sdk import AdminClient, TrainerClient
-from models import registry
+from sluice.clients.sdk import AdminClient, TrainerClient
+from sluice.models import registry
 
 FULL = ("drivenet-5m", "drivenet-xl", "drivenet-600m")
 QUICK = ("drivenet-5m",)

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.scenes import make_clips
-from clients.trainer import TrainConfig, compute_delta, evaluate, train_local
-from gateway.core.aggregation import Contribution
-from gateway.core.strategies import build_strategy
-from gateway.core.strategies.base import RoundInput
-from models import registry
-from models.schema import Schema
+from sluice.clients.scenes import make_clips
+from sluice.clients.trainer import TrainConfig, compute_delta, evaluate, train_local
+from sluice.gateway.core.aggregation import Contribution
+from sluice.gateway.core.strategies import build_strategy
+from sluice.gateway.core.strategies.base import RoundInput
+from sluice.models import registry
+from sluice.models.schema import Schema
 
 # Two populations: five trainers of one region (IID, where the robust strategies'
 # assumptions hold) and five regions (non-IID on purpose, as Sluice's deployments are).

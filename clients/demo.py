@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.scenes import describe, make_clips
-from clients.sdk import EgressClient, Identity
-from clients.simulate import (
+from sluice.clients.scenes import describe, make_clips
+from sluice.clients.sdk import EgressClient, Identity
+from sluice.clients.simulate import (
     DEFAULT_REGIONS,
     SimulationConfig,
     TrainerSpec,
     plan_trainers,
     simulate,
 )
-from clients.trainer import loss_np
-from models.manifest import MODEL_FILE, load_public_key
+from sluice.clients.trainer import loss_np
+from sluice.models.manifest import MODEL_FILE, load_public_key
 
 PUBLIC_FILE = "release-signing.pub"  # written by the gateway next to its private key
 
@@ -33,7 +33,7 @@ BENCHMARK_SEED = 7_000_000  # held-out scenes, disjoint from every trainer's pri
 
 def make_pki(pki: Path, trainers: list[TrainerSpec]) -> None:
     """Certificates for every trainer, the global team and an operator (`sluice init`)."""
-    args = [sys.executable, "-m", "gateway.cli", "init", str(pki)]
+    args = [sys.executable, "-m", "sluice.gateway.cli", "init", str(pki)]
     for t in trainers:
         args += ["--trainer", f"{t.trainer}:{t.region}"]
     args += ["--reader", GLOBAL_TEAM, "--operator", "ops"]
@@ -50,7 +50,7 @@ def start_gateway(
         [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "sluice.gateway.cli",
             "serve",
             "--data-dir",
             str(data_dir),

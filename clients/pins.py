@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from models.manifest import ManifestRefused, read_bounded
+from sluice.models.manifest import ManifestRefused, read_bounded
 
 _HEX = frozenset("0123456789abcdef")
 _MAX_PIN_FILE_BYTES = 1 << 20

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from clients.verify import verify_release
-from models.manifest import ManifestRefused, listed_files, verify_signature
+from sluice.clients.verify import verify_release
+from sluice.models.manifest import ManifestRefused, listed_files, verify_signature
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,

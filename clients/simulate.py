@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily at run time: trainer processes import torch themselves
-    from clients.sdk import TrainerClient
+    from sluice.clients.sdk import TrainerClient
     from sluice.v1 import trainer_pb2
 
 DEFAULT_REGIONS = ("shanghai", "beijing", "shenzhen", "chengdu")
@@ -70,11 +70,11 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
     """One regional trainer for config.rounds rounds; its clips never leave this process."""
     import torch
 
-    from clients.scenes import make_clips
-    from clients.sdk import TrainerClient
-    from clients.trainer import TrainConfig, compute_delta, evaluate, train_local
-    from models import registry
-    from models.schema import Schema
+    from sluice.clients.scenes import make_clips
+    from sluice.clients.sdk import TrainerClient
+    from sluice.clients.trainer import TrainConfig, compute_delta, evaluate, train_local
+    from sluice.models import registry
+    from sluice.models.schema import Schema
 
     torch.set_num_threads(1)  # trainers share the machine's cores
     entry = registry.get(config.model)
@@ -83,7 +83,7 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
     data = make_clips(spec.region, config.clips, seed=spec.seed)
     holdout = make_clips(spec.region, config.holdout_clips, seed=spec.seed + 100_000)
     reports: list[RoundReport] = []
-    from clients.sdk import Identity
+    from sluice.clients.sdk import Identity
 
     identity = Identity.from_pki(config.pki_dir, spec.trainer) if config.pki_dir else None
     with TrainerClient(config.target, identity=identity) as client:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.scenes import SceneBatch
+from sluice.clients.scenes import SceneBatch
 
 # Every label is divided by its typical spread across regions so that steering (hundredths
 # of a radian), acceleration (m/s^2) and lane x (tenths of the frame width) weigh alike;

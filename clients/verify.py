@@ -12,16 +12,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from models.artifact import ArtifactRefused, check_weight_specs, inspect_onnx
-from models.manifest import (
+from sluice.models.artifact import ArtifactRefused, check_weight_specs, inspect_onnx
+from sluice.models.manifest import (
     DATA_FILE,
     MODEL_FILE,
     ManifestRefused,
     listed_files,
     verify_signature,
 )
-from models.onnx_wire import InitializerSpan
-from models.schema import TensorSpec
+from sluice.models.onnx_wire import InitializerSpan
+from sluice.models.schema import TensorSpec
 
 _READ_BYTES = 8 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

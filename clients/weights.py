@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from clients.verify import VerifiedRelease, read_release
-from models.artifact import tensor_bytes
-from models.manifest import (
+from sluice.clients.verify import VerifiedRelease, read_release
+from sluice.models.artifact import tensor_bytes
+from sluice.models.manifest import (
     DATA_FILE,
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
@@ -28,7 +28,7 @@ from models.manifest import (
     read_bounded,
     verify_signature,
 )
-from models.schema import TensorSpec
+from sluice.models.schema import TensorSpec
 
 if TYPE_CHECKING:
     import torch

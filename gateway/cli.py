@@ -12,12 +12,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from clients.sdk import Identity
+    from sluice.clients.sdk import Identity
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
-    from gateway.server import Gateway, StartupError
+    from sluice.gateway.config import load_config
+    from sluice.gateway.server import Gateway, StartupError
 
     overrides = {
         "data_dir": args.data_dir,
@@ -59,9 +59,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     import grpc
 
-    from clients.pins import Pins
-    from clients.sdk import EgressClient
-    from models.manifest import ManifestRefused, load_public_key
+    from sluice.clients.pins import Pins
+    from sluice.clients.sdk import EgressClient
+    from sluice.models.manifest import ManifestRefused, load_public_key
 
     try:  # local inputs first: a garbage key or pin file is a one-line refusal
         key = load_public_key(args.public_key)
@@ -94,8 +94,8 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from clients.verify import verify_release
-    from models.manifest import (
+    from sluice.clients.verify import verify_release
+    from sluice.models.manifest import (
         DATA_FILE,
         MAX_MANIFEST_BYTES,
         MAX_SIGNATURE_BYTES,
@@ -130,8 +130,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export_weights(args: argparse.Namespace) -> int:
-    from clients.weights import export_safetensors
-    from models.manifest import ManifestRefused, load_public_key
+    from sluice.clients.weights import export_safetensors
+    from sluice.models.manifest import ManifestRefused, load_public_key
 
     try:
         key = load_public_key(args.public_key)
@@ -146,9 +146,9 @@ def _export_weights(args: argparse.Namespace) -> int:
 def _audit_verify(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from gateway.config import load_config
-    from gateway.export.release_audit import verify_published
-    from gateway.store.audit import verify_chain
+    from sluice.gateway.config import load_config
+    from sluice.gateway.export.release_audit import verify_published
+    from sluice.gateway.store.audit import verify_chain
 
     path = args.data_dir / "sluice.db"
     if not path.exists():
@@ -177,7 +177,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from clients.sdk import AdminClient
+    from sluice.clients.sdk import AdminClient
 
     with AdminClient(args.target, identity=_identity(args)) as admin:
         for m in admin.status().models:
@@ -194,7 +194,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _close_round(args: argparse.Namespace) -> int:
-    from clients.sdk import AdminClient
+    from sluice.clients.sdk import AdminClient
 
     with AdminClient(args.target, identity=_identity(args)) as admin:
         closed = admin.close_round(args.model, args.round)
@@ -208,7 +208,7 @@ def _close_round(args: argparse.Namespace) -> int:
 
 def _identity(args: argparse.Namespace) -> Identity | None:
     """The caller's certificate: --pki DIR --identity NAME; None with --insecure."""
-    from clients.sdk import Identity
+    from sluice.clients.sdk import Identity
 
     if args.insecure:
         return None
@@ -227,7 +227,7 @@ def _add_identity(p: argparse.ArgumentParser) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from gateway.pki import init_pki
+    from sluice.gateway.pki import init_pki
 
     trainers = []
     for spec in args.trainer:
@@ -250,8 +250,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from clients.sdk import AdminClient
-    from gateway.pki import load_pem_cert, principal_from_pem
+    from sluice.clients.sdk import AdminClient
+    from sluice.gateway.pki import load_pem_cert, principal_from_pem
 
     if args.cert is not None:
         pem = args.cert.read_bytes()
@@ -268,7 +268,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from clients.simulate import run_from_args
+    from sluice.clients.simulate import run_from_args
 
     return run_from_args(args)
 
@@ -385,7 +385,7 @@ def parser() -> argparse.ArgumentParser:
     _add_identity(close)
     close.set_defaults(run=_close_round)
 
-    from clients.simulate import add_arguments
+    from sluice.clients.simulate import add_arguments
 
     simulate = sub.add_parser("simulate", help="run regional trainer processes against a gateway")
     add_arguments(simulate)

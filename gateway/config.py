@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gateway.core.ingest import MAX_CHUNK_BYTES, MAX_NUM_EXAMPLES
-from gateway.core.records import MAX_SAFE_INT
-from gateway.export.template import TWO_FILE_THRESHOLD
+from sluice.gateway.core.ingest import MAX_CHUNK_BYTES, MAX_NUM_EXAMPLES
+from sluice.gateway.core.records import MAX_SAFE_INT
+from sluice.gateway.export.template import TWO_FILE_THRESHOLD
 
 
 @dataclass(frozen=True)

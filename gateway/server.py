@@ -20,31 +20,31 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import heap
-from gateway.config import Config
-from gateway.core.catalog import Catalog
-from gateway.core.dp import DpPolicy
-from gateway.core.fedbuff import FedBuffPolicy
-from gateway.core.ingest import Ingest, Limits
-from gateway.core.privacy import RoundPrivacy
-from gateway.core.rounds import RoundManager, RoundPolicy
-from gateway.core.screening import ScreeningPolicy
-from gateway.core.strategies import build_strategy
-from gateway.export.gate import EgressGate
-from gateway.export.guard import Verdicts
-from gateway.export.publish import ReleaseWriter, template_for
-from gateway.export.release_audit import guard_policy
-from gateway.export.release_check import ReleaseChecker
-from gateway.export.signing import Signer, SigningKeyError
-from gateway.pki import PkiLayout, key_matches_cert
-from gateway.services.admin import AdminServicer
-from gateway.services.auth import AuthInterceptor, Certificates
-from gateway.services.egress import EgressServicer
-from gateway.services.idle import CallLimits, Pace
-from gateway.services.trainer import TrainerServicer
-from gateway.store.audit import Coalescer
-from gateway.store.blobs import BlobStore, fsync_dir
-from gateway.store.sqlite import Store
+from sluice.gateway import heap
+from sluice.gateway.config import Config
+from sluice.gateway.core.catalog import Catalog
+from sluice.gateway.core.dp import DpPolicy
+from sluice.gateway.core.fedbuff import FedBuffPolicy
+from sluice.gateway.core.ingest import Ingest, Limits
+from sluice.gateway.core.privacy import RoundPrivacy
+from sluice.gateway.core.rounds import RoundManager, RoundPolicy
+from sluice.gateway.core.screening import ScreeningPolicy
+from sluice.gateway.core.strategies import build_strategy
+from sluice.gateway.export.gate import EgressGate
+from sluice.gateway.export.guard import Verdicts
+from sluice.gateway.export.publish import ReleaseWriter, template_for
+from sluice.gateway.export.release_audit import guard_policy
+from sluice.gateway.export.release_check import ReleaseChecker
+from sluice.gateway.export.signing import Signer, SigningKeyError
+from sluice.gateway.pki import PkiLayout, key_matches_cert
+from sluice.gateway.services.admin import AdminServicer
+from sluice.gateway.services.auth import AuthInterceptor, Certificates
+from sluice.gateway.services.egress import EgressServicer
+from sluice.gateway.services.idle import CallLimits, Pace
+from sluice.gateway.services.trainer import TrainerServicer
+from sluice.gateway.store.audit import Coalescer
+from sluice.gateway.store.blobs import BlobStore, fsync_dir
+from sluice.gateway.store.sqlite import Store
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import defs, helper
 
-from models import onnx_wire
+from sluice.models import onnx_wire
 
 # How a caller may name the default domain in allowed_ops. A file spells it one way only:
 # "", as torch's exporter writes it in nodes and opset_import.

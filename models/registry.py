@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.drivenet import DriveNet, DriveNetConfig
-from models.schema import Schema
+from sluice.models.drivenet import DriveNet, DriveNetConfig
+from sluice.models.schema import Schema
 
 
 @dataclass(frozen=True)

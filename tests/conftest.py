@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.config import Config
-from gateway.server import Endpoints, Gateway
-from models import registry
-from models.schema import Schema
+from sluice.gateway.config import Config
+from sluice.gateway.server import Endpoints, Gateway
+from sluice.models import registry
+from sluice.models.schema import Schema
 from sluice.v1 import trainer_pb2
 
 TINY = "drivenet-tiny"

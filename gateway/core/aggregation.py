@@ -21,7 +21,7 @@ import numpy as np
 from scipy.linalg import blas  # type: ignore[import-untyped]
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
-from models.schema import Schema, TensorSpec
+from sluice.models.schema import Schema, TensorSpec
 
 # 1 MiB blocks stay in the CPU caches between the read and the axpy, and keep the fold's
 # memory at 4 MiB whatever the model (bench/: as fast as 8 MiB blocks at 25M-100M params).

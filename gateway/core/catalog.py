@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from gateway.core.errors import NotFound, bounded
-from models.registry import ModelEntry, get
-from models.schema import Schema
+from sluice.gateway.core.errors import NotFound, bounded
+from sluice.models.registry import ModelEntry, get
+from sluice.models.schema import Schema
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.core.errors import InvalidInput, NotFound, PreconditionFailed
-from gateway.core.finite import FiniteCheck
-from gateway.store.blobs import BlobStore
-from models.schema import Schema
+from sluice.gateway.core.errors import InvalidInput, NotFound, PreconditionFailed
+from sluice.gateway.core.finite import FiniteCheck
+from sluice.gateway.store.blobs import BlobStore
+from sluice.models.schema import Schema
 
 # Two threads hash while the fold's workers read: together they keep 2 cores busy, and the
 # spool files are read from disk once (each reader finds what the other just read in the

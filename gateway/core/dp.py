@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, _read
-from models.schema import Schema
+from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, _read
+from sluice.models.schema import Schema
 
 # --- norms and clipping --------------------------------------------------------------
 

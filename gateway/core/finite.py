@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.core.errors import InvalidInput
-from models.schema import Schema
+from sluice.gateway.core.errors import InvalidInput
+from sluice.models.schema import Schema
 
 
 class FiniteCheck:

@@ -13,9 +13,9 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.core.aggregation import Contribution
-from gateway.core.catalog import ServedModel
-from gateway.core.closing import (
+from sluice.gateway.core.aggregation import Contribution
+from sluice.gateway.core.catalog import ServedModel
+from sluice.gateway.core.closing import (
     CloseRefused,
     CorruptUpdates,
     SpoolCheck,
@@ -23,10 +23,10 @@ from gateway.core.closing import (
     deterministic,
     feed,
 )
-from gateway.core.fedbuff import FedBuffPolicy
-from gateway.core.finite import FiniteCheck
-from gateway.core.privacy import PreparedRound, RoundPrivacy
-from gateway.core.records import (
+from sluice.gateway.core.fedbuff import FedBuffPolicy
+from sluice.gateway.core.finite import FiniteCheck
+from sluice.gateway.core.privacy import PreparedRound, RoundPrivacy
+from sluice.gateway.core.records import (
     MAX_SAFE_INT,
     ClosedRound,
     CommittedUpdate,
@@ -35,10 +35,10 @@ from gateway.core.records import (
     RoundState,
     Version,
 )
-from gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
-from gateway.store import audit
-from gateway.store.blobs import BlobStore
-from gateway.store.sqlite import Store
+from sluice.gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
+from sluice.gateway.store import audit
+from sluice.gateway.store.blobs import BlobStore
+from sluice.gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

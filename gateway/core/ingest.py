@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from gateway.core.catalog import Catalog
-from gateway.core.errors import (
+from sluice.gateway.core.catalog import Catalog
+from sluice.gateway.core.errors import (
     Busy,
     Conflict,
     Forbidden,
@@ -24,9 +24,9 @@ from gateway.core.errors import (
     bounded,
     storage_fault,
 )
-from gateway.core.fedbuff import FedBuffPolicy
-from gateway.core.finite import FiniteCheck
-from gateway.core.records import (
+from sluice.gateway.core.fedbuff import FedBuffPolicy
+from sluice.gateway.core.finite import FiniteCheck
+from sluice.gateway.core.records import (
     MAX_SAFE_INT,
     NAME_PATTERN,
     SHA256_PATTERN,
@@ -36,10 +36,10 @@ from gateway.core.records import (
     RoundState,
     UpdateHeader,
 )
-from gateway.pki import TRAINER, Principal
-from gateway.store import audit
-from gateway.store.blobs import BlobStore
-from gateway.store.sqlite import Store
+from sluice.gateway.pki import TRAINER, Principal
+from sluice.gateway.store import audit
+from sluice.gateway.store.blobs import BlobStore
+from sluice.gateway.store.sqlite import Store
 
 MAX_CHUNK_BYTES = 4 << 20
 # An update's FedAvg weight: fits a signed 32-bit integer wherever trainers count, and a

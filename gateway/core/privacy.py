@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.core.aggregation import Contribution
-from gateway.core.dp import (
+from sluice.gateway.core.aggregation import Contribution
+from sluice.gateway.core.dp import (
     AdaptiveClipping,
     DpPolicy,
     GaussianNoise,
@@ -27,10 +27,10 @@ from gateway.core.dp import (
     update_norms,
     with_scales,
 )
-from gateway.core.errors import PreconditionFailed
-from gateway.core.records import CommittedUpdate
-from gateway.core.screening import ScreeningPolicy, ScreeningResult, screen
-from models.schema import Schema
+from sluice.gateway.core.errors import PreconditionFailed
+from sluice.gateway.core.records import CommittedUpdate
+from sluice.gateway.core.screening import ScreeningPolicy, ScreeningResult, screen
+from sluice.models.schema import Schema
 
 LEDGER_FILE = "dp_ledger.json"
 CLIPPING_FILE = "dp_clipping.json"

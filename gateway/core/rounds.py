@@ -18,23 +18,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.core.catalog import Catalog, ServedModel
-from gateway.core.closing import CloseRefused, CorruptUpdates, Retry
-from gateway.core.errors import (
+from sluice.gateway.core.catalog import Catalog, ServedModel
+from sluice.gateway.core.closing import CloseRefused, CorruptUpdates, Retry
+from sluice.gateway.core.errors import (
     NotFound,
     PreconditionFailed,
     SluiceError,
     Unavailable,
     storage_fault,
 )
-from gateway.core.fedbuff import FedBuffPolicy
-from gateway.core.folding import Publisher, RoundFolder, now_ms
-from gateway.core.privacy import RoundPrivacy
-from gateway.core.records import ClosedRound, CommittedUpdate, Round, RoundState, Version
-from gateway.core.strategies.base import Strategy
-from gateway.store import audit
-from gateway.store.blobs import BlobStore
-from gateway.store.sqlite import Store
+from sluice.gateway.core.fedbuff import FedBuffPolicy
+from sluice.gateway.core.folding import Publisher, RoundFolder, now_ms
+from sluice.gateway.core.privacy import RoundPrivacy
+from sluice.gateway.core.records import ClosedRound, CommittedUpdate, Round, RoundState, Version
+from sluice.gateway.core.strategies.base import Strategy
+from sluice.gateway.store import audit
+from sluice.gateway.store.blobs import BlobStore
+from sluice.gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

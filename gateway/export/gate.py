@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.core.errors import IntegrityError, InvalidInput, NotFound, SluiceError, bounded
-from gateway.core.records import Release, ReleaseFile
-from gateway.export.guard import GuardRefused, PieceDigests
-from gateway.export.release_check import ReleaseChecker, SignedRelease
-from gateway.store.audit import Coalescer
-from gateway.store.chunks import SEND_CHUNK_BYTES
-from gateway.store.sqlite import Store
-from models.manifest import MODEL_FILE
+from sluice.gateway.core.errors import IntegrityError, InvalidInput, NotFound, SluiceError, bounded
+from sluice.gateway.core.records import Release, ReleaseFile
+from sluice.gateway.export.guard import GuardRefused, PieceDigests
+from sluice.gateway.export.release_check import ReleaseChecker, SignedRelease
+from sluice.gateway.store.audit import Coalescer
+from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
+from sluice.gateway.store.sqlite import Store
+from sluice.models.manifest import MODEL_FILE
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.core.errors import InvalidInput, PolicyRefused
-from gateway.core.finite import FiniteCheck
-from gateway.export.template import OnnxTemplate
-from models import artifact
-from models.artifact import ArtifactRefused, inspect_onnx
-from models.manifest import MAX_MANIFEST_BYTES, MODEL_FILE
-from models.schema import Schema, TensorSpec
+from sluice.gateway.core.errors import InvalidInput, PolicyRefused
+from sluice.gateway.core.finite import FiniteCheck
+from sluice.gateway.export.template import OnnxTemplate
+from sluice.models import artifact
+from sluice.models.artifact import ArtifactRefused, inspect_onnx
+from sluice.models.manifest import MAX_MANIFEST_BYTES, MODEL_FILE
+from sluice.models.schema import Schema, TensorSpec
 
 MANIFEST_FILE = "manifest.json"
 

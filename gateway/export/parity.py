@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import torch
 
-from models import onnx_wire
-from models.registry import ModelEntry
+from sluice.models import onnx_wire
+from sluice.models.registry import ModelEntry
 
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 4  # > 1 so the dynamic batch dimension is exercised

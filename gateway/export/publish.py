@@ -13,10 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gateway import heap
-from gateway.core.catalog import ServedModel
-from gateway.core.records import CommittedUpdate, PublishOutcome, Release, ReleaseFile, Version
-from gateway.export.guard import (
+from sluice.gateway import heap
+from sluice.gateway.core.catalog import ServedModel
+from sluice.gateway.core.records import (
+    CommittedUpdate,
+    PublishOutcome,
+    Release,
+    ReleaseFile,
+    Version,
+)
+from sluice.gateway.export.guard import (
     GuardPolicy,
     GuardRefused,
     ReleaseFacts,
@@ -25,20 +31,20 @@ from gateway.export.guard import (
     check_release_dir,
     weight_specs,
 )
-from gateway.export.parity import max_output_diff
-from gateway.export.refresh import write_atomic, write_release_files
-from gateway.export.selftest import self_test as template_self_test
-from gateway.export.signing import Signer
-from gateway.export.template import (
+from sluice.gateway.export.parity import max_output_diff
+from sluice.gateway.export.refresh import write_atomic, write_release_files
+from sluice.gateway.export.selftest import self_test as template_self_test
+from sluice.gateway.export.signing import Signer
+from sluice.gateway.export.template import (
     TWO_FILE_THRESHOLD,
     OnnxTemplate,
     build_template,
     load_template,
     save_template,
 )
-from gateway.store.blobs import fsync_dir
-from models.artifact import op_set
-from models.manifest import (
+from sluice.gateway.store.blobs import fsync_dir
+from sluice.models.artifact import op_set
+from sluice.models.manifest import (
     MANIFEST_FORMAT,
     MODEL_FILE,
     ManifestRefused,

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from gateway.store.writeback import WriteBehind
-from models.manifest import MODEL_FILE
-from models.schema import Schema
+from sluice.gateway.store.writeback import WriteBehind
+from sluice.models.manifest import MODEL_FILE
+from sluice.models.schema import Schema
 
 if TYPE_CHECKING:
     # Only for annotations: template.py imports this module for its self-test.
-    from gateway.export.template import OnnxTemplate, WeightRange
+    from sluice.gateway.export.template import OnnxTemplate, WeightRange
 
 _CHUNK_BYTES = 16 << 20  # bounds each write so a big tensor never needs a second copy
 

@@ -11,17 +11,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import Config
-from gateway.core.catalog import Catalog
-from gateway.core.records import Release
-from gateway.export.guard import GuardPolicy, GuardRefused
-from gateway.export.publish import template_dir, template_for
-from gateway.export.release_check import ReleaseChecker
-from gateway.export.signing import PUBLIC_FILE
-from gateway.export.template import OnnxTemplate
-from gateway.store.sqlite import Store
-from models import registry
-from models.manifest import load_public_key
+from sluice.gateway.config import Config
+from sluice.gateway.core.catalog import Catalog
+from sluice.gateway.core.records import Release
+from sluice.gateway.export.guard import GuardPolicy, GuardRefused
+from sluice.gateway.export.publish import template_dir, template_for
+from sluice.gateway.export.release_check import ReleaseChecker
+from sluice.gateway.export.signing import PUBLIC_FILE
+from sluice.gateway.export.template import OnnxTemplate
+from sluice.gateway.store.sqlite import Store
+from sluice.models import registry
+from sluice.models.manifest import load_public_key
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gateway.core.catalog import Catalog
-from gateway.core.errors import NotFound
-from gateway.core.records import Release, ReleaseFile
-from gateway.export.guard import (
+from sluice.gateway.core.catalog import Catalog
+from sluice.gateway.core.errors import NotFound
+from sluice.gateway.core.records import Release, ReleaseFile
+from sluice.gateway.export.guard import (
     MANIFEST_FILE,
     SIGNATURE,
     GuardPolicy,
@@ -33,8 +33,8 @@ from gateway.export.guard import (
     check_release_dir,
     weight_specs,
 )
-from gateway.export.template import OnnxTemplate
-from models.manifest import ManifestRefused, key_id, verify_signature
+from sluice.gateway.export.template import OnnxTemplate
+from sluice.models.manifest import ManifestRefused, key_id, verify_signature
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gateway.export.parity import max_output_diff
-from gateway.export.refresh import refresh, write_atomic, write_release_files
-from gateway.export.template import OnnxTemplate
-from models.manifest import MODEL_FILE
-from models.registry import ModelEntry
-from models.schema import Schema
+from sluice.gateway.export.parity import max_output_diff
+from sluice.gateway.export.refresh import refresh, write_atomic, write_release_files
+from sluice.gateway.export.template import OnnxTemplate
+from sluice.models.manifest import MODEL_FILE
+from sluice.models.registry import ModelEntry
+from sluice.models.schema import Schema
 
 SELF_TEST_TOLERANCE = 1e-4  # max abs diff onnxruntime vs torch, fp32, random weights
 _BLOCK_BYTES = 16 << 20  # bounds each temporary for a 2 GiB weight

@@ -13,9 +13,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.export.refresh import write_atomic
-from gateway.pki import create_private_file, load_private_key
-from models.manifest import key_id
+from sluice.gateway.export.refresh import write_atomic
+from sluice.gateway.pki import create_private_file, load_private_key
+from sluice.models.manifest import key_id
 
 PRIVATE_FILE = "release-signing.key"
 PUBLIC_FILE = "release-signing.pub"  # what the global team is given

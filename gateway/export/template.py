@@ -20,14 +20,14 @@ from onnx import helper, numpy_helper
 if TYPE_CHECKING:  # at run time imported where a template is built: ~55 MB of RSS otherwise
     from onnxscript import ir
 
-from gateway.export.refresh import write_atomic
-from models import onnx_wire
+from sluice.gateway.export.refresh import write_atomic
+from sluice.models import onnx_wire
 
 # The global team recomputes it offline from models/ alone; re-exported for callers here.
-from models.artifact import structure_hash as structure_hash
-from models.manifest import DATA_FILE
-from models.registry import ModelEntry
-from models.schema import Schema
+from sluice.models.artifact import structure_hash as structure_hash
+from sluice.models.manifest import DATA_FILE
+from sluice.models.registry import ModelEntry
+from sluice.models.schema import Schema
 
 TEMPLATE_FILE = "template.onnx"
 META_FILE = "template.json"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 
-from gateway.core.errors import InvalidInput, NotFound, bounded
-from gateway.core.records import NAME_PATTERN
-from gateway.core.rounds import RoundManager
-from gateway.services.auth import Certificates, principal_of
-from gateway.services.errors import mapped_errors
-from gateway.store.sqlite import Store
+from sluice.gateway.core.errors import InvalidInput, NotFound, bounded
+from sluice.gateway.core.records import NAME_PATTERN
+from sluice.gateway.core.rounds import RoundManager
+from sluice.gateway.services.auth import Certificates, principal_of
+from sluice.gateway.services.errors import mapped_errors
+from sluice.gateway.store.sqlite import Store
 from sluice.v1 import admin_pb2, admin_pb2_grpc
 
 MAX_SERIAL_HEX = 40  # RFC 5280: a serial number is at most 20 octets

@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 
 import grpc
 
-from gateway.core.errors import InvalidInput, NotFound, SluiceError, TooLarge, bounded
-from gateway.pki import (
+from sluice.gateway.core.errors import InvalidInput, NotFound, SluiceError, TooLarge, bounded
+from sluice.gateway.pki import (
     OPERATOR,
     READER,
     ROLES,
@@ -32,10 +32,10 @@ from gateway.pki import (
     issued_principals,
     principal_from_pem,
 )
-from gateway.services import errors
-from gateway.services.idle import Budget, CallLimits, HeldStream, Slot, Watchdog, paced
-from gateway.store.audit import Coalescer
-from gateway.store.sqlite import Store
+from sluice.gateway.services import errors
+from sluice.gateway.services.idle import Budget, CallLimits, HeldStream, Slot, Watchdog, paced
+from sluice.gateway.store.audit import Coalescer
+from sluice.gateway.store.sqlite import Store
 from sluice.v1 import admin_pb2, egress_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from gateway.core.records import Release
-from gateway.export.gate import Caller, EgressGate
-from gateway.services.auth import principal_of
-from gateway.services.errors import mapped_errors
+from sluice.gateway.core.records import Release
+from sluice.gateway.export.gate import Caller, EgressGate
+from sluice.gateway.services.auth import principal_of
+from sluice.gateway.services.errors import mapped_errors
 from sluice.v1 import egress_pb2, egress_pb2_grpc, tensors_pb2
 
 

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import grpc
 
-from gateway.core import errors
+from sluice.gateway.core import errors
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gateway.core.errors import Idle, SluiceError
-from gateway.services import errors
+from sluice.gateway.core.errors import Idle, SluiceError
+from sluice.gateway.services import errors
 
 log = logging.getLogger(__name__)
 

@@ -6,15 +6,15 @@ from collections.abc import Iterator
 
 import grpc
 
-from gateway.core.errors import InvalidInput, NotFound
-from gateway.core.ingest import BodyItem, Ingest, PayloadChunk, Trailer
-from gateway.core.records import UpdateHeader
-from gateway.core.rounds import RoundManager
-from gateway.services.auth import principal_of
-from gateway.services.errors import mapped_errors
-from gateway.store.blobs import BlobStore
-from gateway.store.chunks import file_chunks
-from gateway.store.sqlite import Store
+from sluice.gateway.core.errors import InvalidInput, NotFound
+from sluice.gateway.core.ingest import BodyItem, Ingest, PayloadChunk, Trailer
+from sluice.gateway.core.records import UpdateHeader
+from sluice.gateway.core.rounds import RoundManager
+from sluice.gateway.services.auth import principal_of
+from sluice.gateway.services.errors import mapped_errors
+from sluice.gateway.store.blobs import BlobStore
+from sluice.gateway.store.chunks import file_chunks
+from sluice.gateway.store.sqlite import Store
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 
 

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.store.writeback import WriteBehind
+from sluice.gateway.store.writeback import WriteBehind
 
 _HEX = frozenset("0123456789abcdef")
 _TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.core.errors import InvalidInput
+from sluice.gateway.core.errors import InvalidInput
 
 # Every message the gateway sends (PullRelease, PullGlobal) carries at most this much data,
 # so it fits the 4 MiB default receive limit of grpc-js, grpc-go, grpc-java and grpc-dotnet

@@ -10,8 +10,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from gateway.core.errors import storage_fault
-from gateway.core.records import (
+from sluice.gateway.core.errors import storage_fault
+from sluice.gateway.core.records import (
     CommittedUpdate,
     Release,
     ReleaseFile,
@@ -20,7 +20,7 @@ from gateway.core.records import (
     UpdateHeader,
     Version,
 )
-from gateway.store import audit
+from sluice.gateway.store import audit
 
 _ROUNDS = """
 CREATE TABLE IF NOT EXISTS {name} (

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from clients.scenes import make_clips
-from clients.sdk import EgressClient, TrainerClient
-from clients.simulate import SimulationConfig, plan_trainers, simulate
-from clients.trainer import loss_np
+from sluice.clients.scenes import make_clips
+from sluice.clients.sdk import EgressClient, TrainerClient
+from sluice.clients.simulate import SimulationConfig, plan_trainers, simulate
+from sluice.clients.trainer import loss_np
 from tests.conftest import TINY, start_gateway
 
 

@@ -23,8 +23,8 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients.sdk import AdminClient, Identity, RetryPolicy, TrainerClient, channel
-from gateway.pki import (
+from sluice.clients.sdk import AdminClient, Identity, RetryPolicy, TrainerClient, channel
+from sluice.gateway.pki import (
     OPERATOR,
     READER,
     TRAINER,
@@ -35,9 +35,9 @@ from gateway.pki import (
     init_pki,
     issue_client_cert,
 )
-from gateway.services.auth import ROLE_TABLE
-from gateway.store.audit import AuditEntry
-from models.schema import Schema
+from sluice.gateway.services.auth import ROLE_TABLE
+from sluice.gateway.store.audit import AuditEntry
+from sluice.models.schema import Schema
 from sluice.v1 import admin_pb2, egress_pb2, egress_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import TINY, Running, random_delta, start_gateway, stored_state, update_header
 from tests.integration.test_round import wait_for_round

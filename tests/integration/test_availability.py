@@ -17,9 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients.sdk import EgressClient, Identity, RetryPolicy, TrainerClient, channel
-from gateway.pki import PkiLayout, init_pki
-from models.schema import Schema
+from sluice.clients.sdk import EgressClient, Identity, RetryPolicy, TrainerClient, channel
+from sluice.gateway.pki import PkiLayout, init_pki
+from sluice.models.schema import Schema
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import TINY, Running, random_delta, start_gateway, stored_state, update_header
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.sdk import TrainerClient, push_messages
-from models.schema import Schema
+from sluice.clients.sdk import TrainerClient, push_messages
+from sluice.models.schema import Schema
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import TINY, Running, random_delta, stored_state, update_header
 

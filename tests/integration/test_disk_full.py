@@ -16,8 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.sdk import AdminClient, RetryPolicy, TrainerClient
-from models.schema import Schema
+from sluice.clients.sdk import AdminClient, RetryPolicy, TrainerClient
+from sluice.models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway, stored_state
 from tests.integration.test_wedge import residue
 

@@ -12,11 +12,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clients.sdk import EgressClient, TrainerClient
-from gateway.cli import main
-from gateway.export.gate import Caller
-from models.manifest import ManifestRefused, load_public_key
-from models.schema import Schema
+from sluice.clients.sdk import EgressClient, TrainerClient
+from sluice.gateway.cli import main
+from sluice.gateway.export.gate import Caller
+from sluice.models.manifest import ManifestRefused, load_public_key
+from sluice.models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway
 from tests.integration.test_round import _publish_one, push
 
@@ -146,7 +146,7 @@ def test_editing_any_audit_row_is_named_by_audit_verify(
 def test_operator_closing_a_round_below_k_is_told_why_nothing_was_released(
     tmp_path: Path, template_cache: Path, tiny_schema: Schema
 ) -> None:
-    from clients.sdk import AdminClient
+    from sluice.clients.sdk import AdminClient
 
     running = start_gateway(tmp_path / "gw", template_cache, quorum=5, min_trainers=3)
     try:
@@ -229,7 +229,7 @@ def test_a_file_swapped_or_symlinked_after_the_guard_is_not_what_leaves(
 def test_a_file_changed_in_place_mid_pull_never_completes(
     gateway: Running, tiny_schema: Schema
 ) -> None:
-    from gateway.core.errors import IntegrityError
+    from sluice.gateway.core.errors import IntegrityError
 
     _publish_one(gateway, tiny_schema)
     path = gateway.data_dir / "registry" / TINY / "1" / "model.onnx"

@@ -17,12 +17,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clients.sdk import EgressClient, TrainerClient
-from gateway.cli import main
-from gateway.export.gate import Caller
-from gateway.export.guard import VALUES
-from models.manifest import canonical_json
-from models.schema import Schema
+from sluice.clients.sdk import EgressClient, TrainerClient
+from sluice.gateway.cli import main
+from sluice.gateway.export.gate import Caller
+from sluice.gateway.export.guard import VALUES
+from sluice.models.manifest import canonical_json
+from sluice.models.schema import Schema
 from sluice.v1 import egress_pb2
 from tests.conftest import TINY, Running, random_delta
 from tests.integration.test_egress_gate import public_key_path
@@ -136,7 +136,7 @@ def test_the_frame_with_the_on_disk_manifest_edited_never_leaves(
 
 def pull_original(running: Running, schema: Schema) -> bytes:
     """The genuine release bytes, rebuilt by refreshing the template with version 1."""
-    from gateway.export.refresh import refresh
+    from sluice.gateway.export.refresh import refresh
 
     version = running.gateway.store.get_version(TINY, 1)
     assert version is not None
@@ -328,7 +328,7 @@ def test_a_changed_release_is_listed_withheld_named_offline_and_newest_falls_bac
         assert header.version == 1
         out = data_dir.parent / "pulled"
         key = public_key_path(gateway)
-        from models.manifest import load_public_key
+        from sluice.models.manifest import load_public_key
 
         assert egress.pull_release(TINY, out, load_public_key(key))["version"] == 1
     skipped = gateway.gateway.store.audit_entries("egress.skipped")

@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.sdk import EgressClient
-from gateway.cli import main
-from gateway.core.errors import IntegrityError
-from gateway.export import gate as gate_module
-from gateway.export.gate import Caller
-from models.schema import Schema
+from sluice.clients.sdk import EgressClient
+from sluice.gateway.cli import main
+from sluice.gateway.core.errors import IntegrityError
+from sluice.gateway.export import gate as gate_module
+from sluice.gateway.export.gate import Caller
+from sluice.models.schema import Schema
 from tests.conftest import TINY, Running
 from tests.integration.test_egress_gate import public_key_path
 from tests.integration.test_egress_insider import (
@@ -291,9 +291,9 @@ def test_a_dp_two_file_release_lists_pulls_verifies_and_streams_only_checked_byt
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from gateway.config import Config
-    from gateway.export.release_audit import verify_published
-    from models.manifest import check_fields, load_public_key, parse
+    from sluice.gateway.config import Config
+    from sluice.gateway.export.release_audit import verify_published
+    from sluice.models.manifest import check_fields, load_public_key, parse
     from tests.conftest import start_gateway
 
     running = start_gateway(

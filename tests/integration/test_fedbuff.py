@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.sdk import TrainerClient
-from gateway.core.fedbuff import FedBuffPolicy
-from models.schema import Schema
+from sluice.clients.sdk import TrainerClient
+from sluice.gateway.core.fedbuff import FedBuffPolicy
+from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta, start_gateway
 from tests.integration.test_round import push, wait_for_round
 

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.message import Message
 
-from clients.sdk import AdminClient, Identity, RetryPolicy, TrainerClient, channel
-from gateway.pki import (
+from sluice.clients.sdk import AdminClient, Identity, RetryPolicy, TrainerClient, channel
+from sluice.gateway.pki import (
     CertificateAuthority,
     Issued,
     PkiLayout,
@@ -31,10 +31,10 @@ from gateway.pki import (
     issue_client_cert,
     spiffe_id,
 )
-from gateway.services.auth import ROLE_TABLE
-from gateway.services.errors import MAX_MESSAGE_CHARS
-from gateway.store.audit import AuditEntry
-from models.schema import Schema
+from sluice.gateway.services.auth import ROLE_TABLE
+from sluice.gateway.services.errors import MAX_MESSAGE_CHARS
+from sluice.gateway.store.audit import AuditEntry
+from sluice.models.schema import Schema
 from sluice.v1 import admin_pb2, egress_pb2, trainer_pb2
 from tests.conftest import TINY, Running, random_delta, stored_state, update_header
 from tests.integration.test_auth import identity, mtls_gateway

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.sdk import EgressClient, TrainerClient
-from models.schema import Schema
+from sluice.clients.sdk import EgressClient, TrainerClient
+from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta, start_gateway
 from tests.integration.test_round import push, wait_for_round
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.schema import Schema
+from sluice.models.schema import Schema
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import Running, random_delta, start_gateway, stored_state, update_header
 

@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from clients.sdk import EgressClient, TrainerClient
-from models import registry
-from models.schema import Schema
+from sluice.clients.sdk import EgressClient, TrainerClient
+from sluice.models import registry
+from sluice.models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway
 
 
@@ -198,7 +198,7 @@ def test_fewer_than_k_trainers_produce_a_version_but_no_release(
 def test_cli_pull_and_status(
     gateway: Running, tiny_schema: Schema, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gateway.cli import main
+    from sluice.gateway.cli import main
 
     _publish_one(gateway, tiny_schema)
     out = gateway.data_dir / "global-team"

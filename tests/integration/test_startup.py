@@ -15,10 +15,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.sdk import RetryPolicy, TrainerClient
-from gateway.config import Config
-from gateway.pki import init_pki
-from gateway.server import CA_FILE, ENDPOINTS_FILE, LOCK_FILE, RESERVE_FILE, Gateway, StartupError
+from sluice.clients.sdk import RetryPolicy, TrainerClient
+from sluice.gateway.config import Config
+from sluice.gateway.pki import init_pki
+from sluice.gateway.server import (
+    CA_FILE,
+    ENDPOINTS_FILE,
+    LOCK_FILE,
+    RESERVE_FILE,
+    Gateway,
+    StartupError,
+)
 from tests.conftest import TINY, Running, start_gateway
 
 NO_RETRY = RetryPolicy(attempts=1)
@@ -56,7 +63,7 @@ def test_sluice_serve_on_a_held_data_dir_exits_with_the_reason(
     first = start_gateway(tmp_path / "gw", template_cache)
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(first.data_dir),
+            [sys.executable, "-m", "sluice.gateway.cli", "serve", "--data-dir", str(first.data_dir),
              "--models", TINY, "--insecure-loopback"],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
@@ -148,7 +155,7 @@ def test_a_start_that_cannot_write_serves_anyway(
         raise full
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    monkeypatch.setattr("gateway.store.sqlite.Store.record", record)
+    monkeypatch.setattr("sluice.gateway.store.sqlite.Store.record", record)
     running = start_gateway(tmp_path / "gw", template_cache)
     try:
         assert not (running.data_dir / ENDPOINTS_FILE).exists()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clients.sdk import TrainerClient
-from models.schema import Schema
+from sluice.clients.sdk import TrainerClient
+from sluice.models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway
 from tests.integration.test_round import push, wait_for_round
 

@@ -14,14 +14,14 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.sdk import AdminClient, Identity, RetryPolicy, TrainerClient, channel
-from gateway.core.aggregation import add_integer_mean
-from gateway.core.errors import InvalidInput, TooLarge
-from gateway.pki import PkiLayout, init_pki
-from gateway.server import LOCK_FILE, Gateway, StartupError
-from gateway.services.auth import push_header_bytes
-from gateway.store.audit import OTHER_SUBJECTS, Coalescer
-from models.schema import Schema
+from sluice.clients.sdk import AdminClient, Identity, RetryPolicy, TrainerClient, channel
+from sluice.gateway.core.aggregation import add_integer_mean
+from sluice.gateway.core.errors import InvalidInput, TooLarge
+from sluice.gateway.pki import PkiLayout, init_pki
+from sluice.gateway.server import LOCK_FILE, Gateway, StartupError
+from sluice.gateway.services.auth import push_header_bytes
+from sluice.gateway.store.audit import OTHER_SUBJECTS, Coalescer
+from sluice.models.schema import Schema
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import TINY, Running, random_delta, start_gateway, stored_state, update_header
 from tests.integration.test_round import push, wait_for_round
@@ -269,7 +269,7 @@ def test_a_huge_metrics_map_is_refused_before_it_is_parsed(
 ) -> None:
     """Before: a 3.9 MB header of 200,000 metrics was parsed (about 1 s of CPU holding the
     GIL, per message, 4 at once per principal) before its size was checked."""
-    from gateway.services import auth
+    from sluice.gateway.services import auth
 
     parsed: list[int] = []
     real = auth._decode

@@ -16,9 +16,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.sdk import AdminClient, RetryPolicy, TrainerClient, default_update_id, push_messages
-from gateway.server import Gateway
-from models.schema import Schema
+from sluice.clients.sdk import (
+    AdminClient,
+    RetryPolicy,
+    TrainerClient,
+    default_update_id,
+    push_messages,
+)
+from sluice.gateway.server import Gateway
+from sluice.models.schema import Schema
 from sluice.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.conftest import TINY, Running, random_delta, start_gateway, update_header
 from tests.integration.test_round import push, wait_for_round
@@ -211,7 +217,7 @@ def test_a_push_cut_off_by_kill_9_is_audited_at_the_next_start(
     data_dir = tmp_path / "gw"
     shutil.copytree(template_cache, data_dir / "templates")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir),
+        [sys.executable, "-m", "sluice.gateway.cli", "serve", "--data-dir", str(data_dir),
          "--models", TINY, "--insecure-loopback"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},

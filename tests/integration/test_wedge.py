@@ -14,8 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.sdk import AdminClient, EgressClient, RetryPolicy, TrainerClient
-from models.schema import Schema
+from sluice.clients.sdk import AdminClient, EgressClient, RetryPolicy, TrainerClient
+from sluice.models.schema import Schema
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -303,7 +303,7 @@ def test_a_close_failing_for_an_unknown_reason_ends_the_round_after_a_few_tries(
 ) -> None:
     """A close failing for a reason that may go away is retried with backoff, and shown in
     status; it ends the round after CLOSE_ATTEMPTS tries when the reason is unknown."""
-    import gateway.core.rounds as rounds
+    import sluice.gateway.core.rounds as rounds
 
     monkeypatch.setattr(rounds, "RETRY_SECONDS", 0.05)
     running = start_gateway(tmp_path / "gw", template_cache, min_trainers=1)
@@ -380,8 +380,8 @@ def test_a_close_that_kills_the_process_on_every_restart_ends_in_a_failed_round(
 ) -> None:
     """Each restart resumes an interrupted close (audited); a round whose close the process
     died in RESUME_LIMIT times fails visibly instead of crash-looping the gateway."""
-    from gateway.core.records import RoundState
-    from gateway.core.rounds import RESUME_LIMIT, RESUMED
+    from sluice.gateway.core.records import RoundState
+    from sluice.gateway.core.rounds import RESUME_LIMIT, RESUMED
 
     running = start_gateway(tmp_path / "gw", template_cache, quorum=10)
     with TrainerClient(running.endpoints.internal) as client:

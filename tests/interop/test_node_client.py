@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from clients.sdk import EgressClient, TrainerClient
-from gateway.store.chunks import SEND_CHUNK_BYTES
-from models import registry
-from models.manifest import load_public_key
+from sluice.clients.sdk import EgressClient, TrainerClient
+from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
+from sluice.models import registry
+from sluice.models.manifest import load_public_key
 from tests.conftest import Running, random_delta, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]

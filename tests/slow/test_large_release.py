@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from bench.large_release import LARGE_MODEL, module_from_payload, write_random_payload
-from gateway.export.parity import max_output_diff
-from gateway.export.refresh import write_release_files
-from gateway.export.template import build_template
-from models import registry
-from models.manifest import DATA_FILE, MODEL_FILE
+from sluice.gateway.export.parity import max_output_diff
+from sluice.gateway.export.refresh import write_release_files
+from sluice.gateway.export.template import build_template
+from sluice.models import registry
+from sluice.models.manifest import DATA_FILE, MODEL_FILE
 
 pytestmark = [
     pytest.mark.slow,

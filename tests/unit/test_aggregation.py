@@ -13,8 +13,8 @@ from typing import cast
 import numpy as np
 import pytest
 
-from gateway.core.aggregation import Contribution, fold_fedavg
-from models.schema import Schema, TensorSpec
+from sluice.gateway.core.aggregation import Contribution, fold_fedavg
+from sluice.models.schema import Schema, TensorSpec
 
 with warnings.catch_warnings():
     # flwr 1.42 imports typer 0.20, which imports click.utils names that click 8.5
@@ -392,7 +392,7 @@ def test_stopping_early_leaves_no_worker_reading(tmp_path: Path) -> None:
 
 
 def test_overlapping_folds_give_the_blas_threads_back(tmp_path: Path) -> None:
-    from gateway.core.aggregation import _blas
+    from sluice.gateway.core.aggregation import _blas
 
     def threads() -> list[int]:
         return [lib["num_threads"] for lib in _blas().info()]

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from gateway.export.template import OnnxTemplate, build_template
-from models import artifact, onnx_wire
-from models.artifact import (
+from sluice.gateway.export.template import OnnxTemplate, build_template
+from sluice.models import artifact, onnx_wire
+from sluice.models.artifact import (
     ArtifactRefused,
     WeightSpec,
     check_weight_specs,
@@ -22,8 +22,8 @@ from models.artifact import (
     structure_hash,
     tensor_bytes,
 )
-from models.registry import get
-from models.schema import TensorSpec
+from sluice.models.registry import get
+from sluice.models.schema import TensorSpec
 
 DATA_FILE = "model.onnx.data"
 

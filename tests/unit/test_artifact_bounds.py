@@ -17,20 +17,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from clients import verify
-from clients.verify import verify_release
-from gateway.export.guard import graph_weights
-from gateway.export.refresh import refresh, write_release_files
-from gateway.export.template import OnnxTemplate, build_template
-from models import artifact
-from models.artifact import (
+from sluice.clients import verify
+from sluice.clients.verify import verify_release
+from sluice.gateway.export.guard import graph_weights
+from sluice.gateway.export.refresh import refresh, write_release_files
+from sluice.gateway.export.template import OnnxTemplate, build_template
+from sluice.models import artifact
+from sluice.models.artifact import (
     ArtifactRefused,
     StructureLimits,
     capacity_bytes,
     inspect_onnx,
     op_set,
 )
-from models.manifest import (
+from sluice.models.manifest import (
     DATA_FILE,
     MANIFEST_FORMAT,
     MODEL_FILE,
@@ -38,8 +38,8 @@ from models.manifest import (
     canonical_json,
     key_id,
 )
-from models.registry import ModelEntry, get
-from models.schema import Schema, TensorSpec
+from sluice.models.registry import ModelEntry, get
+from sluice.models.schema import Schema, TensorSpec
 from tests.unit.test_guard import FRAME, FRAME_B64, FRAME_BYTES, _chunks, _edit
 
 DEFAULTS = StructureLimits()

@@ -17,10 +17,10 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.verify import verify_release
-from gateway.export.guard import GuardPolicy, GuardRefused, check_model_bytes
-from models import onnx_wire
-from models.artifact import (
+from sluice.clients.verify import verify_release
+from sluice.gateway.export.guard import GuardPolicy, GuardRefused, check_model_bytes
+from sluice.models import onnx_wire
+from sluice.models.artifact import (
     ArtifactRefused,
     StructureLimits,
     capacity_bytes,
@@ -28,7 +28,7 @@ from models.artifact import (
     op_set,
     structure_hash,
 )
-from models.manifest import MODEL_FILE, ManifestRefused
+from sluice.models.manifest import MODEL_FILE, ManifestRefused
 from tests.unit.test_artifact_bounds import Genuine, genuine_release, signed_release
 
 # Bounded: 150 fresh mutants per test and run; no example database on disk (a failure

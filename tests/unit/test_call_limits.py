@@ -12,11 +12,11 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.core.errors import Idle
-from gateway.services.auth import AuthInterceptor, Certificates
-from gateway.services.idle import Budget, CallLimits, HeldStream, Pace, paced
-from gateway.store.audit import Coalescer
-from gateway.store.sqlite import Store
+from sluice.gateway.core.errors import Idle
+from sluice.gateway.services.auth import AuthInterceptor, Certificates
+from sluice.gateway.services.idle import Budget, CallLimits, HeldStream, Pace, paced
+from sluice.gateway.store.audit import Coalescer
+from sluice.gateway.store.sqlite import Store
 
 # Pacing.
 

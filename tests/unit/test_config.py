@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
-from gateway.core.strategies import build_strategy
-from gateway.core.strategies.optimizers import FedAdam
+from sluice.gateway.config import load_config
+from sluice.gateway.core.strategies import build_strategy
+from sluice.gateway.core.strategies.optimizers import FedAdam
 
 
 def test_toml_env_and_overrides_layer_in_order(tmp_path: Path) -> None:

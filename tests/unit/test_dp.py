@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.core.aggregation import Contribution, fold_fedavg
-from gateway.core.dp import (
+from sluice.gateway.core.aggregation import Contribution, fold_fedavg
+from sluice.gateway.core.dp import (
     AdaptiveClipping,
     DpPolicy,
     DpRound,
@@ -28,8 +28,8 @@ from gateway.core.dp import (
     update_norms,
     with_scales,
 )
-from gateway.export.guard import GuardPolicy, GuardRefused, ReleaseFacts, check_policy
-from models.schema import Schema, TensorSpec
+from sluice.gateway.export.guard import GuardPolicy, GuardRefused, ReleaseFacts, check_policy
+from sluice.models.schema import Schema, TensorSpec
 
 with warnings.catch_warnings():
     # flwr 1.42 imports typer 0.20, which imports click.utils names that click 8.5

@@ -17,11 +17,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from gateway.export import refresh as refresh_module
-from gateway.export.parity import PARITY_TOLERANCE, max_output_diff
-from gateway.export.refresh import refresh, write_refreshed, write_release_files
-from gateway.export.selftest import self_test
-from gateway.export.template import (
+from sluice.gateway.export import refresh as refresh_module
+from sluice.gateway.export.parity import PARITY_TOLERANCE, max_output_diff
+from sluice.gateway.export.refresh import refresh, write_refreshed, write_release_files
+from sluice.gateway.export.selftest import self_test
+from sluice.gateway.export.template import (
     META_FILE,
     TEMPLATE_FILE,
     TWO_FILE_THRESHOLD,
@@ -31,10 +31,10 @@ from gateway.export.template import (
     save_template,
     structure_hash,
 )
-from models import onnx_wire
-from models.manifest import DATA_FILE, MODEL_FILE
-from models.registry import ModelEntry, get
-from models.schema import Schema, TensorSpec
+from sluice.models import onnx_wire
+from sluice.models.manifest import DATA_FILE, MODEL_FILE
+from sluice.models.registry import ModelEntry, get
+from sluice.models.schema import Schema, TensorSpec
 
 
 @pytest.fixture(scope="module")

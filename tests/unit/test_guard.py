@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from gateway.core.errors import PolicyRefused
-from gateway.export.guard import (
+from sluice.gateway.core.errors import PolicyRefused
+from sluice.gateway.export.guard import (
     FILES,
     MANIFEST_FILE,
     PARSE,
@@ -32,12 +32,12 @@ from gateway.export.guard import (
     check_policy,
     check_release_dir,
 )
-from gateway.export.refresh import refresh, write_release_files
-from gateway.export.template import OnnxTemplate, build_template
-from models import onnx_wire
-from models.manifest import DATA_FILE, MODEL_FILE
-from models.registry import ModelEntry, get
-from models.schema import Schema
+from sluice.gateway.export.refresh import refresh, write_release_files
+from sluice.gateway.export.template import OnnxTemplate, build_template
+from sluice.models import onnx_wire
+from sluice.models.manifest import DATA_FILE, MODEL_FILE
+from sluice.models.registry import ModelEntry, get
+from sluice.models.schema import Schema
 
 POLICY_DEFAULT = GuardPolicy()
 
@@ -822,7 +822,7 @@ def test_policy_accepts(facts: ReleaseFacts, policy: GuardPolicy) -> None:
 def test_piece_digests_are_the_same_however_the_bytes_are_fed(
     data: bytes, size: int, cuts: list[int]
 ) -> None:
-    from gateway.export.guard import PieceDigests
+    from sluice.gateway.export.guard import PieceDigests
 
     pieces = PieceDigests(size)
     bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import pki
-from gateway.export.signing import PRIVATE_FILE, PUBLIC_FILE, Signer, SigningKeyError
-from gateway.pki import (
+from sluice.gateway import pki
+from sluice.gateway.export.signing import PRIVATE_FILE, PUBLIC_FILE, Signer, SigningKeyError
+from sluice.gateway.pki import (
     CertificateAuthority,
     PkiLayout,
     cert_serial,

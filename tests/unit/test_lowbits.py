@@ -21,8 +21,8 @@ from bench.lowbits import (
     weighted_sum,
     with_floats,
 )
-from gateway.core.aggregation import Contribution
-from models.schema import Schema, TensorSpec
+from sluice.gateway.core.aggregation import Contribution
+from sluice.models.schema import Schema, TensorSpec
 
 # An integer tensor between the float ones: the carriers are the float32 words around it.
 SCHEMA = Schema(

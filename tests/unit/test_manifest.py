@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.manifest import (
+from sluice.models.manifest import (
     LEGACY_FORMAT,
     MANIFEST_FORMAT,
     ManifestRefused,
@@ -146,7 +146,7 @@ def test_a_signed_manifest_with_a_5000_digit_integer_is_refused_not_a_crash() ->
 def test_local_files_are_read_bounded_and_never_block(tmp_path: Any) -> None:
     import os
 
-    from models.manifest import load_public_key, read_bounded
+    from sluice.models.manifest import load_public_key, read_bounded
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -21,8 +21,8 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway import pki
-from gateway.pki import (
+from sluice.gateway import pki
+from sluice.gateway.pki import (
     LISTENERS,
     CertificateAuthority,
     Issued,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.protogen import ROOT, generate
+from sluice.gateway.protogen import ROOT, generate
 
 
 def test_generated_code_matches_protos(tmp_path: Path) -> None:

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Config
-from gateway.core.errors import Busy, Forbidden
-from gateway.core.ingest import BodyItem, PayloadChunk, Trailer
-from gateway.core.records import PushResult, RoundState, UpdateHeader
-from gateway.pki import TRAINER, Principal
-from gateway.server import Gateway
-from models.schema import Schema
+from sluice.gateway.config import Config
+from sluice.gateway.core.errors import Busy, Forbidden
+from sluice.gateway.core.ingest import BodyItem, PayloadChunk, Trailer
+from sluice.gateway.core.records import PushResult, RoundState, UpdateHeader
+from sluice.gateway.pki import TRAINER, Principal
+from sluice.gateway.server import Gateway
+from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta
 
 
@@ -90,7 +90,7 @@ def test_fedbuff_push_while_the_buffer_folds_is_retried_not_lost(
 def test_a_close_that_fails_half_way_is_retried_by_the_worker(
     tmp_path: Path, template_cache: Path, tiny_schema: Schema, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.core.rounds as rounds
+    import sluice.gateway.core.rounds as rounds
 
     monkeypatch.setattr(rounds, "RETRY_SECONDS", 0.0)
     gw = make_gateway(tmp_path, template_cache, quorum=2)

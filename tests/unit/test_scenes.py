@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from clients import scenes
-from clients.scenes import REGIONS, ClipParams, SceneBatch, make_clips
+from sluice.clients import scenes
+from sluice.clients.scenes import REGIONS, ClipParams, SceneBatch, make_clips
 
 
 def _params(curvature: list[float], offset_m: list[float], speed_mps: list[float]) -> ClipParams:

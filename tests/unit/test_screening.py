@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.core.aggregation import Contribution
-from gateway.core.dp import update_norms
-from gateway.core.screening import ScreeningPolicy, screen
-from models.schema import Schema, TensorSpec
+from sluice.gateway.core.aggregation import Contribution
+from sluice.gateway.core.dp import update_norms
+from sluice.gateway.core.screening import ScreeningPolicy, screen
+from sluice.models.schema import Schema, TensorSpec
 
 SCHEMA = Schema(
     (

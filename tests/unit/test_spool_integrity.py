@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.core.errors import PreconditionFailed, Unavailable, storage_fault
-from gateway.core.records import MAX_SAFE_INT, RoundState
-from gateway.server import Gateway
-from gateway.store.blobs import BlobStore, TempBlob
-from gateway.store.sqlite import Store
-from models.schema import Schema
+from sluice.gateway.core.errors import PreconditionFailed, Unavailable, storage_fault
+from sluice.gateway.core.records import MAX_SAFE_INT, RoundState
+from sluice.gateway.server import Gateway
+from sluice.gateway.store.blobs import BlobStore, TempBlob
+from sluice.gateway.store.sqlite import Store
+from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta
 from tests.unit.test_races import make_gateway, push
 
@@ -293,7 +293,7 @@ def test_a_sum_of_examples_past_what_can_be_signed_fails_the_round(
 def test_a_close_on_a_full_disk_is_unavailable_leaves_nothing_and_is_retried(
     tmp_path: Path, template_cache: Path, tiny_schema: Schema, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.core.rounds as rounds
+    import sluice.gateway.core.rounds as rounds
 
     monkeypatch.setattr(rounds, "RETRY_SECONDS", 0.0)
     gw = make_gateway(tmp_path, template_cache, min_trainers=1)

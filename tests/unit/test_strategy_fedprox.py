@@ -9,9 +9,9 @@ from typing import cast
 import numpy as np
 import pytest
 
-from gateway.core.aggregation import Contribution
-from gateway.core.strategies import build_strategy
-from gateway.core.strategies.base import FedProx, RoundInput
+from sluice.gateway.core.aggregation import Contribution
+from sluice.gateway.core.strategies import build_strategy
+from sluice.gateway.core.strategies.base import FedProx, RoundInput
 from tests.unit.test_aggregation import FLOATS_ONLY, fit_res, random_arrays, write
 
 with warnings.catch_warnings():

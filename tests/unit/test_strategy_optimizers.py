@@ -32,16 +32,16 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from gateway.core.aggregation import Contribution, fold_fedavg
-from gateway.core.strategies.base import RoundInput, RoundReport, Strategy
-from gateway.core.strategies.optimizers import (
+from sluice.gateway.core.aggregation import Contribution, fold_fedavg
+from sluice.gateway.core.strategies.base import RoundInput, RoundReport, Strategy
+from sluice.gateway.core.strategies.optimizers import (
     STATE_META,
     FedAdagrad,
     FedAdam,
     FedAvgM,
     FedYogi,
 )
-from models.schema import Schema, TensorSpec
+from sluice.models.schema import Schema, TensorSpec
 
 with warnings.catch_warnings():
     # flwr 1.42 imports typer 0.20, which imports click.utils names that click 8.5

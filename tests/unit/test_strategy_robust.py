@@ -22,10 +22,10 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from gateway.core.aggregation import Contribution, fold_fedavg
-from gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
-from gateway.core.strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
-from models.schema import Schema, TensorSpec
+from sluice.gateway.core.aggregation import Contribution, fold_fedavg
+from sluice.gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
+from sluice.gateway.core.strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
+from sluice.models.schema import Schema, TensorSpec
 from tests.unit.test_aggregation import Arrays, random_arrays, write
 
 with warnings.catch_warnings():

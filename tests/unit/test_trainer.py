@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from clients.scenes import make_clips
-from clients.trainer import (
+from sluice.clients.scenes import make_clips
+from sluice.clients.trainer import (
     CONTROL_SCALE,
     CONTROL_WEIGHT,
     LANE_SCALE,
@@ -22,7 +22,7 @@ from clients.trainer import (
     loss_np,
     train_local,
 )
-from models import registry
+from sluice.models import registry
 
 
 def _tiny(seed: int = 0) -> nn.Module:

@@ -15,19 +15,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load_file
 
-from clients.weights import (
+from sluice.clients.weights import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     export_safetensors,
     load_release,
     release_arrays,
 )
-from gateway.cli import main
-from gateway.export.guard import weight_specs
-from gateway.export.refresh import write_release_files
-from gateway.export.template import OnnxTemplate, build_template
-from models.artifact import op_set
-from models.manifest import (
+from sluice.gateway.cli import main
+from sluice.gateway.export.guard import weight_specs
+from sluice.gateway.export.refresh import write_release_files
+from sluice.gateway.export.template import OnnxTemplate, build_template
+from sluice.models.artifact import op_set
+from sluice.models.manifest import (
     DATA_FILE,
     MANIFEST_FORMAT,
     MODEL_FILE,
@@ -35,7 +35,7 @@ from models.manifest import (
     canonical_json,
     key_id,
 )
-from models.registry import ModelEntry, get
+from sluice.models.registry import ModelEntry, get
 
 TINY = "drivenet-tiny"
 KEY = Ed25519PrivateKey.generate()

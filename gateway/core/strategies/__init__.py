@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.core.strategies.base import FedAvg, FedProx, Strategy
-from gateway.core.strategies.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from gateway.core.strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
+from sluice.gateway.core.strategies.base import FedAvg, FedProx, Strategy
+from sluice.gateway.core.strategies.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from sluice.gateway.core.strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
 
 # Flower's names. Each factory takes the strategy's hyperparameters as keywords.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {

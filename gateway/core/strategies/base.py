@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, fold_fedavg
-from models.schema import Schema
+from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, fold_fedavg
+from sluice.models.schema import Schema
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
-from gateway.core.aggregation import Contribution, add_integer_mean
-from gateway.core.strategies.base import RoundInput, RoundReport
-from models.schema import Schema
+from sluice.gateway.core.aggregation import Contribution, add_integer_mean
+from sluice.gateway.core.strategies.base import RoundInput, RoundReport
+from sluice.models.schema import Schema
 
 STATE_META = "optimizer.json"
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 # One short-read check and message for every reader of spooled files.
-from gateway.core.aggregation import _read, add_integer_mean
-from gateway.core.strategies.base import RoundInput, RoundReport
-from models.schema import TensorSpec
+from sluice.gateway.core.aggregation import _read, add_integer_mean
+from sluice.gateway.core.strategies.base import RoundInput, RoundReport
+from sluice.models.schema import TensorSpec
 
 # Fewest columns per numpy call in the coordinate-wise loops, whatever the block size.
 _MIN_COLUMNS = 512
