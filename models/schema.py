@@ -7,17 +7,20 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-# Dtypes a schema may hold; everything travels little-endian.
-_TORCH_TO_NUMPY: dict[torch.dtype, str] = {
-    torch.float32: "<f4",
-    torch.float16: "<f2",
-    torch.float64: "<f8",
-    torch.int64: "<i8",
-    torch.int32: "<i4",
+if TYPE_CHECKING:  # torch is imported where a tensor is handled: a reader who only pulls,
+    import torch  # verifies and exports weights never loads it (the client install)
+
+# Dtypes a schema may hold (torch's name -> numpy's); everything travels little-endian.
+_TORCH_TO_NUMPY: dict[str, str] = {
+    "float32": "<f4",
+    "float16": "<f2",
+    "float64": "<f8",
+    "int64": "<i8",
+    "int32": "<i4",
 }
 FLOAT_DTYPES = frozenset({"<f4", "<f2", "<f8"})
 
@@ -51,9 +54,10 @@ class Schema:
     def of(cls, state_dict: Mapping[str, torch.Tensor]) -> Schema:
         specs = []
         for name, tensor in state_dict.items():
-            if tensor.dtype not in _TORCH_TO_NUMPY:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            if dtype not in _TORCH_TO_NUMPY:
                 raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not supported")
-            specs.append(TensorSpec(name, tuple(tensor.shape), _TORCH_TO_NUMPY[tensor.dtype]))
+            specs.append(TensorSpec(name, tuple(tensor.shape), _TORCH_TO_NUMPY[dtype]))
         return cls(tuple(specs))
 
     @cached_property
@@ -107,7 +111,7 @@ class Schema:
             raise ValueError(f"tensors differ from schema: missing {missing}, extra {extra}")
         for spec in self.tensors:
             value = arrays[spec.name]
-            arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+            arr = value.detach().cpu().numpy() if hasattr(value, "detach") else value
             if tuple(arr.shape) != spec.shape:
                 raise ValueError(
                     f"tensor {spec.name!r}: expected shape {spec.shape}, got {tuple(arr.shape)}"
@@ -118,4 +122,6 @@ class Schema:
 
     def to_state_dict(self, buffer: np.ndarray | memoryview | bytes) -> dict[str, torch.Tensor]:
         """Copy a flat payload into torch tensors (owned, writable)."""
+        import torch
+
         return {name: torch.from_numpy(arr.copy()) for name, arr in self.views(buffer).items()}
