@@ -36,10 +36,10 @@ from sluice.models.manifest import (
     MODEL_FILE,
     ManifestRefused,
     canonical_json,
-    key_id,
 )
 from sluice.models.registry import ModelEntry, get
 from sluice.models.schema import Schema, TensorSpec
+from tests.manifests import filler_fields
 from tests.unit.test_guard import FRAME, FRAME_B64, FRAME_BYTES, _chunks, _edit
 
 DEFAULTS = StructureLimits()
@@ -99,18 +99,7 @@ def signed_release(
         "files": [
             {"name": MODEL_FILE, "size": len(model), "sha256": hashlib.sha256(model).hexdigest()}
         ],
-        # The rest of what the gateway signs (models.manifest.check_fields wants them all).
-        "parent_version": 0,
-        "rounds": [1],
-        "schema_hash": "0" * 64,
-        "num_trainers": 3,
-        "num_regions": 3,
-        "num_examples": 30,
-        "num_updates": 3,
-        "parity_max_abs_diff": 0.0,
-        "dp": None,
-        "created_ms": 1,
-        "signing_key_id": key_id(key.public_key()),
+        **filler_fields(key.public_key()),
     }
     for field, value in changes.items():
         if value is None:
