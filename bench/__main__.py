@@ -20,12 +20,14 @@ from bench.aggregation import bench_aggregation
 from bench.common import RESULTS_DIR, Options, Report, machine, workdir
 from bench.gateway_round import bench_gateway_round
 from bench.ingest import bench_ingest
+from bench.precision import bench_precision
 from bench.release import bench_release
 from bench.report import README, render_markdown, report_doc, sync_readme
 
 Bench = Callable[[Options, Path], list[Report]]
 BENCHMARKS: dict[str, Bench] = {
     "aggregation": lambda options, templates: [bench_aggregation(options)],
+    "precision": lambda options, templates: [bench_precision(options)],
     "ingest": lambda options, templates: [bench_ingest(options, templates)],
     "release": lambda options, templates: [bench_release(options, templates)],
     "round": lambda options, templates: list(bench_gateway_round(options, templates)),
@@ -52,7 +54,7 @@ def merge(previous: Path, fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (each report carries its own date and machine), in BENCHMARKS order."""
     old = json.loads(previous.read_text())["reports"] if previous.exists() else []
     by_key = {r["key"]: r for r in old} | {r["key"]: r for r in fresh}
-    order = ["aggregation", "ingest", "release", "memory", "egress"]
+    order = ["aggregation", "precision", "ingest", "release", "memory", "egress"]
     return sorted(by_key.values(), key=lambda r: order.index(r["key"]) if r["key"] in order else 99)
 
 

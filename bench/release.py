@@ -32,7 +32,7 @@ def torch_export_seconds(model: str, directory: str) -> float:
 
     entry = registry.get(model)
     module = entry.build(seed=0)
-    example = (entry.example_input(),)
+    example = entry.example_inputs()
     settle()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter

@@ -16,6 +16,8 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sluice.clients.verify import verify_release
+from sluice.models.artifact import StructureLimits
+from sluice.models.import_statement import SignedStatement
 from sluice.models.manifest import ManifestRefused, listed_files, verify_signature
 from sluice.v1 import (
     admin_pb2,
@@ -265,6 +267,44 @@ class AdminClient(_Client[admin_pb2_grpc.AdminServiceStub]):
         req = admin_pb2.CloseRoundRequest(model=model, round=round_no)
         return self._stub.CloseRound(req, timeout=600)
 
+    def import_base(
+        self,
+        model: str,
+        weights: Path,
+        signed: SignedStatement,
+        *,
+        reason: str = "",
+        chunk_bytes: int = 2 << 20,
+    ) -> admin_pb2.ImportBaseResponse:
+        """Send a safetensors file as the model's new base version (ImportBase), with the
+        global program's signed statement for it (SignedStatement.read of the file that
+        `sluice sign-import` wrote).
+
+        The gateway verifies the signature under its import keys, then that the bytes that
+        arrive are the ones the statement names (FAILED_PRECONDITION otherwise). The file is
+        streamed, never held whole in memory. Not retried: a refused or cut import leaves
+        nothing behind, so send it again.
+        """
+        with weights.open("rb") as f:
+            header = admin_pb2.ImportHeader(
+                model=model,
+                format=admin_pb2.WEIGHTS_FORMAT_SAFETENSORS,
+                file_bytes=os.fstat(f.fileno()).st_size,
+                reason=reason,
+                statement_json=signed.statement_json,
+                signature=signed.signature,
+            )
+
+            def messages() -> Iterator[admin_pb2.ImportBaseRequest]:
+                yield admin_pb2.ImportBaseRequest(header=header)
+                offset = 0
+                while data := f.read(chunk_bytes):
+                    chunk = tensors_pb2.Chunk(offset=offset, data=data)
+                    yield admin_pb2.ImportBaseRequest(chunk=chunk)
+                    offset += len(data)
+
+            return self._stub.ImportBase(messages(), timeout=self.timeout_s)
+
 
 class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
     """What the global team outside the region uses: list, read manifests, pull files."""
@@ -294,6 +334,7 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
         public_key: Ed25519PublicKey,
         version: int = 0,
         structure_hash: str | None = None,
+        limits: StructureLimits | None = None,
     ) -> dict[str, Any]:
         """Pull a whole release into dest_dir after verifying it like `sluice verify`.
 
@@ -327,7 +368,12 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
             for name, path in files.items():
                 self.pull(model, path, version=int(doc["version"]), file=name)
             verify_release(
-                m.manifest_json, m.signature, public_key, files, structure_hash=structure_hash
+                m.manifest_json,
+                m.signature,
+                public_key,
+                files,
+                structure_hash=structure_hash,
+                limits=limits,
             )
             (staging / MANIFEST_FILE).write_bytes(m.manifest_json)
             (staging / SIGNATURE_FILE).write_bytes(m.signature)

@@ -12,7 +12,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sluice.models.artifact import ArtifactRefused, check_weight_specs, inspect_onnx
+from sluice.models.artifact import (
+    ArtifactRefused,
+    StructureLimits,
+    check_weight_specs,
+    inspect_onnx,
+)
 from sluice.models.manifest import (
     DATA_FILE,
     MODEL_FILE,
@@ -48,6 +53,7 @@ def verify_release(
     files: Mapping[str, Path],
     *,
     structure_hash: str | None = None,
+    limits: StructureLimits | None = None,
 ) -> dict[str, Any]:
     """The verified manifest, or ManifestRefused saying what failed.
 
@@ -57,8 +63,12 @@ def verify_release(
     key can change weight values but not the graph around them. A malformed weights/ops
     description is blamed on the manifest, anything wrong in a file on that file; any
     other failure is a ManifestRefused too, and every file opened is closed again.
+    limits: the format check's totals (models.artifact.StructureLimits, the defaults
+    unless given): a model declared with bigger limits at the gateway needs the same here.
     """
-    return _guarded(manifest_json, signature, public_key, files, structure_hash, False).manifest
+    return _guarded(
+        manifest_json, signature, public_key, files, structure_hash, False, limits
+    ).manifest
 
 
 def read_release(
@@ -68,6 +78,7 @@ def read_release(
     files: Mapping[str, Path],
     *,
     structure_hash: str | None = None,
+    limits: StructureLimits | None = None,
 ) -> VerifiedRelease:
     """verify_release's checks, returning the bytes checked as well as the manifest.
 
@@ -75,7 +86,7 @@ def read_release(
     second time (which could have changed since). Memory: every file of the release,
     model.onnx.data included, where verify_release only streams the data file.
     """
-    return _guarded(manifest_json, signature, public_key, files, structure_hash, True)
+    return _guarded(manifest_json, signature, public_key, files, structure_hash, True, limits)
 
 
 def _guarded(
@@ -85,9 +96,10 @@ def _guarded(
     files: Mapping[str, Path],
     pinned: str | None,
     keep_data: bool,
+    limits: StructureLimits | None = None,
 ) -> VerifiedRelease:
     try:
-        return _verify(manifest_json, signature, public_key, files, pinned, keep_data)
+        return _verify(manifest_json, signature, public_key, files, pinned, keep_data, limits)
     except ManifestRefused:
         raise
     except Exception as exc:  # never a crash on a pulled release: a refusal saying what broke
@@ -103,6 +115,7 @@ def _verify(
     files: Mapping[str, Path],
     pinned: str | None,
     keep_data: bool,
+    limits: StructureLimits | None = None,
 ) -> VerifiedRelease:
     doc = verify_signature(manifest_json, signature, public_key)
     listed = listed_files(doc)
@@ -129,6 +142,7 @@ def _verify(
             weights,
             allowed_ops=ops,
             external_data_file=DATA_FILE if DATA_FILE in listed else None,
+            limits=limits or StructureLimits(),
         )
     except ArtifactRefused as exc:
         raise ManifestRefused(f"{MODEL_FILE}: {exc}") from exc

@@ -17,7 +17,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sluice.clients.verify import VerifiedRelease, read_release
-from sluice.models.artifact import tensor_bytes
+from sluice.models.artifact import StructureLimits, tensor_bytes
 from sluice.models.manifest import (
     DATA_FILE,
     MAX_MANIFEST_BYTES,
@@ -28,20 +28,20 @@ from sluice.models.manifest import (
     read_bounded,
     verify_signature,
 )
-from sluice.models.schema import TensorSpec
+from sluice.models.schema import Schema, TensorSpec, numpy_to_tensor
 
 if TYPE_CHECKING:
     import torch
 
 MANIFEST_FILE = "manifest.json"  # as clients.sdk writes a pulled release
 SIGNATURE_FILE = "manifest.sig"
-# state_dict entries a graph never holds, by the last part of their name: the only ones
-# load_release(strict=True) lets a module keep without a value from the release.
-NON_GRAPH_BUFFERS = frozenset({"num_batches_tracked"})
 
 
 def release_arrays(
-    release_dir: Path, public_key: Ed25519PublicKey, structure_hash: str | None = None
+    release_dir: Path,
+    public_key: Ed25519PublicKey,
+    structure_hash: str | None = None,
+    limits: StructureLimits | None = None,
 ) -> dict[str, np.ndarray]:
     """state_dict name -> array of every weight of a release, after `sluice verify`'s checks.
 
@@ -52,7 +52,7 @@ def release_arrays(
     that were hashed, never from the files a second time. Memory: the release's files
     plus one copy of the weights (each array owns its aligned, writable values).
     """
-    return _read(release_dir, public_key, structure_hash)[2]
+    return _read(release_dir, public_key, structure_hash, limits)[2]
 
 
 def load_release(
@@ -61,18 +61,20 @@ def load_release(
     public_key: Ed25519PublicKey,
     structure_hash: str | None = None,
     strict: bool = True,
+    limits: StructureLimits | None = None,
 ) -> dict[str, Any]:
     """Load a verified release's weights into module; returns the verified manifest.
 
     strict: every tensor of the release must be in the module with the same shape and
-    dtype, and the module may have no other entries but NON_GRAPH_BUFFERS (which keep
-    their values); anything else raises ValueError before the module is changed.
+    dtype, and the module may lack a value only for an integer buffer the graph does not
+    use (BatchNorm's num_batches_tracked, a step counter: they keep their values) and for
+    the other names of a tied parameter (loaded once, through its first name); anything
+    else raises ValueError before the module is changed.
     Not strict: torch's load_state_dict(strict=False) rules (shapes must still match).
     """
-    import torch
 
-    doc, _, arrays = _read(release_dir, public_key, structure_hash)
-    tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
+    doc, _, arrays = _read(release_dir, public_key, structure_hash, limits)
+    tensors = {name: numpy_to_tensor(a) for name, a in arrays.items()}
     if strict:
         own = module.state_dict()
         for name, tensor in tensors.items():
@@ -83,8 +85,14 @@ def load_release(
                     f"tensor {name!r}: the release has {tuple(tensor.shape)} {tensor.dtype}, "
                     f"the module {tuple(own[name].shape)} {own[name].dtype}"
                 )
+        tied = Schema.of(own).alias_of  # aliases share memory with a loaded tensor
+        buffers = {name for name, _ in module.named_buffers()}
         missing = [
-            n for n in own if n not in tensors and n.rsplit(".", 1)[-1] not in NON_GRAPH_BUFFERS
+            n
+            for n, t in own.items()
+            if n not in tensors
+            and n not in tied
+            and not (n in buffers and not t.is_floating_point() and not t.is_complex())
         ]
         if missing:
             raise ValueError(
@@ -99,6 +107,7 @@ def export_safetensors(
     public_key: Ed25519PublicKey,
     out: Path,
     structure_hash: str | None = None,
+    limits: StructureLimits | None = None,
 ) -> dict[str, Any]:
     """Write a verified release's weights to out as safetensors; returns the manifest.
 
@@ -108,7 +117,7 @@ def export_safetensors(
     """
     from safetensors.numpy import save_file
 
-    doc, manifest_sha256, arrays = _read(release_dir, public_key, structure_hash)
+    doc, manifest_sha256, arrays = _read(release_dir, public_key, structure_hash, limits)
     metadata = {
         "model": str(doc["model"]),
         "version": str(doc["version"]),
@@ -129,7 +138,10 @@ def export_safetensors(
 
 
 def _read(
-    release_dir: Path, public_key: Ed25519PublicKey, pinned: str | None
+    release_dir: Path,
+    public_key: Ed25519PublicKey,
+    pinned: str | None,
+    limits: StructureLimits | None = None,
 ) -> tuple[dict[str, Any], str, dict[str, np.ndarray]]:
     """(verified manifest, sha256 of manifest.json, arrays)."""
     manifest_json = read_bounded(release_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES, "manifest")
@@ -138,7 +150,9 @@ def _read(
     # As `sluice verify`: which files to read is a signed fact, checked before any is read.
     if DATA_FILE in listed_files(verify_signature(manifest_json, signature, public_key)):
         files[DATA_FILE] = release_dir / DATA_FILE
-    release = read_release(manifest_json, signature, public_key, files, structure_hash=pinned)
+    release = read_release(
+        manifest_json, signature, public_key, files, structure_hash=pinned, limits=limits
+    )
     arrays = _arrays(release)
     return release.manifest, hashlib.sha256(manifest_json).hexdigest(), arrays
 
@@ -164,6 +178,6 @@ def _arrays(release: VerifiedRelease) -> dict[str, np.ndarray]:
         start, end = spans.get(spec.name, (0, -1))
         if end - start != tensor_bytes(spec) or end > len(buffer):  # verified: never, but cheap
             raise ManifestRefused(f"tensor {spec.name!r}: no {tensor_bytes(spec)}-byte value")
-        values = np.frombuffer(buffer[start:end], dtype=np.dtype(spec.dtype))
+        values = np.frombuffer(buffer[start:end], dtype=spec.np_dtype)
         arrays[spec.name] = values.reshape(spec.shape).copy()
     return arrays

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from sluice.clients.sdk import Identity
+    from sluice.models.artifact import StructureLimits
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -32,16 +33,21 @@ def _serve(args: argparse.Namespace) -> int:
         "insecure_loopback": args.insecure_loopback or None,
         "fedbuff": args.fedbuff or None,
         "accept_new_ca": args.accept_new_ca or None,
+        "import_keys": tuple(args.import_key) or None,
     }
 
-    config = load_config(args.config, overrides)
+    try:
+        config = load_config(args.config, overrides)
+    except (ValueError, OSError) as exc:  # a setting, a model declaration, the file itself
+        print(f"sluice serve: {exc}", file=sys.stderr)
+        return 2
     if args.strategy:
         config = config.replace(strategies={m: {"name": args.strategy} for m in config.models})
     try:
         gateway = Gateway(config)
         endpoints = gateway.start()
-    except StartupError as exc:  # a lock held, another CA, an unusable key: say so plainly
-        print(f"sluice serve: {exc}", file=sys.stderr)
+    except (StartupError, ValueError) as exc:  # a lock held, another CA, an unusable key, a
+        print(f"sluice serve: {exc}", file=sys.stderr)  # model that will not export: plainly
         return 2
     print(f"sluice: internal {endpoints.internal}  egress {endpoints.egress}", flush=True)
     done = threading.Event()
@@ -54,6 +60,39 @@ def _serve(args: argparse.Namespace) -> int:
     done.wait()
     gateway.stop()
     return 0
+
+
+def _limit(text: str) -> tuple[str, int]:
+    """--limit NAME=N: one StructureLimits field (argparse type: a bad one is one line)."""
+    import dataclasses
+
+    from sluice.models.artifact import StructureLimits
+
+    known = [f.name for f in dataclasses.fields(StructureLimits)]
+    name, _, value = text.partition("=")
+    if name not in known or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=N, N a positive integer, NAME one of {', '.join(known)}"
+        )
+    return name, int(value)
+
+
+def _limits(args: argparse.Namespace) -> StructureLimits | None:
+    """The format check's totals from --limit (defaults for the rest); None: all defaults."""
+    from sluice.models.artifact import StructureLimits
+
+    return StructureLimits(**dict(args.limit)) if args.limit else None
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit",
+        type=_limit,
+        action="append",
+        metavar="NAME=N",
+        help="raise one of the format check's totals for a model the gateway declares with "
+        "bigger limits (e.g. structure_bytes=131072); repeatable; default: the defaults",
+    )
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -73,7 +112,12 @@ def _pull(args: argparse.Namespace) -> int:
     with EgressClient(args.egress, identity=_identity(args)) as client:
         try:
             doc = client.pull_release(
-                args.model, args.out, key, version=args.version, structure_hash=pinned
+                args.model,
+                args.out,
+                key,
+                version=args.version,
+                structure_hash=pinned,
+                limits=_limits(args),
             )
         except ManifestRefused as exc:
             print(f"refused: {exc}; nothing written", file=sys.stderr)
@@ -117,7 +161,12 @@ def _verify(args: argparse.Namespace) -> int:
         if DATA_FILE in listed_files(verify_signature(manifest_json, signature, key)):
             files[DATA_FILE] = args.file.with_name(DATA_FILE)
         doc = verify_release(
-            manifest_json, signature, key, files, structure_hash=args.structure_hash
+            manifest_json,
+            signature,
+            key,
+            files,
+            structure_hash=args.structure_hash,
+            limits=_limits(args),
         )
     except (ManifestRefused, OSError) as exc:
         print(f"sluice verify: FAILED: {exc}", file=sys.stderr)
@@ -135,7 +184,9 @@ def _export_weights(args: argparse.Namespace) -> int:
 
     try:
         key = load_public_key(args.public_key)
-        doc = export_safetensors(args.release_dir, key, args.out, args.structure_hash)
+        doc = export_safetensors(
+            args.release_dir, key, args.out, args.structure_hash, limits=_limits(args)
+        )
     except (ManifestRefused, OSError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
@@ -203,6 +254,55 @@ def _close_round(args: argparse.Namespace) -> int:
         print(f"version {closed.version}, released{before}")
     else:
         print(f"version {closed.version}, NOT released: {closed.release_refused}{before}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """`sluice import`: a safetensors file and the global program's signature for it
+    (`sluice sign-import`, outside the region). Checked here first so that a mismatch is
+    told before the upload; the gateway verifies it all again, under its own keys."""
+    import grpc
+
+    from sluice.clients.sdk import AdminClient
+    from sluice.models.import_statement import SignedStatement
+    from sluice.models.manifest import file_digest
+
+    try:
+        if args.weights.is_dir():
+            raise ValueError(
+                f"{args.weights} is a directory: `sluice sign-import` (outside the region) "
+                "turns a release into a signed safetensors file; import that file"
+            )
+        signed = SignedStatement.read(args.signature)
+        statement = signed.statement
+        if statement.model != args.model:
+            raise ValueError(
+                f"{args.signature} is for model {statement.model!r}, not {args.model!r}"
+            )
+        _, sha256 = file_digest(args.weights)
+        if sha256 != statement.sha256:
+            raise ValueError(
+                f"{args.weights} is not the file {args.signature} signs (sha256 "
+                f"{sha256[:16]}..., signed {statement.sha256[:16]}...)"
+            )
+    except (ValueError, OSError) as exc:  # StatementRefused is a ValueError
+        print(f"sluice import: refused: {str(exc)[:300]}; nothing imported", file=sys.stderr)
+        return 1
+    try:
+        with AdminClient(args.target, identity=_identity(args)) as admin:
+            done = admin.import_base(args.model, args.weights, signed, reason=args.reason)
+    except grpc.RpcError as exc:
+        code = exc.code().name if exc.code() else "UNKNOWN"
+        print(f"sluice import: refused: {code}: {exc.details()}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the file went away while it was read
+        print(f"sluice import: {str(exc)[:300]}; nothing imported", file=sys.stderr)
+        return 1
+    kept = f", {len(done.kept_tensors)} buffers kept" if done.kept_tensors else ""
+    print(
+        f"{done.model}: version {done.version} imported (sha256 {done.weights_sha256[:16]}...) "
+        f"signed by import key {done.signing_key_id}{kept}; round {done.round} trains from it"
+    )
     return 0
 
 
@@ -292,6 +392,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategy", help="Flower strategy name for every served model")
     serve.add_argument("--fedbuff", action="store_true", help="buffered async aggregation")
     serve.add_argument(
+        "--import-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="the global program's public key an imported base must be signed with "
+        "(repeatable; import_keys in sluice.toml)",
+    )
+    serve.add_argument(
         "--accept-new-ca",
         action="store_true",
         help="serve with a CA other than the one this data dir was first served with",
@@ -320,6 +428,7 @@ def parser() -> argparse.ArgumentParser:
         help="JSON file of pinned structure hashes per model: pinned at the first pull, "
         "every later pull must match",
     )
+    _add_limits(pull)
     _add_identity(pull)
     pull.set_defaults(run=_pull)
 
@@ -331,6 +440,7 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--structure-hash", help="refuse a file whose graph structure hash is not this one"
     )
+    _add_limits(verify)
     verify.set_defaults(run=_verify)
 
     export = sub.add_parser(
@@ -342,6 +452,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--structure-hash", help="refuse a release whose graph structure hash is not this one"
     )
+    _add_limits(export)
     export.set_defaults(run=_export_weights)
 
     audit = sub.add_parser("audit", help="(compliance) the hash-chained audit log")
@@ -384,6 +495,27 @@ def parser() -> argparse.ArgumentParser:
     close.add_argument("--round", type=int, required=True)
     _add_identity(close)
     close.set_defaults(run=_close_round)
+
+    imp = sub.add_parser(
+        "import",
+        help="(operator) set a new base version from the global program's signed weights",
+    )
+    imp.add_argument("--target", required=True, help="internal listener address")
+    imp.add_argument("--model", required=True)
+    imp.add_argument("--weights", type=Path, required=True, help="the safetensors file")
+    imp.add_argument(
+        "--signature",
+        type=Path,
+        required=True,
+        help="its signature file, from the global program (sluice sign-import)",
+    )
+    imp.add_argument("--reason", default="", help="why, for the audit log")
+    _add_identity(imp)
+    imp.set_defaults(run=_import)
+
+    from sluice.gateway.cli_sign import add_parsers
+
+    add_parsers(sub)  # keygen, sign-import: the global program's side, outside the region
 
     from sluice.clients.simulate import add_arguments
 

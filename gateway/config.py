@@ -13,6 +13,9 @@ from typing import Any
 from sluice.gateway.core.ingest import MAX_CHUNK_BYTES, MAX_NUM_EXAMPLES
 from sluice.gateway.core.records import MAX_SAFE_INT
 from sluice.gateway.export.template import TWO_FILE_THRESHOLD
+from sluice.models import registry
+from sluice.models.declare import declare_all
+from sluice.models.entry import ModelEntry
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,9 @@ class Config:
     data_dir: Path = Path(".sluice")  # sluice.db, blobs/, registry/, templates/
     internal_address: str = "127.0.0.1:0"  # trainers and operators; port 0 picks one
     egress_address: str = "127.0.0.1:0"  # the cross-border side: EgressService only
-    models: tuple[str, ...] = ("drivenet",)  # registry entries served
+    models: tuple[str, ...] = ("drivenet",)  # built-in or declared models served
+    # Models declared in the file's [model.NAME] tables (models/declare.py), by name.
+    declared_models: Mapping[str, ModelEntry] = field(default_factory=dict)
     quorum: int = 4  # updates that close a round early
     min_updates: int = 1  # updates needed to close at the deadline
     round_seconds: float = 600.0  # round deadline after opening
@@ -67,12 +72,26 @@ class Config:
     # Largest magnitude of any float in an update (its delta): bounded inputs keep every
     # fold finite, so one trainer cannot fail every round with float32-max values.
     max_update_abs_value: float = 1e6
+    # The global program's Ed25519 public keys (PEM): an imported base must be signed by
+    # one of them (docs/IMPORT.md). Empty: imports are off. In TOML, relative to the file.
+    import_keys: tuple[Path, ...] = ()
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 
+def _paths(name: str, value: Any, base_dir: Path | None = None) -> tuple[Path, ...]:
+    """A list of paths, or one string of comma-separated paths (the environment's form)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(p, str | Path) for p in items):
+        raise ValueError(f"setting {name!r}: expected a list of paths")
+    paths = [Path(p.strip() if isinstance(p, str) else p) for p in items if str(p).strip()]
+    return tuple(p if base_dir is None else base_dir / p for p in paths)
+
+
 def _coerce(name: str, value: Any, current: Any) -> Any:
+    if name == "import_keys":
+        return _paths(name, value)
     if isinstance(current, Path) or name == "pki_dir":
         return Path(value)
     if isinstance(current, Mapping):
@@ -100,10 +119,16 @@ def load_config(
     """Defaults < TOML file ([gateway] table or top level) < SLUICE_<NAME> env < overrides."""
     config = Config()
     known = {f.name for f in fields(Config)}
+    known.discard("declared_models")  # from [model.NAME] tables only
     layers: list[Mapping[str, Any]] = []
     if path is not None:
         doc = tomllib.loads(path.read_text())
-        layers.append(doc.get("gateway", doc))
+        declared = declare_all(doc.pop("model", {}), path.parent)
+        config = config.replace(declared_models=declared)
+        table = dict(doc.get("gateway", doc))
+        if "import_keys" in table:  # relative to the file, like a model's init_weights
+            table["import_keys"] = _paths("import_keys", table["import_keys"], path.parent)
+        layers.append(table)
     env = os.environ if environ is None else environ
     layers.append({k[7:].lower(): v for k, v in env.items() if k.startswith("SLUICE_")})
     layers.append({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -114,6 +139,12 @@ def load_config(
                     continue  # other SLUICE_* variables belong to other tools
                 raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
             config = config.replace(**{key: _coerce(key, value, getattr(config, key))})
+    registry.models(config.declared_models)  # a declaration may not reuse a built-in name
+    for name in config.models:
+        try:
+            registry.get(name, config.declared_models)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
     if config.quorum < 1 or config.min_updates < 1 or config.min_trainers < 1:
         raise ValueError("quorum, min_updates and min_trainers must be at least 1")
     if not (0 < config.max_update_abs_value < float("inf")):

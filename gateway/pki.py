@@ -474,6 +474,11 @@ def create_private_file(path: Path, data: bytes) -> None:
     _write(path, data, _PRIVATE_MODE, overwrite=False)
 
 
+def create_public_file(path: Path, data: bytes) -> None:
+    """create_private_file for a public half (0644): never replaces what is there."""
+    _write(path, data, _PUBLIC_MODE, overwrite=False)
+
+
 def _save(issued: Issued, cert_path: Path, key_path: Path, *, overwrite: bool = True) -> None:
     # Key first: a certificate on disk always has its key beside it.
     _write(key_path, issued.key_pem(), _PRIVATE_MODE, overwrite=overwrite)

@@ -25,6 +25,8 @@ from sluice.gateway.config import Config
 from sluice.gateway.core.catalog import Catalog
 from sluice.gateway.core.dp import DpPolicy
 from sluice.gateway.core.fedbuff import FedBuffPolicy
+from sluice.gateway.core.import_trust import ImportKeys
+from sluice.gateway.core.importing import BaseImporter, ImportLimits
 from sluice.gateway.core.ingest import Ingest, Limits
 from sluice.gateway.core.privacy import RoundPrivacy
 from sluice.gateway.core.rounds import RoundManager, RoundPolicy
@@ -45,6 +47,7 @@ from sluice.gateway.services.trainer import TrainerServicer
 from sluice.gateway.store.audit import Coalescer
 from sluice.gateway.store.blobs import BlobStore, fsync_dir
 from sluice.gateway.store.sqlite import Store
+from sluice.models.import_statement import StatementRefused, trusted_keys
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -302,13 +305,17 @@ class Gateway:
         if not config.insecure_loopback:
             ca_changed = _check_ca(root, self.pki, config.accept_new_ca)
         self.blobs = BlobStore(root / "blobs")
-        self.catalog = Catalog(config.models)
+        self.catalog = Catalog(config.models, config.declared_models)
         templates = {
             m.name: template_for(m, root / "templates", config.two_file_bytes) for m in self.catalog
         }
         try:
             self.signer = Signer.load_or_create(root / "keys")
         except SigningKeyError as exc:
+            raise StartupError(str(exc)) from exc
+        try:  # the global program's keys: an unusable one stops the start, never skipped
+            self.import_keys = ImportKeys(trusted_keys(config.import_keys))
+        except StatementRefused as exc:
             raise StartupError(str(exc)) from exc
         dp = (
             DpPolicy(
@@ -366,7 +373,11 @@ class Gateway:
                 "gateway.started",
                 "gateway",
                 "gateway",
-                {"models": list(config.models), "signing_key_id": self.signer.key_id},
+                {
+                    "models": list(config.models),
+                    "signing_key_id": self.signer.key_id,
+                    "import_key_ids": self.import_keys.ids,
+                },
             )
             if ca_changed is not None:
                 kind = (
@@ -402,7 +413,17 @@ class Gateway:
             TrainerServicer(self.store, self.blobs, self.rounds, self.ingest), self._internal
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.store, self.rounds, self.certificates), self._internal
+            AdminServicer(
+                self.store,
+                self.rounds,
+                self.certificates,
+                BaseImporter(
+                    self.rounds,
+                    ImportLimits(config.max_chunk_bytes, config.max_update_abs_value),
+                    self.import_keys,
+                ),
+            ),
+            self._internal,
         )
         self._egress, _ = _listener(config, EGRESS_SERVICES, [self.auth["egress"]])
         egress_pb2_grpc.add_EgressServiceServicer_to_server(EgressServicer(self.gate), self._egress)

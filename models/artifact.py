@@ -13,6 +13,7 @@ import onnx
 from onnx import defs, helper
 
 from sluice.models import onnx_wire
+from sluice.models.schema import numpy_dtype
 
 # How a caller may name the default domain in allowed_ops. A file spells it one way only:
 # "", as torch's exporter writes it in nodes and opset_import.
@@ -145,7 +146,7 @@ class WeightSpec(Protocol):
     @property
     def shape(self) -> tuple[int, ...]: ...
     @property
-    def dtype(self) -> str: ...  # numpy dtype string, little-endian ("<f4")
+    def dtype(self) -> str: ...  # numpy dtype string, little-endian ("<f4"), or "bfloat16"
 
 
 class _Range(Protocol):
@@ -187,13 +188,13 @@ def structure_hash(data: bytes | memoryview, ranges: Iterable[_Range]) -> str:
 
 def tensor_bytes(spec: WeightSpec) -> int:
     """Bytes of the tensor's raw little-endian values (exact: no int64 overflow)."""
-    return math.prod(int(d) for d in spec.shape) * np.dtype(spec.dtype).itemsize
+    return math.prod(int(d) for d in spec.shape) * numpy_dtype(spec.dtype).itemsize
 
 
 def _onnx_type(spec: WeightSpec) -> int:
     where = f"expected weight {_show(spec.name)}"
     try:
-        dtype = np.dtype(spec.dtype)
+        dtype = numpy_dtype(spec.dtype)  # "bfloat16": ml_dtypes' type, as onnx maps it
     except TypeError as exc:
         raise ArtifactRefused(f"{where}: {_show(str(spec.dtype))} is not a dtype") from exc
     if dtype.byteorder == ">":

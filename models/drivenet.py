@@ -48,3 +48,10 @@ class DriveNet(nn.Module):
         x = self.backbone(frames)  # (B, C, H/16, W/16)
         h = self.trunk(x)  # (B, hidden)
         return self.control_head(h), self.lane_head(h)  # (B, 2), (B, 4)
+
+
+def build(**kwargs: object) -> DriveNet:
+    """The factory a declaration names: DriveNetConfig's fields as keyword arguments."""
+    if "channels" in kwargs:  # TOML has lists, the config a tuple
+        kwargs["channels"] = tuple(kwargs["channels"])  # type: ignore[arg-type]
+    return DriveNet(DriveNetConfig(**kwargs))  # type: ignore[arg-type]

@@ -1,85 +1,55 @@
-"""The models the gateway serves: name -> how to build it, its example input and I/O names."""
+"""The models a gateway or trainer can serve: the built-in DriveNet family (builtin.toml)
+and whatever a configuration declares, both through models.declare."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import functools
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
+from sluice.models.declare import DeclarationError, declare_all
+from sluice.models.entry import InputSpec, ModelEntry
 
-from sluice.models.drivenet import DriveNet, DriveNetConfig
-from sluice.models.schema import Schema
+__all__ = ["InputSpec", "ModelEntry", "builtin", "get", "load_declarations", "models"]
 
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    factory: Callable[[], nn.Module]  # fresh, untrained module
-    input_shape: tuple[int, ...]  # one example input, batch first
-    input_names: tuple[str, ...] = ("frames",)
-    output_names: tuple[str, ...] = ("controls", "lanes")
-    init_seed: int = 0  # version 0 of the global weights comes from this seed
-    description: str = field(default="", compare=False)
-
-    def build(self, seed: int | None = None) -> nn.Module:
-        """A module in eval mode; with a seed, its initial weights are reproducible."""
-        if seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                module = self.factory()
-        else:
-            module = self.factory()
-        return module.eval()
-
-    def schema(self) -> Schema:
-        with torch.device("meta"):  # names, shapes and dtypes only: no weights allocated
-            return Schema.of(self.factory().state_dict())
-
-    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.rand((batch, *self.input_shape[1:]), generator=gen)
+BUILTIN_FILE = Path(__file__).with_name("builtin.toml")
 
 
-def _drivenet_entry(name: str, config: DriveNetConfig, description: str) -> ModelEntry:
-    return ModelEntry(
-        name=name,
-        factory=lambda: DriveNet(config),
-        input_shape=(1, 3, config.frame_height, config.frame_width),
-        description=description,
-    )
+@functools.cache
+def builtin() -> dict[str, ModelEntry]:
+    """The DriveNet family, declared in builtin.toml exactly as a user declares a model."""
+    return declare_all(tomllib.loads(BUILTIN_FILE.read_text())["model"])
 
 
-REGISTRY: dict[str, ModelEntry] = {
-    e.name: e
-    for e in (
-        _drivenet_entry("drivenet", DriveNetConfig(), "camera frame -> controls and lanes, 2.5M"),
-        # Wide sibling for throughput benchmarks: a 32768-wide trunk, 100.9M params (403 MB).
-        _drivenet_entry("drivenet-xl", DriveNetConfig(hidden=32768), "benchmark-sized DriveNet"),
-        # Benchmark sizes (bench/): a DriveNet's trunk holds ~3079 parameters per unit of
-        # hidden width, so these give ~5M, ~32M (128 MB), ~250M (1 GB) and ~600M (2.4 GB).
-        _drivenet_entry("drivenet-5m", DriveNetConfig(hidden=1600), "DriveNet, ~5M params"),
-        _drivenet_entry("drivenet-128mb", DriveNetConfig(hidden=10368), "DriveNet, 128 MB"),
-        _drivenet_entry("drivenet-1gb", DriveNetConfig(hidden=81200), "DriveNet, 1 GB"),
-        _drivenet_entry("drivenet-600m", DriveNetConfig(hidden=194850), "DriveNet, ~600M"),
-        # Over 2 GiB of weights, for the two-file release layout (tests/slow, bench/): a
-        # 183000-wide trunk, 563.6M params, 2.25 GB (2.10 GiB) of float32. Not in `make test`.
-        _drivenet_entry(
-            "drivenet-2g", DriveNetConfig(hidden=183000), "DriveNet over 2 GiB (two-file layout)"
-        ),
-        # Tiny sibling for fast tests: same graph, a fraction of the weights.
-        _drivenet_entry(
-            "drivenet-tiny",
-            DriveNetConfig(channels=(8, 8, 16, 16), hidden=32),
-            "test-sized DriveNet",
-        ),
-    )
-}
+def models(declared: Mapping[str, ModelEntry] | None = None) -> dict[str, ModelEntry]:
+    """Built-in models plus declared ones; a declaration may not reuse a built-in name."""
+    out = dict(builtin())
+    for name, entry in (declared or {}).items():
+        if name in out:
+            raise DeclarationError(
+                f"model {name!r}: the name is built in ({out[name].description}); choose another"
+            )
+        out[name] = entry
+    return out
 
 
-def get(name: str) -> ModelEntry:
+def get(name: str, declared: Mapping[str, ModelEntry] | None = None) -> ModelEntry:
+    known = models(declared)
     try:
-        return REGISTRY[name]
+        return known[name]
     except KeyError:
-        known = ", ".join(sorted(REGISTRY))
-        raise KeyError(f"unknown model {name!r}; registered: {known}") from None
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(known))}") from None
+
+
+def load_declarations(path: Path) -> dict[str, ModelEntry]:
+    """The `[model.NAME]` tables of a sluice.toml (the trainer side reads the gateway's
+    file to build the same modules); paths in them are relative to the file."""
+    try:
+        doc: dict[str, Any] = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise DeclarationError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise DeclarationError(f"{path}: not valid TOML ({exc})") from exc
+    return declare_all(doc.get("model", {}), path.parent)

@@ -77,9 +77,9 @@ def random_delta(schema: Schema, seed: int, scale: float = 0.01) -> bytes:
     arrays = {}
     for spec in schema.tensors:
         if spec.is_float:
-            arrays[spec.name] = (rng.standard_normal(spec.shape) * scale).astype(spec.dtype)
+            arrays[spec.name] = (rng.standard_normal(spec.shape) * scale).astype(spec.np_dtype)
         else:
-            arrays[spec.name] = rng.integers(0, 10, spec.shape).astype(spec.dtype)
+            arrays[spec.name] = rng.integers(0, 10, spec.shape).astype(spec.np_dtype)
     return schema.flatten(arrays)
 
 

@@ -126,15 +126,15 @@ class _Arena:
 
     acc: np.ndarray  # the accumulator (float tensors: their dtype; integers: float64)
     buf: np.ndarray  # what is read: a contribution's block, then the base's
-    scratch: np.ndarray  # integer tensors only: the weighted block in float64
+    scratch: np.ndarray  # integer tensors: the weighted block in float64; halves: float32
 
     @classmethod
-    def of(cls, block_bytes: int, has_integers: bool) -> _Arena:
+    def of(cls, block_bytes: int, needs_scratch: bool) -> _Arena:
         size = max(block_bytes, 8)
         return cls(
             np.empty(size, dtype=np.uint8),
             np.empty(size, dtype=np.uint8),
-            np.empty(size if has_integers else 0, dtype=np.uint8),
+            np.empty(size if needs_scratch else 0, dtype=np.uint8),
         )
 
 
@@ -150,18 +150,24 @@ class _Fold:
     def block(self, spec: TensorSpec, first: int, count: int, arena: _Arena) -> memoryview:
         """base + sum(n_i * delta_i) / total for `count` elements of spec from byte `first`,
         in a buffer of its own (the base is read straight into it: no copy to hand it out)."""
-        dtype = np.dtype(spec.dtype)
-        acc_dtype = dtype if spec.is_float else np.dtype(np.float64)
-        axpy = _AXPY.get(dtype) if spec.is_float else None
+        dtype = spec.np_dtype
+        acc_dtype = _acc_dtype(spec)
+        axpy = _AXPY.get(acc_dtype) if spec.is_float else None
         acc = arena.acc[: count * acc_dtype.itemsize].view(acc_dtype)
         buf = arena.buf[: count * dtype.itemsize].view(dtype)
+        # float16/bfloat16: each block widened to float32 here, the sum rounded once.
+        wide = arena.scratch[: count * 4].view(np.float32) if spec.is_half else None
         acc.fill(0)
         for fd, c in zip(self.fds, self.contributions, strict=True):
             _read(fd, buf, first)
-            if axpy is not None:
-                axpy(buf, acc, a=c.scale * c.num_examples / self.total)  # acc in place
+            weight = c.scale * c.num_examples / self.total
+            if wide is not None:
+                wide[...] = buf
+                blas.saxpy(wide, acc, a=weight)
+            elif axpy is not None:
+                axpy(buf, acc, a=weight)  # acc in place
             elif spec.is_float:
-                np.multiply(buf, dtype.type(c.scale * c.num_examples / self.total), out=buf)
+                np.multiply(buf, dtype.type(weight), out=buf)
                 np.add(acc, buf, out=acc)
             else:
                 weighted = arena.scratch[: count * 8].view(np.float64)
@@ -169,7 +175,11 @@ class _Fold:
                 np.add(acc, weighted, out=acc)
         out = np.empty(count, dtype=dtype)
         _read(self.base_fd, out, first)
-        if spec.is_float:
+        if wide is not None:
+            wide[...] = out
+            np.add(wide, acc, out=wide)
+            out[...] = wide  # round to nearest even, once
+        elif spec.is_float:
             np.add(out, acc, out=out)
         else:
             np.divide(acc, self.total, out=acc)
@@ -179,11 +189,20 @@ class _Fold:
         return out.view(np.uint8).data
 
 
+def _acc_dtype(spec: TensorSpec) -> np.dtype[Any]:
+    """What a tensor's fold sums in: float32 for float16/bfloat16 (Flower sums a float16
+    model in float16, losing the small updates), its own dtype for float32/float64, float64
+    for integers (rounded back exactly: add_integer_mean)."""
+    if spec.is_half:
+        return np.dtype(np.float32)
+    return spec.np_dtype if spec.is_float else np.dtype(np.float64)
+
+
 def _blocks(schema: Schema, block_bytes: int) -> Iterator[tuple[TensorSpec, int, int]]:
     """(tensor, first byte, element count) of every block, in payload order."""
     for spec, start, end in schema.spans():
-        dtype = np.dtype(spec.dtype)
-        acc_itemsize = dtype.itemsize if spec.is_float else 8
+        dtype = spec.np_dtype
+        acc_itemsize = _acc_dtype(spec).itemsize
         # Elements per block: as many as fit block_bytes in the wider of the two dtypes.
         step = max(block_bytes // max(dtype.itemsize, acc_itemsize), 1)
         for first in range(start, end, step * dtype.itemsize):
@@ -221,10 +240,10 @@ def fold_fedavg(
     if total <= 0 or any(c.num_examples <= 0 for c in contributions):
         raise ValueError("every contribution needs num_examples > 0")
     workers = max(workers, 1)
-    has_integers = any(not spec.is_float for spec in schema.tensors)
+    needs_scratch = any(not spec.is_float or spec.is_half for spec in schema.tensors)
     arenas: queue.SimpleQueue[_Arena] = queue.SimpleQueue()
     for _ in range(workers):
-        arenas.put(_Arena.of(block_bytes, has_integers))
+        arenas.put(_Arena.of(block_bytes, needs_scratch))
     with ExitStack() as stack:
         stack.enter_context(_one_blas_thread())
         base_fd = os.open(base_path, os.O_RDONLY)

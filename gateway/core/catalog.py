@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from sluice.gateway.core.errors import NotFound, bounded
-from sluice.models.registry import ModelEntry, get
+from sluice.models import registry
+from sluice.models.declare import check_entry
+from sluice.models.entry import ModelEntry
 from sluice.models.schema import Schema
 
 
@@ -21,10 +23,16 @@ class ServedModel:
 
 
 class Catalog:
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(
+        self, names: Iterable[str], declared: Mapping[str, ModelEntry] | None = None
+    ) -> None:
+        """Resolve each name (built in, or declared in the configuration) and check that
+        the module builds and runs on its declared inputs (models.declare.check_entry):
+        a mistake stops the start with one line naming it."""
         self._models: dict[str, ServedModel] = {}
         for name in names:
-            entry = get(name)
+            entry = registry.get(name, declared)
+            check_entry(entry)
             self._models[name] = ServedModel(entry, entry.schema())
 
     def __iter__(self) -> Iterator[ServedModel]:

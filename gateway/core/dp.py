@@ -69,7 +69,7 @@ def update_norms(
             for spec, start, end in schema.spans():
                 if not spec.is_float:
                     continue
-                dtype = np.dtype(spec.dtype)
+                dtype = spec.np_dtype
                 for first in range(start, end, step * dtype.itemsize):
                     count = min(step, (end - first) // dtype.itemsize)
                     buf = raw[: count * dtype.itemsize].view(dtype)
@@ -253,7 +253,7 @@ def add_noise(
         for spec, start, end in schema.spans():
             if not spec.is_float:
                 continue
-            dtype = np.dtype(spec.dtype)
+            dtype = spec.np_dtype
             step = max(block_bytes // dtype.itemsize, 1)
             for first in range(start, end, step * dtype.itemsize):
                 count = min(step, (end - first) // dtype.itemsize)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sluice.gateway.core.errors import InvalidInput
-from sluice.models.schema import Schema
+from sluice.models.schema import Schema, numpy_dtype
 
 
 class FiniteCheck:
@@ -35,7 +35,7 @@ class FiniteCheck:
             view = view[take:]
 
     def _check(self, name: str, dtype: str, piece: memoryview, offset: int) -> None:
-        item = np.dtype(dtype).itemsize
+        item = numpy_dtype(dtype).itemsize
         if self._carry:
             need = item - len(self._carry)
             self._carry += bytes(piece[:need])
@@ -51,7 +51,10 @@ class FiniteCheck:
         self._carry = bytes(piece[whole:])
 
     def _verify(self, name: str, dtype: str, raw: bytes | memoryview, offset: int) -> None:
-        values = np.frombuffer(raw, dtype=dtype)
+        with np.errstate(invalid="ignore"):  # a NaN in a reduction is what we look for
+            self._verify_values(name, np.frombuffer(raw, dtype=numpy_dtype(dtype)), offset)
+
+    def _verify_values(self, name: str, values: np.ndarray, offset: int) -> None:
         bound = self._max_abs
         if bound is None:
             ok = np.isfinite(values)

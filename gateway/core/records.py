@@ -70,7 +70,7 @@ class CommittedUpdate:
 class Version:
     model: str
     version: int
-    round: int  # 0 for the initial weights
+    round: int  # 0 for weights no round produced (the initial ones, an import)
     weights_sha256: str
     num_trainers: int
     num_regions: int

@@ -216,6 +216,12 @@ class RoundManager:
                         self.blobs.path(u.payload_sha256).unlink(missing_ok=True)
             return [u.update_id for u in dropped]
 
+    @property
+    def close_lock(self) -> threading.Lock:
+        """Held by every close and revocation; whoever changes a model's versions or rounds
+        outside a close (core/importing.py) holds it too."""
+        return self._close_lock
+
     def note_commit(self, model: str, round_no: int) -> None:
         """Called after an update commits: wake the worker when the quorum is reached."""
         r = self.store.get_round(model, round_no)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -9,7 +10,7 @@ import stat
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from sluice.gateway.core.errors import InvalidInput, PolicyRefused
 from sluice.gateway.core.finite import FiniteCheck
 from sluice.gateway.export.template import OnnxTemplate
 from sluice.models import artifact
-from sluice.models.artifact import ArtifactRefused, inspect_onnx
+from sluice.models.artifact import ArtifactRefused, StructureLimits, inspect_onnx
+from sluice.models.entry import ModelEntry
 from sluice.models.manifest import MAX_MANIFEST_BYTES, MODEL_FILE
 from sluice.models.schema import Schema, TensorSpec
 
@@ -56,6 +58,15 @@ class GuardPolicy:
     parity_tolerance: float = 1e-4  # max abs diff onnxruntime vs torch
     max_epsilon: float | None = None  # DP budget a release may spend; None: not enforced
     max_constant_bytes: int = 64  # largest Constant node value in the graph
+    limits: StructureLimits = field(default_factory=StructureLimits)  # totals, per file
+
+    def for_model(self, entry: ModelEntry) -> GuardPolicy:
+        """This policy with what the model's declaration sets: its parity tolerance (a
+        float16 graph differs more from torch than a float32 one) and structure limits
+        (a bigger graph holds more names and nodes). Everything else is the gateway's."""
+        return dataclasses.replace(
+            self, parity_tolerance=entry.parity_tolerance, limits=entry.limits
+        )
 
 
 class Verdicts:
@@ -232,6 +243,7 @@ def _parse_findings(
             allowed_ops=_allowed_ops(t),
             max_constant_bytes=policy.max_constant_bytes,
             external_data_file=t.data_file,
+            limits=policy.limits,
         )
     except ArtifactRefused as exc:
         return [str(exc)]

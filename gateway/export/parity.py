@@ -10,7 +10,8 @@ import onnx
 import torch
 
 from sluice.models import onnx_wire
-from sluice.models.registry import ModelEntry
+from sluice.models.entry import ModelEntry
+from sluice.models.schema import tensor_to_numpy
 
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 4  # > 1 so the dynamic batch dimension is exercised
@@ -22,9 +23,9 @@ def max_output_diff(
     """Max abs difference over all outputs of onnxruntime and torch on example inputs."""
     import onnxruntime as ort  # loaded lazily: only exports need the runtime
 
-    frames = entry.example_input(batch=PARITY_BATCH, seed=seed)
+    inputs = entry.example_inputs(batch=PARITY_BATCH, seed=seed)
     with torch.no_grad():
-        out = module.eval()(frames)
+        out = module.eval()(*inputs)
     want = (out,) if isinstance(out, torch.Tensor) else tuple(out)
     # Torch first, then drop this reference: a module the caller no longer holds (publish
     # passes a temporary) is freed before onnxruntime loads its own copy of the weights.
@@ -38,8 +39,15 @@ def max_output_diff(
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(onnx_model.parent)
         )
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    got = session.run(list(entry.output_names), {entry.input_names[0]: frames.numpy()})
+    feeds = {name: tensor_to_numpy(x) for name, x in zip(entry.input_names, inputs, strict=True)}
+    try:
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        got = session.run(list(entry.output_names), feeds)
+    except Exception as exc:  # onnxruntime's own types: a graph it has no kernel for, ...
+        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+        raise ValueError(
+            f"onnxruntime cannot run the graph: {type(exc).__name__}: {first}"
+        ) from exc
     del session
     if len(got) != len(want):
         raise ValueError(f"onnxruntime gave {len(got)} outputs, torch {len(want)}")
@@ -47,7 +55,13 @@ def max_output_diff(
     for name, g, w in zip(entry.output_names, got, want, strict=True):
         if g.shape != tuple(w.shape):
             raise ValueError(f"output {name!r}: onnxruntime {g.shape}, torch {tuple(w.shape)}")
-        diff = float(np.max(np.abs(g - w.numpy())))
+        # In float64: a float16 or bfloat16 output (ml_dtypes on the numpy side) compares
+        # exactly, and an empty output has no maximum to take.
+        diff = float(
+            np.max(
+                np.abs(g.astype(np.float64) - tensor_to_numpy(w).astype(np.float64)), initial=0.0
+            )
+        )
         if not np.isfinite(diff):
             raise ValueError(f"output {name!r}: non-finite difference")
         worst = max(worst, diff)

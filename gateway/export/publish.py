@@ -52,6 +52,7 @@ from sluice.models.manifest import (
     check_fields,
     parse,
 )
+from sluice.models.schema import numpy_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ def payload_module(served: ServedModel, weights: Path) -> torch.nn.Module:
         raise ValueError(
             f"{weights.name}: {payload.size} bytes, schema: {served.schema.payload_bytes}"
         )
-    state = {name: torch.from_numpy(a) for name, a in served.schema.views(payload).items()}
+    state = {name: numpy_to_tensor(a) for name, a in served.schema.views(payload).items()}
+    for alias, name in served.schema.aliases:  # a tied tensor: the same pages, both names
+        state[alias] = state[name]
     module.load_state_dict(state, assign=True)
     return module.eval()
 
@@ -196,12 +199,13 @@ class ReleaseWriter:
         updates: Sequence[CommittedUpdate],
         dp: Mapping[str, object] | None = None,
     ) -> PublishOutcome:
+        policy = self.policy.for_model(served.entry)  # its parity tolerance and limits
         try:
             # Cheap facts first: no template work for a release policy refuses anyway.
             early = ReleaseFacts(
                 version.num_trainers, parity_max_abs_diff=0.0, epsilon=_epsilon(dp)
             )
-            check_policy(early, self.policy)
+            check_policy(early, policy)
         except GuardRefused as exc:
             return PublishOutcome(None, exc.reason)
         # Freed push buffers that glibc still holds go back first: the parity check below
@@ -257,11 +261,9 @@ class ReleaseWriter:
                 return PublishOutcome(None, f"the manifest would not verify: {exc}")
             write_atomic(staging / MANIFEST_FILE, [manifest])
             try:
-                check_policy(ReleaseFacts(version.num_trainers, diff, _epsilon(dp)), self.policy)
+                check_policy(ReleaseFacts(version.num_trainers, diff, _epsilon(dp)), policy)
                 expected = {f.name: (f.size, f.sha256) for f in files}
-                check_release_dir(
-                    staging, template, served.schema, self.policy, expected, self.verdicts
-                )
+                check_release_dir(staging, template, served.schema, policy, expected, self.verdicts)
             except GuardRefused as exc:
                 return PublishOutcome(None, exc.reason)
             clock.lap("guard")

@@ -55,8 +55,8 @@ def verify_published(config: Config) -> list[ReleaseStatus]:
     rows = _rows(config)
     if not rows:
         return []
-    known = {name for name in {r.model for r in rows} if _registered(name)}
-    catalog = Catalog(sorted(known))
+    known = {name for name in {r.model for r in rows} if _registered(name, config)}
+    catalog = Catalog(sorted(known), config.declared_models)
     root = config.data_dir
     with tempfile.TemporaryDirectory(prefix="sluice-audit-") as scratch:
         # The gateway's cached templates; one that is missing is built in a scratch
@@ -103,9 +103,9 @@ def _check_all(
     return statuses
 
 
-def _registered(name: str) -> bool:
+def _registered(name: str, config: Config) -> bool:
     try:
-        registry.get(name)
+        registry.get(name, config.declared_models)
     except (KeyError, ValueError, LookupError):
         return False
     return True

@@ -181,20 +181,22 @@ class ReleaseChecker:
         dp = doc.get("dp")
         epsilon = dp.get("epsilon") if isinstance(dp, Mapping) else None
         parity = doc.get("parity_max_abs_diff")
+        served = self.catalog.get(r.model)
+        policy = self.policy.for_model(served.entry)
         check_policy(
             ReleaseFacts(
                 r.num_trainers,
                 parity if isinstance(parity, int | float) else None,
                 epsilon if isinstance(epsilon, int | float) else None,
             ),
-            self.policy,
+            policy,
         )
         directory = self.directory(r)
         check_release_dir(
             directory,
             self.templates[r.model],
-            self.catalog.get(r.model).schema,
-            self.policy,
+            served.schema,
+            policy,
             {f.name: (f.size, f.sha256) for f in r.files},
             self.verdicts,
             manifest_json=r.manifest_json,

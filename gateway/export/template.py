@@ -25,9 +25,9 @@ from sluice.models import onnx_wire
 
 # The global team recomputes it offline from models/ alone; re-exported for callers here.
 from sluice.models.artifact import structure_hash as structure_hash
+from sluice.models.entry import ModelEntry
 from sluice.models.manifest import DATA_FILE
-from sluice.models.registry import ModelEntry
-from sluice.models.schema import Schema
+from sluice.models.schema import Schema, tensor_to_numpy
 
 TEMPLATE_FILE = "template.onnx"
 META_FILE = "template.json"
@@ -39,6 +39,7 @@ TWO_FILE_THRESHOLD = 3 << 29  # 1.5 GiB
 # absolute source paths into metadata_props; they leak and break the structure hash.
 _STRIPPED_FIELDS = frozenset({"metadata_props", "doc_string"})
 _TORCH_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+_SHARED_AXIS_WARNING = r"# The axis name: \w+ will not be used, since it shares"
 _EXTERNAL_KEYS = ("location", "offset", "length")  # exactly these, in this order
 _BLOCK_BYTES = 16 << 20  # bounds each temporary when a whole tensor is too big to copy
 
@@ -107,7 +108,19 @@ class OnnxTemplate:
         return self.ranges[-1].end if self.data_file is not None and self.ranges else 0
 
 
-def _export(module: torch.nn.Module, entry: ModelEntry) -> torch.onnx.ONNXProgram:
+def _dynamic_shapes(entry: ModelEntry) -> tuple[dict[int, Any], ...]:
+    """torch.export's dynamic_shapes for the declared inputs: axis 0 is one shared batch."""
+    batch = torch.export.Dim("batch")
+    return tuple(
+        {
+            axis: batch if axis == 0 else torch.export.Dim(f"{spec.name}_{axis}")
+            for axis in spec.dynamic
+        }
+        for spec in entry.inputs
+    )
+
+
+def _export(module: torch.nn.Module, entry: ModelEntry, schema: Schema) -> torch.onnx.ONNXProgram:
     # optimize=False: the optimizer folds BatchNorm into Conv and keeps the old names on
     # changed tensors, so a name-keyed refresh would run and be wrong (DESIGN.md).
     with warnings.catch_warnings():
@@ -115,20 +128,48 @@ def _export(module: torch.nn.Module, entry: ModelEntry) -> torch.onnx.ONNXProgra
         # torch's deprecation of it; where warnings are errors (our tests) that aborts
         # the export with a ConversionError. Only this message is silenced.
         warnings.filterwarnings("ignore", message=_TORCH_LEAFSPEC_WARNING, category=FutureWarning)
-        program = torch.onnx.export(
-            module,
-            (entry.example_input(),),
-            dynamo=True,
-            optimize=False,
-            external_data=False,
-            input_names=list(entry.input_names),
-            output_names=list(entry.output_names),
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            verbose=False,
-        )
+        # Inputs sharing the batch axis: the exporter notes it names that axis once.
+        warnings.filterwarnings("ignore", message=_SHARED_AXIS_WARNING, category=UserWarning)
+        try:
+            program = torch.onnx.export(
+                module,
+                # Batch 2: torch.export specializes an axis whose example size is 1, and
+                # a graph fixed to batch 1 fails every other batch (onnxruntime refuses).
+                entry.example_inputs(batch=2),
+                dynamo=True,
+                optimize=False,
+                external_data=False,
+                input_names=list(entry.input_names),
+                output_names=list(entry.output_names),
+                dynamic_shapes=_dynamic_shapes(entry),
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter's own errors run to pages: the first lines
+            first = " ".join(str(exc).strip().splitlines()[:3])[:600]
+            raise ValueError(
+                f"model {entry.name!r}: torch.onnx.export failed: {type(exc).__name__}: {first}"
+            ) from exc
     if program is None:  # only when dynamo=False; keeps the type checker honest
         raise RuntimeError("torch.onnx.export returned no program")
+    _name_tied_weights(program, schema)
     return program
+
+
+def _name_tied_weights(program: torch.onnx.ONNXProgram, schema: Schema) -> None:
+    """A tied parameter is one initializer, which the exporter names after any of its
+    state_dict names (the last module that uses it, in torch 2.13); the schema carries
+    it under its first. Rename it so a name-keyed refresh reaches it."""
+    initializers = program.model.graph.initializers
+    for name in list(initializers):
+        canonical = schema.alias_of.get(name)
+        if canonical is None:
+            continue
+        if canonical in initializers:
+            raise ValueError(
+                f"tensor {canonical!r} and its alias {name!r} are two initializers: the "
+                "exporter untied them, and a refresh would update only one"
+            )
+        initializers[name].name = canonical
 
 
 def _strip(message: Any) -> None:
@@ -161,12 +202,17 @@ def _normalize(proto: onnx.ModelProto, external: Collection[str] = ()) -> None:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
 
 
+def _numpy_dtype(data_type: int) -> np.dtype[Any]:
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+    return dtype.newbyteorder("<") if dtype.byteorder in "=<>" and dtype.kind != "V" else dtype
+
+
 def _check_initializers(proto: onnx.ModelProto, schema: Schema) -> set[str]:
     """Names of initializers that are state_dict tensors; raise on anything a refresh would miss."""
     specs = {spec.name: spec for spec in schema.tensors}
     weights = set()
     for init in proto.graph.initializer:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+        dtype = _numpy_dtype(init.data_type)
         dims = tuple(init.dims)
         spec = specs.get(init.name)
         if spec is None:
@@ -178,7 +224,7 @@ def _check_initializers(proto: onnx.ModelProto, schema: Schema) -> set[str]:
                     "key; a weight refresh could not reach it"
                 )
             continue
-        if dims != spec.shape or dtype != np.dtype(spec.dtype):
+        if dims != spec.shape or dtype != spec.np_dtype:
             raise ValueError(
                 f"tensor {init.name!r}: state_dict has {spec.shape} {spec.dtype}, "
                 f"the exporter wrote {dims} {dtype.str}"
@@ -192,7 +238,7 @@ def _check_bytes(data: bytes, ranges: tuple[WeightRange, ...], state: Mapping[st
     # A square weight transposed by the exporter has the right shape and wrong layout.
     view = np.frombuffer(data, dtype=np.uint8)
     for r in ranges:
-        want = state[r.name].detach().cpu().contiguous().numpy().reshape(-1).view(np.uint8)
+        want = tensor_to_numpy(state[r.name].contiguous()).reshape(-1).view(np.uint8)
         if not np.array_equal(view[r.start : r.end], want):
             raise ValueError(
                 f"tensor {r.name!r}: template bytes differ from the state_dict "
@@ -211,7 +257,7 @@ def _check_values(exported: Mapping[str, ir.TensorProtocol], state: Mapping[str,
     """_check_bytes for tensors never serialized: compare the exporter's arrays block by block."""
     for name, tensor in exported.items():
         got = np.atleast_1d(tensor.numpy())  # a view of the exporter's tensor, not a copy
-        want = np.atleast_1d(state[name].detach().cpu().numpy())
+        want = np.atleast_1d(tensor_to_numpy(state[name]))
         # Per row block: tobytes() of a whole 2 GiB weight would copy it once more.
         if got.shape != want.shape or not all(
             got[rows].tobytes() == want[rows].tobytes() for rows in _row_blocks(want)
@@ -307,7 +353,7 @@ def build_template(entry: ModelEntry, two_file_threshold: int = TWO_FILE_THRESHO
     state = module.state_dict()
     schema = Schema.of(state)
     with torch.no_grad():
-        program = _export(module, entry)
+        program = _export(module, entry, schema)
     if _graph_weight_bytes(program, schema) > two_file_threshold:
         t = _two_file(program, entry, schema, state)
     else:

@@ -1,10 +1,19 @@
-"""AdminService: operators inspect models and close rounds by hand."""
+"""AdminService: operators inspect models, close rounds by hand, revoke, import a base."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import grpc
 
 from sluice.gateway.core.errors import InvalidInput, NotFound, bounded
+from sluice.gateway.core.importing import (
+    SAFETENSORS,
+    BaseImporter,
+    FileChunk,
+    ImportHeader,
+    ImportItem,
+)
 from sluice.gateway.core.records import NAME_PATTERN
 from sluice.gateway.core.rounds import RoundManager
 from sluice.gateway.services.auth import Certificates, principal_of
@@ -14,13 +23,43 @@ from sluice.v1 import admin_pb2, admin_pb2_grpc
 
 MAX_SERIAL_HEX = 40  # RFC 5280: a serial number is at most 20 octets
 MAX_REASON_CHARS = 512  # stored and audited
+_FORMATS = {admin_pb2.WEIGHTS_FORMAT_SAFETENSORS: SAFETENSORS}
+
+
+def _import_header(msg: admin_pb2.ImportHeader) -> ImportHeader:
+    return ImportHeader(
+        model=msg.model,
+        format=_FORMATS.get(msg.format, f"unknown format {msg.format}"),
+        file_bytes=msg.file_bytes,
+        statement_json=msg.statement_json,
+        signature=msg.signature,
+        reason=msg.reason,
+    )
+
+
+def _import_items(requests: Iterator[admin_pb2.ImportBaseRequest]) -> Iterator[ImportItem]:
+    for req in requests:
+        kind = req.WhichOneof("kind")
+        if kind == "header":
+            yield _import_header(req.header)
+        elif kind == "chunk":
+            yield FileChunk(req.chunk.offset, req.chunk.data)
+        else:
+            raise InvalidInput("empty message; an import sends a header, then chunks")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, store: Store, rounds: RoundManager, certificates: Certificates) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rounds: RoundManager,
+        certificates: Certificates,
+        importer: BaseImporter | None = None,
+    ) -> None:
         self.store = store
         self.rounds = rounds
         self.certificates = certificates  # whose each serial is: Revoke checks the pair
+        self.importer = importer or BaseImporter(rounds)
 
     def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext
@@ -93,3 +132,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )
             dropped = self.rounds.revoke(serial, request.principal, request.reason)
             return admin_pb2.RevokeResponse(discarded_update_ids=dropped)
+
+    def ImportBase(
+        self,
+        request_iterator: Iterator[admin_pb2.ImportBaseRequest],
+        context: grpc.ServicerContext,
+    ) -> admin_pb2.ImportBaseResponse:
+        with mapped_errors(context):
+            imported = self.importer.receive(
+                _import_items(request_iterator),  # paced by the interceptor (services/idle.py)
+                principal=principal_of(context),
+                peer=context.peer(),
+            )
+            return admin_pb2.ImportBaseResponse(
+                model=imported.model,
+                version=imported.version,
+                weights_sha256=imported.weights_sha256,
+                round=imported.round,
+                kept_tensors=imported.kept,
+                signing_key_id=imported.signing_key_id,
+            )

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _ANY = frozenset(ROLES)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 PUSH_UPDATE = "/sluice.v1.TrainerService/PushUpdate"
+IMPORT_BASE = "/sluice.v1.AdminService/ImportBase"
 
 # The one table. A method missing here is denied to everyone, whatever the listener.
 # Least privilege: trainers use TrainerService, operators AdminService (GetStatus shows
@@ -54,6 +55,7 @@ ROLE_TABLE: Mapping[str, frozenset[str]] = {
     "/sluice.v1.AdminService/GetStatus": frozenset({OPERATOR}),
     "/sluice.v1.AdminService/CloseRound": frozenset({OPERATOR}),
     "/sluice.v1.AdminService/Revoke": frozenset({OPERATOR}),
+    IMPORT_BASE: frozenset({OPERATOR}),  # a new base from the global program: signed, audited
     "/sluice.v1.EgressService/ListReleases": frozenset({READER}),
     "/sluice.v1.EgressService/GetManifest": frozenset({READER}),
     "/sluice.v1.EgressService/PullRelease": frozenset({READER}),
@@ -64,12 +66,16 @@ ROLE_TABLE: Mapping[str, frozenset[str]] = {
 
 
 def _chunk_bytes(message: Any) -> int:
-    """Payload bytes a PushUpdate request or a pull response carries: what counts as progress."""
+    """Payload bytes a PushUpdate or ImportBase request or a pull response carries: what
+    counts as progress."""
     return len(message.chunk.data) if message.WhichOneof("kind") == "chunk" else 0
 
 
 # Methods whose messages make measurable progress; the rest are paced by time only.
-_REQUEST_PROGRESS: Mapping[str, Callable[[Any], int]] = {PUSH_UPDATE: _chunk_bytes}
+_REQUEST_PROGRESS: Mapping[str, Callable[[Any], int]] = {
+    PUSH_UPDATE: _chunk_bytes,
+    IMPORT_BASE: _chunk_bytes,
+}
 _RESPONSE_PROGRESS: Mapping[str, Callable[[Any], int]] = {
     "/sluice.v1.TrainerService/PullGlobal": _chunk_bytes,
     "/sluice.v1.EgressService/PullRelease": _chunk_bytes,

@@ -257,6 +257,17 @@ class Store:
         )
 
     @staticmethod
+    def rebase_round(
+        db: sqlite3.Connection, model: str, round_no: int, base_version: int, deadline_ms: int
+    ) -> None:
+        """Move an open round onto another base version (an imported one), with a new deadline."""
+        db.execute(
+            "UPDATE rounds SET base_version = ?, deadline_ms = ?"
+            " WHERE model = ? AND round = ? AND state = 'open'",
+            (base_version, deadline_ms, model, round_no),
+        )
+
+    @staticmethod
     def extend_deadline(
         db: sqlite3.Connection, model: str, round_no: int, deadline_ms: int
     ) -> None:

@@ -22,29 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from sluice.v1 import tensors_pb2 as sluice_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\"\x12\n\x10GetStatusRequest\"\xdf\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nopen_round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x16\n\x0elatest_version\x18\x05 \x01(\x04\x12\x16\n\x0elatest_release\x18\x06 \x01(\x04\x12\x13\n\x0bround_state\x18\x07 \x01(\t\x12\x13\n\x0b\x63lose_error\x18\x08 \x01(\t\x12\x14\n\x0c\x66\x61iled_round\x18\t \x01(\x04\x12\x15\n\rfailed_reason\x18\n \x01(\t\";\n\x11GetStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.sluice.v1.ModelStatus\"1\n\x11\x43loseRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"h\n\x12\x43loseRoundResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x17\n\x0frelease_refused\x18\x03 \x01(\t\x12\x16\n\x0e\x61lready_closed\x18\x04 \x01(\x08\"F\n\rRevokeRequest\x12\x12\n\nserial_hex\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0eRevokeResponse\x12\x1c\n\x14\x64iscarded_update_ids\x18\x01 \x03(\t2\xe0\x01\n\x0c\x41\x64minService\x12\x46\n\tGetStatus\x12\x1b.sluice.v1.GetStatusRequest\x1a\x1c.sluice.v1.GetStatusResponse\x12I\n\nCloseRound\x12\x1c.sluice.v1.CloseRoundRequest\x1a\x1d.sluice.v1.CloseRoundResponse\x12=\n\x06Revoke\x12\x18.sluice.v1.RevokeRequest\x1a\x19.sluice.v1.RevokeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\x1a\x17sluice/v1/tensors.proto\"\x12\n\x10GetStatusRequest\"\xdf\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nopen_round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x16\n\x0elatest_version\x18\x05 \x01(\x04\x12\x16\n\x0elatest_release\x18\x06 \x01(\x04\x12\x13\n\x0bround_state\x18\x07 \x01(\t\x12\x13\n\x0b\x63lose_error\x18\x08 \x01(\t\x12\x14\n\x0c\x66\x61iled_round\x18\t \x01(\x04\x12\x15\n\rfailed_reason\x18\n \x01(\t\";\n\x11GetStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.sluice.v1.ModelStatus\"1\n\x11\x43loseRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"h\n\x12\x43loseRoundResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x17\n\x0frelease_refused\x18\x03 \x01(\t\x12\x16\n\x0e\x61lready_closed\x18\x04 \x01(\x08\"F\n\rRevokeRequest\x12\x12\n\nserial_hex\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0eRevokeResponse\x12\x1c\n\x14\x64iscarded_update_ids\x18\x01 \x03(\t\"\x96\x01\n\x0cImportHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.sluice.v1.WeightsFormat\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0estatement_json\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"i\n\x11ImportBaseRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.sluice.v1.ImportHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x42\x06\n\x04kind\"\x89\x01\n\x12ImportBaseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0ckept_tensors\x18\x05 \x03(\t\x12\x16\n\x0esigning_key_id\x18\x06 \x01(\t*O\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_SAFETENSORS\x10\x01\x32\xad\x02\n\x0c\x41\x64minService\x12\x46\n\tGetStatus\x12\x1b.sluice.v1.GetStatusRequest\x1a\x1c.sluice.v1.GetStatusResponse\x12I\n\nCloseRound\x12\x1c.sluice.v1.CloseRoundRequest\x1a\x1d.sluice.v1.CloseRoundResponse\x12=\n\x06Revoke\x12\x18.sluice.v1.RevokeRequest\x1a\x19.sluice.v1.RevokeResponse\x12K\n\nImportBase\x12\x1c.sluice.v1.ImportBaseRequest\x1a\x1d.sluice.v1.ImportBaseResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSTATUSREQUEST']._serialized_start=36
-  _globals['_GETSTATUSREQUEST']._serialized_end=54
-  _globals['_MODELSTATUS']._serialized_start=57
-  _globals['_MODELSTATUS']._serialized_end=280
-  _globals['_GETSTATUSRESPONSE']._serialized_start=282
-  _globals['_GETSTATUSRESPONSE']._serialized_end=341
-  _globals['_CLOSEROUNDREQUEST']._serialized_start=343
-  _globals['_CLOSEROUNDREQUEST']._serialized_end=392
-  _globals['_CLOSEROUNDRESPONSE']._serialized_start=394
-  _globals['_CLOSEROUNDRESPONSE']._serialized_end=498
-  _globals['_REVOKEREQUEST']._serialized_start=500
-  _globals['_REVOKEREQUEST']._serialized_end=570
-  _globals['_REVOKERESPONSE']._serialized_start=572
-  _globals['_REVOKERESPONSE']._serialized_end=618
-  _globals['_ADMINSERVICE']._serialized_start=621
-  _globals['_ADMINSERVICE']._serialized_end=845
+  _globals['_WEIGHTSFORMAT']._serialized_start=1045
+  _globals['_WEIGHTSFORMAT']._serialized_end=1124
+  _globals['_GETSTATUSREQUEST']._serialized_start=61
+  _globals['_GETSTATUSREQUEST']._serialized_end=79
+  _globals['_MODELSTATUS']._serialized_start=82
+  _globals['_MODELSTATUS']._serialized_end=305
+  _globals['_GETSTATUSRESPONSE']._serialized_start=307
+  _globals['_GETSTATUSRESPONSE']._serialized_end=366
+  _globals['_CLOSEROUNDREQUEST']._serialized_start=368
+  _globals['_CLOSEROUNDREQUEST']._serialized_end=417
+  _globals['_CLOSEROUNDRESPONSE']._serialized_start=419
+  _globals['_CLOSEROUNDRESPONSE']._serialized_end=523
+  _globals['_REVOKEREQUEST']._serialized_start=525
+  _globals['_REVOKEREQUEST']._serialized_end=595
+  _globals['_REVOKERESPONSE']._serialized_start=597
+  _globals['_REVOKERESPONSE']._serialized_end=643
+  _globals['_IMPORTHEADER']._serialized_start=646
+  _globals['_IMPORTHEADER']._serialized_end=796
+  _globals['_IMPORTBASEREQUEST']._serialized_start=798
+  _globals['_IMPORTBASEREQUEST']._serialized_end=903
+  _globals['_IMPORTBASERESPONSE']._serialized_start=906
+  _globals['_IMPORTBASERESPONSE']._serialized_end=1043
+  _globals['_ADMINSERVICE']._serialized_start=1127
+  _globals['_ADMINSERVICE']._serialized_end=1428
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,8 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from sluice.v1 import tensors_pb2 as _tensors_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +19,32 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _WeightsFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WeightsFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WeightsFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEIGHTS_FORMAT_UNSPECIFIED: _WeightsFormat.ValueType  # 0
+    WEIGHTS_FORMAT_SAFETENSORS: _WeightsFormat.ValueType  # 1
+    """safetensors: an 8-byte little-endian header length, a JSON header (dtype, shape and
+    data_offsets of every tensor, by state_dict name; optional __metadata__), the data.
+    Every tensor of the schema exactly once, except buffers the ONNX graph never holds
+    (num_batches_tracked), which keep the previous version's values when absent.
+    """
+
+class WeightsFormat(_WeightsFormat, metaclass=_WeightsFormatEnumTypeWrapper):
+    """How an imported file is laid out."""
+
+WEIGHTS_FORMAT_UNSPECIFIED: WeightsFormat.ValueType  # 0
+WEIGHTS_FORMAT_SAFETENSORS: WeightsFormat.ValueType  # 1
+"""safetensors: an 8-byte little-endian header length, a JSON header (dtype, shape and
+data_offsets of every tensor, by state_dict name; optional __metadata__), the data.
+Every tensor of the schema exactly once, except buffers the ONNX graph never holds
+(num_batches_tracked), which keep the previous version's values when absent.
+"""
+Global___WeightsFormat: _TypeAlias = WeightsFormat  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
@@ -216,3 +244,120 @@ class RevokeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeResponse: _TypeAlias = RevokeResponse  # noqa: Y015
+
+@_typing.final
+class ImportHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATEMENT_JSON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Served model name; the file must hold weights of its schema, and the statement must
+    name it.
+    """
+    format: Global___WeightsFormat.ValueType
+    file_bytes: _builtins.int
+    """Exact size of the file in bytes; at most what the model's schema can need."""
+    reason: _builtins.str
+    """Why, for the audit log (at most 512 characters)."""
+    statement_json: _builtins.bytes
+    """The global program's statement, exactly the bytes it signed (at most 1 KiB): RFC 8785
+    canonical JSON {"created_ms", "format": "sluice.import/1", "model", "schema_hash",
+    "sha256"}, sha256 being the hex sha256 of the whole file (`sluice sign-import`).
+    """
+    signature: _builtins.bytes
+    """Ed25519 signature (64 bytes) over statement_json by one of the gateway's import_keys."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        format: Global___WeightsFormat.ValueType = ...,
+        file_bytes: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        statement_json: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_bytes", b"file_bytes", "format", b"format", "model", b"model", "reason", b"reason", "signature", b"signature", "statement_json", b"statement_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportHeader: _TypeAlias = ImportHeader  # noqa: Y015
+
+@_typing.final
+class ImportBaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ImportHeader:
+        """First message, exactly once."""
+
+    @_builtins.property
+    def chunk(self) -> _tensors_pb2.Chunk:
+        """The file, in order from offset 0; the stream ends after its last byte."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ImportHeader | None = ...,
+        chunk: _tensors_pb2.Chunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ImportBaseRequest: _TypeAlias = ImportBaseRequest  # noqa: Y015
+
+@_typing.final
+class ImportBaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    KEPT_TENSORS_FIELD_NUMBER: _builtins.int
+    SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    """The new version (the previous newest + 1)."""
+    weights_sha256: _builtins.str
+    """Hex sha256 of its weights as PullGlobal serves them (tensors in schema order)."""
+    round: _builtins.int
+    """The open round, now training from this version."""
+    signing_key_id: _builtins.str
+    """Id of the import key the statement verified under (16 hex digits: sha256 of the raw
+    Ed25519 public key).
+    """
+    @_builtins.property
+    def kept_tensors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tensors the file did not hold, kept from the previous version (num_batches_tracked)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        weights_sha256: _builtins.str = ...,
+        round: _builtins.int = ...,
+        kept_tensors: _abc.Iterable[_builtins.str] | None = ...,
+        signing_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept_tensors", b"kept_tensors", "model", b"model", "round", b"round", "signing_key_id", b"signing_key_id", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportBaseResponse: _TypeAlias = ImportBaseResponse  # noqa: Y015

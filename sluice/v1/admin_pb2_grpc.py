@@ -50,6 +50,11 @@ class AdminServiceStub:
                 request_serializer=sluice_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_admin__pb2.RevokeResponse.FromString,
                 _registered_method=True)
+        self.ImportBase = channel.stream_unary(
+                '/sluice.v1.AdminService/ImportBase',
+                request_serializer=sluice_dot_v1_dot_admin__pb2.ImportBaseRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_admin__pb2.ImportBaseResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -83,6 +88,28 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportBase(self, request_iterator, context):
+        """Set a new base version from weights the global program sent into the region
+        (operators only): one header, then the file in chunks of at most 4 MiB (the SDK sends
+        2 MiB), in order from offset 0. The header carries the global program's signed
+        statement (model, schema hash, sha256 of the file); the gateway verifies its signature
+        under one of its configured import_keys before it reads any chunk, and accepts only
+        the bytes it names. It checks the file itself (every tensor of the model's schema with
+        its dtype and shape, offsets end to end, values finite and bounded), commits the
+        weights as the next version and moves the open round onto it. Refusals:
+        FAILED_PRECONDITION when imports are off (no import_keys), the statement is for another
+        model or schema, or the file is not the one it signs; PERMISSION_DENIED when no import
+        key made the signature; INVALID_ARGUMENT for a malformed statement, signature or file.
+        An open round that already has updates (trained from the old base) is not moved:
+        FAILED_PRECONDITION, close it first (with --fedbuff the open buffer moves, its updates
+        weighted as one version staler). Audited: base.imported; base.import_refused or
+        base.import_interrupted with the reason. Inbound only: it creates no release, and a
+        refused or cut import leaves nothing behind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +127,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Revoke,
                     request_deserializer=sluice_dot_v1_dot_admin__pb2.RevokeRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_admin__pb2.RevokeResponse.SerializeToString,
+            ),
+            'ImportBase': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportBase,
+                    request_deserializer=sluice_dot_v1_dot_admin__pb2.ImportBaseRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_admin__pb2.ImportBaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +216,33 @@ class AdminService:
             '/sluice.v1.AdminService/Revoke',
             sluice_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
             sluice_dot_v1_dot_admin__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportBase(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sluice.v1.AdminService/ImportBase',
+            sluice_dot_v1_dot_admin__pb2.ImportBaseRequest.SerializeToString,
+            sluice_dot_v1_dot_admin__pb2.ImportBaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

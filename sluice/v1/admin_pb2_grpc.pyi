@@ -48,6 +48,24 @@ class AdminServiceStub:
     """Revoke a client certificate now (no restart): every later call with it is refused,
     and the principal's uncommitted-to-a-version updates in open rounds are discarded.
     """
+    ImportBase: _grpc.StreamUnaryMultiCallable[_admin_pb2.ImportBaseRequest, _admin_pb2.ImportBaseResponse]
+    """Set a new base version from weights the global program sent into the region
+    (operators only): one header, then the file in chunks of at most 4 MiB (the SDK sends
+    2 MiB), in order from offset 0. The header carries the global program's signed
+    statement (model, schema hash, sha256 of the file); the gateway verifies its signature
+    under one of its configured import_keys before it reads any chunk, and accepts only
+    the bytes it names. It checks the file itself (every tensor of the model's schema with
+    its dtype and shape, offsets end to end, values finite and bounded), commits the
+    weights as the next version and moves the open round onto it. Refusals:
+    FAILED_PRECONDITION when imports are off (no import_keys), the statement is for another
+    model or schema, or the file is not the one it signs; PERMISSION_DENIED when no import
+    key made the signature; INVALID_ARGUMENT for a malformed statement, signature or file.
+    An open round that already has updates (trained from the old base) is not moved:
+    FAILED_PRECONDITION, close it first (with --fedbuff the open buffer moves, its updates
+    weighted as one version staler). Audited: base.imported; base.import_refused or
+    base.import_interrupted with the reason. Inbound only: it creates no release, and a
+    refused or cut import leaves nothing behind.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -68,6 +86,24 @@ class AdminServiceAsyncStub(AdminServiceStub):
     Revoke: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.RevokeResponse]  # type: ignore[assignment]
     """Revoke a client certificate now (no restart): every later call with it is refused,
     and the principal's uncommitted-to-a-version updates in open rounds are discarded.
+    """
+    ImportBase: _aio.StreamUnaryMultiCallable[_admin_pb2.ImportBaseRequest, _admin_pb2.ImportBaseResponse]  # type: ignore[assignment]
+    """Set a new base version from weights the global program sent into the region
+    (operators only): one header, then the file in chunks of at most 4 MiB (the SDK sends
+    2 MiB), in order from offset 0. The header carries the global program's signed
+    statement (model, schema hash, sha256 of the file); the gateway verifies its signature
+    under one of its configured import_keys before it reads any chunk, and accepts only
+    the bytes it names. It checks the file itself (every tensor of the model's schema with
+    its dtype and shape, offsets end to end, values finite and bounded), commits the
+    weights as the next version and moves the open round onto it. Refusals:
+    FAILED_PRECONDITION when imports are off (no import_keys), the statement is for another
+    model or schema, or the file is not the one it signs; PERMISSION_DENIED when no import
+    key made the signature; INVALID_ARGUMENT for a malformed statement, signature or file.
+    An open round that already has updates (trained from the old base) is not moved:
+    FAILED_PRECONDITION, close it first (with --fedbuff the open buffer moves, its updates
+    weighted as one version staler). Audited: base.imported; base.import_refused or
+    base.import_interrupted with the reason. Inbound only: it creates no release, and a
+    refused or cut import leaves nothing behind.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -104,6 +140,30 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RevokeResponse, _abc.Awaitable[_admin_pb2.RevokeResponse]]:
         """Revoke a client certificate now (no restart): every later call with it is refused,
         and the principal's uncommitted-to-a-version updates in open rounds are discarded.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportBase(
+        self,
+        request_iterator: _MaybeAsyncIterator[_admin_pb2.ImportBaseRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ImportBaseResponse, _abc.Awaitable[_admin_pb2.ImportBaseResponse]]:
+        """Set a new base version from weights the global program sent into the region
+        (operators only): one header, then the file in chunks of at most 4 MiB (the SDK sends
+        2 MiB), in order from offset 0. The header carries the global program's signed
+        statement (model, schema hash, sha256 of the file); the gateway verifies its signature
+        under one of its configured import_keys before it reads any chunk, and accepts only
+        the bytes it names. It checks the file itself (every tensor of the model's schema with
+        its dtype and shape, offsets end to end, values finite and bounded), commits the
+        weights as the next version and moves the open round onto it. Refusals:
+        FAILED_PRECONDITION when imports are off (no import_keys), the statement is for another
+        model or schema, or the file is not the one it signs; PERMISSION_DENIED when no import
+        key made the signature; INVALID_ARGUMENT for a malformed statement, signature or file.
+        An open round that already has updates (trained from the old base) is not moved:
+        FAILED_PRECONDITION, close it first (with --fedbuff the open buffer moves, its updates
+        weighted as one version staler). Audited: base.imported; base.import_refused or
+        base.import_interrupted with the reason. Inbound only: it creates no release, and a
+        refused or cut import leaves nothing behind.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

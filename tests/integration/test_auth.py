@@ -115,6 +115,8 @@ HARMLESS: dict[str, Harmless] = {
     "/sluice.v1.AdminService/CloseRound": Harmless(
         (admin_pb2.CloseRoundRequest(model=TINY, round=999),), Code.NOT_FOUND
     ),
+    # An empty stream: no header, refused before anything is spooled.
+    "/sluice.v1.AdminService/ImportBase": Harmless((), Code.INVALID_ARGUMENT),
     "/sluice.v1.AdminService/Revoke": Harmless(
         (admin_pb2.RevokeRequest(serial_hex="not-hex", principal="nobody"),),
         Code.INVALID_ARGUMENT,

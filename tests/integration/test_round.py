@@ -93,7 +93,7 @@ def test_full_round_fedavg_and_onnx_parity(gateway: Running, tiny_schema: Schema
     entry = registry.get(TINY)
     module = entry.build()
     module.load_state_dict(tiny_schema.to_state_dict(merged.data))
-    frames = entry.example_input(batch=8, seed=5)
+    (frames,) = entry.example_inputs(batch=8, seed=5)
     session = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {"frames": frames.numpy()})
     with torch.no_grad():

@@ -37,7 +37,7 @@ from sluice.models.manifest import (
     ManifestRefused,
     canonical_json,
 )
-from sluice.models.registry import ModelEntry, get
+from sluice.models.registry import InputSpec, ModelEntry, get
 from sluice.models.schema import Schema, TensorSpec
 from tests.manifests import filler_fields
 from tests.unit.test_guard import FRAME, FRAME_B64, FRAME_BYTES, _chunks, _edit
@@ -417,9 +417,7 @@ class _Encoder(nn.Module):
         return scores
 
 
-TRANSFORMER = ModelEntry(
-    "encoder-tiny", _Encoder, (1, 16, 32), input_names=("tokens",), output_names=("scores",)
-)
+TRANSFORMER = ModelEntry("encoder-tiny", _Encoder, (InputSpec("tokens", (1, 16, 32)),), ("scores",))
 
 
 @pytest.mark.parametrize("name", ["drivenet-tiny", "drivenet", "encoder-tiny"])

@@ -33,7 +33,7 @@ from sluice.gateway.export.template import (
 )
 from sluice.models import onnx_wire
 from sluice.models.manifest import DATA_FILE, MODEL_FILE
-from sluice.models.registry import ModelEntry, get
+from sluice.models.registry import InputSpec, ModelEntry, get
 from sluice.models.schema import Schema, TensorSpec
 
 
@@ -314,7 +314,7 @@ class _HiddenScale(nn.Module):
 
 
 def test_build_refuses_weights_a_refresh_cannot_reach() -> None:
-    entry = ModelEntry("hidden-scale", _HiddenScale, input_shape=(1, 4))
+    entry = ModelEntry("hidden-scale", _HiddenScale, (InputSpec("x", (1, 4)),), ("y", "z"))
     with pytest.raises(ValueError, match=r"'scale' .* not a state_dict key"):
         build_template(entry)
 

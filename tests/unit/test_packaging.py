@@ -37,3 +37,23 @@ def test_outside_the_repository_no_bare_name_is_installed(tmp_path: Path) -> Non
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_wheel_holds_the_builtin_declarations_and_only_sluice(tmp_path: Path) -> None:
+    """The DriveNet family is declared in models/builtin.toml: a wheel without it would
+    install a gateway that knows no model."""
+    import zipfile
+
+    root = Path(__file__).parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("sluicegate-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sluice/models/builtin.toml" in names
+    assert "sluice/models/declare.py" in names and "sluice/clients/flower.py" in names
+    tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert tops == {"sluice"}

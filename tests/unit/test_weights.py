@@ -99,7 +99,7 @@ def test_loaded_module_matches_onnxruntime(source: Source, layout: str, tmp_path
     module = source.entry.factory()  # fresh weights: every value must come from the release
     doc = load_release(module, release, KEY.public_key())
     assert doc["version"] == 3
-    frames = source.entry.example_input(batch=2, seed=5)
+    (frames,) = source.entry.example_inputs(batch=2, seed=5)
     with torch.no_grad():
         controls, lanes = module.eval()(frames)
     session = ort.InferenceSession(str(release / MODEL_FILE), providers=["CPUExecutionProvider"])

@@ -242,7 +242,7 @@ def optimize(strategy: _Stepper, inp: RoundInput, out_path: Path, state_out: Pat
     continued = _continues(strategy, inp.state_in, schema)
 
     count_max = max(inp.block_bytes // 8, 1)
-    widest = max((np.dtype(spec.dtype).itemsize for spec in schema.tensors), default=1)
+    widest = max((spec.np_dtype.itemsize for spec in schema.tensors), default=1)
     delta_raw, x_raw, scratch_raw = (np.empty(count_max) for _ in range(3))
     state_raw = [np.empty(count_max) for _ in strategy.state_files]
     read_raw = np.empty(count_max * widest, dtype=np.uint8)
@@ -262,7 +262,7 @@ def optimize(strategy: _Stepper, inp: RoundInput, out_path: Path, state_out: Pat
         ]
 
         for spec, start, end in schema.spans():
-            dtype = np.dtype(spec.dtype)
+            dtype = spec.np_dtype
             for first in range(start, end, count_max * dtype.itemsize):
                 count = min(count_max, (end - first) // dtype.itemsize)
                 buf = read_raw[: count * dtype.itemsize].view(dtype)

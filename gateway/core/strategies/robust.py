@@ -55,13 +55,13 @@ class _Spool:
     def blocks(self) -> Iterator[tuple[TensorSpec, int, int]]:
         """(spec, first byte, element count) of every block, in payload order."""
         for spec, start, end in self.inp.schema.spans():
-            itemsize = np.dtype(spec.dtype).itemsize
+            itemsize = spec.np_dtype.itemsize
             step = max(self.row_bytes // itemsize, 1) * itemsize
             for first in range(start, end, step):
                 yield spec, first, min(step, end - first) // itemsize
 
     def base(self, spec: TensorSpec, first: int, count: int) -> np.ndarray:
-        base = self._base[: count * np.dtype(spec.dtype).itemsize].view(spec.dtype)
+        base = self._base[: count * spec.np_dtype.itemsize].view(spec.np_dtype)
         _read(self._base_fd, base, first)
         return base
 
@@ -69,8 +69,8 @@ class _Spool:
         self, spec: TensorSpec, first: int, count: int, members: Sequence[int]
     ) -> np.ndarray:
         """(K, count): the members' deltas, in the order given; float ones times their scale."""
-        size = count * np.dtype(spec.dtype).itemsize
-        rows = self._rows[: len(members) * size].view(spec.dtype).reshape(len(members), count)
+        size = count * spec.np_dtype.itemsize
+        rows = self._rows[: len(members) * size].view(spec.np_dtype).reshape(len(members), count)
         for row, i in zip(rows, members, strict=True):
             _read(self._fds[i], row, first)
             scale = self.inp.contributions[i].scale
@@ -92,7 +92,13 @@ class _Spool:
         with out_path.open("wb") as out:
             for spec, first, count in self.blocks():
                 base = self.base(spec, first, count)
-                if spec.is_float:
+                if spec.is_half:  # combined in float32, rounded once
+                    wide = self.deltas(spec, first, count, members).astype(np.float32)
+                    result = base.astype(np.float32)
+                    np.add(wide, result, out=wide)
+                    combine(wide, result)
+                    base[...] = result
+                elif spec.is_float:
                     weights = self.deltas(spec, first, count, members)
                     np.add(weights, base, out=weights)
                     combine(weights, base)  # the base block is spent: it takes the result

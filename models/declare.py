@@ -1,0 +1,258 @@
+"""Models declared in configuration: `[model.NAME]` tables -> ModelEntry, checked at start.
+
+    [model.camnet]
+    factory = "mypkg.nets:CamNet"          # package.module:callable returning an nn.Module
+    kwargs = { width = 64 }                # keyword arguments for it
+    outputs = ["steer", "speed"]           # graph output names, in forward's order
+    init_seed = 0                          # or init_weights = "camnet.safetensors"
+    parity_tolerance = 1e-4                # onnxruntime vs torch (float16 graphs need more)
+    limits = { structure_bytes = 131072 }  # StructureLimits fields, for a bigger graph
+    [[model.camnet.inputs]]
+    name = "frames"
+    shape = [1, 3, 64, 128]                # an example, batch first
+    dtype = "float32"
+    dynamic = [0]                          # symbolic axes (default: the batch)
+    range = [0.0, 1.0]                     # example values (integers: [low, high))
+
+The gateway and every trainer read the same file, so both sides build the same module
+and agree on its schema hash. Each mistake is one ValueError naming the model and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sluice.models.artifact import StructureLimits
+from sluice.models.entry import DEFAULT_PARITY_TOLERANCE, INPUT_DTYPES, InputSpec, ModelEntry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # as the gateway's NAME_PATTERN
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_KEYS = frozenset(
+    {"factory", "kwargs", "inputs", "outputs", "init_seed", "init_weights",
+     "parity_tolerance", "limits", "description"}
+)  # fmt: skip
+_INPUT_KEYS = frozenset({"name", "shape", "dtype", "dynamic", "range"})
+_MAX_DIMS = 8
+
+
+class DeclarationError(ValueError):
+    """A model declaration that cannot be served; the message names the model and key."""
+
+
+def _fail(model: str, what: str) -> DeclarationError:
+    return DeclarationError(f"model {model!r}: {what}")
+
+
+def resolve_factory(model: str, path: str) -> Callable[..., Any]:
+    """The callable at "package.module:attr" (attr may be dotted); one error per mistake."""
+    if not isinstance(path, str) or not _FACTORY.fullmatch(path):
+        raise _fail(model, f"factory {path!r}: expected 'package.module:callable'")
+    module_name, attr = path.split(":", 1)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _fail(
+            model, f"factory {path!r}: module {module_name!r} cannot be imported ({exc})"
+        ) from exc
+    except Exception as exc:  # the user's module raised while importing
+        raise _fail(
+            model, f"factory {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise _fail(model, f"factory {path!r}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise _fail(model, f"factory {path!r}: {attr!r} is not callable")
+    factory: Callable[..., Any] = target
+    return factory
+
+
+def _int_list(model: str, key: str, value: Any, low: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or len(value) > _MAX_DIMS:
+        raise _fail(model, f"{key}: expected a list of 1 to {_MAX_DIMS} integers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value):
+        raise _fail(model, f"{key}: expected integers of at least {low}, got {value!r}")
+    return tuple(value)
+
+
+def _input(model: str, i: int, table: Any) -> InputSpec:
+    key = f"inputs[{i}]"
+    if not isinstance(table, Mapping):
+        raise _fail(model, f"{key}: expected a table")
+    unknown = sorted(set(table) - _INPUT_KEYS)
+    if unknown:
+        raise _fail(model, f"{key}: unknown key {unknown[0]!r}; known: {sorted(_INPUT_KEYS)}")
+    name = table.get("name")
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+        raise _fail(model, f"{key}.name: expected an identifier, got {name!r}")
+    shape = _int_list(model, f"{key}.shape", table.get("shape"), 1)
+    dtype = table.get("dtype", "float32")
+    if dtype not in INPUT_DTYPES:
+        raise _fail(model, f"{key}.dtype {dtype!r}: expected one of {', '.join(INPUT_DTYPES)}")
+    dynamic = table.get("dynamic", [0])
+    if dynamic != []:
+        dynamic = _int_list(model, f"{key}.dynamic", dynamic, 0)
+        if any(axis >= len(shape) for axis in dynamic) or len(set(dynamic)) != len(dynamic):
+            raise _fail(model, f"{key}.dynamic: axes must be distinct and below {len(shape)}")
+    low, high = table.get("range", [0, 2] if dtype.startswith("int") else [0.0, 1.0])
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (low, high)) or not (
+        low < high
+    ):
+        raise _fail(model, f"{key}.range: expected [low, high] with low < high")
+    return InputSpec(name, shape, dtype, tuple(dynamic), float(low), float(high))
+
+
+def _limits(model: str, table: Any) -> StructureLimits:
+    if not isinstance(table, Mapping):
+        raise _fail(model, "limits: expected a table of StructureLimits fields")
+    known = {f.name for f in dataclasses.fields(StructureLimits)}
+    for k, v in table.items():
+        if k not in known:
+            raise _fail(model, f"limits: unknown key {k!r}; known: {sorted(known)}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise _fail(model, f"limits.{k}: expected a positive integer")
+    return StructureLimits(**table)
+
+
+def declare(name: str, table: Mapping[str, Any], base_dir: Path | None = None) -> ModelEntry:
+    """A ModelEntry from one `[model.NAME]` table; relative paths are from base_dir.
+
+    Checks the table and imports the factory; check_entry runs the module.
+    """
+    if not MODEL_NAME.fullmatch(name):
+        raise _fail(name, "a model name is 1-64 of a-z 0-9 . _ - and starts alphanumeric")
+    if not isinstance(table, Mapping):
+        raise _fail(name, "expected a table")
+    unknown = sorted(set(table) - _KEYS)
+    if unknown:
+        raise _fail(name, f"unknown key {unknown[0]!r}; known: {', '.join(sorted(_KEYS))}")
+    if "factory" not in table:
+        raise _fail(name, "factory is required ('package.module:callable')")
+    factory_path = table["factory"]
+    target = resolve_factory(name, factory_path)
+    kwargs = table.get("kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise _fail(name, "kwargs: expected a table")
+    inputs = table.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _fail(name, "inputs: expected at least one [[model.NAME.inputs]] table")
+    specs = tuple(_input(name, i, t) for i, t in enumerate(inputs))
+    if len({s.name for s in specs}) != len(specs):
+        raise _fail(name, "inputs: names must be distinct")
+    outputs = table.get("outputs")
+    if (
+        not isinstance(outputs, list)
+        or not outputs
+        or not all(isinstance(o, str) and _IDENT.fullmatch(o) for o in outputs)
+        or len(set(outputs)) != len(outputs)
+    ):
+        raise _fail(name, "outputs: expected a list of distinct identifiers")
+    if set(outputs) & {s.name for s in specs}:
+        raise _fail(name, "outputs: an output may not share an input's name")
+    seed = table.get("init_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise _fail(name, "init_seed: expected a non-negative integer")
+    weights = table.get("init_weights")
+    init_weights = None
+    if weights is not None:
+        if not isinstance(weights, str) or not weights:
+            raise _fail(name, "init_weights: expected a path to a safetensors file")
+        init_weights = Path(weights) if base_dir is None else base_dir / weights
+        if not init_weights.is_file():
+            raise _fail(name, f"init_weights: {init_weights} is not a file")
+    tolerance = table.get("parity_tolerance", DEFAULT_PARITY_TOLERANCE)
+    if not isinstance(tolerance, int | float) or not 0 < tolerance <= 1:
+        raise _fail(name, "parity_tolerance: expected a number in (0, 1]")
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(name, "description: expected a string")
+    frozen = dict(kwargs)
+
+    def factory() -> nn.Module:
+        return target(**frozen)  # type: ignore[no-any-return]
+
+    return ModelEntry(
+        name=name,
+        factory=factory,
+        inputs=specs,
+        output_names=tuple(outputs),
+        init_seed=seed,
+        init_weights=init_weights,
+        parity_tolerance=float(tolerance),
+        limits=_limits(name, table.get("limits", {})),
+        factory_path=factory_path,
+        kwargs=frozen,
+        description=description,
+    )
+
+
+def declare_all(tables: Mapping[str, Any], base_dir: Path | None = None) -> dict[str, ModelEntry]:
+    if not isinstance(tables, Mapping):
+        raise DeclarationError("[model]: expected one table per model, [model.NAME]")
+    return {name: declare(name, table, base_dir) for name, table in tables.items()}
+
+
+def check_entry(entry: ModelEntry) -> None:
+    """The factory builds a module, the example inputs run through it and it gives one
+    tensor per declared output; its state_dict has a dtype the wire format carries.
+
+    Runs on the meta device (no weights allocated, no arithmetic), and on the CPU only
+    if an op has no meta kernel. Raises DeclarationError naming what is wrong.
+    """
+    import torch
+    from torch import nn
+
+    name, where = entry.name, entry.factory_path or "factory"
+    try:
+        with torch.device("meta"):
+            module = entry.factory()
+    except Exception as exc:
+        raise _fail(name, f"{where} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(module, nn.Module):
+        raise _fail(name, f"{where} returned {type(module).__name__}, not a torch.nn.Module")
+    try:
+        entry.schema()
+    except ValueError as exc:
+        raise _fail(name, str(exc)) from exc
+    try:  # shapes only; an op without a meta kernel is retried for real on the CPU
+        with torch.no_grad():
+            outputs = module.eval()(*(x.to("meta") for x in entry.example_inputs(batch=2)))
+    except Exception:
+        outputs = _run(entry, entry.build(entry.init_seed))
+    got = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+    if not isinstance(got, tuple | list) or not all(isinstance(t, torch.Tensor) for t in got):
+        raise _fail(name, f"forward returned {type(outputs).__name__}, not tensors")
+    if len(got) != len(entry.output_names):
+        raise _fail(
+            name,
+            f"forward returned {len(got)} outputs, the declaration names "
+            f"{len(entry.output_names)} ({', '.join(entry.output_names)})",
+        )
+
+
+def _run(entry: ModelEntry, module: nn.Module) -> Any:
+    import torch
+
+    inputs = entry.example_inputs(batch=2)
+    try:
+        with torch.no_grad():
+            return module(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(
+            f"{s.name} {tuple(x.shape)} {s.dtype}"
+            for s, x in zip(entry.inputs, inputs, strict=True)
+        )
+        raise _fail(
+            entry.name, f"the declared inputs ({shapes}) do not run: {type(exc).__name__}: {exc}"
+        ) from exc
