@@ -161,7 +161,7 @@ def _sign_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keygen = sub.add_parser(
         "keygen", help="(global program, outside the region) create an Ed25519 import key pair"
     )

@@ -1,0 +1,7 @@
+"""python -m sluice.gateway.cli"""
+
+import sys
+
+from sluice.gateway.cli import main
+
+sys.exit(main())
