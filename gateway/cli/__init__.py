@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from typing import TextIO
 
+from sluice.gateway import logs
 from sluice.gateway.cli import admin, audit, egress, provision, serve, sign
 
 
@@ -35,28 +34,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-class _StderrHandler(logging.StreamHandler[TextIO]):
-    """Writes to whatever sys.stderr is at the time of each record (not the stream of the
-    first call: main() may run many times in one process, under a replaced stderr)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self) -> TextIO:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: TextIO) -> None:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[_StderrHandler()],
-    )
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     code: int = args.run(args)
     return code
