@@ -72,6 +72,8 @@ def start(
             "--data-dir", str(data_dir), "--models", ",".join(models),
             "--quorum", str(quorum), "--min-updates", "1", "--min-trainers", str(min_trainers),
             "--round-seconds", "86400", "--insecure-loopback",
+            "--internal", "127.0.0.1:0", "--egress", "127.0.0.1:0",
+            "--ops", "127.0.0.1:0", "--health", "127.0.0.1:0",
         ],
         stdout=subprocess.DEVNULL,
         stderr=(data_dir / "gateway.log").open("wb"),

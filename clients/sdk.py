@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -18,7 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sluice.clients.verify import verify_release
 from sluice.models.artifact import StructureLimits
 from sluice.models.import_statement import SignedStatement
-from sluice.models.manifest import ManifestRefused, listed_files, verify_signature
+from sluice.models.manifest import (
+    ManifestRefused,
+    file_digest,
+    listed_files,
+    verify_signature,
+)
 from sluice.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -44,6 +50,10 @@ RETRYABLE = frozenset(
 
 T = TypeVar("T")
 StubT = TypeVar("StubT")
+# Progress of a transfer: advance(n) after n more bytes. A factory of them, given a label
+# and the total bytes, is what clients/progress.transfer is (a bar on a terminal).
+Advance = Callable[[int], None]
+Progress = Callable[[str, int], AbstractContextManager[Advance]]
 
 
 @dataclass(frozen=True)
@@ -106,9 +116,11 @@ def _collect(
     responses: Callable[[int], Iterator[tuple[object | None, tensors_pb2.Chunk | None]]],
     sink: Callable[[bytes], None],
     policy: RetryPolicy,
+    start: int = 0,
 ) -> object:
-    """Drive a header-then-chunks stream to the end, resuming from the last offset on failure."""
-    received, header = 0, None
+    """Drive a header-then-chunks stream to the end from `start`, resuming from the last
+    offset on failure."""
+    received, header = start, None
     delay = policy.first_backoff_s
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -261,9 +273,10 @@ class AdminClient(_Client[admin_pb2_grpc.AdminServiceStub]):
         req = admin_pb2.RevokeRequest(serial_hex=serial_hex, principal=principal, reason=reason)
         return list(self._stub.Revoke(req, timeout=60).discarded_update_ids)
 
-    def close_round(self, model: str, round_no: int) -> admin_pb2.CloseRoundResponse:
-        """Close the open round now; says which version came out and whether it was released
-        (asked again for a round already closed, it says so: already_closed)."""
+    def close_round(self, model: str, round_no: int = 0) -> admin_pb2.CloseRoundResponse:
+        """Close the open round now (round_no 0: whichever is open); says which round, which
+        version came out and whether it was released (asked again for a round already
+        closed, it says so: already_closed)."""
         req = admin_pb2.CloseRoundRequest(model=model, round=round_no)
         return self._stub.CloseRound(req, timeout=600)
 
@@ -275,6 +288,7 @@ class AdminClient(_Client[admin_pb2_grpc.AdminServiceStub]):
         *,
         reason: str = "",
         chunk_bytes: int = 2 << 20,
+        advance: Advance | None = None,
     ) -> admin_pb2.ImportBaseResponse:
         """Send a safetensors file as the model's new base version (ImportBase), with the
         global program's signed statement for it (SignedStatement.read of the file that
@@ -282,8 +296,8 @@ class AdminClient(_Client[admin_pb2_grpc.AdminServiceStub]):
 
         The gateway verifies the signature under its import keys, then that the bytes that
         arrive are the ones the statement names (FAILED_PRECONDITION otherwise). The file is
-        streamed, never held whole in memory. Not retried: a refused or cut import leaves
-        nothing behind, so send it again.
+        streamed, never held whole in memory; `advance(n)` is told of every chunk sent. Not
+        retried: a refused or cut import leaves nothing behind, so send it again.
         """
         with weights.open("rb") as f:
             header = admin_pb2.ImportHeader(
@@ -302,6 +316,8 @@ class AdminClient(_Client[admin_pb2_grpc.AdminServiceStub]):
                     chunk = tensors_pb2.Chunk(offset=offset, data=data)
                     yield admin_pb2.ImportBaseRequest(chunk=chunk)
                     offset += len(data)
+                    if advance is not None:
+                        advance(len(data))
 
             return self._stub.ImportBase(messages(), timeout=self.timeout_s)
 
@@ -335,17 +351,54 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
         version: int = 0,
         structure_hash: str | None = None,
         limits: StructureLimits | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Pull a whole release into dest_dir after verifying it like `sluice verify`.
 
         The signature is checked before any download (and, given structure_hash, the signed
         structure hash against that pin); every file is pulled into a staging directory
-        beside dest_dir, checked (size, sha256, the parse-level format check, the structure
-        hash of the file itself), and only then moved into dest_dir with manifest.json and
-        manifest.sig. A refusal leaves dest_dir as it was (not even created).
+        beside dest_dir (`.<name>.pull`), checked (size, sha256, the parse-level format
+        check, the structure hash of the file itself), and only then moved into dest_dir
+        with manifest.json and manifest.sig. A refusal leaves dest_dir as it was (not even
+        created) and removes the staging directory.
+
+        Resumable across processes: a pull cut off (Ctrl-C, a dropped connection, a kill)
+        keeps its partial files, named by the sha256 the signed manifest gives them, and
+        the next pull of the same release into the same dest_dir continues from their size;
+        the partial files of any other release there are discarded. `progress(label,
+        total)` is entered per file (clients/progress.transfer shows a bar).
         """
         if dest_dir.exists() and not dest_dir.is_dir():  # checked again at the move
             raise NotADirectoryError(f"{dest_dir}: exists and is not a directory")
+        dest_dir = dest_dir.absolute()
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest_dir.parent / f".{dest_dir.name}.pull"
+        with _staging_lock(staging):
+            keep = False  # the partial files, for the next pull to resume
+            try:
+                doc = self._pull_verified(
+                    model, dest_dir, staging, public_key, version, structure_hash, limits, progress
+                )
+            except BaseException as exc:
+                keep = _resumable(exc)
+                raise
+            finally:
+                if not keep or not any(p.suffix == ".part" for p in staging.iterdir()):
+                    shutil.rmtree(staging, ignore_errors=True)
+        return doc
+
+    def _pull_verified(
+        self,
+        model: str,
+        dest_dir: Path,
+        staging: Path,
+        public_key: Ed25519PublicKey,
+        version: int,
+        structure_hash: str | None,
+        limits: StructureLimits | None,
+        progress: Progress | None,
+    ) -> dict[str, Any]:
+        """pull_release's work, in the staging directory it holds."""
         m = self.manifest(model, version)
         doc = verify_signature(m.manifest_json, m.signature, public_key)
         # A genuine but different release (another model, an older version) is a rollback.
@@ -360,61 +413,189 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
                 f"{str(doc.get('structure_hash'))[:16]}... is not the pinned "
                 f"{structure_hash[:16]}... (the graph changed)"
             )
-        dest_dir = dest_dir.absolute()
-        dest_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f".{dest_dir.name}.pull-"))
-        try:
-            files = {name: staging / name for name in listed_files(doc)}
-            for name, path in files.items():
-                self.pull(model, path, version=int(doc["version"]), file=name)
-            verify_release(
-                m.manifest_json,
-                m.signature,
-                public_key,
-                files,
-                structure_hash=structure_hash,
-                limits=limits,
-            )
-            (staging / MANIFEST_FILE).write_bytes(m.manifest_json)
-            (staging / SIGNATURE_FILE).write_bytes(m.signature)
-            dest_dir.mkdir(exist_ok=True)
-            for name in [*files, MANIFEST_FILE, SIGNATURE_FILE]:
-                os.replace(staging / name, dest_dir / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        signed = {str(f["name"]): (int(f["size"]), str(f["sha256"])) for f in doc["files"]}
+        files = {name: staging / name for name in listed_files(doc)}
+        _drop_other_partials(staging, {name: signed[name][1] for name in files})
+        for name, path in files.items():
+            if path.is_file() and file_digest(path) == signed[name]:
+                continue  # pulled whole by a pull that stopped later
+            total, sha256 = signed[name]
+            with ExitStack() as bar:
+                label = f"{model} v{doc['version']} {name}"
+                advance = bar.enter_context(progress(label, total)) if progress else None
+                self.pull(
+                    model,
+                    path,
+                    version=int(doc["version"]),
+                    file=name,
+                    expect=(total, sha256),
+                    advance=advance,
+                )
+        verify_release(
+            m.manifest_json,
+            m.signature,
+            public_key,
+            files,
+            structure_hash=structure_hash,
+            limits=limits,
+        )
+        (staging / MANIFEST_FILE).write_bytes(m.manifest_json)
+        (staging / SIGNATURE_FILE).write_bytes(m.signature)
+        dest_dir.mkdir(exist_ok=True)
+        for name in [*files, MANIFEST_FILE, SIGNATURE_FILE]:
+            os.replace(staging / name, dest_dir / name)
         return doc
 
-    def pull(self, model: str, dest: Path, version: int = 0, file: str = "") -> str:
+    def pull(
+        self,
+        model: str,
+        dest: Path,
+        version: int = 0,
+        file: str = "",
+        *,
+        expect: tuple[int, str] | None = None,
+        advance: Advance | None = None,
+    ) -> str:
         """Pull a release file to dest: resumed across drops, sha256-checked, then renamed
-        into place, so dest is never a partial file. Returns the sha256."""
+        into place, so dest is never a partial file. Returns the sha256.
+
+        With `expect` (size, sha256), what the signed manifest says of the file, the bytes
+        go to `.<dest name>.<sha256 prefix>.part` beside dest, which a cut-off pull leaves
+        behind and the next pull of the same file continues from its size (across
+        processes); the gateway must announce that size and sha256. Without it, to a
+        temporary file that is removed on any failure. `advance(n)` is told of every n
+        bytes written (and, first, of the bytes a resumed partial already holds).
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        tmp = Path(tmp_name)
-        digest = hashlib.sha256()
+        if expect is None:
+            fd, tmp_name = tempfile.mkstemp(
+                dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"
+            )
+            os.close(fd)
+            part, start, digest = Path(tmp_name), 0, hashlib.sha256()
+        else:
+            part, digest = _partial_path(dest, expect[1]), hashlib.sha256()
+            start = _resume_from(part, expect[0], digest)
+        if advance is not None and start:
+            advance(start)
         pinned = [version]  # a resume must continue the same release, even when 0 asked newest
+        keep = False
         try:
-            with os.fdopen(fd, "wb") as out:
+            with part.open("ab") as out:
 
                 def sink(data: bytes) -> None:
                     out.write(data)
                     digest.update(data)
+                    if advance is not None:
+                        advance(len(data))
 
                 def stream(offset: int) -> Iterator[tuple[object | None, tensors_pb2.Chunk | None]]:
                     for msg in self.pull_stream(model, pinned[0], file, offset):
                         if msg.WhichOneof("kind") == "header":
                             pinned[0] = msg.header.version
+                            _check_announced(msg.header, expect)
                             yield msg.header, None
                         else:
                             yield None, msg.chunk
 
-                header = _collect(stream, sink, self.retry)
+                try:
+                    header = _collect(stream, sink, self.retry, start)
+                except BaseException as exc:
+                    keep = expect is not None and _resumable(exc)
+                    raise
                 out.flush()
                 os.fsync(out.fileno())
             if not isinstance(header, egress_pb2.PullReleaseHeader):
                 raise ValueError("the gateway sent no header")
             if digest.hexdigest() != header.sha256:
+                if start:  # the partial file was not a prefix of this file: once from 0
+                    part.unlink(missing_ok=True)
+                    keep = True  # the partial is the next call's to keep or remove
+                    return self.pull(model, dest, version, file, expect=expect, advance=None)
                 raise ValueError(f"{header.file}: pulled bytes do not match the sha256 announced")
-            os.replace(tmp, dest)
+            os.replace(part, dest)
             return header.sha256
         finally:
-            tmp.unlink(missing_ok=True)
+            if not keep:
+                part.unlink(missing_ok=True)
+
+
+def _partial_path(dest: Path, sha256: str) -> Path:
+    """Where the bytes of the file with this signed sha256 collect until they are whole."""
+    return dest.with_name(f".{dest.name}.{sha256[:32]}.part")
+
+
+def _resume_from(part: Path, size: int, digest: Any) -> int:
+    """The bytes the partial file holds, fed to digest (a hashlib object); a partial longer
+    than the file is not one of it and starts again."""
+    if part.is_symlink() or (part.exists() and not part.is_file()):
+        raise FileExistsError(f"{part}: exists and is not a regular file")
+    try:
+        have = part.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if have > size:
+        part.unlink()
+        return 0
+    with part.open("rb") as f:
+        while data := f.read(8 << 20):
+            digest.update(data)
+    return have
+
+
+def _check_announced(header: egress_pb2.PullReleaseHeader, expect: tuple[int, str] | None) -> None:
+    if expect is not None and (header.total_bytes, header.sha256) != expect:
+        raise ValueError(
+            f"{header.file}: the gateway announced {header.total_bytes} bytes with sha256 "
+            f"{header.sha256[:16]}..., the signed manifest {expect[0]} bytes with "
+            f"{expect[1][:16]}..."
+        )
+
+
+def _resumable(exc: BaseException) -> bool:
+    """Whether a pull that ended with exc may continue later from its partial files: it
+    was interrupted or the connection failed, not refused or disproved."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    return isinstance(exc, grpc.RpcError) and exc.code() in RETRYABLE
+
+
+def _drop_other_partials(staging: Path, wanted: Mapping[str, str]) -> None:
+    """Remove what an earlier pull of another release left in the staging directory."""
+    keep = {_LOCK_FILE, *wanted}
+    keep |= {_partial_path(staging / name, sha).name for name, sha in wanted.items()}
+    for entry in staging.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+_LOCK_FILE = ".lock"
+
+
+@contextmanager
+def _staging_lock(staging: Path) -> Iterator[None]:
+    """Create the staging directory and hold it (flock, where the OS has it): two pulls
+    into the same directory at once would write the same partial files."""
+    staging.mkdir(exist_ok=True)
+    if staging.is_symlink() or not staging.is_dir():
+        raise NotADirectoryError(f"{staging}: exists and is not a directory")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one pull at a time is the user's care
+        yield
+        return
+    fd = os.open(staging / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"{staging}: another pull into the same directory is running"
+            ) from None
+        yield
+    finally:
+        os.close(fd)

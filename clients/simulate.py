@@ -1,15 +1,25 @@
-"""Regional trainer simulator: one process per trainer, local clips, real training, real pushes."""
+"""Regional trainer simulator: one process per trainer, local clips, real training, real pushes.
+
+Trainers report as they go (Stage and RoundReport events, through clients/workers.py); the
+first trainer's failure stops every other one.
+"""
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import math
+import shlex
+import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
+
+from sluice.clients.progress import Board
+from sluice.clients.workers import Failure, Interrupted, WorkerFailed, run_workers
 
 if TYPE_CHECKING:  # imported lazily at run time: trainer processes import torch themselves
     from sluice.clients.sdk import TrainerClient
@@ -39,6 +49,11 @@ class SimulationConfig:
     round_timeout_s: float = 600.0  # how long to wait for the next round to open
     pki_dir: Path | None = None  # `sluice init` output: each trainer uses its own cert
 
+    @property
+    def steps_per_round(self) -> int:
+        """Progress units of one round: the pull, every optimiser step, the push."""
+        return self.epochs * math.ceil(self.clips / self.batch_size) + 2
+
 
 @dataclass(frozen=True)
 class RoundReport:
@@ -52,6 +67,55 @@ class RoundReport:
     holdout_after: float  # after local training
     train_seconds: float
     push_seconds: float
+    payload_bytes: int = 0  # the pushed update
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a trainer is doing now, and how far along its whole run it is."""
+
+    trainer: str
+    round: int  # the round it works on; 0 until its first round opened
+    doing: str  # "waiting for round 2", "round 2: training 12/48", ...
+    done: int  # progress units, of rounds * SimulationConfig.steps_per_round
+    total: int
+
+
+@dataclass(frozen=True)
+class TrainerFailure:
+    """A trainer's error, as plain data (see clients/workers.py)."""
+
+    trainer: str
+    region: str
+    round: int  # 0: before its first round opened
+    doing: str  # the stage it was in
+    error: str  # a gRPC status name (NOT_FOUND) or an exception class (ValueError)
+    details: str  # the status details or the exception's message, and its cause
+    trace: str = ""  # the trainer's traceback (shown with `sluice -v`)
+
+    def __str__(self) -> str:
+        return (
+            f"trainer {self.trainer} ({self.region}) failed ({self.doing}): "
+            f"{self.error}: {self.details}"
+        )
+
+
+Event = Stage | RoundReport
+
+
+class SimulationError(Exception):
+    """A simulation that could not start or did not finish."""
+
+
+class MissingCertificates(SimulationError):
+    """--pki lacks a trainer's certificate or key; the message names them and the fix."""
+
+
+class TrainerFailed(SimulationError):
+    def __init__(self, failure: TrainerFailure, stopped: int) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+        self.stopped = stopped  # other trainers still running, stopped because of it
 
 
 def plan_trainers(num_trainers: int, regions: Sequence[str], seed: int = 0) -> list[TrainerSpec]:
@@ -66,35 +130,67 @@ def plan_trainers(num_trainers: int, regions: Sequence[str], seed: int = 0) -> l
     ]
 
 
-def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport]:
-    """One regional trainer for config.rounds rounds; its clips never leave this process."""
+def check_certificates(pki_dir: Path, trainers: Sequence[TrainerSpec]) -> str | None:
+    """None when ca.pem and every trainer's clients/NAME.pem and .key exist; otherwise one
+    line naming the missing files and the `sluice init` that makes them."""
+    files = [] if (pki_dir / "ca.pem").is_file() else ["ca.pem"]
+    lacking = []
+    for t in trainers:
+        absent = [f"clients/{t.trainer}{ext}" for ext in (".pem", ".key")]
+        absent = [name for name in absent if not (pki_dir / name).is_file()]
+        files += absent
+        lacking += [t] if absent else []
+    if not files:
+        return None
+    shown = ", ".join(files[:6]) + (f" and {len(files) - 6} more" if len(files) > 6 else "")
+    init = ["sluice", "init", str(pki_dir)]
+    for t in lacking or trainers:
+        init += ["--trainer", f"{t.trainer}:{t.region}"]
+    return f"missing in {pki_dir}: {shown}; `{shlex.join(init)}` makes them"
+
+
+def run_trainer(
+    spec: TrainerSpec, config: SimulationConfig, on_event: Callable[[Event], None] | None = None
+) -> list[RoundReport]:
+    """One regional trainer for config.rounds rounds; its clips never leave this process.
+    on_event gets a Stage at every step and a RoundReport after every push."""
     import torch
 
     from sluice.clients.scenes import make_clips
-    from sluice.clients.sdk import TrainerClient
+    from sluice.clients.sdk import Identity, TrainerClient
     from sluice.clients.trainer import TrainConfig, compute_delta, evaluate, train_local
     from sluice.models import registry
     from sluice.models.schema import Schema
 
+    emit = on_event or (lambda event: None)
+    per_round, total = config.steps_per_round, config.rounds * config.steps_per_round
+
+    def stage(round_no: int, doing: str, done: int) -> None:
+        emit(Stage(spec.trainer, round_no, doing, done, total))
+
     torch.set_num_threads(1)  # trainers share the machine's cores
+    stage(0, "making its clips", 0)
     entry = registry.get(config.model)
     module = entry.build()
     schema = Schema.of(module.state_dict())
     data = make_clips(spec.region, config.clips, seed=spec.seed)
     holdout = make_clips(spec.region, config.holdout_clips, seed=spec.seed + 100_000)
     reports: list[RoundReport] = []
-    from sluice.clients.sdk import Identity
-
     identity = Identity.from_pki(config.pki_dir, spec.trainer) if config.pki_dir else None
     with TrainerClient(config.target, identity=identity) as client:
         last_round = 0
-        for _ in range(config.rounds):
+        for index in range(config.rounds):
+            at = index * per_round
+            stage(last_round, f"waiting for round {last_round + 1}", at)
             info = _wait_for_round(client, config, after=last_round)
             if info.schema_hash != schema.hash:
                 raise RuntimeError(f"gateway schema {info.schema_hash[:12]} is not our model's")
+            r = info.round
+            stage(r, f"round {r}: pulling v{info.base_version}", at)
             pulled = client.pull_global(config.model, info.base_version)
             base = schema.to_state_dict(pulled.data)
             module.load_state_dict(base)
+            stage(r, f"round {r}: evaluating", at + 1)
             before = evaluate(module, holdout)
             started = time.perf_counter()
             result = train_local(
@@ -107,10 +203,12 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
                     proximal_mu=config.proximal_mu or info.proximal_mu,  # FedProx's mu
                     seed=spec.seed * 1000 + info.round,
                 ),
+                on_step=_training(stage, r, at),
             )
             trained_s = time.perf_counter() - started
             after = evaluate(module, holdout)
             payload = schema.flatten(compute_delta(module.state_dict(), base))
+            stage(r, f"round {r}: pushing {len(payload) / 1e6:.1f} MB", at + per_round - 1)
             started = time.perf_counter()
             client.push_update(
                 model=config.model,
@@ -123,22 +221,33 @@ def run_trainer(spec: TrainerSpec, config: SimulationConfig) -> list[RoundReport
                 payload=payload,
                 metrics={"train_loss": result.train_loss, "holdout_loss": after},
             )  # the id is derived from (trainer, model, round): a retry never counts twice
-            reports.append(
-                RoundReport(
-                    spec.trainer,
-                    spec.region,
-                    info.round,
-                    info.base_version,
-                    result.num_examples,
-                    result.train_loss,
-                    before,
-                    after,
-                    trained_s,
-                    time.perf_counter() - started,
-                )
+            report = RoundReport(
+                spec.trainer,
+                spec.region,
+                info.round,
+                info.base_version,
+                result.num_examples,
+                result.train_loss,
+                before,
+                after,
+                trained_s,
+                time.perf_counter() - started,
+                len(payload),
             )
+            reports.append(report)
+            emit(report)
             last_round = info.round
+    stage(last_round, "done", total)
     return reports
+
+
+def _training(
+    stage: Callable[[int, str, int], None], round_no: int, at: int
+) -> Callable[[int, int], None]:
+    def step(done: int, steps: int) -> None:
+        stage(round_no, f"round {round_no}: training {done}/{steps}", at + 1 + done)
+
+    return step
 
 
 def _wait_for_round(
@@ -154,12 +263,92 @@ def _wait_for_round(
         time.sleep(0.2)
 
 
-def simulate(config: SimulationConfig, trainers: Sequence[TrainerSpec]) -> list[RoundReport]:
-    """Run every trainer in its own process; returns all round reports."""
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared
-    with ProcessPoolExecutor(max_workers=len(trainers), mp_context=ctx) as pool:
-        futures = [pool.submit(run_trainer, spec, config) for spec in trainers]
-        return [report for f in futures for report in f.result()]
+def simulate(
+    config: SimulationConfig,
+    trainers: Sequence[TrainerSpec],
+    on_event: Callable[[Event], None] | None = None,
+) -> list[RoundReport]:
+    """Run every trainer in its own process; returns all round reports, in arrival order.
+
+    on_event sees every event as it arrives. Raises MissingCertificates before starting
+    anything, TrainerFailed (after stopping the others) at the first trainer's failure,
+    Interrupted on Ctrl-C (after stopping every trainer).
+    """
+    problem = check_certificates(config.pki_dir, trainers) if config.pki_dir else None
+    if problem:
+        raise MissingCertificates(problem)
+    reports: list[RoundReport] = []
+
+    def take(event: Event) -> None:
+        if isinstance(event, RoundReport):
+            reports.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    try:
+        run_workers({t.trainer: partial(run_trainer, t, config) for t in trainers}, take)
+    except WorkerFailed as exc:
+        (spec,) = [t for t in trainers if t.trainer == exc.failure.worker]
+        raise TrainerFailed(_trainer_failure(spec, exc.failure), exc.stopped) from None
+    return reports
+
+
+def _trainer_failure(spec: TrainerSpec, failure: Failure) -> TrainerFailure:
+    stage = failure.last if isinstance(failure.last, Stage) else None
+    return TrainerFailure(
+        spec.trainer,
+        spec.region,
+        stage.round if stage else 0,
+        stage.doing if stage else "starting",
+        failure.error,
+        failure.details,
+        failure.trace,
+    )
+
+
+def hint(failure: TrainerFailure, config: SimulationConfig) -> str:
+    """What to look at after a trainer's error, by its status; "" when nothing useful."""
+    if failure.error == "UNAVAILABLE":
+        trust = ", and does it trust the CA in --pki" if config.pki_dir else ""
+        return f"is the gateway running at {config.target}{trust}?"
+    if failure.error == "UNAUTHENTICATED":
+        return "the gateway refused this trainer's certificate: revoked, or from another CA?"
+    if failure.error == "NOT_FOUND":
+        return f"does the gateway serve model {config.model} (`sluice serve --models`)?"
+    return ""
+
+
+def format_report(r: RoundReport, width: int = 0) -> str:
+    return (
+        f"round {r.round} {f'{r.trainer} ({r.region})':<{width}} "
+        f"held-out loss {r.holdout_before:.4f} -> "
+        f"{r.holdout_after:.4f}, {r.num_examples} examples, trained {r.train_seconds:.1f}s, "
+        f"pushed {r.payload_bytes / 1e6:.1f} MB in {r.push_seconds:.1f}s"
+    )
+
+
+class RoundsView:
+    """simulate's on_event for people: a line per trainer per round as it happens, and a
+    row per trainer on a Board (bars on a terminal)."""
+
+    def __init__(self, board: Board, trainers: Sequence[TrainerSpec]) -> None:
+        self.board = board
+        self.width = max((len(t.trainer) + len(t.region) + 3 for t in trainers), default=0)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Stage):
+            self.board.update(event.trainer, event.doing, event.done, event.total)
+        else:
+            self.board.line(format_report(event, self.width))
+
+    def line(self, text: str) -> None:
+        self.board.line(text)
+
+
+@contextmanager
+def watch(trainers: Sequence[TrainerSpec], stream: TextIO | None = None) -> Iterator[RoundsView]:
+    with Board([t.trainer for t in trainers], stream) as board:
+        yield RoundsView(board, trainers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -177,6 +366,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    """`sluice simulate`: 0 when every round of every trainer was pushed, 1 at the first
+    trainer's failure, 2 when certificates are missing, 130 on Ctrl-C."""
+    if args.pki is None and not args.insecure:
+        print(
+            "sluice simulate: pass --pki DIR (from `sluice init`), or --insecure", file=sys.stderr
+        )
+        return 2
     config = SimulationConfig(
         target=args.target,
         model=args.model,
@@ -186,12 +382,43 @@ def run_from_args(args: argparse.Namespace) -> int:
         proximal_mu=args.proximal_mu,
         pki_dir=None if args.insecure else args.pki,
     )
-    if config.pki_dir is None and not args.insecure:
-        raise SystemExit("sluice simulate: pass --pki DIR (from `sluice init`), or --insecure")
     trainers = plan_trainers(args.trainers, args.regions.split(","), args.seed)
-    for r in sorted(simulate(config, trainers), key=lambda r: (r.round, r.trainer)):
+    problem = check_certificates(config.pki_dir, trainers) if config.pki_dir else None
+    if problem:
+        print(f"sluice simulate: {problem}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
         print(
-            f"round {r.round} {r.trainer:>14}: held-out loss {r.holdout_before:.4f} -> "
-            f"{r.holdout_after:.4f} after local training ({r.train_seconds:.1f}s)"
+            f"{len(trainers)} trainer processes x {config.rounds} rounds of {config.model} "
+            f"against {config.target}: {', '.join(t.trainer for t in trainers)}",
+            flush=True,
         )
+        with watch(trainers) as view:
+            reports = simulate(config, trainers, view)
+    except TrainerFailed as exc:
+        look = hint(exc.failure, config)
+        print(f"sluice simulate: {exc.failure}" + (f"; {look}" if look else ""), file=sys.stderr)
+        if getattr(args, "verbose", False):
+            print(exc.failure.trace, file=sys.stderr, end="")
+        if exc.stopped:
+            others = _trainers(exc.stopped).replace(" ", " other ")
+            print(f"sluice simulate: stopped {others}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        stopped = exc.stopped if isinstance(exc, Interrupted) else 0
+        print(f"interrupted; {_trainers(stopped)} stopped", file=sys.stderr)
+        return 130
+    before = {r.round: 0.0 for r in reports}
+    for r in reports:
+        before[r.round] += r.holdout_before / len(trainers)
+    print(
+        f"{config.rounds} rounds x {len(trainers)} trainers in {time.monotonic() - started:.0f}s; "
+        "mean held-out loss of the global model before each round: "
+        + ", ".join(f"{v:.4f}" for _, v in sorted(before.items()))
+    )
     return 0
+
+
+def _trainers(n: int) -> str:
+    return f"{n} trainer" + ("" if n == 1 else "s")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,11 +87,18 @@ def _proximal(params: Iterable[nn.Parameter], anchors: Iterable[torch.Tensor]) -
     return torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
 
 
-def train_local(model: nn.Module, data: SceneBatch, config: TrainConfig) -> TrainResult:
-    """Train model in place on data; it is left in eval mode."""
+def train_local(
+    model: nn.Module,
+    data: SceneBatch,
+    config: TrainConfig,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train model in place on data; it is left in eval mode. on_step(done, total) is
+    called after every optimiser step (for progress)."""
     n = len(data)
     if n == 0:
         raise ValueError("data: expected at least one clip, got 0")
+    total_steps = config.epochs * math.ceil(n / config.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     # The round's base weights, which FedProx keeps the local model close to.
     anchors = [p.detach().clone() for p in params] if config.proximal_mu > 0 else []
@@ -113,6 +121,8 @@ def train_local(model: nn.Module, data: SceneBatch, config: TrainConfig) -> Trai
                 optimizer.step()
                 loss_sum += loss.item() * len(idx)
                 steps += 1
+                if on_step is not None:
+                    on_step(steps, total_steps)
             epoch_loss = loss_sum / n
     finally:
         model.eval()

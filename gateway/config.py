@@ -21,8 +21,13 @@ from sluice.models.entry import ModelEntry
 @dataclass(frozen=True)
 class Config:
     data_dir: Path = Path(".sluice")  # sluice.db, blobs/, registry/, templates/
-    internal_address: str = "127.0.0.1:0"  # trainers and operators; port 0 picks one
-    egress_address: str = "127.0.0.1:0"  # the cross-border side: EgressService only
+    # Fixed ports, loopback by default (serve 0.0.0.0:7070 etc. to be reached from other
+    # hosts); port 0 lets the OS pick one (tests), endpoints.json names what was bound.
+    internal_address: str = "127.0.0.1:7070"  # trainers and operators
+    egress_address: str = "127.0.0.1:7071"  # the cross-border side: EgressService only
+    # The operations listeners: no TLS, no authentication, no data; "" turns one off.
+    ops_address: str = "127.0.0.1:9464"  # HTTP: /metrics (Prometheus), /healthz, /readyz
+    health_address: str = "127.0.0.1:7072"  # plain-text gRPC health, for Kubernetes probes
     models: tuple[str, ...] = ("drivenet",)  # built-in or declared models served
     # Models declared in the file's [model.NAME] tables (models/declare.py), by name.
     declared_models: Mapping[str, ModelEntry] = field(default_factory=dict)

@@ -18,6 +18,9 @@ at all, or a CA certificate. principal_from_pem reads the identity of a verified
 refuses those two: only a client certificate names a principal.
 All keys here are ECDSA P-256 signed with SHA-256: gRPC's BoringSSL handles them on
 every platform. Private keys are written 0600 in 0700 directories.
+
+The directory init_pki writes is the operator's: it holds the CA key. Each participant is
+handed a kit cut from it instead (gateway/kits.py): its own key and certificate only.
 """
 
 from __future__ import annotations
@@ -474,9 +477,10 @@ def create_private_file(path: Path, data: bytes) -> None:
     _write(path, data, _PRIVATE_MODE, overwrite=False)
 
 
-def create_public_file(path: Path, data: bytes) -> None:
-    """create_private_file for a public half (0644): never replaces what is there."""
-    _write(path, data, _PUBLIC_MODE, overwrite=False)
+def create_public_file(path: Path, data: bytes, *, executable: bool = False) -> None:
+    """create_private_file for a public half (0644; 0755 executable, a kit's run.sh):
+    never replaces what is there."""
+    _write(path, data, _PUBLIC_MODE | (0o111 if executable else 0), overwrite=False)
 
 
 def _save(issued: Issued, cert_path: Path, key_path: Path, *, overwrite: bool = True) -> None:

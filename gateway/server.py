@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sqlite3
+import time
 import weakref
-from concurrent import futures
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from prometheus_client.core import GaugeMetricFamily
 
 from sluice.gateway import heap
 from sluice.gateway.config import Config
@@ -34,17 +35,30 @@ from sluice.gateway.core.screening import ScreeningPolicy
 from sluice.gateway.core.strategies import build_strategy
 from sluice.gateway.export.gate import EgressGate
 from sluice.gateway.export.guard import Verdicts
-from sluice.gateway.export.publish import ReleaseWriter, template_for
+from sluice.gateway.export.publish import ReleaseWriter, template_dir, template_for
 from sluice.gateway.export.release_audit import guard_policy
 from sluice.gateway.export.release_check import ReleaseChecker
 from sluice.gateway.export.signing import Signer, SigningKeyError
-from sluice.gateway.pki import PkiLayout, key_matches_cert
+from sluice.gateway.export.template import OnnxTemplate
+from sluice.gateway.listeners import (
+    StartupError,
+    bind,
+    check_addresses,
+    claim,
+    grpc_listener,
+    release_unstarted,
+    server_credentials,
+    warn_exposed,
+)
+from sluice.gateway.metrics import Metrics, held_threads_family, round_families
+from sluice.gateway.ops import OpsListener
+from sluice.gateway.pki import PkiLayout
 from sluice.gateway.services.admin import AdminServicer
 from sluice.gateway.services.auth import AuthInterceptor, Certificates
 from sluice.gateway.services.egress import EgressServicer
 from sluice.gateway.services.idle import CallLimits, Pace
 from sluice.gateway.services.trainer import TrainerServicer
-from sluice.gateway.store.audit import Coalescer
+from sluice.gateway.store.audit import Coalescer, log_entry
 from sluice.gateway.store.blobs import BlobStore, fsync_dir
 from sluice.gateway.store.sqlite import Store
 from sluice.models.import_statement import StatementRefused, trusted_keys
@@ -57,7 +71,10 @@ from sluice.v1 import (
     trainer_pb2_grpc,
 )
 
+__all__ = ["ENDPOINTS_FILE", "LOCK_FILE", "RESERVE_FILE", "Endpoints", "Gateway", "StartupError"]
+
 log = logging.getLogger(__name__)
+config_log = logging.getLogger("sluice.config")
 
 ENDPOINTS_FILE = "endpoints.json"
 LOCK_FILE = "sluice.lock"  # flock'ed by the one gateway serving the data dir; holds its pid
@@ -65,22 +82,22 @@ CA_FILE = "trusted-ca.sha256"  # the CA this data dir's principals were issued b
 # Space held back while the disk has room, and given up when a start finds it full: SQLite
 # needs a little (its 32 KiB WAL index, a few pages) to open the database and serve.
 RESERVE_FILE = "sluice.reserve"
+LISTENERS = ("internal", "egress")
 INTERNAL_SERVICES = (
     trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 EGRESS_SERVICES = (egress_pb2.DESCRIPTOR.services_by_name["EgressService"].full_name,)
-_MESSAGE_SLACK = 64 << 10  # room for the chunk message's own fields
 
 
 @dataclass(frozen=True)
 class Endpoints:
+    """What each listener bound (endpoints.json holds the same)."""
+
     internal: str
     egress: str
-
-
-class StartupError(RuntimeError):
-    """The gateway will not start; the message says why and what to do."""
+    ops: str = ""  # HTTP /metrics, /healthz, /readyz; "" when turned off
+    health: str = ""  # plain-text gRPC health; "" when turned off
 
 
 class _DataDirLock:
@@ -203,81 +220,82 @@ def _check_ca(root: Path, layout: PkiLayout, accept_new: bool) -> dict[str, obje
     return {"sha256": now, "previous": recorded}
 
 
-def _listener(
-    config: Config, services: tuple[str, ...], interceptors: list[grpc.ServerInterceptor]
-) -> tuple[grpc.Server, health.HealthServicer]:
-    limit = config.max_chunk_bytes + _MESSAGE_SLACK
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ],
+def _setting(value: object) -> object:
+    """A setting as the effective configuration shows it: paths absolute, JSON types."""
+    if isinstance(value, Path):
+        return str(value.resolve())
+    if isinstance(value, Mapping):
+        return {str(k): _setting(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_setting(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _log_config(config: Config) -> None:
+    """The effective configuration, one line per setting (no secrets: keys are files)."""
+    config_log.info("effective configuration (defaults < sluice.toml < SLUICE_* < flags):")
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "pki_dir" and value is None:
+            value = config.data_dir / "pki"
+        if f.name == "declared_models":
+            value = {name: entry.factory_path for name, entry in value.items()}
+        shown = _setting(value)
+        text = shown if isinstance(shown, str) else json.dumps(shown, ensure_ascii=False)
+        extra = {"event": "config", "setting": f.name, "value": shown}
+        config_log.info("  %s = %s", f.name, text, extra=extra)
+
+
+def _state(
+    store: Store, models: tuple[str, ...], auth: Mapping[str, AuthInterceptor]
+) -> list[GaugeMetricFamily]:
+    """The gauges read from the gateway's state at each scrape."""
+    latest = {}
+    for model in models:
+        r = store.latest_round(model)
+        if r is not None:
+            latest[model] = (r.round, str(r.state), r.accepted)
+    counts = [row for row in store.round_counts() if row[0] in models]
+    versions, releases = (
+        {m: v for m, v in store.newest(table).items() if m in models}
+        for table in ("versions", "releases")
     )
-    checker = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    reflection.enable_server_reflection(
-        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    for name in services:
-        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
-    checker.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, checker
+    held = {name: interceptor.held_threads() for name, interceptor in auth.items()}
+    return [*round_families(latest, counts, versions, releases), held_threads_family(held)]
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
-
-
-def _server_credentials(layout: PkiLayout, listener: str) -> grpc.ServerCredentials:
-    """TLS with a required client certificate from the CA, for one listener."""
-    paths = (layout.server_key(listener), layout.server_cert(listener), layout.ca_cert)
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"no TLS material for the {listener} listener ({', '.join(missing)}): run "
-            f"`sluice init {layout.directory}` or use --insecure-loopback for a loopback demo"
-        )
-    if not key_matches_cert(layout.server_cert(listener), layout.server_key(listener)):
-        raise StartupError(
-            f"{layout.server_key(listener)} and {layout.server_cert(listener)} are unreadable or "
-            f"not a pair: run `sluice init {layout.directory}` again to reissue them"
-        )
-    key, cert, ca = (p.read_bytes() for p in paths)
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=True
-    )
-
-
-def _bind(
-    server: grpc.Server, address: str, what: str, creds: grpc.ServerCredentials | None
-) -> str:
-    host = address.rsplit(":", 1)[0]
-    if creds is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, creds)
-    if port == 0:
-        raise OSError(f"{what} listener: cannot bind {address}")
-    return f"{host}:{port}"
+def _release(servers: Iterable[grpc.Server], ops: OpsListener | None) -> None:
+    """Give back the ports of a gateway that never started (or failed to build)."""
+    for server in servers:
+        release_unstarted(server)
+    if ops is not None:
+        ops.stop()
 
 
 class Gateway:
-    """Everything `sluice serve` runs; start() binds both listeners, stop() ends them."""
+    """Everything `sluice serve` runs. Building it binds every port first (a port in use
+    fails at once), then does the slow part (templates, bootstrap); start() serves, stop()
+    ends. A gateway built but never started gives its ports back at stop(), or when it is
+    dropped."""
 
     def __init__(self, config: Config) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _DataDirLock(config.data_dir)
+        self._servers: list[grpc.Server] = []
+        self.ops: OpsListener | None = None
+        self._started = False
         try:
             self._build(config)
         except BaseException:
+            _release(self._servers, self.ops)
             if hasattr(self, "store"):
                 self.store.close()
             self._lock.release()
             raise
+        self._unstarted = weakref.finalize(self, _release, list(self._servers), self.ops)
+        self._unstarted.atexit = False
 
     def _build(self, config: Config) -> None:
         self.config = config
@@ -298,17 +316,44 @@ class Gateway:
             max_header_bytes=config.max_header_bytes,
         )
         limits.check()  # before any work: settings that let two principals fill a listener
+        check_addresses(config)
         _keep_reserve(root, config.start_reserve_bytes)
         self.store = Store(root / "sluice.db")
+        self.metrics = Metrics(config.models)
+        self.store.observe_audit(log_entry)  # every audit entry is a log line too
+        self.store.observe_audit(self.metrics.audited)
+        for model in config.models:  # the DP budget spent before this start
+            closed = self.store.last_audit_entry("round.closed", f"{model}/round/")
+            if closed is not None:
+                self.metrics.spent(model, closed.detail.get("dp"))
         self.pki = PkiLayout(config.pki_dir or root / "pki")
         ca_changed = None
+        credentials: dict[str, grpc.ServerCredentials | None] = dict.fromkeys(LISTENERS)
         if not config.insecure_loopback:
             ca_changed = _check_ca(root, self.pki, config.accept_new_ca)
+            credentials = {name: server_credentials(self.pki, name) for name in LISTENERS}
+        # Repeated refusals and egress reads: one audit row per window, counted.
+        self.audit = Coalescer(self.store.record_soon, config.audit_window_seconds)
+        self.certificates = Certificates(self.store, self.pki)
+        # listener -> its interceptor; with --insecure-loopback it authenticates no one but
+        # still keeps the listener's budget, pacing and decode-after-admission.
+        self.auth = {
+            listener: AuthInterceptor(
+                self.store,
+                listener,
+                limits,
+                self.audit,
+                self.certificates,
+                authenticate=not config.insecure_loopback,
+                metrics=self.metrics,
+            )
+            for listener in LISTENERS
+        }
+        self._bind_all(config, credentials)
+        # The slow part, with every port bound: a first start exports each model's template.
         self.blobs = BlobStore(root / "blobs")
         self.catalog = Catalog(config.models, config.declared_models)
-        templates = {
-            m.name: template_for(m, root / "templates", config.two_file_bytes) for m in self.catalog
-        }
+        templates = self._templates(root)
         try:
             self.signer = Signer.load_or_create(root / "keys")
         except SigningKeyError as exc:
@@ -332,13 +377,13 @@ class Gateway:
         )
         policy = guard_policy(config)
         verdicts = Verdicts()  # what the guard accepted at publish, the gate need not parse
-        self.releases = ReleaseWriter(root / "registry", templates, policy, self.signer, verdicts)
+        self.releases = ReleaseWriter(
+            root / "registry", templates, policy, self.signer, verdicts, metrics=self.metrics
+        )
         checker = ReleaseChecker(
             self.catalog, templates, root / "registry", policy, self.signer.public_key, verdicts
         )
-        # Repeated refusals and egress reads: one audit row per window, counted.
-        self.audit = Coalescer(self.store.record_soon, config.audit_window_seconds)
-        self.gate = EgressGate(self.store, checker, self.audit)
+        self.gate = EgressGate(self.store, checker, self.audit, metrics=self.metrics)
         fedbuff = (
             FedBuffPolicy(config.max_staleness, config.staleness_exponent)
             if config.fedbuff
@@ -393,24 +438,9 @@ class Gateway:
         dropped = self.blobs.drop_orphans(self.store.referenced_blobs())
         if dropped:
             log.warning("dropped %d orphan blobs left by an interrupted push", len(dropped))
-        self.certificates = Certificates(self.store, self.pki)
-        # listener -> its interceptor; with --insecure-loopback it authenticates no one but
-        # still keeps the listener's budget, pacing and decode-after-admission.
-        self.auth = {
-            listener: AuthInterceptor(
-                self.store,
-                listener,
-                limits,
-                self.audit,
-                self.certificates,
-                authenticate=not config.insecure_loopback,
-            )
-            for listener in ("internal", "egress")
-        }
-
-        self._internal, _ = _listener(config, INTERNAL_SERVICES, [self.auth["internal"]])
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
-            TrainerServicer(self.store, self.blobs, self.rounds, self.ingest), self._internal
+            TrainerServicer(self.store, self.blobs, self.rounds, self.ingest, self.metrics),
+            self._internal,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
@@ -425,32 +455,75 @@ class Gateway:
             ),
             self._internal,
         )
-        self._egress, _ = _listener(config, EGRESS_SERVICES, [self.auth["egress"]])
-        egress_pb2_grpc.add_EgressServiceServicer_to_server(EgressServicer(self.gate), self._egress)
-        self.endpoints: Endpoints | None = None
+        egress_pb2_grpc.add_EgressServiceServicer_to_server(
+            EgressServicer(self.gate, self.metrics), self._egress
+        )
+        # Not a bound method: what the ops listener holds must not keep the gateway alive.
+        self.metrics.watch_state(functools.partial(_state, self.store, config.models, self.auth))
+
+    def _bind_all(
+        self, config: Config, credentials: Mapping[str, grpc.ServerCredentials | None]
+    ) -> None:
+        """Every port, before the slow part of the start: a port in use fails at once. The
+        operations listeners serve from here on (live; ready once start() has run)."""
+        self._internal, self._internal_health = grpc_listener(
+            config, INTERNAL_SERVICES, [self.auth["internal"]]
+        )
+        self._servers.append(self._internal)
+        self._egress, self._egress_health = grpc_listener(
+            config, EGRESS_SERVICES, [self.auth["egress"]]
+        )
+        self._servers.append(self._egress)
+        internal = bind(
+            self._internal, config.internal_address, "internal_address", credentials["internal"]
+        )
+        egress = bind(self._egress, config.egress_address, "egress_address", credentials["egress"])
+        for setting in ("ops_address", "health_address"):
+            if getattr(config, setting):
+                claim(getattr(config, setting), setting)
+        try:
+            self.ops = OpsListener(
+                config.ops_address,
+                config.health_address,
+                self.metrics.registry,
+                (*INTERNAL_SERVICES, *EGRESS_SERVICES),
+            )
+        except (OSError, RuntimeError) as exc:  # lost a race for a port since the claim
+            raise StartupError(f"cannot bind the operations listeners: {exc}") from None
+        self.ops.serve()
+        self.endpoints = Endpoints(
+            internal, egress, self.ops.metrics_address, self.ops.health_address
+        )
+
+    def _templates(self, root: Path) -> dict[str, OnnxTemplate]:
+        """Each model's ONNX template: loaded, or at a first start exported and self-tested
+        (publish.template_for logs each step with its seconds)."""
+        threshold = self.config.two_file_bytes
+        missing = [
+            m.name
+            for m in self.catalog
+            if not (template_dir(m, root / "templates", threshold) / "template.json").exists()
+        ]
+        if missing:
+            log.info(
+                "first start of %s: exporting ONNX templates before serving; bound internal "
+                "%s, egress %s, metrics %s, health %s (/healthz answers, not ready yet)",
+                ", ".join(missing),
+                self.endpoints.internal,
+                self.endpoints.egress,
+                self.endpoints.ops or "off",
+                self.endpoints.health or "off",
+            )
+        started = time.perf_counter()
+        templates = {m.name: template_for(m, root / "templates", threshold) for m in self.catalog}
+        if missing:
+            log.info("templates ready in %.1f s", time.perf_counter() - started)
+        return templates
 
     def start(self) -> Endpoints:
-        internal_creds = egress_creds = None
-        if self.config.insecure_loopback:
-            for address in (self.config.internal_address, self.config.egress_address):
-                if not _is_loopback(address):
-                    raise ValueError(
-                        f"{address}: --insecure-loopback binds loopback addresses only; "
-                        "anything else needs mTLS"
-                    )
-            log.warning(
-                "INSECURE: plain-text listeners, no client certificates, no roles: "
-                "loopback demos and tests only"
-            )
-        else:
-            internal_creds = _server_credentials(self.pki, "internal")
-            egress_creds = _server_credentials(self.pki, "egress")
-        self.endpoints = Endpoints(
-            internal=_bind(
-                self._internal, self.config.internal_address, "internal", internal_creds
-            ),
-            egress=_bind(self._egress, self.config.egress_address, "egress", egress_creds),
-        )
+        """Serve on the ports bound when the gateway was built."""
+        self._unstarted.detach()  # stop() gives everything back from now on
+        self._started = True
         self._internal.start()
         self._egress.start()
         self.audit.start()
@@ -458,8 +531,19 @@ class Gateway:
             interceptor.start()
         heap.trim()  # bootstrap's transient copies of the weights (version 0) go back
         self.rounds.start()
+        _log_config(self.config)
+        warn_exposed(self.config)
         self._write_endpoints(self.endpoints)
-        log.info("internal listener %s, egress listener %s", *self.endpoints.__dict__.values())
+        if self.ops is not None:
+            self.ops.ready(True)
+        self.metrics.ready.set(1)
+        log.info(
+            "serving: internal %s, egress %s, metrics %s, health %s",
+            self.endpoints.internal,
+            self.endpoints.egress,
+            self.endpoints.ops or "off",
+            self.endpoints.health or "off",
+        )
         return self.endpoints
 
     def _write_endpoints(self, endpoints: Endpoints) -> None:
@@ -474,14 +558,26 @@ class Gateway:
             log.warning("could not write %s (%s); serving anyway", path, exc)
 
     def stop(self, grace: float = 1.0) -> None:
-        self.rounds.stop()
-        self._internal.stop(grace).wait()
-        self._egress.stop(grace).wait()
+        """Not ready from the first moment (probes see it while calls drain), then end."""
+        self.metrics.ready.set(0)
+        if self.ops is not None:
+            self.ops.ready(False)
+        self._internal_health.enter_graceful_shutdown()
+        self._egress_health.enter_graceful_shutdown()
+        if self._started:
+            self.rounds.stop()
+            self._internal.stop(grace).wait()
+            self._egress.stop(grace).wait()
+        else:
+            self._unstarted()  # built, never started: give the ports back
         for interceptor in self.auth.values():
             interceptor.close()
         self.audit.stop()  # the counts of coalesced refusals, before the store closes
         self.store.close()
-        (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+        if self._started:
+            (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+            if self.ops is not None:
+                self.ops.stop()
         self._lock.release()
 
     def wait(self) -> None:

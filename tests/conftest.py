@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sluice.gateway import logs
 from sluice.gateway.config import Config
 from sluice.gateway.server import Endpoints, Gateway
 from sluice.models import registry
@@ -18,6 +21,63 @@ from sluice.models.schema import Schema
 from sluice.v1 import trainer_pb2
 
 TINY = "drivenet-tiny"
+# Config's fixed default ports (7070, 7071, 9464, 7072) would collide between gateways:
+# every test gateway binds ports the OS picks.
+EPHEMERAL = {
+    "internal_address": "127.0.0.1:0",
+    "egress_address": "127.0.0.1:0",
+    "ops_address": "127.0.0.1:0",
+    "health_address": "127.0.0.1:0",
+}
+
+
+def offline(config: Config) -> Config:
+    """A gateway built only to prepare its templates (or to fail doing so): plain text on
+    ports the OS picks, so it needs no PKI and collides with nothing."""
+    return config.replace(insecure_loopback=True, **EPHEMERAL)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ephemeral_ports() -> Iterator[None]:
+    """The same for `sluice serve` run by a test (a subprocess, or main()): SLUICE_* env."""
+    names = {f"SLUICE_{key.upper()}": value for key, value in EPHEMERAL.items()}
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+# The gateway's own log lines (every audit entry, the effective configuration): in a test
+# they would land in the stderr of an in-process CLI command (main() puts a handler on the
+# root logger), which tests read line by line. Tests that read them ask for gateway_logs.
+GATEWAY_LOGGERS = ("sluice.audit", "sluice.config")
+
+
+@pytest.fixture(autouse=True)
+def _gateway_logs_apart() -> Iterator[None]:
+    """Each test starts without the stderr handler an earlier test's main() left on the root
+    logger, and the gateway's audit and configuration lines stay out of the CLI's stderr."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logs.StderrHandler)]:
+        root.removeHandler(handler)
+    loggers = [logging.getLogger(name) for name in GATEWAY_LOGGERS]
+    before = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.propagate = False
+    yield
+    for logger, propagate in zip(loggers, before, strict=True):
+        logger.propagate = propagate
+
+
+@pytest.fixture
+def gateway_logs() -> None:
+    """The gateway's audit and configuration lines reach the root logger (and caplog)."""
+    for name in GATEWAY_LOGGERS:
+        logging.getLogger(name).propagate = True
 
 
 @dataclass
@@ -37,7 +97,7 @@ class Running:
 def template_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the tiny model's ONNX template once per session; gateways copy it."""
     root = tmp_path_factory.mktemp("templates-seed")
-    Gateway(Config(data_dir=root, models=(TINY,))).store.close()
+    Gateway(offline(Config(data_dir=root, models=(TINY,)))).stop()
     return root / "templates"
 
 
@@ -52,6 +112,7 @@ def start_gateway(data_dir: Path, template_cache: Path, **settings: object) -> R
         "models": (TINY,),
         "quorum": 3,
         "insecure_loopback": True,
+        **EPHEMERAL,
     }
     values.update(settings)
     config = Config().replace(**values)

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from sluice.gateway.cli.common import add_identity, add_limits, identity, limits
+from sluice.gateway.cli.common import (
+    CliError,
+    Exit,
+    add_identity,
+    add_limits,
+    check_target,
+    identity,
+    iso_ms,
+    limits,
+    plural,
+    rpc_failure,
+    size,
+)
 
 
 def _pull(args: argparse.Namespace) -> int:
     import grpc
 
     from sluice.clients.pins import Pins
+    from sluice.clients.progress import transfer
     from sluice.clients.sdk import EgressClient
     from sluice.models.manifest import ManifestRefused, load_public_key
 
@@ -20,10 +34,10 @@ def _pull(args: argparse.Namespace) -> int:
         key = load_public_key(args.public_key)
         pins = Pins.load(args.pin_file) if args.pin_file else None
     except ManifestRefused as exc:
-        print(f"sluice pull: {exc}; nothing pulled", file=sys.stderr)
-        return 2
+        raise CliError(Exit.USAGE, f"{exc}; nothing pulled") from exc
     pinned = args.structure_hash or (pins.get(args.model) if pins else None)
-    with EgressClient(args.egress, identity=identity(args)) as client:
+    me = identity(args)
+    with EgressClient(check_target(args.egress, "--egress"), identity=me) as client:
         try:
             doc = client.pull_release(
                 args.model,
@@ -32,22 +46,68 @@ def _pull(args: argparse.Namespace) -> int:
                 version=args.version,
                 structure_hash=pinned,
                 limits=limits(args),
+                progress=transfer,
             )
         except ManifestRefused as exc:
-            print(f"refused: {exc}; nothing written", file=sys.stderr)
-            return 1
+            raise CliError(Exit.REFUSED, f"refused: {exc}; nothing written", bare=True) from exc
         except grpc.RpcError as exc:
-            code = exc.code().name if exc.code() else "UNKNOWN"
-            print(f"refused: {code}: {exc.details()}; nothing written", file=sys.stderr)
-            return 1
+            failure = rpc_failure(exc, args)
+            if failure.code in (Exit.REFUSED, Exit.BUSY):  # the gateway's answer, as always
+                kept = "; run it again to resume" if failure.code == Exit.BUSY else ""
+                raise CliError(
+                    failure.code, f"{failure.message}; nothing written{kept}", bare=True
+                ) from exc
+            raise failure from exc
+        except KeyboardInterrupt:
+            print(
+                f"sluice pull: interrupted; {args.out} holds no unverified file, and the same "
+                "command resumes where this one stopped",
+                file=sys.stderr,
+            )
+            return Exit.INTERRUPTED
         except (OSError, ValueError) as exc:  # --out unusable, a stream that did not add up
-            print(f"refused: {str(exc)[:300]}; nothing written", file=sys.stderr)
-            return 1
+            raise CliError(Exit.REFUSED, f"refused: {exc}; nothing written", bare=True) from exc
     if pins is not None and pins.get(args.model) is None:
         pins.pin(args.model, str(doc["structure_hash"]))
         print(f"{args.pin_file}: pinned the structure of {args.model} (first pull)")
     names = ", ".join(f["name"] for f in doc["files"])
     print(f"{args.out}: {doc['model']} v{doc['version']} ({names}) verified and written")
+    return 0
+
+
+def _releases(args: argparse.Namespace) -> int:
+    """The published releases the global team may pull: what ListReleases says, every
+    field from the release's verified signed manifest (withheld ones marked)."""
+    from sluice.clients.sdk import EgressClient
+
+    me = identity(args)
+    with EgressClient(check_target(args.egress, "--egress"), identity=me) as client:
+        releases = client.releases(args.model or "")[: args.limit]
+    if args.json:
+        doc = [
+            {
+                "model": r.model,
+                "version": r.version,
+                "round": r.round,
+                "created_unix_ms": r.created_unix_ms,
+                "num_trainers": r.num_trainers,
+                "withheld": r.withheld,
+                "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in r.files],
+            }
+            for r in releases
+        ]
+        print(json.dumps({"releases": doc}, indent=2))
+        return 0
+    if not releases:
+        print(f"no published release{' of ' + args.model if args.model else ''}")
+    for r in releases:
+        total = sum(f.size for f in r.files)
+        files = ", ".join(f.name for f in r.files)
+        mark = "  WITHHELD (its files no longer match the signed manifest)" * r.withheld
+        print(
+            f"{r.model} v{r.version}  round {r.round}  {iso_ms(r.created_unix_ms)}  "
+            f"{plural(r.num_trainers, 'trainer')}  {size(total)} ({files}){mark}"
+        )
     return 0
 
 
@@ -127,8 +187,18 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "every later pull must match",
     )
     add_limits(pull)
-    add_identity(pull)
+    add_identity(pull, role="reader", listener="egress")
     pull.set_defaults(run=_pull)
+
+    releases = sub.add_parser(
+        "releases", help="(global team) the published releases, newest first, from the egress"
+    )
+    releases.add_argument("--egress", required=True, help="egress listener address")
+    releases.add_argument("--model", help="only this model (default: every model)")
+    releases.add_argument("--limit", type=int, default=20, help="at most this many")
+    releases.add_argument("--json", action="store_true", help="one JSON document")
+    add_identity(releases, role="reader", listener="egress")
+    releases.set_defaults(run=_releases)
 
     verify = sub.add_parser("verify", help="(global team) verify a pulled release offline")
     verify.add_argument("file", type=Path, help="model.onnx (model.onnx.data beside it if any)")

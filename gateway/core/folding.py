@@ -153,6 +153,7 @@ class RoundFolder:
                 raise CloseRefused(f"{type(exc).__name__}: {exc}") from exc
             raise
         folded_s = time.perf_counter() - started
+        screened = [u.update_id for u in updates]  # the order screening's indices refer to
         updates = prepared.updates
         version = Version(
             model=r.model,
@@ -173,8 +174,9 @@ class RoundFolder:
             "num_regions": version.num_regions,
             "strategy": strategy.name,
             "strategy_facts": dict(report.facts),
-            "screening": prepared.screening.facts(),
+            "screening": {**prepared.screening.facts(), "updates": screened},
             "dp": dp,
+            "fold_s": round(folded_s, 3),
         }
         try:
             closed = self._publish(served, r, version, updates, facts, dp)
@@ -219,7 +221,10 @@ class RoundFolder:
                     "release.published",
                     "gateway",
                     f"{r.model}/release/{version.version}",
-                    {"files": [f.__dict__ for f in release.files]},
+                    {
+                        "files": [f.__dict__ for f in release.files],
+                        "stages_s": dict(outcome.stages),
+                    },
                 )
             else:
                 audit.append(

@@ -109,6 +109,7 @@ class PushResult:
 class PublishOutcome:
     release: Release | None
     refused: str = ""  # why no release was published; empty when one was
+    stages: tuple[tuple[str, float], ...] = ()  # (stage, seconds) of a published release
 
 
 @dataclass(frozen=True)

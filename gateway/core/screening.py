@@ -51,6 +51,7 @@ class ScreeningResult:
     flagged: list[int]  # indices (in the order given) of outlier updates
     dropped: list[int]  # the flagged ones left out of the aggregate (drop_outliers)
     reasons: dict[int, str] = field(default_factory=dict)  # index -> why, for the audit log
+    norms: tuple[float, ...] = ()  # every update's norm, in the order given
 
     def kept(self, items: Sequence[T]) -> list[T]:
         """The items (contributions, norms, update ids) of the updates not dropped."""
@@ -63,6 +64,7 @@ class ScreeningResult:
             "flagged": self.flagged,
             "dropped": self.dropped,
             "reasons": {str(i): r for i, r in self.reasons.items()},
+            "norms": [n if math.isfinite(n) else None for n in self.norms],  # JSON has no inf
         }
 
 
@@ -90,4 +92,6 @@ def screen(norms: Sequence[float], policy: ScreeningPolicy | None = None) -> Scr
                 )
     flagged = sorted(reasons)
     dropped = flagged if policy.drop_outliers else []
-    return ScreeningResult(flagged, list(dropped), {i: reasons[i] for i in flagged})
+    return ScreeningResult(
+        flagged, list(dropped), {i: reasons[i] for i in flagged}, tuple(float(n) for n in norms)
+    )

@@ -14,6 +14,7 @@ from sluice.gateway.core.errors import IntegrityError, InvalidInput, NotFound, S
 from sluice.gateway.core.records import Release, ReleaseFile
 from sluice.gateway.export.guard import GuardRefused, PieceDigests
 from sluice.gateway.export.release_check import ReleaseChecker, SignedRelease
+from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.audit import Coalescer
 from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
 from sluice.gateway.store.sqlite import Store
@@ -69,11 +70,17 @@ class EgressGate:
     of its own."""
 
     def __init__(
-        self, store: Store, checker: ReleaseChecker, coalesce: Coalescer | None = None
+        self,
+        store: Store,
+        checker: ReleaseChecker,
+        coalesce: Coalescer | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.checker = checker
         self.coalesce = coalesce
+        self.metrics = metrics or Metrics()
 
     # -- what readers may call ------------------------------------------------------------
 
@@ -149,6 +156,7 @@ class EgressGate:
             raise
 
         def interrupted(reason: str) -> None:
+            self.metrics.egress_refused("withheld mid-stream")
             self._audit(
                 "egress.refused",
                 caller,
@@ -209,6 +217,7 @@ class EgressGate:
                 if version:
                     raise
                 first = first or exc
+                self.metrics.guard_refused("egress", exc.layers)
                 self._audit(
                     "egress.skipped",
                     caller,
@@ -287,6 +296,7 @@ class EgressGate:
         self, caller: Caller, subject: str, asked: dict[str, object], exc: SluiceError
     ) -> None:
         outcome = "not found" if isinstance(exc, NotFound) else "invalid request"
+        self.metrics.egress_refused(outcome)
         self._audit(
             "egress.refused",
             caller,
@@ -297,6 +307,8 @@ class EgressGate:
     def _withheld(
         self, caller: Caller, asked: dict[str, object], model: str, exc: _Withheld
     ) -> IntegrityError:
+        self.metrics.egress_refused("withheld")
+        self.metrics.guard_refused("egress", exc.layers)
         subject = f"{bounded(model)}/release/{exc.version}"
         if "file" in asked:
             subject += f"/{asked['file']}"

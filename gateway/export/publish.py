@@ -42,6 +42,7 @@ from sluice.gateway.export.template import (
     load_template,
     save_template,
 )
+from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.blobs import fsync_dir
 from sluice.models.artifact import op_set
 from sluice.models.manifest import (
@@ -77,10 +78,18 @@ def template_for(
     layout = "two-file" if directory.name.endswith("-two-file") else "single-file"
     if (directory / "template.json").exists():
         return load_template(directory)
-    log.info("building the %s ONNX template of %s (once per schema)", layout, served.name)
+    log.info("exporting the %s ONNX template of %s (once per schema)", layout, served.name)
+    started = time.perf_counter()
     t = build_template(served.entry, two_file_threshold=two_file_threshold)
+    exported = time.perf_counter()
+    log.info("exported %s in %.1f s; self-test in onnxruntime", served.name, exported - started)
     diff = template_self_test(t, served.entry)
-    log.info("template self-test of %s: max abs diff %.2e", served.name, diff)
+    log.info(
+        "template self-test of %s passed in %.1f s: max abs diff %.2e",
+        served.name,
+        time.perf_counter() - exported,
+        diff,
+    )
     save_template(t, directory)
     del t  # served from the saved file from now on (mapped, not held in the heap)
     heap.trim()
@@ -101,6 +110,10 @@ class _Stages:
 
     def __str__(self) -> str:
         return ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self._laps)
+
+    def laps(self) -> tuple[tuple[str, float], ...]:
+        """(stage, seconds) in order, to the millisecond: for the release.published entry."""
+        return tuple((name, round(seconds, 3)) for name, seconds in self._laps)
 
 
 _SYNCER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release-fsync")
@@ -159,7 +172,10 @@ class ReleaseWriter:
         policy: GuardPolicy,
         signer: Signer,
         verdicts: Verdicts | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.root = root
         self.verdicts = verdicts
         self.templates = templates
@@ -207,6 +223,7 @@ class ReleaseWriter:
             )
             check_policy(early, policy)
         except GuardRefused as exc:
+            self.metrics.guard_refused("publish", exc.layers)
             return PublishOutcome(None, exc.reason)
         # Freed push buffers that glibc still holds go back first: the parity check below
         # is the gateway's largest allocation (onnxruntime holds the weights twice at load).
@@ -265,6 +282,7 @@ class ReleaseWriter:
                 expected = {f.name: (f.size, f.sha256) for f in files}
                 check_release_dir(staging, template, served.schema, policy, expected, self.verdicts)
             except GuardRefused as exc:
+                self.metrics.guard_refused("publish", exc.layers)
                 return PublishOutcome(None, exc.reason)
             clock.lap("guard")
             syncing.result()  # raises what fsync raised: no release without its bytes on disk
@@ -287,4 +305,4 @@ class ReleaseWriter:
             manifest_json=manifest,
             signature=self.signer.sign(manifest),
         )
-        return PublishOutcome(release)
+        return PublishOutcome(release, stages=clock.laps())

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import grpc
 
 from sluice.gateway.core.errors import InvalidInput, NotFound, SluiceError, TooLarge, bounded
+from sluice.gateway.metrics import Metrics
 from sluice.gateway.pki import (
     OPERATOR,
     READER,
@@ -305,6 +306,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         certificates: Certificates,
         *,
         authenticate: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         limits.check()
         self.store = store
@@ -313,6 +315,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.audit = audit
         self.certificates = certificates
         self.authenticate = authenticate  # False: plain text, nobody to authenticate
+        self.metrics = metrics or Metrics()
         self.health_pool = futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix=f"{listener}-health"
         )
@@ -364,6 +367,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
             taken.end_call()  # it already has: give the slot back now
             taken.end_thread()
             context.abort(grpc.StatusCode.CANCELLED, "the call ended before it started")
+        opened = self.metrics.open_calls.labels(self.listener, method)  # a method served here
+        opened.inc()
+        if not context.add_callback(opened.dec):
+            opened.dec()
         return taken
 
     def precheck(self, method: str) -> Callable[[bytes], None] | None:
@@ -409,6 +416,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 method,
                 f"{principal.role} {principal.name!r} may not call {method} "
                 f"on the {self.listener} listener",
+                role=principal.role,
             )
         return principal
 
@@ -420,7 +428,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
         method: str,
         why: str,
         kind: str = "auth.denied",
+        *,
+        role: str = "none",  # the caller's role, where its identity is trusted
     ) -> NoReturn:
+        # Labels from fixed sets only: a method served here, a code, a role; never the actor.
+        if kind == "auth.denied":
+            self.metrics.denied(self.listener, method, code.name, role)
+        else:
+            self.metrics.calls_limited.labels(self.listener, code.name).inc()
         why = errors.public(why)
         detail = {"listener": self.listener, "status": code.name, "reason": why}
         self.audit.record(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import grpc
 
 from sluice.gateway.core.records import Release
 from sluice.gateway.export.gate import Caller, EgressGate
+from sluice.gateway.metrics import Metrics
 from sluice.gateway.services.auth import principal_of
 from sluice.gateway.services.errors import mapped_errors
+from sluice.gateway.services.observed import call_status
 from sluice.v1 import egress_pb2, egress_pb2_grpc, tensors_pb2
 
 
@@ -31,13 +34,23 @@ def _caller(context: grpc.ServicerContext) -> Caller:
 
 
 class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
-    def __init__(self, gate: EgressGate) -> None:
+    def __init__(self, gate: EgressGate, metrics: Metrics | None = None) -> None:
         self.gate = gate
+        self.metrics = metrics or Metrics()
+
+    def _counted(self, method: str) -> AbstractContextManager[None]:
+        """Counts the call by how it ended (inside mapped_errors, which answers it)."""
+        requests = self.metrics.egress_requests
+
+        def record(status: str) -> None:
+            requests.labels(method, status).inc()
+
+        return call_status(record)
 
     def ListReleases(
         self, request: egress_pb2.ListReleasesRequest, context: grpc.ServicerContext
     ) -> egress_pb2.ListReleasesResponse:
-        with mapped_errors(context):
+        with mapped_errors(context), self._counted("ListReleases"):
             listed = self.gate.releases(_caller(context), request.model)
             return egress_pb2.ListReleasesResponse(
                 releases=[_release_msg(x.release, x.withheld) for x in listed]
@@ -46,7 +59,7 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
     def GetManifest(
         self, request: egress_pb2.GetManifestRequest, context: grpc.ServicerContext
     ) -> egress_pb2.GetManifestResponse:
-        with mapped_errors(context):
+        with mapped_errors(context), self._counted("GetManifest"):
             r = self.gate.manifest(_caller(context), request.model, request.version)
             return egress_pb2.GetManifestResponse(
                 manifest_json=r.manifest_json, signature=r.signature
@@ -55,7 +68,7 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
     def PullRelease(
         self, request: egress_pb2.PullReleaseRequest, context: grpc.ServicerContext
     ) -> Iterator[egress_pb2.PullReleaseResponse]:
-        with mapped_errors(context):
+        with mapped_errors(context), self._counted("PullRelease"):
             pull = self.gate.open_pull(
                 _caller(context), request.model, request.version, request.file, request.offset
             )
@@ -69,9 +82,11 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
                         sha256=pull.file.sha256,
                     )
                 )
+                sent = self.metrics.egress_bytes.labels(self.metrics.model(pull.release.model))
                 for offset, data in pull.chunks:
                     yield egress_pb2.PullReleaseResponse(
                         chunk=tensors_pb2.Chunk(offset=offset, data=data)
                     )
+                    sent.inc(len(data))  # handed to gRPC: sent unless the call is cut
             finally:  # a client gone before the first chunk: the stream never started
                 pull.close()

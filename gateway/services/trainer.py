@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -10,8 +12,10 @@ from sluice.gateway.core.errors import InvalidInput, NotFound
 from sluice.gateway.core.ingest import BodyItem, Ingest, PayloadChunk, Trailer
 from sluice.gateway.core.records import UpdateHeader
 from sluice.gateway.core.rounds import RoundManager
+from sluice.gateway.metrics import Metrics
 from sluice.gateway.services.auth import principal_of
 from sluice.gateway.services.errors import mapped_errors
+from sluice.gateway.services.observed import call_status
 from sluice.gateway.store.blobs import BlobStore
 from sluice.gateway.store.chunks import file_chunks
 from sluice.gateway.store.sqlite import Store
@@ -34,12 +38,22 @@ def _header(msg: trainer_pb2.UpdateHeader) -> UpdateHeader:
     )
 
 
-def _body(requests: Iterator[trainer_pb2.PushUpdateRequest]) -> Iterator[BodyItem]:
+@dataclass
+class _Received:
+    """Payload bytes a push has delivered so far, for its metrics."""
+
+    payload_bytes: int = 0
+
+
+def _body(
+    requests: Iterator[trainer_pb2.PushUpdateRequest], received: _Received
+) -> Iterator[BodyItem]:
     for req in requests:
         kind = req.WhichOneof("kind")
         if kind == "chunk":
             if not req.chunk.data:  # it would make no progress, and keep the stream alive
                 raise InvalidInput(f"empty chunk at offset {req.chunk.offset}; chunks carry bytes")
+            received.payload_bytes += len(req.chunk.data)
             yield PayloadChunk(req.chunk.offset, req.chunk.data)
         elif kind == "trailer":
             yield Trailer(req.trailer.num_chunks)
@@ -54,11 +68,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         blobs: BlobStore,
         rounds: RoundManager,
         ingest: Ingest,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.rounds = rounds
         self.ingest = ingest
+        self.metrics = metrics or Metrics()
 
     def GetRound(
         self, request: trainer_pb2.GetRoundRequest, context: grpc.ServicerContext
@@ -118,15 +134,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         request_iterator: Iterator[trainer_pb2.PushUpdateRequest],
         context: grpc.ServicerContext,
     ) -> trainer_pb2.PushUpdateResponse:
-        with mapped_errors(context):
+        started, received, model = time.monotonic(), _Received(), ""
+
+        def ended(status: str) -> None:
+            seconds = time.monotonic() - started
+            self.metrics.pushed(model, status, received.payload_bytes, seconds)
+
+        with mapped_errors(context), call_status(ended):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidInput("a push starts with exactly one header message")
             header = _header(first.header)
+            model = header.model  # a label only if served (Metrics.model)
             result = self.ingest.receive(
                 header,
                 first.ByteSize(),
-                _body(request_iterator),  # paced by the interceptor (services/idle.py)
+                _body(request_iterator, received),  # paced by the interceptor (idle.py)
                 peer=context.peer(),
                 principal=principal_of(context),
             )

@@ -8,8 +8,9 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,37 @@ def append(
     return AuditEntry(seq, ts_ms, kind, actor, subject, json.loads(detail_json), prev, digest)
 
 
-def entries(db: sqlite3.Connection, kind: str = "") -> list[AuditEntry]:
-    sql = "SELECT * FROM audit" + (" WHERE kind = ?" if kind else "") + " ORDER BY seq"
-    rows = db.execute(sql, (kind,) if kind else ()).fetchall()
-    return [
-        AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {}, r[6], r[7])
-        for r in rows
-    ]
+def entries(
+    db: sqlite3.Connection,
+    kind: str = "",
+    *,
+    subject_prefix: str = "",
+    newest_first: bool = False,
+    limit: int = -1,
+) -> list[AuditEntry]:
+    """Entries in seq order (or newest first), of one kind, whose subject starts with
+    subject_prefix, at most `limit` (-1: all)."""
+    where: list[str] = []
+    args: list[object] = []
+    if kind:
+        where.append("kind = ?")
+        args.append(kind)
+    if subject_prefix:
+        where.append("substr(subject, 1, ?) = ?")
+        args += [len(subject_prefix), subject_prefix]
+    sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY seq" + (" DESC" if newest_first else "") + " LIMIT ?"
+    return [_entry(r) for r in db.execute(sql, (*args, limit)).fetchall()]
+
+
+def entries_after(db: sqlite3.Connection, seq: int) -> list[AuditEntry]:
+    """Entries with a seq above `seq`, in order."""
+    rows = db.execute("SELECT * FROM audit WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+    return [_entry(r) for r in rows]
+
+
+def _entry(r: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {}, r[6], r[7])
 
 
 def verify_chain(db: sqlite3.Connection) -> tuple[int, str | None]:
@@ -99,6 +124,54 @@ def verify_chain(db: sqlite3.Connection) -> tuple[int, str | None]:
             return count, f"entry {seq} ({kind}): contents do not match its hash"
         prev, expected_seq, count = digest, seq + 1, count + 1
     return count, None
+
+
+# The audit log, logged: every committed entry is also a line on logger "sluice.audit"
+# (Store.observe_audit), a warning where something was refused, denied or went wrong.
+entry_log = logging.getLogger("sluice.audit")
+_WARNING_WORDS = (
+    "denied", "limited", "rejected", "refused", "interrupted", "excluded", "discarded",
+    "failed", "reopened", "skipped", "changed", "dropped", "removed",
+)  # fmt: skip
+# Detail fields lifted to the log record's own keys (JSON lines), and named in text lines.
+_LIFTED = ("status", "outcome", "listener", "peer", "reason", "count")
+_TEXT_CHARS = 300  # of one value in a text line (JSON lines carry the whole detail)
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _text(value: object) -> str:
+    """A value for a text log line: control characters escaped (a caller's string cannot
+    forge a line), cut to _TEXT_CHARS."""
+    text = str(value).translate(_CONTROL)
+    return text if len(text) <= _TEXT_CHARS else f"{text[:_TEXT_CHARS]}...({len(text)} chars)"
+
+
+def log_entry(entry: AuditEntry) -> None:
+    """Log one committed audit entry: kind, actor and subject, the detail's main fields,
+    and (a coalesced row) how many events it stands for."""
+    last = entry.kind.rsplit(".", 1)[-1]
+    level = logging.WARNING if any(w in last for w in _WARNING_WORDS) else logging.INFO
+    if not entry_log.isEnabledFor(level):
+        return
+    extra: dict[str, object] = {
+        "event": entry.kind,
+        "principal": entry.actor,
+        "subject": entry.subject,
+        "seq": entry.seq,
+    }
+    parts = entry.subject.split("/")
+    if len(parts) >= 3 and parts[1] in ("round", "release") and entry.kind != "push.discarded":
+        extra["model"] = parts[0]
+        if parts[2].isdigit():
+            extra["round" if parts[1] == "round" else "version"] = int(parts[2])
+    named = []
+    for key in _LIFTED:
+        if key in entry.detail:
+            extra[key] = entry.detail[key]
+            named.append(f"{key}={_text(entry.detail[key])}")
+    extra["detail"] = dict(entry.detail)
+    message = f"{entry.kind} by {_text(entry.actor)} on {_text(entry.subject)}"
+    entry_log.log(level, "%s%s", message, f" ({', '.join(named)})" if named else "", extra=extra)
 
 
 Write = Callable[[str, str, str, Mapping[str, object]], object]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from sluice.gateway.core.records import (
     Version,
 )
 from sluice.gateway.store import audit
+
+log = logging.getLogger(__name__)
 
 _ROUNDS = """
 CREATE TABLE IF NOT EXISTS {name} (
@@ -145,6 +148,15 @@ class Store:
         self._db.executescript(audit.SCHEMA)
         self._deferred: list[tuple[str, str, str, dict[str, object]]] = []
         self._deferred_dropped = 0
+        # Called with every audit entry once its transaction has committed (logs, metrics).
+        self._observers: list[Callable[[audit.AuditEntry], None]] = []
+
+    def observe_audit(self, observer: Callable[[audit.AuditEntry], None]) -> None:
+        """Call `observer` with each audit entry after it commits, however it was appended
+        (record, record_soon, audit.append inside a transaction, a deferred entry), never
+        for one rolled back; outside the store's lock, in the committing thread."""
+        with self._lock:
+            self._observers.append(observer)
 
     def close(self) -> None:
         with self._lock:
@@ -156,6 +168,8 @@ class Store:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                # The write lock is held: entries past this one are this transaction's.
+                last = self._last_seq() if self._observers else None
                 deferred = self._write_deferred()
                 yield self._db
                 self._db.execute("COMMIT")
@@ -168,6 +182,18 @@ class Store:
             del self._deferred[:deferred]
             if deferred:
                 self._deferred_dropped = 0
+            added = audit.entries_after(self._db, last) if last is not None else []
+            observers = list(self._observers)
+        for entry in added:
+            for observer in observers:
+                try:
+                    observer(entry)
+                except Exception:  # a log or metric must never fail a committed write
+                    log.exception("audit observer failed on entry %d", entry.seq)
+
+    def _last_seq(self) -> int:
+        row = self._db.execute("SELECT seq FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return int(row[0]) if row else 0
 
     def _write_deferred(self) -> int:
         """Append the audit entries a full disk refused, in the transaction that opened."""
@@ -225,6 +251,18 @@ class Store:
             str(RoundState.FAILED),
         )
         return self._round(row) if row else None
+
+    def round_counts(self) -> list[tuple[str, str, int]]:
+        """(model, state, rounds in that state), for the metrics."""
+        rows = self._all("SELECT model, state, COUNT(*) AS n FROM rounds GROUP BY model, state")
+        return [(r["model"], r["state"], int(r["n"])) for r in rows]
+
+    def newest(self, table: str) -> dict[str, int]:
+        """model -> its newest version in `versions` or `releases`, for the metrics."""
+        if table not in ("versions", "releases"):
+            raise ValueError(f"no table {table!r} of versions")
+        rows = self._all(f"SELECT model, MAX(version) AS v FROM {table} GROUP BY model")
+        return {r["model"]: int(r["v"]) for r in rows}
 
     def rounds_in_state(self, state: RoundState) -> list[Round]:
         rows = self._all("SELECT * FROM rounds WHERE state = ? ORDER BY model, round", str(state))
@@ -482,6 +520,14 @@ class Store:
                     self._deferred.append((kind, actor, subject, {**detail, **at}))
                 else:
                     self._deferred_dropped += 1
+
+    def last_audit_entry(self, kind: str, subject_prefix: str) -> audit.AuditEntry | None:
+        """The newest entry of a kind whose subject starts with subject_prefix."""
+        with self._lock:
+            found = audit.entries(
+                self._db, kind, subject_prefix=subject_prefix, newest_first=True, limit=1
+            )
+        return found[0] if found else None
 
     def audit_entries(self, kind: str = "") -> list[audit.AuditEntry]:
         with self._lock:

@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 from sluice.v1 import tensors_pb2 as sluice_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\x1a\x17sluice/v1/tensors.proto\"\x12\n\x10GetStatusRequest\"\xdf\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nopen_round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x16\n\x0elatest_version\x18\x05 \x01(\x04\x12\x16\n\x0elatest_release\x18\x06 \x01(\x04\x12\x13\n\x0bround_state\x18\x07 \x01(\t\x12\x13\n\x0b\x63lose_error\x18\x08 \x01(\t\x12\x14\n\x0c\x66\x61iled_round\x18\t \x01(\x04\x12\x15\n\rfailed_reason\x18\n \x01(\t\";\n\x11GetStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.sluice.v1.ModelStatus\"1\n\x11\x43loseRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"h\n\x12\x43loseRoundResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x17\n\x0frelease_refused\x18\x03 \x01(\t\x12\x16\n\x0e\x61lready_closed\x18\x04 \x01(\x08\"F\n\rRevokeRequest\x12\x12\n\nserial_hex\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0eRevokeResponse\x12\x1c\n\x14\x64iscarded_update_ids\x18\x01 \x03(\t\"\x96\x01\n\x0cImportHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.sluice.v1.WeightsFormat\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0estatement_json\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"i\n\x11ImportBaseRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.sluice.v1.ImportHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x42\x06\n\x04kind\"\x89\x01\n\x12ImportBaseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0ckept_tensors\x18\x05 \x03(\t\x12\x16\n\x0esigning_key_id\x18\x06 \x01(\t*O\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_SAFETENSORS\x10\x01\x32\xad\x02\n\x0c\x41\x64minService\x12\x46\n\tGetStatus\x12\x1b.sluice.v1.GetStatusRequest\x1a\x1c.sluice.v1.GetStatusResponse\x12I\n\nCloseRound\x12\x1c.sluice.v1.CloseRoundRequest\x1a\x1d.sluice.v1.CloseRoundResponse\x12=\n\x06Revoke\x12\x18.sluice.v1.RevokeRequest\x1a\x19.sluice.v1.RevokeResponse\x12K\n\nImportBase\x12\x1c.sluice.v1.ImportBaseRequest\x1a\x1d.sluice.v1.ImportBaseResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/v1/admin.proto\x12\tsluice.v1\x1a\x17sluice/v1/tensors.proto\"\x12\n\x10GetStatusRequest\"\xed\x03\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nopen_round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x16\n\x0elatest_version\x18\x05 \x01(\x04\x12\x16\n\x0elatest_release\x18\x06 \x01(\x04\x12\x13\n\x0bround_state\x18\x07 \x01(\t\x12\x13\n\x0b\x63lose_error\x18\x08 \x01(\t\x12\x14\n\x0c\x66\x61iled_round\x18\t \x01(\x04\x12\x15\n\rfailed_reason\x18\n \x01(\t\x12\x16\n\x0eopened_unix_ms\x18\x0b \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x0c \x01(\x03\x12\x0f\n\x07updates\x18\r \x01(\r\x12\x10\n\x08strategy\x18\x0e \x01(\t\x12\x0e\n\x06quorum\x18\x0f \x01(\r\x12\x13\n\x0bmin_updates\x18\x10 \x01(\r\x12\x14\n\x0cmin_trainers\x18\x11 \x01(\r\x12\x0f\n\x07\x66\x65\x64\x62uff\x18\x12 \x01(\x08\x12\x12\n\ndp_enabled\x18\x13 \x01(\x08\x12\x12\n\ndp_epsilon\x18\x14 \x01(\x01\x12\x16\n\x0e\x64p_max_epsilon\x18\x15 \x01(\x01\x12+\n\x08releases\x18\x16 \x03(\x0b\x32\x19.sluice.v1.ReleaseSummary\"\x87\x01\n\x0eReleaseSummary\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\x12\x14\n\x0cnum_trainers\x18\x04 \x01(\r\x12\x11\n\tnum_files\x18\x05 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"P\n\x11GetStatusResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.sluice.v1.ModelStatus\x12\x13\n\x0bnow_unix_ms\x18\x02 \x01(\x03\"1\n\x11\x43loseRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"w\n\x12\x43loseRoundResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x17\n\x0frelease_refused\x18\x03 \x01(\t\x12\x16\n\x0e\x61lready_closed\x18\x04 \x01(\x08\x12\r\n\x05round\x18\x05 \x01(\x04\"F\n\rRevokeRequest\x12\x12\n\nserial_hex\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\x0eRevokeResponse\x12\x1c\n\x14\x64iscarded_update_ids\x18\x01 \x03(\t\"\x96\x01\n\x0cImportHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.sluice.v1.WeightsFormat\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0estatement_json\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"i\n\x11ImportBaseRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.sluice.v1.ImportHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x42\x06\n\x04kind\"\x89\x01\n\x12ImportBaseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0ckept_tensors\x18\x05 \x03(\t\x12\x16\n\x0esigning_key_id\x18\x06 \x01(\t*O\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_SAFETENSORS\x10\x01\x32\xad\x02\n\x0c\x41\x64minService\x12\x46\n\tGetStatus\x12\x1b.sluice.v1.GetStatusRequest\x1a\x1c.sluice.v1.GetStatusResponse\x12I\n\nCloseRound\x12\x1c.sluice.v1.CloseRoundRequest\x1a\x1d.sluice.v1.CloseRoundResponse\x12=\n\x06Revoke\x12\x18.sluice.v1.RevokeRequest\x1a\x19.sluice.v1.RevokeResponse\x12K\n\nImportBase\x12\x1c.sluice.v1.ImportBaseRequest\x1a\x1d.sluice.v1.ImportBaseResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEIGHTSFORMAT']._serialized_start=1045
-  _globals['_WEIGHTSFORMAT']._serialized_end=1124
+  _globals['_WEIGHTSFORMAT']._serialized_start=1489
+  _globals['_WEIGHTSFORMAT']._serialized_end=1568
   _globals['_GETSTATUSREQUEST']._serialized_start=61
   _globals['_GETSTATUSREQUEST']._serialized_end=79
   _globals['_MODELSTATUS']._serialized_start=82
-  _globals['_MODELSTATUS']._serialized_end=305
-  _globals['_GETSTATUSRESPONSE']._serialized_start=307
-  _globals['_GETSTATUSRESPONSE']._serialized_end=366
-  _globals['_CLOSEROUNDREQUEST']._serialized_start=368
-  _globals['_CLOSEROUNDREQUEST']._serialized_end=417
-  _globals['_CLOSEROUNDRESPONSE']._serialized_start=419
-  _globals['_CLOSEROUNDRESPONSE']._serialized_end=523
-  _globals['_REVOKEREQUEST']._serialized_start=525
-  _globals['_REVOKEREQUEST']._serialized_end=595
-  _globals['_REVOKERESPONSE']._serialized_start=597
-  _globals['_REVOKERESPONSE']._serialized_end=643
-  _globals['_IMPORTHEADER']._serialized_start=646
-  _globals['_IMPORTHEADER']._serialized_end=796
-  _globals['_IMPORTBASEREQUEST']._serialized_start=798
-  _globals['_IMPORTBASEREQUEST']._serialized_end=903
-  _globals['_IMPORTBASERESPONSE']._serialized_start=906
-  _globals['_IMPORTBASERESPONSE']._serialized_end=1043
-  _globals['_ADMINSERVICE']._serialized_start=1127
-  _globals['_ADMINSERVICE']._serialized_end=1428
+  _globals['_MODELSTATUS']._serialized_end=575
+  _globals['_RELEASESUMMARY']._serialized_start=578
+  _globals['_RELEASESUMMARY']._serialized_end=713
+  _globals['_GETSTATUSRESPONSE']._serialized_start=715
+  _globals['_GETSTATUSRESPONSE']._serialized_end=795
+  _globals['_CLOSEROUNDREQUEST']._serialized_start=797
+  _globals['_CLOSEROUNDREQUEST']._serialized_end=846
+  _globals['_CLOSEROUNDRESPONSE']._serialized_start=848
+  _globals['_CLOSEROUNDRESPONSE']._serialized_end=967
+  _globals['_REVOKEREQUEST']._serialized_start=969
+  _globals['_REVOKEREQUEST']._serialized_end=1039
+  _globals['_REVOKERESPONSE']._serialized_start=1041
+  _globals['_REVOKERESPONSE']._serialized_end=1087
+  _globals['_IMPORTHEADER']._serialized_start=1090
+  _globals['_IMPORTHEADER']._serialized_end=1240
+  _globals['_IMPORTBASEREQUEST']._serialized_start=1242
+  _globals['_IMPORTBASEREQUEST']._serialized_end=1347
+  _globals['_IMPORTBASERESPONSE']._serialized_start=1350
+  _globals['_IMPORTBASERESPONSE']._serialized_end=1487
+  _globals['_ADMINSERVICE']._serialized_start=1571
+  _globals['_ADMINSERVICE']._serialized_end=1872
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,18 @@ class ModelStatus(_message.Message):
     CLOSE_ERROR_FIELD_NUMBER: _builtins.int
     FAILED_ROUND_FIELD_NUMBER: _builtins.int
     FAILED_REASON_FIELD_NUMBER: _builtins.int
+    OPENED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    UPDATES_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    QUORUM_FIELD_NUMBER: _builtins.int
+    MIN_UPDATES_FIELD_NUMBER: _builtins.int
+    MIN_TRAINERS_FIELD_NUMBER: _builtins.int
+    FEDBUFF_FIELD_NUMBER: _builtins.int
+    DP_ENABLED_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_FIELD_NUMBER: _builtins.int
+    DP_MAX_EPSILON_FIELD_NUMBER: _builtins.int
+    RELEASES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     open_round: _builtins.int
     """The newest round: open, or "aggregating" (round_state) while it is being closed."""
@@ -94,6 +106,33 @@ class ModelStatus(_message.Message):
     opened on the same base version; failed_reason says why (also in the audit log).
     """
     failed_reason: _builtins.str
+    opened_unix_ms: _builtins.int
+    """When that round opened, and its deadline (unix ms): at the deadline it closes if it has
+    updates of min_updates trainers, else the deadline moves on by round_seconds.
+    """
+    deadline_unix_ms: _builtins.int
+    updates: _builtins.int
+    """Updates committed in that round (one per trainer; `accepted` counts the trainers)."""
+    strategy: _builtins.str
+    """How rounds close and what a release needs: Flower's strategy name, the quorum of
+    distinct trainers that closes a round early, the trainers needed at the deadline, and
+    k, the distinct trainers a release must aggregate.
+    """
+    quorum: _builtins.int
+    min_updates: _builtins.int
+    min_trainers: _builtins.int
+    fedbuff: _builtins.bool
+    """Buffered asynchronous aggregation (a version every `quorum` updates)."""
+    dp_enabled: _builtins.bool
+    """Central DP: whether it is on, the epsilon the newest version's lineage has spent (at
+    dp_delta; +Inf after a round without noise), and the most a release may have spent.
+    """
+    dp_epsilon: _builtins.float
+    dp_max_epsilon: _builtins.float
+    @_builtins.property
+    def releases(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseSummary]:
+        """The newest releases, newest first (at most MAX_STATUS_RELEASES)."""
+
     def __init__(
         self,
         *,
@@ -107,30 +146,81 @@ class ModelStatus(_message.Message):
         close_error: _builtins.str = ...,
         failed_round: _builtins.int = ...,
         failed_reason: _builtins.str = ...,
+        opened_unix_ms: _builtins.int = ...,
+        deadline_unix_ms: _builtins.int = ...,
+        updates: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+        quorum: _builtins.int = ...,
+        min_updates: _builtins.int = ...,
+        min_trainers: _builtins.int = ...,
+        fedbuff: _builtins.bool = ...,
+        dp_enabled: _builtins.bool = ...,
+        dp_epsilon: _builtins.float = ...,
+        dp_max_epsilon: _builtins.float = ...,
+        releases: _abc.Iterable[Global___ReleaseSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "close_error", b"close_error", "failed_reason", b"failed_reason", "failed_round", b"failed_round", "latest_release", b"latest_release", "latest_version", b"latest_version", "model", b"model", "open_round", b"open_round", "round_state", b"round_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "close_error", b"close_error", "deadline_unix_ms", b"deadline_unix_ms", "dp_enabled", b"dp_enabled", "dp_epsilon", b"dp_epsilon", "dp_max_epsilon", b"dp_max_epsilon", "failed_reason", b"failed_reason", "failed_round", b"failed_round", "fedbuff", b"fedbuff", "latest_release", b"latest_release", "latest_version", b"latest_version", "min_trainers", b"min_trainers", "min_updates", b"min_updates", "model", b"model", "open_round", b"open_round", "opened_unix_ms", b"opened_unix_ms", "quorum", b"quorum", "releases", b"releases", "round_state", b"round_state", "strategy", b"strategy", "updates", b"updates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
 
 @_typing.final
+class ReleaseSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    NUM_TRAINERS_FIELD_NUMBER: _builtins.int
+    NUM_FILES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    round: _builtins.int
+    created_unix_ms: _builtins.int
+    num_trainers: _builtins.int
+    """Distinct trainers aggregated (a count, never identities)."""
+    num_files: _builtins.int
+    total_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        round: _builtins.int = ...,
+        created_unix_ms: _builtins.int = ...,
+        num_trainers: _builtins.int = ...,
+        num_files: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "num_files", b"num_files", "num_trainers", b"num_trainers", "round", b"round", "total_bytes", b"total_bytes", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseSummary: _TypeAlias = ReleaseSummary  # noqa: Y015
+
+@_typing.final
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    NOW_UNIX_MS_FIELD_NUMBER: _builtins.int
+    now_unix_ms: _builtins.int
+    """The gateway's clock when it answered (unix ms): time left is deadline minus this."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
     def __init__(
         self,
         *,
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
+        now_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "now_unix_ms", b"now_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,7 +235,7 @@ class CloseRoundRequest(_message.Message):
     model: _builtins.str
     round: _builtins.int
     """The open round (a stale command for an older round closes nothing: it answers what
-    that round produced).
+    that round produced); 0: the model's newest round, whichever that is.
     """
     def __init__(
         self,
@@ -169,6 +259,7 @@ class CloseRoundResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _builtins.int
     RELEASE_REFUSED_FIELD_NUMBER: _builtins.int
     ALREADY_CLOSED_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version the round produced."""
     released: _builtins.bool
@@ -179,6 +270,8 @@ class CloseRoundResponse(_message.Message):
     """True when the round had been closed before this call (e.g. by a close a restart
     interrupted and finished): nothing new was done.
     """
+    round: _builtins.int
+    """The round that was closed (the one asked for, or the newest for round 0)."""
     def __init__(
         self,
         *,
@@ -186,10 +279,11 @@ class CloseRoundResponse(_message.Message):
         released: _builtins.bool = ...,
         release_refused: _builtins.str = ...,
         already_closed: _builtins.bool = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_closed", b"already_closed", "release_refused", b"release_refused", "released", b"released", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_closed", b"already_closed", "release_refused", b"release_refused", "released", b"released", "round", b"round", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,8 +62,9 @@ class AdminServiceServicer:
     """
 
     def GetStatus(self, request, context):
-        """Models, their newest round (and whether it is being closed), newest version, and the
-        last round that failed.
+        """Per served model: its newest round (state, deadline, updates and trainers), how it
+        closes (strategy, quorum, k), DP epsilon spent, its newest releases and the last round
+        that failed. Bounded: at most MAX_STATUS_RELEASES releases per model, reasons cut.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,7 +72,7 @@ class AdminServiceServicer:
 
     def CloseRound(self, request, context):
         """Close the open round now if it has updates of at least min_updates trainers,
-        aggregating it. Repeated for a round already closed (also before a restart), it says
+        aggregating it (round 0: whichever round is open). Repeated for a round already closed (also before a restart), it says
         again what the close produced. FAILED_PRECONDITION when the round failed or was
         reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
         gateway retries the close itself).

@@ -34,12 +34,13 @@ class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.GetStatusResponse]
-    """Models, their newest round (and whether it is being closed), newest version, and the
-    last round that failed.
+    """Per served model: its newest round (state, deadline, updates and trainers), how it
+    closes (strategy, quorum, k), DP epsilon spent, its newest releases and the last round
+    that failed. Bounded: at most MAX_STATUS_RELEASES releases per model, reasons cut.
     """
     CloseRound: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseRoundRequest, _admin_pb2.CloseRoundResponse]
     """Close the open round now if it has updates of at least min_updates trainers,
-    aggregating it. Repeated for a round already closed (also before a restart), it says
+    aggregating it (round 0: whichever round is open). Repeated for a round already closed (also before a restart), it says
     again what the close produced. FAILED_PRECONDITION when the round failed or was
     reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
     gateway retries the close itself).
@@ -73,12 +74,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.GetStatusResponse]  # type: ignore[assignment]
-    """Models, their newest round (and whether it is being closed), newest version, and the
-    last round that failed.
+    """Per served model: its newest round (state, deadline, updates and trainers), how it
+    closes (strategy, quorum, k), DP epsilon spent, its newest releases and the last round
+    that failed. Bounded: at most MAX_STATUS_RELEASES releases per model, reasons cut.
     """
     CloseRound: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseRoundRequest, _admin_pb2.CloseRoundResponse]  # type: ignore[assignment]
     """Close the open round now if it has updates of at least min_updates trainers,
-    aggregating it. Repeated for a round already closed (also before a restart), it says
+    aggregating it (round 0: whichever round is open). Repeated for a round already closed (also before a restart), it says
     again what the close produced. FAILED_PRECONDITION when the round failed or was
     reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
     gateway retries the close itself).
@@ -115,8 +117,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetStatusResponse, _abc.Awaitable[_admin_pb2.GetStatusResponse]]:
-        """Models, their newest round (and whether it is being closed), newest version, and the
-        last round that failed.
+        """Per served model: its newest round (state, deadline, updates and trainers), how it
+        closes (strategy, quorum, k), DP epsilon spent, its newest releases and the last round
+        that failed. Bounded: at most MAX_STATUS_RELEASES releases per model, reasons cut.
         """
 
     @_abc_1.abstractmethod
@@ -126,7 +129,7 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CloseRoundResponse, _abc.Awaitable[_admin_pb2.CloseRoundResponse]]:
         """Close the open round now if it has updates of at least min_updates trainers,
-        aggregating it. Repeated for a round already closed (also before a restart), it says
+        aggregating it (round 0: whichever round is open). Repeated for a round already closed (also before a restart), it says
         again what the close produced. FAILED_PRECONDITION when the round failed or was
         reopened (the message says why), UNAVAILABLE when the gateway's storage failed (the
         gateway retries the close itself).

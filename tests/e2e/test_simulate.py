@@ -10,7 +10,14 @@ import onnxruntime as ort
 
 from sluice.clients.scenes import make_clips
 from sluice.clients.sdk import EgressClient, TrainerClient
-from sluice.clients.simulate import SimulationConfig, plan_trainers, simulate
+from sluice.clients.simulate import (
+    Event,
+    RoundReport,
+    SimulationConfig,
+    Stage,
+    plan_trainers,
+    simulate,
+)
 from sluice.clients.trainer import loss_np
 from tests.conftest import TINY, start_gateway
 
@@ -24,7 +31,12 @@ def test_trainer_processes_run_rounds_and_releases_leave_through_egress(
             target=running.endpoints.internal, model=TINY, rounds=2, clips=64, holdout_clips=32
         )
         trainers = plan_trainers(3, ["shanghai", "beijing", "chengdu"])
-        reports = simulate(config, trainers)
+        events: list[Event] = []
+        reports = simulate(config, trainers, events.append)
+        assert [e for e in events if isinstance(e, RoundReport)] == reports  # as they came
+        for t in trainers:  # each trainer's progress only moves forward, to its end
+            done = [e.done for e in events if isinstance(e, Stage) and e.trainer == t.trainer]
+            assert done == sorted(done) and done[-1] == 2 * config.steps_per_round
         assert sorted((r.round, r.trainer) for r in reports) == sorted(
             (round_no, t.trainer) for round_no in (1, 2) for t in trainers
         )

@@ -33,7 +33,7 @@ from sluice.models.entry import ModelEntry
 from sluice.models.manifest import MODEL_FILE, ManifestRefused, load_public_key
 from sluice.models.registry import load_declarations
 from sluice.models.schema import Schema, tensor_to_numpy
-from tests.conftest import Running, start_gateway
+from tests.conftest import Running, offline, start_gateway
 
 ZOO_FILE = Path(__file__).parents[1] / "zoo" / "zoo.toml"
 ZOO = load_declarations(ZOO_FILE)
@@ -44,7 +44,7 @@ TRAINERS = (("shanghai-01", 30), ("beijing-01", 50), ("chengdu-01", 20))
 def zoo_templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every zoo model's template, built and self-tested once; gateways copy them."""
     root = tmp_path_factory.mktemp("zoo-templates")
-    Gateway(Config(data_dir=root, models=tuple(ZOO), declared_models=ZOO)).store.close()
+    Gateway(offline(Config(data_dir=root, models=tuple(ZOO), declared_models=ZOO))).stop()
     return root / "templates"
 
 

@@ -30,7 +30,7 @@ def test_readme_table_is_the_committed_results() -> None:
 def test_committed_results_cover_every_benchmark() -> None:
     doc = json.loads(LATEST.read_text())
     keys = [r["key"] for r in doc["reports"]]
-    assert keys == ["aggregation", "ingest", "release", "memory", "egress"]
+    assert keys == ["aggregation", "precision", "ingest", "release", "memory", "egress"]
     for r in doc["reports"]:
         assert r["rows"] and r["checks"], r["key"]  # a table and PASS/FAIL lines each
 

@@ -18,6 +18,7 @@ from sluice.gateway.server import Gateway
 from sluice.models import registry
 from sluice.models.declare import DeclarationError, check_entry, declare
 from sluice.models.registry import load_declarations
+from tests.conftest import offline
 
 ZOO_FILE = Path(__file__).parents[1] / "zoo" / "zoo.toml"
 
@@ -163,7 +164,11 @@ def test_a_graph_onnxruntime_cannot_run_stops_the_start_with_the_reason(tmp_path
     check_entry(native)  # torch runs it
     with pytest.raises(ValueError, match=r"'bf-native': self-test failed: .*NOT_IMPLEMENTED"):
         Gateway(
-            Config(data_dir=tmp_path, models=("bf-native",), declared_models={"bf-native": native})
+            offline(
+                Config(
+                    data_dir=tmp_path, models=("bf-native",), declared_models={"bf-native": native}
+                )
+            )
         )
 
 
@@ -176,8 +181,12 @@ def test_a_model_the_exporter_cannot_trace_stops_the_start(tmp_path: Path) -> No
     check_entry(branching)  # on the CPU: meta cannot branch on a value
     with pytest.raises(ValueError, match=r"'branching': torch.onnx.export failed: "):
         Gateway(
-            Config(
-                data_dir=tmp_path, models=("branching",), declared_models={"branching": branching}
+            offline(
+                Config(
+                    data_dir=tmp_path,
+                    models=("branching",),
+                    declared_models={"branching": branching},
+                )
             )
         )
 

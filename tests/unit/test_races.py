@@ -23,7 +23,7 @@ from sluice.gateway.core.records import PushResult, RoundState, UpdateHeader
 from sluice.gateway.pki import TRAINER, Principal
 from sluice.gateway.server import Gateway
 from sluice.models.schema import Schema
-from tests.conftest import TINY, random_delta
+from tests.conftest import EPHEMERAL, TINY, random_delta
 
 
 def make_gateway(tmp: Path, template_cache: Path, **settings: object) -> Gateway:
@@ -31,7 +31,7 @@ def make_gateway(tmp: Path, template_cache: Path, **settings: object) -> Gateway
     shutil.copytree(template_cache, d / "templates")
     values: dict[str, object] = {
         "data_dir": d, "models": (TINY,), "quorum": 100, "insecure_loopback": True,
-        "min_trainers": 1,
+        "min_trainers": 1, **EPHEMERAL,
     }  # fmt: skip
     values.update(settings)
     return Gateway(Config().replace(**values))

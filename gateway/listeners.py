@@ -1,0 +1,197 @@
+"""The gateway's ports: addresses checked and every port bound before the slow part of a
+start (a port in use fails at once, in one line), and the two gRPC listeners built."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Mapping
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sluice.gateway.config import Config
+from sluice.gateway.pki import PkiLayout, key_matches_cert
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_SLACK = 64 << 10  # room for the chunk message's own fields
+# Each address setting: what it serves, for messages.
+ADDRESSES: Mapping[str, str] = {
+    "internal_address": "internal listener",
+    "egress_address": "egress listener",
+    "ops_address": "operations listener, HTTP",
+    "health_address": "operations listener, gRPC health",
+}
+
+
+class StartupError(RuntimeError):
+    """The gateway will not start; the message says why and what to do."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"; ValueError when it is neither."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r}: expected host:port, e.g. 127.0.0.1:7070 or [::1]:7070")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _hint(setting: str) -> str:
+    return f"set {setting} (sluice.toml, SLUICE_{setting.upper()} or its flag)"
+
+
+def check_addresses(config: Config) -> None:
+    """Every address well formed and no two the same port; plain text on loopback only."""
+    seen: dict[tuple[str, int], str] = {}
+    for setting in ADDRESSES:
+        address = getattr(config, setting)
+        if not address:
+            if setting in ("internal_address", "egress_address"):
+                raise StartupError(f"{setting} is empty: the {ADDRESSES[setting]} needs one")
+            continue  # an operations listener turned off
+        try:
+            key = split_address(address)
+        except ValueError as exc:
+            raise StartupError(f"{setting} {exc}") from None
+        if key[1] and key in seen:
+            raise StartupError(
+                f"{seen[key]} and {setting} are both {address}: each listener needs a port "
+                f"of its own; {_hint(setting)}"
+            )
+        seen[key] = setting
+    if config.insecure_loopback:
+        for address in (config.internal_address, config.egress_address):
+            if not is_loopback(address):
+                raise ValueError(
+                    f"{address}: --insecure-loopback binds loopback addresses only; "
+                    "anything else needs mTLS"
+                )
+
+
+def warn_exposed(config: Config) -> None:
+    """At start: plain-text listeners, and operations listeners that others can reach."""
+    if config.insecure_loopback:
+        log.warning(
+            "INSECURE: plain-text listeners, no client certificates, no roles: "
+            "loopback demos and tests only"
+        )
+    for setting in ("ops_address", "health_address"):
+        address = getattr(config, setting)
+        if address and not is_loopback(address):
+            log.warning(
+                "%s %s is not loopback: metrics and health are served without TLS or "
+                "authentication to whoever reaches it; let a network policy decide who does",
+                setting,
+                address,
+            )
+
+
+def claim(address: str, setting: str) -> None:
+    """Fail now, in one line, if `address` cannot be bound (in use, not this host's): gRPC
+    would say so only in its own log. A check, not a reservation: the bind follows at once."""
+    host, port = split_address(address)
+    what = ADDRESSES.get(setting, setting)
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(
+            f"{setting} {address}: cannot resolve {host!r} ({exc.strerror}); {_hint(setting)}"
+        ) from None
+    failed: list[OSError] = []
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise StartupError(
+                        f"port {address} ({what}) is in use: {exc.strerror}; stop what "
+                        f"listens there, or {_hint(setting)}"
+                    ) from None
+                failed.append(exc)
+    if failed and len(failed) == len(found):  # gRPC binds what it can of a name's addresses
+        raise StartupError(
+            f"cannot bind {address} ({what}): {failed[0].strerror}; {_hint(setting)}"
+        )
+
+
+def bind(
+    server: grpc.Server, address: str, setting: str, creds: grpc.ServerCredentials | None
+) -> str:
+    """Bind `server` to `address` now (it listens; calls wait until it starts); the address
+    with the port bound."""
+    claim(address, setting)
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        port, why = 0, str(exc).split(";")[0]
+    else:
+        why = "gRPC bound no address"
+    if port == 0:
+        raise StartupError(f"cannot bind {address} ({ADDRESSES[setting]}): {why}")
+    return f"{address.rsplit(':', 1)[0]}:{port}"
+
+
+def grpc_listener(
+    config: Config, services: tuple[str, ...], interceptors: list[grpc.ServerInterceptor]
+) -> tuple[grpc.Server, health.HealthServicer]:
+    """A gRPC server for `services`, with health and reflection listing only those."""
+    limit = config.max_chunk_bytes + _MESSAGE_SLACK
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    checker = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection(
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    for name in services:
+        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, checker
+
+
+def server_credentials(layout: PkiLayout, listener: str) -> grpc.ServerCredentials:
+    """TLS with a required client certificate from the CA, for one listener."""
+    paths = (layout.server_key(listener), layout.server_cert(listener), layout.ca_cert)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"no TLS material for the {listener} listener ({', '.join(missing)}): run "
+            f"`sluice init {layout.directory}` or use --insecure-loopback for a loopback demo"
+        )
+    if not key_matches_cert(layout.server_cert(listener), layout.server_key(listener)):
+        raise StartupError(
+            f"{layout.server_key(listener)} and {layout.server_cert(listener)} are unreadable or "
+            f"not a pair: run `sluice init {layout.directory}` again to reissue them"
+        )
+    key, cert, ca = (p.read_bytes() for p in paths)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
+def release_unstarted(server: grpc.Server) -> None:
+    """Give back the port of a server bound but never started: gRPC keeps it until the
+    server has started and stopped."""
+    server.start()
+    server.stop(None).wait()
