@@ -562,8 +562,10 @@ class Gateway:
         self.metrics.ready.set(0)
         if self.ops is not None:
             self.ops.ready(False)
-        self._internal_health.enter_graceful_shutdown()
-        self._egress_health.enter_graceful_shutdown()
+        # The mTLS listeners' own health is not flipped here: that pushes a message to every
+        # held Watch stream under the servicer's lock, and a fresh-clone run hung in stop()
+        # with a principal's Watch streams held (test_availability). Probes use the ops
+        # listener and the plain-text health port, which say not-ready from this moment.
         if self._started:
             self.rounds.stop()
             self._internal.stop(grace).wait()
