@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# constraints.txt pins torch==2.13.0 (the CPU build on local disk) and everything else.
-	$(BIN)/pip install -q -c constraints.txt -e '.[gateway,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[gateway,dev,ray]'
 	$(BIN)/pip check
 	touch $(STAMP)
 

@@ -1,7 +1,8 @@
 """Regional trainer simulator: one process per trainer, local clips, real training, real pushes.
 
 Trainers report as they go (Stage and RoundReport events, through clients/workers.py); the
-first trainer's failure stops every other one.
+first trainer's failure stops every other one. With --backend ray, trainers' rounds run on
+Ray actors instead (clients/ray_backend.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Self, TextIO
 
 from sluice.clients.progress import Board
-from sluice.clients.workers import Failure, Interrupted, WorkerFailed, run_workers
+from sluice.clients.workers import Failure, Interrupted, WorkerFailed, describe, run_workers
 
 if TYPE_CHECKING:  # imported lazily at run time: trainer processes import torch themselves
+    from sluice.clients.ray_backend import RayOptions
     from sluice.clients.sdk import TrainerClient
     from sluice.v1 import trainer_pb2
 
@@ -79,6 +81,21 @@ class Stage:
     doing: str  # "waiting for round 2", "round 2: training 12/48", ...
     done: int  # progress units, of rounds * SimulationConfig.steps_per_round
     total: int
+    base_version: int | None = None  # the round's base, once the round is known
+
+
+@dataclass(frozen=True)
+class Retried:
+    """The Ray backend lost a trainer's actor (its process died); the round runs again in a
+    new one (clients/ray_backend.py)."""
+
+    trainer: str
+    region: str
+    doing: str  # the stage it was in
+    reason: str  # Ray's word for the death
+    attempt: int  # of the round, from 2
+    attempts: int  # at most
+    rejoins: int  # the round it rejoins with the same update id; 0: none joined yet
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,7 @@ class TrainerFailure:
         )
 
 
-Event = Stage | RoundReport
+Event = Stage | RoundReport | Retried
 
 
 class SimulationError(Exception):
@@ -149,96 +166,150 @@ def check_certificates(pki_dir: Path, trainers: Sequence[TrainerSpec]) -> str | 
     return f"missing in {pki_dir}: {shown}; `{shlex.join(init)}` makes them"
 
 
-def run_trainer(
-    spec: TrainerSpec, config: SimulationConfig, on_event: Callable[[Event], None] | None = None
-) -> list[RoundReport]:
-    """One regional trainer for config.rounds rounds; its clips never leave this process.
-    on_event gets a Stage at every step and a RoundReport after every push."""
-    import torch
+class LocalTrainer:
+    """One regional trainer's model, private clips and connection to the gateway; `join`
+    takes part in one round. Its clips never leave the process it runs in."""
 
-    from sluice.clients.scenes import make_clips
-    from sluice.clients.sdk import Identity, TrainerClient
-    from sluice.clients.trainer import TrainConfig, compute_delta, evaluate, train_local
-    from sluice.models import registry
-    from sluice.models.schema import Schema
+    def __init__(
+        self,
+        spec: TrainerSpec,
+        config: SimulationConfig,
+        emit: Callable[[Event], None],
+        after: int = 0,
+        at: int = 0,
+    ) -> None:
+        """after: the last round it pushed to; at: its progress so far (both 0 at its start)."""
+        import torch
 
-    emit = on_event or (lambda event: None)
-    per_round, total = config.steps_per_round, config.rounds * config.steps_per_round
+        from sluice.clients.scenes import make_clips
+        from sluice.clients.sdk import Identity, TrainerClient
+        from sluice.models import registry
+        from sluice.models.schema import Schema
 
-    def stage(round_no: int, doing: str, done: int) -> None:
-        emit(Stage(spec.trainer, round_no, doing, done, total))
+        self.spec, self.config, self.emit = spec, config, emit
+        self.per_round = config.steps_per_round
+        self.total = config.rounds * self.per_round
+        torch.set_num_threads(1)  # trainers share the machine's cores
+        self._stage(after, "making its clips", at)
+        self.module = registry.get(config.model).build()
+        self.schema = Schema.of(self.module.state_dict())
+        self.data = make_clips(spec.region, config.clips, seed=spec.seed)
+        self.holdout = make_clips(spec.region, config.holdout_clips, seed=spec.seed + 100_000)
+        identity = Identity.from_pki(config.pki_dir, spec.trainer) if config.pki_dir else None
+        self.client = TrainerClient(config.target, identity=identity)
 
-    torch.set_num_threads(1)  # trainers share the machine's cores
-    stage(0, "making its clips", 0)
-    entry = registry.get(config.model)
-    module = entry.build()
-    schema = Schema.of(module.state_dict())
-    data = make_clips(spec.region, config.clips, seed=spec.seed)
-    holdout = make_clips(spec.region, config.holdout_clips, seed=spec.seed + 100_000)
-    reports: list[RoundReport] = []
-    identity = Identity.from_pki(config.pki_dir, spec.trainer) if config.pki_dir else None
-    with TrainerClient(config.target, identity=identity) as client:
-        last_round = 0
-        for index in range(config.rounds):
-            at = index * per_round
-            stage(last_round, f"waiting for round {last_round + 1}", at)
-            info = _wait_for_round(client, config, after=last_round)
-            if info.schema_hash != schema.hash:
-                raise RuntimeError(f"gateway schema {info.schema_hash[:12]} is not our model's")
-            r = info.round
-            stage(r, f"round {r}: pulling v{info.base_version}", at)
-            pulled = client.pull_global(config.model, info.base_version)
-            base = schema.to_state_dict(pulled.data)
-            module.load_state_dict(base)
-            stage(r, f"round {r}: evaluating", at + 1)
-            before = evaluate(module, holdout)
-            started = time.perf_counter()
-            result = train_local(
-                module,
-                data,
-                TrainConfig(
-                    epochs=config.epochs,
-                    batch_size=config.batch_size,
-                    lr=config.lr,
-                    proximal_mu=config.proximal_mu or info.proximal_mu,  # FedProx's mu
-                    seed=spec.seed * 1000 + info.round,
-                ),
-                on_step=_training(stage, r, at),
-            )
-            trained_s = time.perf_counter() - started
-            after = evaluate(module, holdout)
-            payload = schema.flatten(compute_delta(module.state_dict(), base))
-            stage(r, f"round {r}: pushing {len(payload) / 1e6:.1f} MB", at + per_round - 1)
-            started = time.perf_counter()
-            client.push_update(
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+    def join(self, index: int, after: int, rejoin: Stage | None = None) -> RoundReport:
+        """Its index-th round (from 0): the first round after round `after` to open, or with
+        `rejoin` (the last Stage of an attempt that died) that round again, on the same base,
+        even if it has closed since: the push has the same update id, so the gateway answers
+        an update it already committed instead of counting it twice."""
+        from sluice.clients.trainer import TrainConfig, compute_delta, evaluate, train_local
+
+        config, spec, schema, module = self.config, self.spec, self.schema, self.module
+        at = index * self.per_round
+        self._stage(after, f"waiting for round {after + 1}", at)
+        info = _wait_for_round(self.client, config, after=rejoin.round - 1 if rejoin else after)
+        if info.schema_hash != schema.hash:
+            raise RuntimeError(f"gateway schema {info.schema_hash[:12]} is not our model's")
+        r, base_version = info.round, info.base_version
+        if rejoin is not None and rejoin.base_version is not None and r != rejoin.round:
+            r, base_version = rejoin.round, rejoin.base_version  # closed since it was joined
+        stage = partial(self._stage, base_version=base_version)
+        stage(r, f"round {r}: pulling v{base_version}", at)
+        base = schema.to_state_dict(self.client.pull_global(config.model, base_version).data)
+        module.load_state_dict(base)
+        stage(r, f"round {r}: evaluating", at + 1)
+        before = evaluate(module, self.holdout)
+        started = time.perf_counter()
+        result = train_local(
+            module,
+            self.data,
+            TrainConfig(
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                lr=config.lr,
+                proximal_mu=config.proximal_mu or info.proximal_mu,  # FedProx's mu
+                seed=spec.seed * 1000 + r,
+            ),
+            on_step=_training(stage, r, at),
+        )
+        trained_s = time.perf_counter() - started
+        after_loss = evaluate(module, self.holdout)
+        payload = schema.flatten(compute_delta(module.state_dict(), base))
+        stage(r, f"round {r}: pushing {len(payload) / 1e6:.1f} MB", at + self.per_round - 1)
+        started = time.perf_counter()
+        try:
+            self.client.push_update(
                 model=config.model,
-                round_no=info.round,
-                base_version=info.base_version,
+                round_no=r,
+                base_version=base_version,
                 schema_hash=schema.hash,
                 trainer=spec.trainer,
                 region=spec.region,
                 num_examples=result.num_examples,
                 payload=payload,
-                metrics={"train_loss": result.train_loss, "holdout_loss": after},
+                metrics={"train_loss": result.train_loss, "holdout_loss": after_loss},
             )  # the id is derived from (trainer, model, round): a retry never counts twice
-            report = RoundReport(
-                spec.trainer,
-                spec.region,
-                info.round,
-                info.base_version,
-                result.num_examples,
-                result.train_loss,
-                before,
-                after,
-                trained_s,
-                time.perf_counter() - started,
-                len(payload),
-            )
-            reports.append(report)
-            emit(report)
-            last_round = info.round
-    stage(last_round, "done", total)
+        except Exception as exc:
+            # Rejoining, the same update is answered as a replay. A different one is refused
+            # (ALREADY_EXISTS): the attempt that died had committed its own, which counts,
+            # once. Different when its base can no longer be pulled (pull_global's version
+            # 0 is the newest: round 1's base after round 1 closed) or another CPU trained.
+            if rejoin is None or describe(exc)[0] != "ALREADY_EXISTS":
+                raise
+        report = RoundReport(
+            spec.trainer,
+            spec.region,
+            r,
+            base_version,
+            result.num_examples,
+            result.train_loss,
+            before,
+            after_loss,
+            trained_s,
+            time.perf_counter() - started,
+            len(payload),
+        )
+        self.emit(report)
+        return report
+
+    def _stage(self, round_no: int, doing: str, done: int, base_version: int | None = None) -> None:
+        self.emit(Stage(self.spec.trainer, round_no, doing, done, self.total, base_version))
+
+
+def run_trainer(
+    spec: TrainerSpec, config: SimulationConfig, on_event: Callable[[Event], None] | None = None
+) -> list[RoundReport]:
+    """One regional trainer for config.rounds rounds, in this process.
+    on_event gets a Stage at every step and a RoundReport after every push."""
+    emit = on_event or (lambda event: None)
+    reports: list[RoundReport] = []
+    with LocalTrainer(spec, config, emit) as trainer:
+        for index in range(config.rounds):
+            reports.append(trainer.join(index, after=reports[-1].round if reports else 0))
+    last_round = reports[-1].round if reports else 0
+    emit(Stage(spec.trainer, last_round, "done", trainer.total, trainer.total))
     return reports
+
+
+def run_round(
+    spec: TrainerSpec,
+    config: SimulationConfig,
+    index: int,
+    after: int,
+    rejoin: Stage | None,
+    on_event: Callable[[Event], None],
+) -> RoundReport:
+    """One round of a trainer's run on its own (the Ray backend): its model and clips are
+    made again from its seed, then LocalTrainer.join(index, after, rejoin)."""
+    with LocalTrainer(spec, config, on_event, after, at=index * config.steps_per_round) as t:
+        return t.join(index, after, rejoin)
 
 
 def _training(
@@ -267,12 +338,15 @@ def simulate(
     config: SimulationConfig,
     trainers: Sequence[TrainerSpec],
     on_event: Callable[[Event], None] | None = None,
+    ray: RayOptions | None = None,
 ) -> list[RoundReport]:
-    """Run every trainer in its own process; returns all round reports, in arrival order.
+    """Run every trainer in its own process, or with `ray` its rounds on Ray actors
+    (clients/ray_backend.py); returns all round reports, in arrival order.
 
     on_event sees every event as it arrives. Raises MissingCertificates before starting
     anything, TrainerFailed (after stopping the others) at the first trainer's failure,
-    Interrupted on Ctrl-C (after stopping every trainer).
+    Interrupted on Ctrl-C (after stopping every trainer); with `ray`, SimulationError when
+    Ray is missing or has no room for a trainer.
     """
     problem = check_certificates(config.pki_dir, trainers) if config.pki_dir else None
     if problem:
@@ -286,7 +360,12 @@ def simulate(
             on_event(event)
 
     try:
-        run_workers({t.trainer: partial(run_trainer, t, config) for t in trainers}, take)
+        if ray is None:
+            run_workers({t.trainer: partial(run_trainer, t, config) for t in trainers}, take)
+        else:
+            from sluice.clients.ray_backend import run_on_ray
+
+            run_on_ray(config, trainers, take, ray)
     except WorkerFailed as exc:
         (spec,) = [t for t in trainers if t.trainer == exc.failure.worker]
         raise TrainerFailed(_trainer_failure(spec, exc.failure), exc.stopped) from None
@@ -327,6 +406,14 @@ def format_report(r: RoundReport, width: int = 0) -> str:
     )
 
 
+def format_retry(r: Retried) -> str:
+    again = f", rejoining round {r.rejoins} with the same update id" if r.rejoins else ""
+    return (
+        f"{r.trainer} ({r.region}) lost its Ray actor ({r.doing}): {r.reason}; "
+        f"attempt {r.attempt} of {r.attempts} in a new actor{again}"
+    )
+
+
 class RoundsView:
     """simulate's on_event for people: a line per trainer per round as it happens, and a
     row per trainer on a Board (bars on a terminal)."""
@@ -338,6 +425,8 @@ class RoundsView:
     def __call__(self, event: Event) -> None:
         if isinstance(event, Stage):
             self.board.update(event.trainer, event.doing, event.done, event.total)
+        elif isinstance(event, Retried):
+            self.board.line(format_retry(event))
         else:
             self.board.line(format_report(event, self.width))
 
@@ -363,15 +452,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pki", type=Path, help="`sluice init` directory; trainer NAME uses its cert")
     p.add_argument("--insecure", action="store_true", help="plain text (--insecure-loopback)")
+    from sluice.clients import ray_backend  # not above: it imports this module
+
+    ray_backend.add_arguments(p)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """`sluice simulate`: 0 when every round of every trainer was pushed, 1 at the first
-    trainer's failure, 2 when certificates are missing, 130 on Ctrl-C."""
+    trainer's failure (or when Ray could not run them), 2 when certificates are missing or
+    the options do not fit together, 130 on Ctrl-C."""
+    from sluice.clients.ray_backend import options_from_args  # Ray itself stays unimported
+
     if args.pki is None and not args.insecure:
         print(
             "sluice simulate: pass --pki DIR (from `sluice init`), or --insecure", file=sys.stderr
         )
+        return 2
+    try:
+        ray = options_from_args(args)
+    except ValueError as exc:
+        print(f"sluice simulate: {exc}", file=sys.stderr)
         return 2
     config = SimulationConfig(
         target=args.target,
@@ -389,13 +489,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     started = time.monotonic()
     try:
+        how = "trainer processes" if ray is None else f"trainers on Ray ({ray.where})"
         print(
-            f"{len(trainers)} trainer processes x {config.rounds} rounds of {config.model} "
+            f"{len(trainers)} {how} x {config.rounds} rounds of {config.model} "
             f"against {config.target}: {', '.join(t.trainer for t in trainers)}",
             flush=True,
         )
         with watch(trainers) as view:
-            reports = simulate(config, trainers, view)
+            reports = simulate(config, trainers, view, ray)
     except TrainerFailed as exc:
         look = hint(exc.failure, config)
         print(f"sluice simulate: {exc.failure}" + (f"; {look}" if look else ""), file=sys.stderr)
@@ -404,6 +505,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         if exc.stopped:
             others = _trainers(exc.stopped).replace(" ", " other ")
             print(f"sluice simulate: stopped {others}", file=sys.stderr)
+        return 1
+    except SimulationError as exc:  # Ray could not run them
+        print(f"sluice simulate: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         stopped = exc.stopped if isinstance(exc, Interrupted) else 0
