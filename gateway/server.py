@@ -35,7 +35,13 @@ from sluice.gateway.core.screening import ScreeningPolicy
 from sluice.gateway.core.strategies import build_strategy
 from sluice.gateway.export.gate import EgressGate
 from sluice.gateway.export.guard import Verdicts
-from sluice.gateway.export.publish import ReleaseWriter, template_dir, template_for
+from sluice.gateway.export.publish import (
+    ReleaseWriter,
+    declaration_ran,
+    record_declaration,
+    template_dir,
+    template_for,
+)
 from sluice.gateway.export.release_audit import guard_policy
 from sluice.gateway.export.release_check import ReleaseChecker
 from sluice.gateway.export.signing import Signer, SigningKeyError
@@ -302,8 +308,15 @@ class Gateway:
         self._bind_all(config, credentials)
         # The slow part, with every port bound: a first start exports each model's template.
         self.blobs = BlobStore(root / "blobs")
-        self.catalog = Catalog(config.models, config.declared_models)
+        threshold = config.two_file_bytes
+        self.catalog = Catalog(
+            config.models,
+            config.declared_models,
+            lambda entry: declaration_ran(entry, root / "templates", threshold),
+        )
         templates = self._templates(root)
+        for served in self.catalog:
+            record_declaration(served, root / "templates", threshold)
         try:
             self.signer = Signer.load_or_create(root / "keys")
         except SigningKeyError as exc:
