@@ -80,6 +80,10 @@ class Config:
     # The global program's Ed25519 public keys (PEM): an imported base must be signed by
     # one of them (docs/IMPORT.md). Empty: imports are off. In TOML, relative to the file.
     import_keys: tuple[Path, ...] = ()
+    # Retention (core/retention.py), applied after every round ends, at start and by
+    # `sluice gc`; 0 keeps everything. Releases and the audit chain are always kept.
+    keep_rounds: int = 0  # ended rounds per model whose spooled update files are kept
+    keep_versions: int = 0  # versions per model whose weights and optimizer state are kept
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -154,6 +158,13 @@ def load_config(
         raise ValueError("quorum, min_updates and min_trainers must be at least 1")
     if not (0 < config.max_update_abs_value < float("inf")):
         raise ValueError("max_update_abs_value must be a positive finite number")
+    if config.keep_rounds < 0 or config.keep_versions < 0:
+        raise ValueError("keep_rounds and keep_versions must be 0 (keep everything) or more")
+    if config.fedbuff and 0 < config.keep_versions <= config.max_staleness:
+        raise ValueError(
+            f"keep_versions = {config.keep_versions} must exceed max_staleness = "
+            f"{config.max_staleness} with fedbuff: a trainer may still train on that old a base"
+        )
     if not 1 <= config.max_num_examples <= MAX_SAFE_INT:
         raise ValueError(f"max_num_examples must be 1 to {MAX_SAFE_INT}")
     return config

@@ -173,11 +173,13 @@ def grpc_listener(
 def server_credentials(layout: PkiLayout, listener: str) -> grpc.ServerCredentials:
     """TLS with a required client certificate from the CA, for one listener."""
     paths = (layout.server_key(listener), layout.server_cert(listener), layout.ca_cert)
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [p.name for p in paths if not p.exists()]
     if missing:
+        # The advice first, the directory once: a long path must not push it off the line.
         raise FileNotFoundError(
-            f"no TLS material for the {listener} listener ({', '.join(missing)}): run "
-            f"`sluice init {layout.directory}` or use --insecure-loopback for a loopback demo"
+            f"no TLS material for the {listener} listener: run `sluice init "
+            f"{layout.directory}` (or use --insecure-loopback for a loopback demo); missing "
+            f"there: {', '.join(missing)}"
         )
     if not key_matches_cert(layout.server_cert(listener), layout.server_key(listener)):
         raise StartupError(

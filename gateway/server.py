@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -30,12 +29,19 @@ from sluice.gateway.core.import_trust import ImportKeys
 from sluice.gateway.core.importing import BaseImporter, ImportLimits
 from sluice.gateway.core.ingest import Ingest, Limits
 from sluice.gateway.core.privacy import RoundPrivacy
+from sluice.gateway.core.retention import RetentionPolicy
 from sluice.gateway.core.rounds import RoundManager, RoundPolicy
 from sluice.gateway.core.screening import ScreeningPolicy
 from sluice.gateway.core.strategies import build_strategy
 from sluice.gateway.export.gate import EgressGate
 from sluice.gateway.export.guard import Verdicts
-from sluice.gateway.export.publish import ReleaseWriter, template_dir, template_for
+from sluice.gateway.export.publish import (
+    ReleaseWriter,
+    declaration_ran,
+    record_declaration,
+    template_dir,
+    template_for,
+)
 from sluice.gateway.export.release_audit import guard_policy
 from sluice.gateway.export.release_check import ReleaseChecker
 from sluice.gateway.export.signing import Signer, SigningKeyError
@@ -60,6 +66,7 @@ from sluice.gateway.services.idle import CallLimits, Pace
 from sluice.gateway.services.trainer import TrainerServicer
 from sluice.gateway.store.audit import Coalescer, log_entry
 from sluice.gateway.store.blobs import BlobStore, fsync_dir
+from sluice.gateway.store.datadir import LOCK_FILE, DataDirInUse, DataDirLock
 from sluice.gateway.store.sqlite import Store
 from sluice.models.import_statement import StatementRefused, trusted_keys
 from sluice.v1 import (
@@ -77,7 +84,6 @@ log = logging.getLogger(__name__)
 config_log = logging.getLogger("sluice.config")
 
 ENDPOINTS_FILE = "endpoints.json"
-LOCK_FILE = "sluice.lock"  # flock'ed by the one gateway serving the data dir; holds its pid
 CA_FILE = "trusted-ca.sha256"  # the CA this data dir's principals were issued by
 # Space held back while the disk has room, and given up when a start finds it full: SQLite
 # needs a little (its 32 KiB WAL index, a few pages) to open the database and serve.
@@ -98,59 +104,6 @@ class Endpoints:
     egress: str
     ops: str = ""  # HTTP /metrics, /healthz, /readyz; "" when turned off
     health: str = ""  # plain-text gRPC health; "" when turned off
-
-
-class _DataDirLock:
-    """An exclusive flock on the data dir itself and on its lock file (which holds the
-    pid), held until release() (or until the object is collected, or the process ends: the
-    kernel drops them with the descriptors). The directory's lock holds even when someone
-    deletes or replaces the lock file under a running gateway (a "stale" pid file)."""
-
-    def __init__(self, root: Path) -> None:
-        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(dir_fd)
-            try:
-                holder = (root / LOCK_FILE).read_text(errors="replace").strip()[:32]
-            except OSError:
-                holder = ""
-            raise StartupError(
-                f"{root} is in use by another gateway (pid {holder or 'unknown'}); stop it "
-                "first or serve another --data-dir: two gateways on one data dir would "
-                "corrupt each other"
-            ) from None
-        try:
-            # Not through a link: the pid is written over what the path names.
-            fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            os.close(dir_fd)
-            raise StartupError(
-                f"{root / LOCK_FILE}: cannot open it ({exc.strerror}); it must be a regular "
-                "file (or absent)"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            os.close(dir_fd)
-            raise StartupError(
-                f"{root} is in use by another gateway (pid {holder}); stop it first or serve "
-                "another --data-dir: two gateways on one data dir would corrupt each other"
-            ) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # a full disk: the lock holds, only the pid is missing
-            log.warning("could not write the pid into %s: %s", root / LOCK_FILE, exc)
-        self.release = weakref.finalize(self, _close_all, fd, dir_fd)
-
-
-def _close_all(*fds: int) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def _keep_reserve(root: Path, size: int) -> None:
@@ -282,7 +235,10 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _DataDirLock(config.data_dir)
+        try:
+            self._lock = DataDirLock(config.data_dir)
+        except DataDirInUse as exc:
+            raise StartupError(str(exc)) from None
         self._servers: list[grpc.Server] = []
         self.ops: OpsListener | None = None
         self._started = False
@@ -352,8 +308,15 @@ class Gateway:
         self._bind_all(config, credentials)
         # The slow part, with every port bound: a first start exports each model's template.
         self.blobs = BlobStore(root / "blobs")
-        self.catalog = Catalog(config.models, config.declared_models)
+        threshold = config.two_file_bytes
+        self.catalog = Catalog(
+            config.models,
+            config.declared_models,
+            lambda entry: declaration_ran(entry, root / "templates", threshold),
+        )
         templates = self._templates(root)
+        for served in self.catalog:
+            record_declaration(served, root / "templates", threshold)
         try:
             self.signer = Signer.load_or_create(root / "keys")
         except SigningKeyError as exc:
@@ -398,6 +361,7 @@ class Gateway:
             fedbuff=fedbuff,
             privacy=RoundPrivacy(dp, ScreeningPolicy(drop_outliers=config.drop_outlier_updates)),
             strategies={m: build_strategy(spec) for m, spec in config.strategies.items()},
+            retention=RetentionPolicy(config.keep_rounds, config.keep_versions),
         )
         self.ingest = Ingest(
             self.store,

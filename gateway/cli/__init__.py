@@ -9,7 +9,7 @@ import os
 import sys
 
 from sluice.gateway import logs
-from sluice.gateway.cli import admin, audit, egress, provision, report, serve, sign
+from sluice.gateway.cli import admin, audit, egress, maintain, provision, report, serve, sign
 from sluice.gateway.cli.common import (
     CliError,
     Exit,
@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     admin.add(sub)
     sign.add(sub)  # keygen, sign-import: the global program's side, outside the region
     report.add(sub)
+    maintain.add(sub)  # gc, backup, restore: the data dir's upkeep
 
     from sluice.clients.simulate import add_arguments
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from sluice.gateway.core.errors import NotFound, bounded
@@ -24,15 +24,19 @@ class ServedModel:
 
 class Catalog:
     def __init__(
-        self, names: Iterable[str], declared: Mapping[str, ModelEntry] | None = None
+        self,
+        names: Iterable[str],
+        declared: Mapping[str, ModelEntry] | None = None,
+        already_run: Callable[[ModelEntry], bool] | None = None,
     ) -> None:
         """Resolve each name (built in, or declared in the configuration) and check that
         the module builds and runs on its declared inputs (models.declare.check_entry):
-        a mistake stops the start with one line naming it."""
+        a mistake stops the start with one line naming it. `already_run(entry)` says a
+        declaration's forward run can be skipped (its template was built from it)."""
         self._models: dict[str, ServedModel] = {}
         for name in names:
             entry = registry.get(name, declared)
-            check_entry(entry)
+            check_entry(entry, run=not (already_run and already_run(entry)))
             self._models[name] = ServedModel(entry, entry.schema())
 
     def __iter__(self) -> Iterator[ServedModel]:

@@ -76,6 +76,8 @@ class Version:
     num_regions: int
     num_examples: int
     created_ms: int
+    # When retention removed its weights file (and optimizer state); the row stays.
+    removed_ms: int | None = None
 
 
 @dataclass(frozen=True)

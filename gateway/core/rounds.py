@@ -31,6 +31,7 @@ from sluice.gateway.core.fedbuff import FedBuffPolicy
 from sluice.gateway.core.folding import Publisher, RoundFolder, now_ms
 from sluice.gateway.core.privacy import RoundPrivacy
 from sluice.gateway.core.records import ClosedRound, CommittedUpdate, Round, RoundState, Version
+from sluice.gateway.core.retention import Retention, RetentionPolicy
 from sluice.gateway.core.strategies.base import Strategy
 from sluice.gateway.store import audit
 from sluice.gateway.store.blobs import BlobStore
@@ -71,6 +72,7 @@ class RoundManager:
         state_root: Path | None = None,
         fedbuff: FedBuffPolicy | None = None,
         privacy: RoundPrivacy | None = None,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         unknown = set(strategies or {}) - set(catalog.names())
         if unknown:
@@ -91,6 +93,8 @@ class RoundManager:
             self._open_next,
             fedbuff,
         )
+        self.retention_policy = retention or RetentionPolicy()
+        self.retention = Retention(store, blobs, self.state_root)
         self._close_lock = threading.Lock()
         self._retries: dict[tuple[str, int], Retry] = {}  # closes that failed, to try again
         self._wake = threading.Event()
@@ -106,6 +110,7 @@ class RoundManager:
             if self.store.latest_version(served.name) is None:
                 self._create_initial_version(served)
         self._drop_orphans()
+        self._retain()
         for r in self.store.rounds_in_state(RoundState.AGGREGATING):
             subject = f"{r.model}/round/{r.round}"
             resumed = [e for e in self.store.audit_entries(RESUMED) if e.subject == subject]
@@ -296,6 +301,7 @@ class RoundManager:
                     self._fail(r, str(exc))
                 except Exception as failing:  # a full disk refuses even that: retried
                     raise self._failed_attempt(r, failing) from exc
+                self._retain()
                 raise PreconditionFailed(
                     f"round {round_no} of {model!r} failed: {exc}; round {round_no + 1} opened "
                     f"on the same base version {r.base_version}"
@@ -306,7 +312,20 @@ class RoundManager:
                     raise
                 raise instead from exc
             self._retries.pop((model, round_no), None)
+            self._retain()
             return closed
+
+    def _retain(self) -> None:
+        """Apply retention after a round ended (close lock held, or before serving). Its
+        failure (a full disk refusing the audit entry) leaves everything in place for the
+        next close and never fails this one."""
+        if not self.retention_policy.active:
+            return
+        try:
+            for removal in self.retention.apply(self.retention_policy):
+                log.info("retention removed %s", removal.describe())
+        except Exception:
+            log.exception("retention could not run; it runs again after the next close")
 
     def _closed(self, r: Round, version: int) -> ClosedRound:
         """What the close of an already closed round produced, and why nothing was released."""

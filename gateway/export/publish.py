@@ -45,6 +45,8 @@ from sluice.gateway.export.template import (
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.blobs import fsync_dir
 from sluice.models.artifact import op_set
+from sluice.models.declare import declaration_fingerprint
+from sluice.models.entry import ModelEntry
 from sluice.models.manifest import (
     MANIFEST_FORMAT,
     MODEL_FILE,
@@ -65,6 +67,34 @@ def template_dir(served: ServedModel, root: Path, two_file_threshold: int) -> Pa
     weights = sum(t.num_bytes for t in served.schema.tensors)  # an upper bound is enough
     layout = "two-file" if weights > two_file_threshold else "single-file"
     return root / served.name / f"{served.schema.hash}-{layout}"
+
+
+CHECKED = "declaration.sha256"  # beside template.json: the declaration its export ran
+
+
+def declaration_ran(entry: ModelEntry, root: Path, two_file_threshold: int) -> bool:
+    """Whether this declaration's inputs and outputs already ran through the module: its
+    template (same schema) was exported and self-tested with them. Then a start need not
+    run them again (models.declare.check_entry's forward, ~1.5 s of torch imports)."""
+    directory = template_dir(ServedModel(entry, entry.schema()), root, two_file_threshold)
+    try:
+        recorded = (directory / CHECKED).read_text().strip()
+    except OSError:
+        return False
+    return (directory / "template.json").exists() and recorded == declaration_fingerprint(entry)
+
+
+def record_declaration(served: ServedModel, root: Path, two_file_threshold: int) -> None:
+    """After a start checked the declaration in full and has its template: remember it."""
+    path = template_dir(served, root, two_file_threshold) / CHECKED
+    fingerprint = declaration_fingerprint(served.entry)
+    try:
+        if not path.exists() or path.read_text().strip() != fingerprint:
+            tmp = path.with_name(f".{CHECKED}.tmp")
+            tmp.write_text(fingerprint + "\n")
+            os.replace(tmp, path)
+    except OSError as exc:  # a full disk: the next start checks again, nothing worse
+        log.warning("could not record %s: %s", path, exc)
 
 
 def template_for(

@@ -113,6 +113,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 v = self.store.latest_version(request.model)
             if v is None:
                 raise NotFound(f"version {request.version} of {request.model!r} does not exist")
+            if v.removed_ms is not None:
+                latest = self.store.latest_version(request.model)
+                raise NotFound(
+                    f"version {v.version} of {request.model!r}: its weights were removed by "
+                    f"retention (keep_versions); pull the current version "
+                    f"{latest.version if latest else 0} (version 0 asks for it)"
+                )
             total = served.schema.payload_bytes
             chunks = file_chunks(self.blobs.path(v.weights_sha256), request.offset, total)
             yield trainer_pb2.PullGlobalResponse(

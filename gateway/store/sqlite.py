@@ -53,7 +53,8 @@ _SCHEMA = (
     metrics_json TEXT NOT NULL,
     payload_sha256 TEXT NOT NULL,
     payload_bytes INTEGER NOT NULL,
-    received_ms INTEGER NOT NULL
+    received_ms INTEGER NOT NULL,
+    removed_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS updates_round ON updates (model, round);
 CREATE TABLE IF NOT EXISTS versions (
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS versions (
     num_regions INTEGER NOT NULL,
     num_examples INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
+    removed_ms INTEGER,
     PRIMARY KEY (model, version)
 );
 CREATE TABLE IF NOT EXISTS revoked (
@@ -114,6 +116,11 @@ MAX_DEFERRED = 1000  # audit entries a full disk refused, kept until a write suc
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring a database written by an older Sluice up to this schema."""
+    for table in ("updates", "versions"):
+        # Retention (core/retention.py) marks what it removed; the rows stay.
+        columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if "removed_ms" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN removed_ms INTEGER")
     row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'rounds'")
     if "'failed'" not in row.fetchone()[0]:
         # Rounds can fail since (state 'failed', and why): SQLite cannot alter a CHECK
@@ -470,10 +477,91 @@ class Store:
         }
 
     def referenced_blobs(self) -> set[str]:
+        """Every blob a row still needs (retention's removed rows need none)."""
         rows = self._all(
-            "SELECT payload_sha256 AS h FROM updates UNION SELECT weights_sha256 FROM versions"
+            "SELECT payload_sha256 AS h FROM updates WHERE removed_ms IS NULL"
+            " UNION SELECT weights_sha256 FROM versions WHERE removed_ms IS NULL"
         )
         return {r["h"] for r in rows}
+
+    # retention (core/retention.py)
+
+    def ended_rounds_with_updates(self, model: str) -> list[int]:
+        """Closed or failed rounds of the model that still hold spooled updates, newest first."""
+        rows = self._all(
+            "SELECT r.round AS n FROM rounds r"
+            " WHERE r.model = ? AND r.state IN ('closed', 'failed')"
+            " AND EXISTS (SELECT 1 FROM updates u WHERE u.model = r.model AND u.round = r.round"
+            " AND u.removed_ms IS NULL) ORDER BY r.round DESC",
+            model,
+        )
+        return [int(r["n"]) for r in rows]
+
+    def ended_rounds(self, model: str) -> list[int]:
+        """Every closed or failed round of the model, newest first."""
+        rows = self._all(
+            "SELECT round FROM rounds WHERE model = ? AND state IN ('closed', 'failed')"
+            " ORDER BY round DESC",
+            model,
+        )
+        return [int(r["round"]) for r in rows]
+
+    def kept_updates(self, model: str, round_no: int) -> list[tuple[str, str, int]]:
+        """(update id, payload sha256, bytes) of the round's updates not yet removed."""
+        rows = self._all(
+            "SELECT update_id, payload_sha256, payload_bytes FROM updates"
+            " WHERE model = ? AND round = ? AND removed_ms IS NULL ORDER BY seq",
+            model,
+            round_no,
+        )
+        return [(r["update_id"], r["payload_sha256"], int(r["payload_bytes"])) for r in rows]
+
+    def versions(self, model: str) -> list[Version]:
+        """Every version row of the model, newest first."""
+        rows = self._all("SELECT * FROM versions WHERE model = ? ORDER BY version DESC", model)
+        return [self._version(r) for r in rows]
+
+    def models_with_versions(self) -> list[str]:
+        return [r["model"] for r in self._all("SELECT DISTINCT model FROM versions ORDER BY model")]
+
+    def bases_in_use(self, model: str) -> set[int]:
+        """Base versions of the model's open and aggregating rounds: what a fold reads."""
+        rows = self._all(
+            "SELECT base_version FROM rounds WHERE model = ? AND state IN ('open', 'aggregating')",
+            model,
+        )
+        return {int(r["base_version"]) for r in rows}
+
+    def blob_users(
+        self, excluding_updates: set[str], excluding_versions: set[tuple[str, int]]
+    ) -> set[str]:
+        """referenced_blobs() as it would be without those rows (a dry run's question)."""
+        skip = excluding_updates
+        rows = self._all(
+            "SELECT update_id AS k, payload_sha256 AS h FROM updates WHERE removed_ms IS NULL"
+        )
+        shas = {r["h"] for r in rows if r["k"] not in skip}
+        for r in self._all(
+            "SELECT model, version, weights_sha256 FROM versions WHERE removed_ms IS NULL"
+        ):
+            if (r["model"], r["version"]) not in excluding_versions:
+                shas.add(r["weights_sha256"])
+        return shas
+
+    @staticmethod
+    def mark_updates_removed(db: sqlite3.Connection, update_ids: list[str], at_ms: int) -> None:
+        db.executemany(
+            "UPDATE updates SET removed_ms = ? WHERE update_id = ? AND removed_ms IS NULL",
+            [(at_ms, u) for u in update_ids],
+        )
+
+    @staticmethod
+    def mark_version_removed(db: sqlite3.Connection, model: str, version: int, at_ms: int) -> None:
+        db.execute(
+            "UPDATE versions SET removed_ms = ? WHERE model = ? AND version = ?"
+            " AND removed_ms IS NULL",
+            (at_ms, model, version),
+        )
 
     # revocation
 
