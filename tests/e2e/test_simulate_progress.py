@@ -211,12 +211,14 @@ def test_a_grpc_error_in_a_trainer_shows_at_once_with_its_status_and_stops_the_o
 def test_ctrl_c_stops_every_trainer_and_exits_130_without_a_traceback(running: Running) -> None:
     args = ["--target", running.endpoints.internal, "--insecure", "--trainers", "3"]
     with Simulation.start(*args, "--rounds", "1000", *SMALL) as sim:
-        # Mid-run: a heartbeat (5 s of silence, trainers busy) or a round's line.
-        sim.wait_for(lambda: any(t.startswith(("  [", "round ")) for t in sim.texts()), 90)
+        # Mid-run: a round's line, so every trainer process is up and busy (a heartbeat
+        # can come while a loaded machine is still starting them).
+        sim.wait_for(lambda: any(t.startswith("round ") for t in sim.texts()), 120)
         os.killpg(sim.proc.pid, signal.SIGINT)  # what Ctrl-C sends: every process of the group
         sent = time.monotonic()
-        assert sim.finish(timeout_s=30) == 130
-        assert time.monotonic() - sent < 10
+        assert sim.finish(timeout_s=60) == 130
+        # Prompt, not instant: the trainers finish the step they are in (a loaded machine).
+        assert time.monotonic() - sent < 30
         sim.assert_no_processes_left()
     assert sim.texts("err")[-1] == "interrupted; 3 trainers stopped"
     assert not any("Traceback" in t for t in sim.texts() + sim.texts("err"))
