@@ -332,9 +332,9 @@ def check(backup_dir: Path, *, hashes: bool = True) -> Summary:
     except (OSError, ValueError) as exc:
         raise BackupError(f"{manifest}: not a Sluice backup ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise BackupError(f"{manifest}: format {doc.get('format')!r}, expected {FORMAT}")
-    known = {f.name for f in Summary.__dataclass_fields__.values()}
-    summary = Summary(**{k: v for k, v in doc.items() if k in known})
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise BackupError(f"{manifest}: format {str(found)[:40]!r}, expected {FORMAT}")
+    summary = _summary(doc, manifest)
     if not (backup_dir / DATABASE).is_file():
         raise BackupError(f"{backup_dir} holds no {DATABASE}")
     db = sqlite3.connect(f"file:{backup_dir / DATABASE}?mode=ro", uri=True)
@@ -368,6 +368,26 @@ def check(backup_dir: Path, *, hashes: bool = True) -> Summary:
         if hashes and _sha256(path) != sha:
             raise BackupError(f"{path}: its sha256 is not the release's")
     return summary
+
+
+def _summary(doc: Mapping[str, object], manifest: Path) -> Summary:
+    """backup.json's fields, each of its type; BackupError naming the first that is not."""
+    values: dict[str, object] = {}
+    for name, default in asdict(Summary()).items():
+        value = doc.get(name, default)
+        kind = type(default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and kind is list:
+            ok = all(
+                isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                for r in value  # type: ignore[attr-defined]
+            )
+        if not ok:
+            raise BackupError(f"{manifest}: {name!r} is not a {kind.__name__}: not a Sluice backup")
+        values[name] = value
+    return Summary(**values)  # type: ignore[arg-type]
 
 
 def _sha256(path: Path) -> str:
