@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # sockets, subprocesses and deadlines about half the time, so two cores take ~half as long.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install interop-deps demo test test-slow lint proto bench bench-quick clean
+.PHONY: install interop-deps demo test test-slow lint proto bench bench-quick soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench: install
 # The same code paths on small models in ~2 min (results in bench/results/latest-quick.*).
 bench-quick: install
 	$(BIN)/python -m bench --quick
+
+# 64 trainers of drivenet-tiny against one gateway for 10 minutes, retention on: errors,
+# RSS, open files, threads, disk (bench/README.md: Soak). Exits 1 on a FAIL.
+soak: install
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache
