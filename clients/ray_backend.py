@@ -200,6 +200,11 @@ def run_on_ray(
     killing every actor).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read when Ray starts: no reports
+    if options.address is None:
+        # A Ray started here serves this machine only: its single-machine mode (macOS's and
+        # Windows' default) takes 127.0.0.1 as the node's address, so every Ray server
+        # listens on loopback, never on the host's interfaces. Read when ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError as exc:
@@ -256,7 +261,6 @@ def _init(ray: Any, options: RayOptions) -> None:
                 "local",  # even where RAY_ADDRESS names a cluster
                 num_cpus=options.cpus or os.cpu_count(),
                 include_dashboard=False,
-                _node_ip_address="127.0.0.1",  # a local Ray listens on loopback only
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 log_to_driver=False,  # workers' logs stay in /tmp/ray/session_latest/logs
                 logging_level=quiet,

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-import ray  # the `ray` extra: make install has it, and a missing one is a failure
 
 from sluice.clients.ray_backend import EXIT_AFTER_PUSH_ENV
 from sluice.clients.sdk import EgressClient, TrainerClient, default_update_id
 from sluice.gateway.cli import main
 from sluice.gateway.core.records import RoundState
 from tests.conftest import TINY, Running, start_gateway
+
+# Ray's single-machine mode: every Ray server on 127.0.0.1 (read when ray is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import ray  # the `ray` extra: make install has it, and a missing one is a failure
 
 SIMULATE = [sys.executable, "-m", "sluice.gateway.cli", "simulate"]
 SMALL = ["--model", TINY, "--clips", "64", "--epochs", "1", "--rounds", "2"]
@@ -36,7 +39,6 @@ def ray_address() -> Iterator[str]:
     context = ray.init(
         num_cpus=2,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",  # tests listen on loopback only
         object_store_memory=100 * 2**20,
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -146,3 +148,21 @@ def test_ray_options_need_the_ray_backend_and_ray_itself(
     assert err.splitlines() == [
         "sluice simulate: --backend ray needs Ray: pip install 'sluicegate[ray]'"
     ]
+
+
+def test_the_local_ray_listens_on_loopback_only(ray_address: str) -> None:
+    """Ray takes the host's address as the node's by default and listens on every
+    interface; started for one machine (here, and by `simulate` without --ray-address) it
+    must not be reachable from the network."""
+    import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
+
+    assert ray_address.startswith("127.0.0.1:")
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [
+        c
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in ours
+    ]
+    assert listening, "no Ray server found listening"
+    loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    assert [c.laddr for c in listening if c.laddr.ip not in loopback] == []
