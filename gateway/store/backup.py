@@ -135,11 +135,22 @@ def _fresh(dest: Path) -> Path:
     return partial
 
 
-def _finish(partial: Path, dest: Path) -> None:
-    with contextlib.suppress(FileNotFoundError, OSError):
-        dest.rmdir()  # the empty directory the caller may have made
-    os.replace(partial, dest)
-    fsync_dir(dest.parent)
+@contextlib.contextmanager
+def _building(dest: Path) -> Iterator[Path]:
+    """A partial directory beside dest to fill; when the block ends, every directory in it
+    is fsynced and it is renamed to dest. Removed if the block raises: never half of one."""
+    partial = _fresh(dest)
+    try:
+        yield partial
+        for dirpath, _, _ in os.walk(partial):
+            fsync_dir(Path(dirpath))
+        with contextlib.suppress(OSError):
+            dest.rmdir()  # the empty directory the caller may have made
+        os.replace(partial, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -224,9 +235,8 @@ def backup(data_dir: Path, dest: Path, *, copy: bool = False) -> Summary:
     started = time.monotonic()
     if not (data_dir / DATABASE).is_file():
         raise BackupError(f"{data_dir} holds no {DATABASE}: not a gateway's data dir")
-    partial = _fresh(dest)
     placer = _Placer(copy)
-    try:
+    with _building(dest) as partial:
         for tree in TREES:  # 1: every immutable file there is now
             if (data_dir / tree).is_dir():
                 for path in _walk(data_dir / tree):
@@ -270,12 +280,6 @@ def backup(data_dir: Path, dest: Path, *, copy: bool = False) -> Summary:
             seconds=round(time.monotonic() - started, 3),
         )
         (partial / MANIFEST).write_text(summary.to_json())
-        for dirpath, _, _ in os.walk(partial):
-            fsync_dir(Path(dirpath))
-        _finish(partial, dest)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return summary
 
 
@@ -420,9 +424,8 @@ def restore(backup_dir: Path, data_dir: Path, *, copy: bool = False) -> Summary:
     """Check a backup, then place it as a new data dir (new or empty): the database copied,
     the other files linked (or copied). Raises BackupError."""
     summary = check(backup_dir)
-    partial = _fresh(data_dir)
     placer = _Placer(copy)
-    try:
+    with _building(data_dir) as partial:
         for path in _walk(backup_dir):
             rel = path.relative_to(backup_dir)
             if rel == Path(MANIFEST):
@@ -436,10 +439,4 @@ def restore(backup_dir: Path, data_dir: Path, *, copy: bool = False) -> Summary:
         for tree in TREES:
             if (backup_dir / tree).is_dir():
                 _dirs_modes(backup_dir / tree, partial / tree)
-        for dirpath, _, _ in os.walk(partial):
-            fsync_dir(Path(dirpath))
-        _finish(partial, data_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return summary
