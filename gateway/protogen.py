@@ -40,8 +40,8 @@ def generate(out_dir: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    for pkg in (out_dir / "sluice", out_dir / "sluice" / "v1"):
-        (pkg / "__init__.py").touch()
+    (out_dir / "sluice" / "v1" / "__init__.py").touch()
+    (out_dir / "sluice" / "__init__.py").touch()  # kept when it exists: written by hand
 
 
 if __name__ == "__main__":
