@@ -16,14 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RSS_INTERVAL_S = 0.001
-CHUNK = 4 << 20  # the SDK's chunk size; raw-socket limits send the same slices
+CHUNK = 4 << 20  # raw-socket limits send slices of this size
 MB = 1e6
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,64 @@ class Report:
         self.checks.append(Check(name, bool(ok), detail))
 
 
-THROUGHPUT_HEADER = ["what", "bytes", "MB/s (med)", "vs raw socket"]
+THROUGHPUT_HEADER = [
+    "what", "bytes", "MB/s (med)", "server CPU s/GB", "vs plain gRPC stream", "vs raw socket"
+]  # fmt: skip
 
 
-def throughput_row(what: str, size: str, mb_s: float, raw_mb_s: float) -> list[str]:
-    """A table row: a transfer's MB/s and its share of the raw socket's, measured alike."""
-    return [what, size, f"{mb_s:.0f}", f"{mb_s / raw_mb_s:.0%}"]
+def throughput_row(
+    what: str,
+    size: str,
+    mb_s: float,
+    plain_mb_s: float,
+    raw_mb_s: float,
+    cpu_s_per_gb: float | None = None,
+) -> list[str]:
+    """A table row: a transfer's MB/s, the CPU seconds per GB of the process that serves it,
+    and its share of the plain gRPC stream's and the raw socket's MB/s, measured alike."""
+    cpu = "-" if cpu_s_per_gb is None else f"{cpu_s_per_gb:.2f}"
+    return [what, size, f"{mb_s:.0f}", cpu, f"{mb_s / plain_mb_s:.0%}", f"{mb_s / raw_mb_s:.0%}"]
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds a process (default: this one, all threads) has used."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+class Costed:
+    """Runs of one transfer, each measured alone: wall seconds, and CPU seconds of the
+    process serving it and of this (the client's) process."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.wall: list[float] = []
+        self.server_cpu: list[float] = []
+        self.client_cpu: list[float] = []
+
+    def run(self, transfer: Callable[[], T], wall: Callable[[T], float] | None = None) -> T:
+        """transfer()'s result; `wall` takes the seconds from it (a transfer that times
+        itself), else the call is timed whole."""
+        server, client, started = cpu_seconds(self.server_pid), cpu_seconds(), time.perf_counter()
+        result = transfer()
+        elapsed = time.perf_counter() - started
+        self.wall.append(wall(result) if wall is not None else elapsed)
+        self.server_cpu.append(cpu_seconds(self.server_pid) - server)
+        self.client_cpu.append(cpu_seconds() - client)
+        return result
+
+    def mb_s(self, nbytes: int) -> float:
+        return nbytes / median(self.wall) / MB
+
+    def server_s_per_gb(self, nbytes: int) -> float:
+        return median(self.server_cpu) / (nbytes / 1e9)
+
+    def client_s_per_gb(self, nbytes: int) -> float:
+        return median(self.client_cpu) / (nbytes / 1e9)
+
+    def doc(self) -> dict[str, list[float]]:
+        return {"wall_s": self.wall, "server_cpu_s": self.server_cpu,
+                "client_cpu_s": self.client_cpu}  # fmt: skip
 
 
 def median(values: Sequence[float]) -> float:
@@ -178,15 +231,16 @@ def raw_socket_seconds(payload: bytes | memoryview, streams: int = 1) -> float:
     return elapsed
 
 
-def sha256_seconds(payload: bytes | memoryview) -> float:
-    """Seconds for one sha256 over payload in CHUNK updates (the ingest check's own hash)."""
+def sha256_seconds(payload: bytes | memoryview) -> tuple[float, float]:
+    """Wall and CPU seconds (this thread's) of one sha256 over payload in CHUNK updates: the
+    cost of the hash every push and pull pays on each side."""
     digest = hashlib.sha256()
     view = memoryview(payload)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     for off in range(0, len(view), CHUNK):
         digest.update(view[off : off + CHUNK])
     digest.hexdigest()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.thread_time() - cpu
 
 
 def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
@@ -204,6 +258,32 @@ def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
     elapsed = time.perf_counter() - started
     path.unlink()
     return elapsed
+
+
+def spool_seconds(
+    payload: bytes | memoryview, directory: Path, count: int
+) -> list[tuple[float, float]]:
+    """Wall and CPU seconds (this thread's, user + system) to write payload to each of
+    `count` new files in CHUNK writes and fsync it, keeping the files until all are written
+    (as a gateway keeps its spool): what storing the bytes costs, without any check."""
+    view = memoryview(payload)
+    paths, costs = [], []
+    try:
+        for i in range(count):
+            paths.append(directory / f"spool-{i}.bin")
+            started, cpu = time.perf_counter(), time.thread_time()
+            fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for off in range(0, len(view), CHUNK):
+                    os.write(fd, view[off : off + CHUNK])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            costs.append((time.perf_counter() - started, time.thread_time() - cpu))
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return costs
 
 
 def machine() -> dict[str, Any]:

@@ -10,9 +10,12 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sluice.clients.sdk import CHUNK_BYTES
+from sluice.clients.sdk import PUSH_CHUNK_BYTES, chunk_wire
 from sluice.models import registry
 from sluice.models.schema import Schema
-from sluice.v1 import tensors_pb2, trainer_pb2
+from sluice.v1 import trainer_pb2
 
 
 @dataclass
@@ -32,7 +35,9 @@ class GatewayProcess:
     data_dir: Path
     internal: str
     egress: str
-    startup_s: float  # until both listeners answer: template build/load, self-test, bootstrap
+    startup_s: float  # until /readyz answers: template build/load, self-test, bootstrap
+    live_s: float  # until /healthz first answered: the ports are bound
+    built: tuple[str, ...]  # models whose templates this start exported (none cached)
 
     @property
     def pid(self) -> int:
@@ -52,6 +57,26 @@ def _link_tree(src: Path, dst: Path) -> None:
             os.link(path, target)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+
+
+def _http_status(port: int, path: str) -> int:
+    """The status of GET path on the ops listener; 0 while nothing answers."""
+    try:
+        with _DIRECT.open(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
 def start(
     data_dir: Path,
     models: tuple[str, ...],
@@ -61,10 +86,15 @@ def start(
     min_trainers: int = 1,
     env: dict[str, str] | None = None,
 ) -> GatewayProcess:
-    """`sluice serve` on loopback ephemeral ports (plain text: the transport is what we measure)."""
+    """`sluice serve` on loopback ports (plain text: the transport is what we measure), timed
+    until its ops listener's /readyz answers 200, as a load balancer would see it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     _link_tree(templates, data_dir / "templates")
+    built = tuple(
+        m for m in models if not any((data_dir / "templates" / m).glob("*/template.json"))
+    )
     (data_dir / "endpoints.json").unlink(missing_ok=True)
+    ops = _free_port()  # known before the start, so readiness is polled from the first moment
     started = time.perf_counter()
     proc = subprocess.Popen(
         [
@@ -73,21 +103,39 @@ def start(
             "--quorum", str(quorum), "--min-updates", "1", "--min-trainers", str(min_trainers),
             "--round-seconds", "86400", "--insecure-loopback",
             "--internal", "127.0.0.1:0", "--egress", "127.0.0.1:0",
-            "--ops", "127.0.0.1:0", "--health", "127.0.0.1:0",
+            "--ops", f"127.0.0.1:{ops}", "--health", "127.0.0.1:0",
         ],
         stdout=subprocess.DEVNULL,
         stderr=(data_dir / "gateway.log").open("wb"),
         env={**os.environ, **(env or {})},
     )  # fmt: skip
-    endpoints = data_dir / "endpoints.json"
-    while not endpoints.exists():
+    live_s = 0.0
+    while (status := _http_status(ops, "/readyz")) != 200:
+        if status and not live_s:
+            live_s = time.perf_counter() - started
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited {proc.returncode}; see {data_dir / 'gateway.log'}")
-        time.sleep(0.05)
-    doc = json.loads(endpoints.read_text())
+        time.sleep(0.01)
+    ready_s = time.perf_counter() - started
+    doc = json.loads((data_dir / "endpoints.json").read_text())  # written before ready
     return GatewayProcess(
-        proc, data_dir, doc["internal"], doc["egress"], time.perf_counter() - started
+        proc, data_dir, doc["internal"], doc["egress"], ready_s, live_s or ready_s, built
     )
+
+
+def ready_seconds(
+    data_dir: Path, models: tuple[str, ...], templates: Path, starts: int
+) -> list[float]:
+    """Seconds from spawning `sluice serve` on an existing data dir (its templates built)
+    until /readyz answers, per start; each gateway is stopped before the next starts."""
+    times = []
+    for _ in range(starts):
+        gw = start(data_dir, models, templates)
+        stop(gw, templates)
+        if gw.built:
+            raise RuntimeError(f"{data_dir}: {gw.built} had no template; not an existing data dir")
+        times.append(gw.startup_s)
+    return times
 
 
 def warm_templates(root: Path, models: tuple[str, ...], templates: Path) -> float:
@@ -134,7 +182,7 @@ class SharedPayload:
 
     @classmethod
     def of(cls, payload: bytes) -> SharedPayload:
-        cut = (len(payload) - 1) // CHUNK_BYTES * CHUNK_BYTES  # the tail: 1..CHUNK_BYTES
+        cut = (len(payload) - 1) // PUSH_CHUNK_BYTES * PUSH_CHUNK_BYTES  # tail: 1..one chunk
         digest = hashlib.sha256(memoryview(payload)[:cut])
         return cls(payload[:cut], payload[cut:], digest)
 
@@ -151,19 +199,19 @@ class SharedPayload:
         return bytes(tail), digest.hexdigest()
 
 
-def push_requests(
-    header: trainer_pb2.UpdateHeader, body: bytes, tail: bytes
-) -> Iterator[trainer_pb2.PushUpdateRequest]:
-    """The SDK's PushUpdate stream (clients.sdk.push_messages) over body then tail."""
-    yield trainer_pb2.PushUpdateRequest(header=header)
+def push_requests(header: trainer_pb2.UpdateHeader, body: bytes, tail: bytes) -> Iterator[bytes]:
+    """The SDK's PushUpdate stream (clients.sdk.push_wire, serialized messages for
+    clients.sdk.push_wire_call) over body then tail."""
+    yield trainer_pb2.PushUpdateRequest(header=header).SerializeToString()
     count, offset, view = 0, 0, memoryview(body)
-    for part in [view[at : at + CHUNK_BYTES] for at in range(0, len(view), CHUNK_BYTES)] + [tail]:
+    parts = [view[at : at + PUSH_CHUNK_BYTES] for at in range(0, len(view), PUSH_CHUNK_BYTES)]
+    for part in [*parts, memoryview(tail)]:
         if part:
-            chunk = tensors_pb2.Chunk(offset=offset, data=bytes(part))
-            yield trainer_pb2.PushUpdateRequest(chunk=chunk)
+            yield chunk_wire(offset, part)
             offset += len(part)
             count += 1
-    yield trainer_pb2.PushUpdateRequest(trailer=trainer_pb2.UpdateTrailer(num_chunks=count))
+    trailer = trainer_pb2.UpdateTrailer(num_chunks=count)
+    yield trainer_pb2.PushUpdateRequest(trailer=trailer).SerializeToString()
 
 
 @functools.cache

@@ -1,17 +1,23 @@
-"""Plain gRPC peers for ingest, in a server process of their own, writing nothing.
+"""Plain gRPC peers for ingest and egress, in a server process of their own, writing nothing.
 
 - Put: a whole update as one unary message, how a chunk-less protocol (Flower's, one
   message per update) moves weights: parsed, its bytes hashed, acknowledged.
-- Drain: the update as a stream of 4 MiB `Chunk` messages, parsed and counted, nothing
-  else: what gRPC Python itself moves on this machine, the ceiling under any checks.
+- Drain: an update as a client stream of `Chunk` messages, parsed and counted, nothing
+  else: what gRPC Python itself moves towards a server on this machine, the ceiling of a
+  push under any checks.
+- Source: a server stream of `Chunk` messages of one reused buffer, counted by the client:
+  the ceiling of a pull (PullRelease) under any checks.
 
-Run by bench/ingest.py as `python -m bench.grpc_sink PORT_FILE`.
+Run as `python -m bench.grpc_sink PORT_FILE`; `running(directory)` starts and stops it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -23,7 +29,12 @@ from sluice.v1 import tensors_pb2
 SERVICE = "sluice.bench.UnarySink"
 METHOD = f"/{SERVICE}/Put"
 DRAIN = f"/{SERVICE}/Drain"
+SOURCE = f"/{SERVICE}/Source"
 MAX_MESSAGE = 2**31 - 1  # protobuf's hard limit: one message can never carry more
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
 
 
 def _put(request: tensors_pb2.Chunk, context: grpc.ServicerContext) -> tensors_pb2.Chunk:
@@ -38,40 +49,64 @@ def _drain(
     return tensors_pb2.Chunk(offset=sum(len(r.data) for r in requests))
 
 
+def _source(
+    request: tensors_pb2.Chunk, context: grpc.ServicerContext
+) -> Iterator[tensors_pb2.Chunk]:
+    # The request reuses Chunk: offset = bytes to send, data = the chunk size (8 bytes, LE).
+    total, chunk_bytes = request.offset, int.from_bytes(request.data, "little")
+    data = bytes(chunk_bytes)
+    for at in range(0, total, chunk_bytes):
+        yield tensors_pb2.Chunk(offset=at, data=data[: min(chunk_bytes, total - at)])
+
+
 def main() -> None:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ],
-    )
-    handler = grpc.unary_unary_rpc_method_handler(
-        _put,
-        request_deserializer=tensors_pb2.Chunk.FromString,
-        response_serializer=tensors_pb2.Chunk.SerializeToString,
-    )
-    drain = grpc.stream_unary_rpc_method_handler(
-        _drain,
-        request_deserializer=tensors_pb2.Chunk.FromString,
-        response_serializer=tensors_pb2.Chunk.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, {"Put": handler, "Drain": drain}),)
-    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_OPTIONS)
+    handlers = {
+        "Put": grpc.unary_unary_rpc_method_handler(
+            _put,
+            request_deserializer=tensors_pb2.Chunk.FromString,
+            response_serializer=tensors_pb2.Chunk.SerializeToString,
+        ),
+        "Drain": grpc.stream_unary_rpc_method_handler(
+            _drain,
+            request_deserializer=tensors_pb2.Chunk.FromString,
+            response_serializer=tensors_pb2.Chunk.SerializeToString,
+        ),
+        "Source": grpc.unary_stream_rpc_method_handler(
+            _source,
+            request_deserializer=tensors_pb2.Chunk.FromString,
+            response_serializer=tensors_pb2.Chunk.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     Path(sys.argv[1]).write_text(str(port))
     server.wait_for_termination()
 
 
+@contextlib.contextmanager
+def running(directory: Path) -> Iterator[tuple[str, int]]:
+    """The peers' server in a process of its own; yields its target and process id."""
+    port_file = directory / "grpc-sink.port"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.grpc_sink", str(port_file)], stdout=subprocess.DEVNULL
+    )
+    try:
+        while not port_file.exists() or not port_file.read_text():
+            if proc.poll() is not None:
+                raise RuntimeError("the plain gRPC peer did not start")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port_file.read_text()}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def put(target: str, payload: bytes) -> str:
     """Send payload as one message; returns the sha256 the server computed."""
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-    ]
-    with grpc.insecure_channel(target, options=options) as channel:
+    with grpc.insecure_channel(target, options=_OPTIONS) as channel:
         call = channel.unary_unary(
             METHOD,
             request_serializer=tensors_pb2.Chunk.SerializeToString,
@@ -83,23 +118,34 @@ def put(target: str, payload: bytes) -> str:
     return reply.data.decode()
 
 
-if __name__ == "__main__":
-    main()
-
-
-def drain(target: str, payload: bytes, chunk_bytes: int = 4 << 20) -> int:
-    """Stream payload in chunk_bytes messages (a bytes copy each, as the SDK makes); returns
-    the bytes the server counted."""
+def drain(target: str, payload: bytes, chunk_bytes: int) -> int:
+    """Stream payload in chunk_bytes messages; returns the bytes the server counted."""
 
     def chunks() -> Iterator[tensors_pb2.Chunk]:
         view = memoryview(payload)
         for at in range(0, len(view), chunk_bytes):
-            yield tensors_pb2.Chunk(offset=at, data=bytes(view[at : at + chunk_bytes]))
+            yield tensors_pb2.Chunk(offset=at, data=view[at : at + chunk_bytes].tobytes())
 
-    with grpc.insecure_channel(target) as channel:
+    with grpc.insecure_channel(target, options=_OPTIONS) as channel:
         call = channel.stream_unary(
             DRAIN,
             request_serializer=tensors_pb2.Chunk.SerializeToString,
             response_deserializer=tensors_pb2.Chunk.FromString,
         )
         return int(call(chunks(), timeout=600).offset)
+
+
+def source(target: str, total: int, chunk_bytes: int) -> int:
+    """Receive total bytes as a server stream of chunk_bytes messages; returns the count."""
+    request = tensors_pb2.Chunk(offset=total, data=chunk_bytes.to_bytes(8, "little"))
+    with grpc.insecure_channel(target, options=_OPTIONS) as channel:
+        call = channel.unary_stream(
+            SOURCE,
+            request_serializer=tensors_pb2.Chunk.SerializeToString,
+            response_deserializer=tensors_pb2.Chunk.FromString,
+        )
+        return sum(len(m.data) for m in call(request, timeout=600))
+
+
+if __name__ == "__main__":
+    main()

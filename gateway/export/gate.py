@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +82,7 @@ class EgressGate:
     ) -> None:
         self.store = store
         self.checker = checker
+        self._pieces = _PieceCache()
         self.coalesce = coalesce
         self.metrics = metrics or Metrics()
 
@@ -234,7 +238,9 @@ class EgressGate:
 
     def _check(self, row: Release, thorough: bool, file: str, fds: _Opened | None) -> SignedRelease:
         fd = -1
-        wanted: tuple[ReleaseFile, PieceDigests] | None = None
+        entry: ReleaseFile | None = None
+        known: list[bytes] | None = None  # the file's piece digests, from an earlier check
+        filling: PieceDigests | None = None  # or filled by this one
         try:
             signed = self.checker.signed(row)
             if fds is not None:
@@ -250,16 +256,22 @@ class EgressGate:
                 path = self.checker.directory(signed.release) / entry.name
                 fd = _open_no_follow(path)
                 opened = os.fstat(fd)
-                wanted = (entry, PieceDigests(SEND_CHUNK_BYTES))
-            if thorough or wanted is not None or not self.checker.unchanged_since_checked(signed):
-                self.checker.check(signed, {wanted[0].name: wanted[1]} if wanted else None)
-            if fds is not None and wanted is not None:
-                entry, piece = wanted
+                # Pieces are a function of the bytes: those of an earlier check of bytes with
+                # the same signed sha256 are these bytes' pieces once this check confirms
+                # the sha256 (it reads and hashes every file either way).
+                known = self._pieces.get(entry.sha256, SEND_CHUNK_BYTES)
+                if known is None:
+                    filling = _PiecesBehind(SEND_CHUNK_BYTES)
+            if thorough or entry is not None or not self.checker.unchanged_since_checked(signed):
+                fill = {entry.name: filling} if entry is not None and filling is not None else None
+                self.checker.check(signed, fill)
+            if fds is not None and entry is not None:
                 _same_file(path, opened, os.fstat(fd))
-                digests = piece.finish()
-                if len(digests) != -(-entry.size // piece.size):
+                digests = filling.finish() if filling is not None else known or []
+                if len(digests) != -(-entry.size // SEND_CHUNK_BYTES):
                     raise ValueError(f"{entry.name}: the checks did not read it whole")
-                fds.fd, fds.pieces, fds.piece_bytes = fd, digests, piece.size
+                self._pieces.put(entry.sha256, SEND_CHUNK_BYTES, digests)
+                fds.fd, fds.pieces, fds.piece_bytes = fd, digests, SEND_CHUNK_BYTES
                 fd = -1
             return signed
         except GuardRefused as exc:
@@ -328,6 +340,58 @@ class EgressGate:
         )
 
 
+class _PieceCache:
+    """Piece digests of release files, by the signed sha256 and piece size they were
+    computed for; the most recent `entries`."""
+
+    def __init__(self, entries: int = 64) -> None:
+        self._entries = entries
+        self._digests: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha256: str, piece_bytes: int) -> list[bytes] | None:
+        with self._lock:
+            digests = self._digests.get((sha256, piece_bytes))
+            if digests is not None:
+                self._digests.move_to_end((sha256, piece_bytes))
+            return digests
+
+    def put(self, sha256: str, piece_bytes: int, digests: list[bytes]) -> None:
+        with self._lock:
+            self._digests[(sha256, piece_bytes)] = digests
+            self._digests.move_to_end((sha256, piece_bytes))
+            while len(self._digests) > self._entries:
+                self._digests.popitem(last=False)
+
+
+class _PiecesBehind(PieceDigests):
+    """PieceDigests fed from a worker, one buffer behind the checks' read: the check hashes
+    the whole file while the worker hashes its pieces, two sha256 passes side by side (both
+    release the GIL) instead of one after the other before a pull's first byte leaves.
+
+    The checks reuse their read buffer, so each buffer is copied: the pieces are still
+    the digests of the very bytes the checks read.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._behind: Future[None] | None = None
+
+    def _settle(self) -> None:
+        if self._behind is not None:
+            behind, self._behind = self._behind, None
+            behind.result()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        copy = bytes(data)
+        self._settle()
+        self._behind = _READ_AHEAD.submit(super().feed, copy)
+
+    def finish(self) -> list[bytes]:
+        self._settle()
+        return super().finish()
+
+
 def _open_no_follow(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
@@ -358,23 +422,30 @@ def _verified_chunks(
     in hashed to what the checks read (`pieces`, one sha256 per `piece_bytes`): a file changed
     in place after the check never has a changed byte leave, in whatever chunk it lies; the
     pull ends there (audited through `interrupted`). A resumed pull reads the piece its
-    offset falls in and sends from the offset: nothing before it is read."""
+    offset falls in and sends from the offset: nothing before it is read.
+
+    The next piece is read and hashed in a worker while gRPC sends this one (both release the
+    GIL); at most two pieces are in memory.
+    """
     try:
         index = offset // piece_bytes
         pos = index * piece_bytes
-        while pos < total:
+        ahead = descriptor.read_ahead(pos, min(piece_bytes, total - pos)) if pos < total else None
+        while ahead is not None:
             want = min(piece_bytes, total - pos)
-            data = _pread_exactly(descriptor.fd, want, pos)
-            if (
-                len(data) != want
-                or index >= len(pieces)
-                or hashlib.sha256(data).digest() != pieces[index]
-            ):
+            data, digest = ahead.result()
+            after = pos + want
+            ahead = (
+                descriptor.read_ahead(after, min(piece_bytes, total - after))
+                if after < total
+                else None
+            )
+            if len(data) != want or index >= len(pieces) or digest != pieces[index]:
                 raise IntegrityError("release file changed during the pull; it is withheld")
             skip = max(0, offset - pos)
             if skip < len(data):
                 yield pos + skip, data[skip:]
-            pos += want
+            pos = after
             index += 1
     except IntegrityError as exc:
         interrupted(str(exc))
@@ -383,19 +454,40 @@ def _verified_chunks(
         descriptor.close()
 
 
+# Reads and hashes the next piece of a pull while its handler thread sends the current one.
+_READ_AHEAD = ThreadPoolExecutor(max_workers=4, thread_name_prefix="egress-read")
+
+
 class _Descriptor:
     """A file descriptor closed exactly once: by the stream when it ends, or by the caller
-    when the stream never started (a client gone before the first chunk)."""
+    when the stream never started (a client gone before the first chunk); a read ahead in
+    flight finishes before it closes."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._lock = threading.Lock()
+        self._ahead: Future[tuple[bytes, bytes]] | None = None
+
+    def read_ahead(self, pos: int, size: int) -> Future[tuple[bytes, bytes]]:
+        """(data, sha256 digest) of up to size bytes at pos, read in a worker."""
+        with self._lock:
+            if self.fd < 0:
+                raise IntegrityError("the release file was closed during the pull")
+            self._ahead = _READ_AHEAD.submit(_read_piece, self.fd, size, pos)
+            return self._ahead
 
     def close(self) -> None:
         with self._lock:
-            fd, self.fd = self.fd, -1
+            fd, self.fd, ahead = self.fd, -1, self._ahead
+        if ahead is not None:
+            futures.wait([ahead])  # it reads fd: the number must not be reused before
         if fd >= 0:
             os.close(fd)
+
+
+def _read_piece(fd: int, size: int, pos: int) -> tuple[bytes, bytes]:
+    data = _pread_exactly(fd, size, pos)
+    return data, hashlib.sha256(data).digest()
 
 
 def _pread_exactly(fd: int, size: int, pos: int) -> bytes:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
+import mmap
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sluice.gateway.store.blobs import fsync_dir
 from sluice.gateway.store.writeback import WriteBehind
 from sluice.models.manifest import MODEL_FILE
 from sluice.models.schema import Schema
@@ -21,17 +26,31 @@ if TYPE_CHECKING:
     # Only for annotations: template.py imports this module for its self-test.
     from sluice.gateway.export.template import OnnxTemplate, WeightRange
 
-_CHUNK_BYTES = 16 << 20  # bounds each write so a big tensor never needs a second copy
+_CHUNK_BYTES = 16 << 20  # bounds each write, copy and mapped window
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Bytes [start, end) of an open file, for write_atomic to copy in the kernel
+    (copy_file_range: no pass through this process's memory) and hash from what it wrote."""
+
+    fd: int
+    start: int
+    end: int
+    name: str  # what the bytes are, for messages
 
 
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release-sha256")
 
 
-def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], durable: bool = True) -> str:
+def write_atomic(
+    path: Path, chunks: Iterable[bytes | memoryview | FileSpan], durable: bool = True
+) -> str:
     """Write chunks to path via a temp file in the same directory, fsync, os.replace.
 
-    Chunks must not change once yielded (bytes, or views of immutable bytes): each is
-    hashed in a worker while it is written.
+    A chunk is bytes or a view that must not change once yielded (it is hashed in a worker
+    while it is written), or a FileSpan, which is copied in the kernel and hashed in the
+    worker from the page cache of the file written.
 
     Returns the hex sha256 of what was written. Readers see the old file or the whole
     new one, never a part; after a crash only a stray `.tmp` file can remain. With
@@ -42,36 +61,104 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], durable: bool
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            behind = WriteBehind(fd)
-            pending: Future[None] | None = None
-            for chunk in chunks:
-                # Hash this chunk in a worker while writing it (both release the GIL); the
-                # previous chunk's hash is done first, so the order is kept.
-                if pending is not None:
-                    pending.result()
-                pending = _HASHER.submit(digest.update, chunk)
-                out.write(chunk)
-                behind.wrote(len(chunk))
-            if pending is not None:
-                pending.result()
-            out.flush()
+        try:
+            _write_pieces(fd, chunks, digest)
             if durable:
-                os.fsync(out.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    if not durable:
-        return digest.hexdigest()
-    # The rename itself is only durable once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if durable:
+        fsync_dir(path.parent)  # the rename itself is only durable once the entry is on disk
     return digest.hexdigest()
+
+
+def _write_pieces(fd: int, chunks: Iterable[bytes | memoryview | FileSpan], digest: Any) -> None:
+    """Append chunks to fd while a worker hashes each one behind the writer, in order (both
+    release the GIL)."""
+    behind = WriteBehind(fd)
+    pending: Future[None] | None = None
+    pos = 0
+    try:
+        for chunk in chunks:
+            for piece in _windows(chunk):
+                if isinstance(piece, FileSpan):
+                    n = _copy(piece, fd)
+                    job: Callable[[], None] = functools.partial(_hash_written, digest, fd, pos, n)
+                else:
+                    n = _write_all(fd, piece)
+                    job = functools.partial(digest.update, piece)
+                if pending is not None:
+                    pending.result()  # the previous piece is hashed before this one starts
+                pending = _HASHER.submit(job)
+                pos += n
+                behind.wrote(n)
+    finally:
+        if pending is not None:  # before the caller closes fd, also when a write failed
+            pending.result()
+
+
+def _windows(chunk: bytes | memoryview | FileSpan) -> Iterator[bytes | memoryview | FileSpan]:
+    """A FileSpan in _CHUNK_BYTES parts, so copying and hashing overlap; buffers whole."""
+    if not isinstance(chunk, FileSpan):
+        yield chunk
+        return
+    for at in range(chunk.start, chunk.end, _CHUNK_BYTES):
+        yield FileSpan(chunk.fd, at, min(at + _CHUNK_BYTES, chunk.end), chunk.name)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> int:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+    return done
+
+
+_COPY_UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
+
+
+def _copy(span: FileSpan, fd: int) -> int:
+    """Append span's bytes to fd; raises ValueError if its file ends first."""
+    size, done = span.end - span.start, 0
+    while done < size:
+        n = 0
+        if _copy_file_range is not None:
+            try:
+                n = _copy_file_range(span.fd, fd, size - done, span.start + done)
+            except OSError as exc:
+                if exc.errno not in _COPY_UNSUPPORTED:
+                    raise
+                n = _write_all(fd, os.pread(span.fd, size - done, span.start + done))
+        else:  # no copy_file_range here: through this process, one window at a time
+            n = _write_all(fd, os.pread(span.fd, size - done, span.start + done))
+        if n == 0:
+            raise ValueError(
+                f"payload: ended at byte {span.start + done} while reading {span.name!r}"
+            )
+        done += n
+    return done
+
+
+_copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+
+
+def _hash_written(digest: Any, fd: int, pos: int, size: int) -> None:
+    """Feed digest the bytes [pos, pos + size) of fd, read from its page cache through a
+    mapping (no copy): the hash is of what the file holds."""
+    if size == 0:
+        return
+    start = pos - pos % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, pos + size - start, offset=start, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            digest.update(view[pos - start :])
+        finally:
+            view.release()
 
 
 def _plan(t: OnnxTemplate, schema: Schema) -> list[tuple[WeightRange, int, int]]:
@@ -135,26 +222,14 @@ def refresh(t: OnnxTemplate, schema: Schema, payload: bytes | memoryview | np.nd
     return bytes(out)
 
 
-def _range_chunks(payload: BinaryIO, r: WeightRange, start: int, end: int) -> Iterator[bytes]:
-    """One range's payload bytes, read a chunk at a time."""
-    # Plain reads, not a memory map: mapped pages would count towards the process's
-    # resident memory until the whole payload was resident.
-    payload.seek(start)
-    for at in range(start, end, _CHUNK_BYTES):
-        chunk = payload.read(min(_CHUNK_BYTES, end - at))
-        if len(chunk) != min(_CHUNK_BYTES, end - at):
-            raise ValueError(f"payload: ended at byte {at} while reading {r.name!r}")
-        yield chunk
-
-
 def _refreshed_chunks(
-    t: OnnxTemplate, plan: list[tuple[WeightRange, int, int]], payload: BinaryIO
-) -> Iterator[bytes | memoryview]:
+    t: OnnxTemplate, plan: list[tuple[WeightRange, int, int]], payload: int
+) -> Iterator[bytes | memoryview | FileSpan]:
     data = memoryview(t.data)
     pos = 0
     for r, start, end in plan:
         yield data[pos : r.start]
-        yield from _range_chunks(payload, r, start, end)
+        yield FileSpan(payload, start, end, r.name)
         pos = r.end
     yield data[pos:]
 
@@ -171,7 +246,7 @@ def write_refreshed(
     plan = _plan(t, schema)
     _check_payload_size(payload_path, schema)
     with payload_path.open("rb") as payload:
-        return write_atomic(out_path, _refreshed_chunks(t, plan, payload), durable)
+        return write_atomic(out_path, _refreshed_chunks(t, plan, payload.fileno()), durable)
 
 
 def _check_payload_size(payload_path: Path, schema: Schema) -> None:
@@ -180,13 +255,10 @@ def _check_payload_size(payload_path: Path, schema: Schema) -> None:
         raise ValueError(f"payload: expected {schema.payload_bytes} bytes, got {size}")
 
 
-def _data_file_chunks(
-    payload_path: Path, plan: list[tuple[WeightRange, int, int]]
-) -> Iterator[bytes]:
-    """The two-file layout's data file: each range's payload bytes, read a chunk at a time."""
-    with payload_path.open("rb") as payload:
-        for r, start, end in plan:
-            yield from _range_chunks(payload, r, start, end)
+def _data_file_chunks(payload: int, plan: list[tuple[WeightRange, int, int]]) -> Iterator[FileSpan]:
+    """The two-file layout's data file: each range's payload bytes."""
+    for r, start, end in plan:
+        yield FileSpan(payload, start, end, r.name)
 
 
 def write_release_files(
@@ -208,7 +280,8 @@ def write_release_files(
     plan = _plan(t, schema)
     _check_payload_size(payload_path, schema)
     data_path = out_dir / t.data_file
-    data_sha = write_atomic(data_path, _data_file_chunks(payload_path, plan), durable)
+    with payload_path.open("rb") as payload:
+        data_sha = write_atomic(data_path, _data_file_chunks(payload.fileno(), plan), durable)
     if data_path.stat().st_size != t.data_file_bytes:
         # Only if the payload file shrank while it was being read.
         raise ValueError(

@@ -13,7 +13,7 @@ from sluice.gateway.metrics import Metrics
 from sluice.gateway.services.auth import principal_of
 from sluice.gateway.services.errors import mapped_errors
 from sluice.gateway.services.observed import call_status
-from sluice.v1 import egress_pb2, egress_pb2_grpc, tensors_pb2
+from sluice.v1 import egress_pb2, egress_pb2_grpc
 
 
 def _release_msg(r: Release, withheld: bool = False) -> egress_pb2.Release:
@@ -84,9 +84,11 @@ class EgressServicer(egress_pb2_grpc.EgressServiceServicer):
                 )
                 sent = self.metrics.egress_bytes.labels(self.metrics.model(pull.release.model))
                 for offset, data in pull.chunks:
-                    yield egress_pb2.PullReleaseResponse(
-                        chunk=tensors_pb2.Chunk(offset=offset, data=data)
-                    )
+                    # Filled in place: a Chunk passed to the constructor is copied whole.
+                    msg = egress_pb2.PullReleaseResponse()
+                    msg.chunk.offset = offset
+                    msg.chunk.data = data
+                    yield msg
                     sent.inc(len(data))  # handed to gRPC: sent unless the call is cut
             finally:  # a client gone before the first chunk: the stream never started
                 pull.close()

@@ -51,10 +51,12 @@ def _body(
     for req in requests:
         kind = req.WhichOneof("kind")
         if kind == "chunk":
-            if not req.chunk.data:  # it would make no progress, and keep the stream alive
-                raise InvalidInput(f"empty chunk at offset {req.chunk.offset}; chunks carry bytes")
-            received.payload_bytes += len(req.chunk.data)
-            yield PayloadChunk(req.chunk.offset, req.chunk.data)
+            chunk = req.chunk
+            data = chunk.data  # each read of the field is a copy of the bytes: read it once
+            if not data:  # it would make no progress, and keep the stream alive
+                raise InvalidInput(f"empty chunk at offset {chunk.offset}; chunks carry bytes")
+            received.payload_bytes += len(data)
+            yield PayloadChunk(chunk.offset, data)
         elif kind == "trailer":
             yield Trailer(req.trailer.num_chunks)
         else:
@@ -132,9 +134,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 )
             )
             for offset, data in chunks:
-                yield trainer_pb2.PullGlobalResponse(
-                    chunk=tensors_pb2.Chunk(offset=offset, data=data)
-                )
+                # Filled in place: a Chunk passed to the constructor is copied whole.
+                msg = trainer_pb2.PullGlobalResponse()
+                msg.chunk.offset = offset
+                msg.chunk.data = data
+                yield msg
 
     def PushUpdate(
         self,

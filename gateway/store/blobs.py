@@ -134,18 +134,23 @@ class BlobStore:
     def adopt(self, path: Path, inspect: Callable[[bytes], None] | None = None) -> str:
         """Hash a finished file under blobs/tmp, fsync it and move it to its address.
 
-        The fsync runs in a worker while this thread hashes the same (cached) bytes, and
-        hands each piece to `inspect`, which may refuse the file by raising.
+        The fsync runs in a worker, and so does the hash, while this thread hands each piece
+        to `inspect`, which may refuse the file by raising.
         """
         digest = hashlib.sha256()
+        hashed: Future[None] | None = None
         with path.open("rb") as f:
             synced = _HASHERS.submit(os.fsync, f.fileno())
             try:
                 while data := f.read(8 << 20):
-                    digest.update(data)
+                    if hashed is not None:
+                        hashed.result()  # pieces are hashed in order
+                    hashed = _HASHERS.submit(digest.update, data)
                     if inspect is not None:
-                        inspect(data)
+                        inspect(data)  # while a worker hashes the same piece
             finally:
+                if hashed is not None:
+                    hashed.result()
                 synced.result()  # before the descriptor closes, also when a read failed
         final = self.path(digest.hexdigest())
         final.parent.mkdir(exist_ok=True)

@@ -98,6 +98,43 @@ def test_no_byte_changed_in_place_after_the_check_ever_leaves(
         assert sent[0][0] == offset
 
 
+@pytest.mark.parametrize("when", ["before the check", "after the check"])
+def test_pieces_remembered_from_an_earlier_pull_never_send_a_changed_byte(
+    gateway: Running, tiny_schema: Schema, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A later pull of the same file reuses the piece digests of the first (the gate keeps
+    them by the signed sha256): a file rewritten in place since then is refused by the
+    check, or, rewritten after it, stopped at the first changed piece."""
+    _publish_one(gateway, tiny_schema)
+    monkeypatch.setattr(gate_module, "SEND_CHUNK_BYTES", 4096)
+    path = release_dir(gateway) / "model.onnx"
+    genuine = path.read_bytes()
+    first = gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
+    assert b"".join(d for _, d in first.chunks) == genuine  # the pieces are now remembered
+    at = len(genuine) // 2
+
+    def rewrite() -> None:
+        with path.open("r+b") as f:
+            f.seek(at)
+            f.write(b"FRAME")
+
+    if when == "before the check":
+        rewrite()
+        with pytest.raises(IntegrityError, match="withheld"):
+            gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
+        return
+    pull = gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
+    rewrite()
+    sent = []
+    with pytest.raises(IntegrityError, match="changed during the pull"):
+        for chunk_offset, data in pull.chunks:
+            sent.append((chunk_offset, data))
+    assert sent, "the pieces before the change are genuine and leave"
+    for chunk_offset, data in sent:
+        assert data == genuine[chunk_offset : chunk_offset + len(data)], "a changed byte left"
+        assert chunk_offset + len(data) <= at - at % 4096
+
+
 @pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 4097, -1])
 def test_a_resumed_pull_from_any_offset_sends_exactly_the_rest(
     gateway: Running, tiny_schema: Schema, monkeypatch: pytest.MonkeyPatch, offset: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -427,6 +428,36 @@ def test_two_file_data_is_streamed_in_chunks(
     assert (
         write_release_files(two_file, schema, tmp_path / "update.bin", tmp_path / "small") == want
     )
+
+
+def _copy_file_range_unsupported(*args: object) -> int:
+    raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+
+@pytest.mark.parametrize("copier", ["none", "unsupported"])
+def test_release_files_without_copy_file_range_are_the_same_bytes(
+    two_file: OnnxTemplate,
+    template: OnnxTemplate,
+    schema: Schema,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    copier: str,
+) -> None:
+    # Weights are copied in the kernel where it can (copy_file_range); elsewhere, or where
+    # the filesystem refuses, through the process: the files must not differ.
+    (tmp_path / "update.bin").write_bytes(_random_payload(schema, 7))
+    want = [
+        write_release_files(t, schema, tmp_path / "update.bin", tmp_path / f"kernel-{i}")
+        for i, t in enumerate((template, two_file))
+    ]
+    replacement = None if copier == "none" else _copy_file_range_unsupported
+    monkeypatch.setattr(refresh_module, "_copy_file_range", replacement)
+    monkeypatch.setattr(refresh_module, "_CHUNK_BYTES", 100)
+    for i, t in enumerate((template, two_file)):
+        got = write_release_files(t, schema, tmp_path / "update.bin", tmp_path / f"process-{i}")
+        assert got == want[i]
+        for name, _, sha in got:
+            assert _sha256(tmp_path / f"process-{i}" / name) == sha
 
 
 def test_two_file_release_rejects_short_payload(
