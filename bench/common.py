@@ -243,11 +243,8 @@ def sha256_seconds(payload: bytes | memoryview) -> tuple[float, float]:
     return time.perf_counter() - started, time.thread_time() - cpu
 
 
-def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
-    """Seconds to write payload to a new file in directory and fsync it (then delete it)."""
-    path = directory / "raw-write.bin"
-    view = memoryview(payload)
-    started = time.perf_counter()
+def _write_fsync(path: Path, view: memoryview) -> None:
+    """view written to a new file at path in CHUNK writes, then fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         for off in range(0, len(view), CHUNK):
@@ -255,6 +252,13 @@ def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
+    """Seconds to write payload to a new file in directory and fsync it (then delete it)."""
+    path = directory / "raw-write.bin"
+    started = time.perf_counter()
+    _write_fsync(path, memoryview(payload))
     elapsed = time.perf_counter() - started
     path.unlink()
     return elapsed
@@ -272,13 +276,7 @@ def spool_seconds(
         for i in range(count):
             paths.append(directory / f"spool-{i}.bin")
             started, cpu = time.perf_counter(), time.thread_time()
-            fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                for off in range(0, len(view), CHUNK):
-                    os.write(fd, view[off : off + CHUNK])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_fsync(paths[-1], view)
             costs.append((time.perf_counter() - started, time.thread_time() - cpu))
     finally:
         for path in paths:
