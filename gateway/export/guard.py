@@ -9,9 +9,10 @@ import os
 import stat
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -323,32 +324,39 @@ def _read_checked(
     pieces: PieceDigests | None = None,
 ) -> None:
     """Check one file's size and sha256 (and, given `values`, that the weights it holds are
-    finite) as it is streamed through a small buffer."""
+    finite) as it is streamed through two small buffers: a worker hashes one (and feeds
+    `pieces`) while this thread reads the next and checks its values (all release the GIL)."""
     fd = _open_regular(dir_fd, name)
+    digest = hashlib.sha256()
+    hashed: Future[None] | None = None
     try:
         actual = os.fstat(fd).st_size
         if actual != size:
             raise _refuse_files(f"{name}: {actual} bytes, the manifest says {size}")
-        digest = hashlib.sha256()
-        buf = memoryview(bytearray(min(size, _READ_BYTES)))
-        pos = 0
+        buffers = [memoryview(bytearray(min(size, _READ_BYTES))) for _ in range(2)]
+        pos, turn = 0, 0
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             while pos < size:
+                # This buffer's last hash job finished before the other buffer's was queued.
+                buf = buffers[turn % 2]
                 n = f.readinto(buf[: min(size - pos, len(buf))])
                 if not n:
                     raise _refuse_files(f"{name}: ended {size - pos} bytes early while read")
-                digest.update(buf[:n])
-                if pieces is not None:
-                    pieces.feed(buf[:n])
                 if values is not None:
                     try:
                         values.feed(buf[:n])
                     except InvalidInput as exc:
                         raise GuardRefused(f"{name}: {exc}", (VALUES,)) from exc
+                if hashed is not None:
+                    hashed.result()  # pieces are hashed in order
+                hashed = _STREAM_HASHERS.submit(_digest_piece, digest, pieces, buf[:n])
                 pos += n
+                turn += 1
             if f.read(1):
                 raise _refuse_files(f"{name}: grew while being read")
     finally:
+        if hashed is not None:
+            hashed.result()  # before the buffers can be reused or dropped
         os.close(fd)
     if digest.hexdigest() != sha256:
         raise _refuse_files(
@@ -356,7 +364,18 @@ def _read_checked(
         )
 
 
+def _digest_piece(digest: Any, pieces: PieceDigests | None, data: memoryview) -> None:
+    digest.update(data)
+    if pieces is not None:
+        pieces.feed(data)
+
+
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-sha256")
+# Files streamed by _read_checked, one job in flight per file: pulls that run at once do
+# not queue behind one thread.
+_STREAM_HASHERS = ThreadPoolExecutor(
+    max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="guard-stream-sha256"
+)
 
 
 def _read_whole(dir_fd: int, name: str, size: int) -> memoryview:

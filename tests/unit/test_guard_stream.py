@@ -1,0 +1,130 @@
+"""The guard's streamed file check: hashed in a worker, two buffers, any buffer size.
+
+Whatever the buffer size and wherever a changed byte or a non-finite value lies, the
+check accepts exactly the file the manifest names, refuses anything else, and hands the
+egress gate the same piece digests as a front-to-back read would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sluice.gateway.core.finite import FiniteCheck
+from sluice.gateway.export import guard
+from sluice.gateway.export.guard import FILES, VALUES, GuardRefused, PieceDigests
+from sluice.models.schema import Schema, TensorSpec
+
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def _check(
+    directory: Path,
+    data: bytes,
+    sha256: str,
+    values: FiniteCheck | None = None,
+    pieces: PieceDigests | None = None,
+) -> None:
+    (directory / "model.onnx.data").write_bytes(data)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        guard._read_checked(fd, "model.onnx.data", len(data), sha256, values, pieces)
+    finally:
+        os.close(fd)
+
+
+def _floats(count: int) -> Schema:
+    return Schema((TensorSpec("w", (count,), "<f4"),))
+
+
+@SETTINGS
+@given(
+    values=st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=400),
+    read_bytes=st.integers(1, 300),
+    piece=st.integers(1, 500),
+)
+def test_the_named_file_passes_with_the_pieces_a_plain_read_gives(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    values: list[float],
+    read_bytes: int,
+    piece: int,
+) -> None:
+    monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
+    data = np.asarray(values, "<f4").tobytes()
+    pieces = PieceDigests(piece)
+    _check(
+        tmp_path, data, hashlib.sha256(data).hexdigest(), FiniteCheck(_floats(len(values))), pieces
+    )
+    want = PieceDigests(piece)
+    want.feed(data)
+    assert pieces.finish() == want.finish()
+
+
+@SETTINGS
+@given(
+    size=st.integers(1, 2000),
+    read_bytes=st.integers(1, 300),
+    where=st.floats(0, 1, exclude_max=True),
+    flip=st.integers(1, 255),
+)
+def test_a_changed_byte_anywhere_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    read_bytes: int,
+    where: float,
+    flip: int,
+) -> None:
+    monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
+    data = bytes(range(256)) * (size // 256 + 1)
+    data = data[:size]
+    changed = bytearray(data)
+    changed[int(where * size)] ^= flip
+    with pytest.raises(GuardRefused) as refused:
+        _check(tmp_path, bytes(changed), hashlib.sha256(data).hexdigest())
+    assert refused.value.layers == (FILES,)
+    assert "sha256" in str(refused.value)
+
+
+@SETTINGS
+@given(
+    count=st.integers(1, 300),
+    read_bytes=st.integers(1, 300),
+    where=st.floats(0, 1, exclude_max=True),
+    bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+)
+def test_a_non_finite_value_in_any_buffer_is_refused_by_name(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+    read_bytes: int,
+    where: float,
+    bad: float,
+) -> None:
+    monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
+    weights = np.ones(count, "<f4")
+    weights[int(where * count)] = bad
+    data = weights.tobytes()
+    with pytest.raises(GuardRefused) as refused:
+        _check(tmp_path, data, hashlib.sha256(data).hexdigest(), FiniteCheck(_floats(count)))
+    assert refused.value.layers == (VALUES,)
+    assert f"tensor 'w': element {int(where * count)} is" in str(refused.value)
+
+
+def test_a_file_of_another_size_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.data").write_bytes(b"x" * 10)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(GuardRefused, match="10 bytes, the manifest says 11"):
+            guard._read_checked(fd, "model.onnx.data", 11, "0" * 64)
+    finally:
+        os.close(fd)
