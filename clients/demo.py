@@ -29,8 +29,8 @@ from sluice.clients.simulate import (
     TrainerSpec,
     plan_trainers,
     simulate,
-    watch,
 )
+from sluice.clients.simulate_cli import watch
 from sluice.clients.trainer import loss_np
 from sluice.models.manifest import MODEL_FILE, load_public_key
 

@@ -23,7 +23,7 @@ log = logging.getLogger("sluice.cli")
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from sluice.clients.simulate import run_from_args
+    from sluice.clients.simulate_cli import run_from_args
 
     return run_from_args(args)
 
@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
     report.add(sub)
     maintain.add(sub)  # gc, backup, restore: the data dir's upkeep
 
-    from sluice.clients.simulate import add_arguments
+    from sluice.clients.simulate_cli import add_arguments
 
     simulate = sub.add_parser("simulate", help="run regional trainer processes against a gateway")
     add_arguments(simulate)
