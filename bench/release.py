@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,25 @@ FLOORS = ((50e6, 200e6, None, 3.0), (500e6, 1e9, 1.0, 2.5))
 READY_MODEL, READY_MODEL_QUICK = "drivenet-xl", "drivenet-5m"  # start-up on its data dir
 READY_STARTS = 5
 READY_S = 2.0  # gateway ready on an existing data dir
+# The gateway's own lines for each close (gateway/core/folding.py, gateway/export/publish.py).
+_FOLD_LINE = re.compile(r"closed: \d+ updates -> version \d+ in [\d.]+s \(aggregation ([\d.]+)s\)")
+_RELEASE_LINE = re.compile(r"release \d+ of \S+: (.*)$")
+_STAGE = re.compile(r"(\w+) ([\d.]+)s")
+
+
+def close_stages(log: str) -> dict[str, list[float]]:
+    """Seconds per stage of each close, from the gateway's log: aggregation (the fold, the
+    spool files' re-hash beside it, adopting the version blob: hashed, NaN-scanned, fsynced),
+    then the release's trim, write, parity, guard and sync."""
+    stages: dict[str, list[float]] = {}
+    for line in log.splitlines():
+        if fold := _FOLD_LINE.search(line):
+            stages.setdefault("aggregation", []).append(float(fold.group(1)))
+        elif release := _RELEASE_LINE.search(line):
+            for name, seconds in _STAGE.findall(release.group(1)):
+                stages.setdefault(name, []).append(float(seconds))
+    order = ["aggregation", "trim", "write", "parity", "guard", "sync"]
+    return dict(sorted(stages.items(), key=lambda kv: [*order, kv[0]].index(kv[0])))
 
 
 def torch_export_seconds(model: str, directory: str) -> float:
@@ -77,6 +97,7 @@ class ReleaseRun:
     live_s: float  # that start: until /healthz answered (ports bound)
     says_exporting: bool  # its log named the export step and the bound ports before ready
     ready_s: list[float]  # later starts on the same data dir, until ready
+    stages: dict[str, list[float]]  # seconds per stage of each close (close_stages)
 
 
 def _release_seconds(
@@ -123,6 +144,7 @@ def _release_seconds(
         live_s=gw.live_s,
         says_exporting="exporting the" in first_log and "not ready yet" in first_log,
         ready_s=ready,
+        stages=close_stages(first_log),
     )
 
 
@@ -140,6 +162,7 @@ def bench_release(options: Options, templates: Path) -> Report:
     )  # fmt: skip
     runs: dict[str, ReleaseRun] = {}
     results: dict[str, dict[str, object]] = {}
+    stage_notes: list[str] = []
     for model in models:
         params = gateway_proc.schema_of(model).num_parameters
         starts = READY_STARTS if model == ready_model else 0
@@ -159,6 +182,12 @@ def bench_release(options: Options, templates: Path) -> Report:
              f"{export:.2f} s", f"{write:.2f} s", f"{close / export:.2f}x",
              f"{close / write:.1f}x"]
         )  # fmt: skip
+        if r.stages:
+            stage_notes.append(
+                f"{model} close by stage (medians, from the gateway's log): "
+                + ", ".join(f"{k} {median(v):.2f} s" for k, v in r.stages.items())
+                + f"; raw write + fsync of the release's bytes {write:.2f} s"
+            )
         name = f"release {params / 1e6:.0f}M parameters"
         for low, high, vs_export, vs_write in FLOORS:
             if not low <= params <= high:
@@ -206,6 +235,7 @@ def bench_release(options: Options, templates: Path) -> Report:
         f"start-up: from spawning `sluice serve` until its /readyz answers 200, on the data dir "
         f"that {ready_model}'s release rounds left (templates, versions, releases in place); "
         "first start: the first start of each model in this run, which exports its template",
+        *stage_notes,
     ]
     report.data = results
     return report
