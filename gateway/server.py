@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
@@ -37,7 +39,9 @@ from sluice.gateway.export.gate import EgressGate
 from sluice.gateway.export.guard import Verdicts
 from sluice.gateway.export.publish import (
     ReleaseWriter,
+    cached_schema,
     declaration_ran,
+    forget_schema,
     record_declaration,
     template_dir,
     template_for,
@@ -242,6 +246,7 @@ class Gateway:
         self._servers: list[grpc.Server] = []
         self.ops: OpsListener | None = None
         self._started = False
+        self._warming: threading.Thread | None = None  # _warm_up, once started
         try:
             self._build(config)
         except BaseException:
@@ -309,10 +314,14 @@ class Gateway:
         # The slow part, with every port bound: a first start exports each model's template.
         self.blobs = BlobStore(root / "blobs")
         threshold = config.two_file_bytes
+        # A declaration whose template a start built and checked has its schema cached
+        # beside it: such a start builds no module and imports no torch before it is
+        # ready (~2 s); _warm_up builds them afterwards and compares.
         self.catalog = Catalog(
             config.models,
             config.declared_models,
             lambda entry: declaration_ran(entry, root / "templates", threshold),
+            lambda entry: cached_schema(entry, root / "templates", threshold),
         )
         templates = self._templates(root)
         for served in self.catalog:
@@ -508,7 +517,38 @@ class Gateway:
             self.endpoints.ops or "off",
             self.endpoints.health or "off",
         )
+        self._warming = threading.Thread(target=self._warm_up, name="sluice-warm-up", daemon=True)
+        self._warming.start()
         return self.endpoints
+
+    # What a round's close and release import, beyond torch and the models' factories
+    # (which building the modules imports): loaded after ready, not by the first close.
+    WARM_MODULES = ("scipy.linalg.blas", "onnxruntime")
+
+    def _warm_up(self) -> None:
+        """Once ready, in the background: build every module whose schema came from the
+        cache (torch, each factory) and compare, then import what a close needs; the first
+        close does not pay those ~2 s. A module that no longer gives its cached schema (a
+        file its factory imports changed) or no longer builds: the cache is dropped and the
+        gateway says it is not ready, with an error naming the model, until restarted."""
+        started = time.perf_counter()
+        try:
+            wrong = self.catalog.check_cached()
+            for name in self.WARM_MODULES:
+                importlib.import_module(name)
+        except Exception as exc:  # an import that fails here fails the first close too
+            log.exception("warming up for the first release failed")
+            wrong = {name: f"warm-up failed: {exc}" for name in self.catalog.names()}
+        if wrong:
+            root, threshold = self.config.data_dir / "templates", self.config.two_file_bytes
+            for name, reason in wrong.items():
+                forget_schema(self.catalog.get(name), root, threshold)
+                log.error("not ready: %s; restart the gateway to check and serve it anew", reason)
+            if self.ops is not None:
+                self.ops.ready(False)
+            self.metrics.ready.set(0)
+            return
+        log.info("warmed up for the first release in %.1f s", time.perf_counter() - started)
 
     def _write_endpoints(self, endpoints: Endpoints) -> None:
         path = self.config.data_dir / ENDPOINTS_FILE
@@ -544,6 +584,10 @@ class Gateway:
             (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
             if self.ops is not None:
                 self.ops.stop()
+            # Not left importing torch while the interpreter exits (a crash at exit), nor
+            # writing in the data dir once the next holder of its lock has it.
+            if self._warming is not None:
+                self._warming.join(60)
         self._lock.release()
 
     def wait(self) -> None:

@@ -23,8 +23,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
+import json
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +82,31 @@ def resolve_factory(model: str, path: str) -> Callable[..., Any]:
     return factory
 
 
+def factory_file(model: str, path: str) -> Path | None:
+    """The file of the factory's module, found without running the module (its parent
+    packages are imported): a declaration is checked and a gateway starts on a cached
+    schema without importing torch. None when the module has no file of its own."""
+    module_name = path.split(":", 1)[0]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ImportError as exc:
+        raise _fail(
+            model, f"factory {path!r}: module {module_name!r} cannot be imported ({exc})"
+        ) from exc
+    except Exception as exc:  # a parent package raised while importing
+        raise _fail(
+            model, f"factory {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if spec is None:
+        raise _fail(
+            model,
+            f"factory {path!r}: module {module_name!r} cannot be imported "
+            f"(No module named {module_name!r})",
+        )
+    origin = spec.origin if spec.has_location else None
+    return Path(origin) if origin else None
+
+
 def _int_list(model: str, key: str, value: Any, low: int) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or len(value) > _MAX_DIMS:
         raise _fail(model, f"{key}: expected a list of 1 to {_MAX_DIMS} integers")
@@ -129,7 +157,8 @@ def _limits(model: str, table: Any) -> StructureLimits:
 def declare(name: str, table: Mapping[str, Any], base_dir: Path | None = None) -> ModelEntry:
     """A ModelEntry from one `[model.NAME]` table; relative paths are from base_dir.
 
-    Checks the table and imports the factory; check_entry runs the module.
+    Checks the table and finds the factory's module without running it; the factory is
+    imported at its first call (check_entry resolves it first and says what is wrong).
     """
     if not MODEL_NAME.fullmatch(name):
         raise _fail(name, "a model name is 1-64 of a-z 0-9 . _ - and starts alphanumeric")
@@ -141,7 +170,9 @@ def declare(name: str, table: Mapping[str, Any], base_dir: Path | None = None) -
     if "factory" not in table:
         raise _fail(name, "factory is required ('package.module:callable')")
     factory_path = table["factory"]
-    target = resolve_factory(name, factory_path)
+    if not isinstance(factory_path, str) or not _FACTORY.fullmatch(factory_path):
+        raise _fail(name, f"factory {factory_path!r}: expected 'package.module:callable'")
+    factory_file(name, factory_path)
     kwargs = table.get("kwargs", {})
     if not isinstance(kwargs, Mapping):
         raise _fail(name, "kwargs: expected a table")
@@ -179,9 +210,14 @@ def declare(name: str, table: Mapping[str, Any], base_dir: Path | None = None) -
     if not isinstance(description, str):
         raise _fail(name, "description: expected a string")
     frozen = dict(kwargs)
+    resolved: list[Callable[..., Any]] = []
+    lock = threading.Lock()
 
     def factory() -> nn.Module:
-        return target(**frozen)  # type: ignore[no-any-return]
+        with lock:  # imported once, at the first build (for the builtins: torch)
+            if not resolved:
+                resolved.append(resolve_factory(name, factory_path))
+        return resolved[0](**frozen)  # type: ignore[no-any-return]
 
     return ModelEntry(
         name=name,
@@ -211,6 +247,45 @@ def declaration_fingerprint(entry: ModelEntry) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def schema_fingerprint(entry: ModelEntry) -> str | None:
+    """What the module's schema and check_entry depend on, known without running either:
+    the declaration (factory path, kwargs, inputs, outputs), the bytes of the factory's
+    module file and torch's version file. A schema recorded under this fingerprint after
+    a full check (gateway/export/publish.py) stands for both at a later start, which then
+    does not import torch. A change in another file the factory imports is not seen here:
+    the gateway builds the module after it is ready and compares (server.py).
+
+    None (nothing may be cached) for an entry not declared by factory path, or whose
+    factory module or torch has no file to hash.
+    """
+    if not entry.factory_path:
+        return None
+    source = factory_file(entry.name, entry.factory_path)
+    torch_spec = importlib.util.find_spec("torch")  # found, not imported
+    if source is None or torch_spec is None or not torch_spec.origin:
+        return None
+    try:
+        sources = [
+            _file_sha256(source),
+            _file_sha256(Path(torch_spec.origin).with_name("version.py")),
+        ]
+    except OSError:
+        return None
+    doc = {
+        "name": entry.name,
+        "factory": entry.factory_path,
+        "kwargs": json.dumps(dict(entry.kwargs), sort_keys=True, default=repr),
+        "inputs": repr(entry.inputs),
+        "outputs": list(entry.output_names),
+        "sources": sources,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def check_entry(entry: ModelEntry, *, run: bool = True) -> None:
     """The factory builds a module, the example inputs run through it and it gives one
     tensor per declared output; its state_dict has a dtype the wire format carries.
@@ -224,6 +299,8 @@ def check_entry(entry: ModelEntry, *, run: bool = True) -> None:
     from torch import nn
 
     name, where = entry.name, entry.factory_path or "factory"
+    if entry.factory_path:  # imports it: a mistake is named here, not as the factory's own
+        resolve_factory(name, entry.factory_path)
     try:
         with torch.device("meta"):
             module = entry.factory()

@@ -28,6 +28,7 @@ _TORCH_TO_NUMPY: dict[str, str] = {
 }
 FLOAT_DTYPES = frozenset({"<f4", "<f2", "<f8", "bfloat16"})
 HALF_DTYPES = frozenset({"<f2", "bfloat16"})  # folded in float32, rounded once
+_NUMPY_DTYPES = frozenset(_TORCH_TO_NUMPY.values())
 
 
 @functools.lru_cache(maxsize=64)  # bounded: dtype strings can come from a manifest
@@ -150,12 +151,56 @@ class Schema:
     def hash(self) -> str:
         """Hex sha256 of the canonical JSON of the tensor list (and of the aliases, if any:
         a schema without them hashes as it always did)."""
-        tensors = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors]
-        doc: object = tensors
-        if self.aliases:
-            doc = {"tensors": tensors, "aliases": [list(pair) for pair in self.aliases]}
-        canon = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        canon = json.dumps(self.to_doc(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(canon).hexdigest()
+
+    def to_doc(self) -> object:
+        """The JSON document the hash is taken of: the tensor list, or with aliases an
+        object holding both. from_doc reads it back."""
+        tensors = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors]
+        if not self.aliases:
+            return tensors
+        return {"tensors": tensors, "aliases": [list(pair) for pair in self.aliases]}
+
+    @classmethod
+    def from_doc(cls, doc: object) -> Schema:
+        """A schema from to_doc's document (e.g. one cached on disk); ValueError for
+        anything else: unknown dtypes, negative or non-integer dims, repeated names, an
+        alias of no tensor."""
+        tensors, aliases = doc, []
+        if isinstance(doc, dict):
+            if set(doc) != {"tensors", "aliases"}:
+                raise ValueError("schema: expected the keys tensors and aliases")
+            tensors, aliases = doc["tensors"], doc["aliases"]
+        if not isinstance(tensors, list) or not isinstance(aliases, list):
+            raise ValueError("schema: expected a list of tensors")
+        specs: list[TensorSpec] = []
+        for t in tensors:
+            if not isinstance(t, dict) or set(t) != {"name", "shape", "dtype"}:
+                raise ValueError("schema: a tensor is {name, shape, dtype}")
+            name, shape, dtype = t["name"], t["shape"], t["dtype"]
+            if not isinstance(name, str) or dtype not in _NUMPY_DTYPES:
+                raise ValueError(f"schema: tensor {str(name)[:64]!r}: bad name or dtype")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
+                raise ValueError(f"schema: tensor {name[:64]!r}: bad shape")
+            specs.append(TensorSpec(name, tuple(shape), dtype))
+        names = {s.name for s in specs}
+        pairs: list[tuple[str, str]] = []
+        for pair in aliases:
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(p, str) for p in pair)
+                or pair[1] not in names
+                or pair[0] in names
+            ):
+                raise ValueError("schema: an alias is [name, a tensor's name]")
+            pairs.append((pair[0], pair[1]))
+        if len(names) != len(specs) or len({a for a, _ in pairs}) != len(pairs):
+            raise ValueError("schema: repeated tensor names")
+        return cls(tuple(specs), tuple(pairs))
 
     @cached_property
     def alias_of(self) -> dict[str, str]:

@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-# Neither ships type information (scipy's stubs are a separate package we do not need).
-from scipy.linalg import blas  # type: ignore[import-untyped]
+# Ships no type information.
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
+from sluice.gateway.core.lazy import LazyModule, lazy_function
 from sluice.models.schema import Schema, TensorSpec
+
+# scipy's BLAS, imported at the first fold: a gateway's start does not pay its ~0.2 s.
+blas: Any = LazyModule("scipy.linalg.blas")
 
 # 1 MiB blocks stay in the CPU caches between the read and the axpy, and keep the fold's
 # memory at 4 MiB whatever the model (bench/: as fast as 8 MiB blocks at 25M-100M params).
@@ -31,7 +34,10 @@ DEFAULT_BLOCK_BYTES = 1 << 20
 FOLD_WORKERS = max(1, min(4, os.cpu_count() or 1))
 # y += a * x in one pass (BLAS axpy) for native float32/float64: numpy needs a multiply
 # and an add, two passes over the block (bench/README.md: ~3x the arithmetic throughput).
-_AXPY = {np.dtype(np.float32): blas.saxpy, np.dtype(np.float64): blas.daxpy}
+_AXPY = {
+    np.dtype(np.float32): lazy_function("scipy.linalg.blas", "saxpy"),
+    np.dtype(np.float64): lazy_function("scipy.linalg.blas", "daxpy"),
+}
 
 
 @functools.cache

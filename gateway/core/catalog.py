@@ -28,16 +28,46 @@ class Catalog:
         names: Iterable[str],
         declared: Mapping[str, ModelEntry] | None = None,
         already_run: Callable[[ModelEntry], bool] | None = None,
+        cached: Callable[[ModelEntry], Schema | None] | None = None,
     ) -> None:
         """Resolve each name (built in, or declared in the configuration) and check that
         the module builds and runs on its declared inputs (models.declare.check_entry):
         a mistake stops the start with one line naming it. `already_run(entry)` says a
-        declaration's forward run can be skipped (its template was built from it)."""
+        declaration's forward run can be skipped (its template was built from it).
+
+        `cached(entry)` is the schema a start that did all of that recorded for this
+        very declaration, or None: with it nothing is built (no torch import); the
+        module is compared with it later, by check_cached."""
         self._models: dict[str, ServedModel] = {}
+        self._unchecked: dict[str, ServedModel] = {}
         for name in names:
             entry = registry.get(name, declared)
+            schema = cached(entry) if cached is not None else None
+            if schema is not None:
+                self._models[name] = self._unchecked[name] = ServedModel(entry, schema)
+                continue
             check_entry(entry, run=not (already_run and already_run(entry)))
             self._models[name] = ServedModel(entry, entry.schema())
+
+    def check_cached(self) -> dict[str, str]:
+        """Build each module whose schema came from a cache (torch, on the meta device)
+        and compare: model -> what is wrong, for each whose module no longer builds or
+        gives another schema. Empty: every served schema is its module's."""
+        wrong = {}
+        for name, served in self._unchecked.items():
+            try:
+                check_entry(served.entry, run=False)
+                schema = served.entry.schema()
+            except ValueError as exc:
+                wrong[name] = str(exc)
+                continue
+            if schema != served.schema:
+                wrong[name] = (
+                    f"model {name!r}: its module's schema is {schema.hash[:16]}, the cached "
+                    f"one it is served with {served.schema.hash[:16]}"
+                )
+        self._unchecked = {}
+        return wrong
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
 
 from sluice.models import onnx_wire
 from sluice.models.entry import ModelEntry
 from sluice.models.schema import tensor_to_numpy
+
+if TYPE_CHECKING:  # imported where a release runs the module: a start does not need it
+    import torch
 
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 4  # > 1 so the dynamic batch dimension is exercised
@@ -22,6 +25,7 @@ def max_output_diff(
 ) -> float:
     """Max abs difference over all outputs of onnxruntime and torch on example inputs."""
     import onnxruntime as ort  # loaded lazily: only exports need the runtime
+    import torch
 
     inputs = entry.example_inputs(batch=PARITY_BATCH, seed=seed)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -9,9 +10,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from sluice.gateway import heap
 from sluice.gateway.core.catalog import ServedModel
@@ -45,7 +46,7 @@ from sluice.gateway.export.template import (
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.blobs import fsync_dir
 from sluice.models.artifact import op_set
-from sluice.models.declare import declaration_fingerprint
+from sluice.models.declare import declaration_fingerprint, schema_fingerprint
 from sluice.models.entry import ModelEntry
 from sluice.models.manifest import (
     MANIFEST_FORMAT,
@@ -55,7 +56,10 @@ from sluice.models.manifest import (
     check_fields,
     parse,
 )
-from sluice.models.schema import numpy_to_tensor
+from sluice.models.schema import Schema, numpy_to_tensor
+
+if TYPE_CHECKING:  # imported where a release builds the module: a start does not need it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +89,79 @@ def declaration_ran(entry: ModelEntry, root: Path, two_file_threshold: int) -> b
 
 
 def record_declaration(served: ServedModel, root: Path, two_file_threshold: int) -> None:
-    """After a start checked the declaration in full and has its template: remember it."""
-    path = template_dir(served, root, two_file_threshold) / CHECKED
-    fingerprint = declaration_fingerprint(served.entry)
+    """After a start checked the declaration in full and has its template: remember it,
+    and the module's schema under what it was built from (cached_schema)."""
+    directory = template_dir(served, root, two_file_threshold)
+    _write_if_changed(directory / CHECKED, declaration_fingerprint(served.entry) + "\n")
+    fingerprint = schema_fingerprint(served.entry)
+    if fingerprint is not None:
+        doc = {
+            "fingerprint": fingerprint,
+            "hash": served.schema.hash,
+            "schema": served.schema.to_doc(),
+        }
+        _write_if_changed(directory / SCHEMA_CACHE, json.dumps(doc, sort_keys=True) + "\n")
+
+
+def _write_if_changed(path: Path, text: str) -> None:
     try:
-        if not path.exists() or path.read_text().strip() != fingerprint:
-            tmp = path.with_name(f".{CHECKED}.tmp")
-            tmp.write_text(fingerprint + "\n")
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
             os.replace(tmp, path)
     except OSError as exc:  # a full disk: the next start checks again, nothing worse
         log.warning("could not record %s: %s", path, exc)
+
+
+SCHEMA_CACHE = "schema.json"  # beside template.json: the schema, and what it was built from
+_MAX_SCHEMA_CACHE_BYTES = 64 << 20
+
+
+def forget_schema(served: ServedModel, root: Path, two_file_threshold: int) -> None:
+    """Drop the model's cached schema: the next start builds the module and checks it."""
+    path = template_dir(served, root, two_file_threshold) / SCHEMA_CACHE
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+
+
+def cached_schema(entry: ModelEntry, root: Path, two_file_threshold: int) -> Schema | None:
+    """The schema a start recorded for this very declaration (models.declare's
+    schema_fingerprint: declaration, factory source, torch version) beside a template
+    built and self-tested from it, or None: then the start builds the module as always.
+
+    A cache is taken only whole: its schema hashes as recorded, names its directory,
+    and that directory holds the template and the declaration's record. Anything else
+    (a file edited, a stray copy) is ignored with a warning and rebuilt by this start.
+    """
+    fingerprint = schema_fingerprint(entry)
+    if fingerprint is None:
+        return None
+    for path in sorted((root / entry.name).glob(f"*/{SCHEMA_CACHE}")):
+        try:
+            if path.stat().st_size > _MAX_SCHEMA_CACHE_BYTES:
+                raise ValueError("too large")
+            doc = json.loads(path.read_bytes())
+            if not isinstance(doc, dict) or doc.get("fingerprint") != fingerprint:
+                continue  # another declaration's, or this one's before a change
+            schema = Schema.from_doc(doc.get("schema"))
+            if schema.hash != doc.get("hash"):
+                raise ValueError(f"its schema hashes {schema.hash[:16]}, not as recorded")
+            if template_dir(ServedModel(entry, schema), root, two_file_threshold) != path.parent:
+                if path.parent.name.startswith(f"{schema.hash}-"):
+                    continue  # the other layout's template (the threshold changed)
+                raise ValueError("its schema does not name its directory")
+            checked = (path.parent / CHECKED).read_text().strip()
+            if checked != declaration_fingerprint(entry):
+                raise ValueError(f"{CHECKED} is not this declaration's")
+            if not (path.parent / "template.json").exists():
+                raise ValueError("no template beside it")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            log.warning("ignoring the cached schema %s (%s): building %s", path, exc, entry.name)
+            continue
+        return schema
+    return None
 
 
 def template_for(
@@ -168,6 +235,8 @@ def payload_module(served: ServedModel, weights: Path) -> torch.nn.Module:
     """The served model holding a payload file's weights without reading them into the heap:
     built on the meta device, its tensors then map the file copy-on-write (page cache, given
     back when the module is dropped). Memory: none beyond the pages the forward pass reads."""
+    import torch
+
     with torch.device("meta"):
         module = served.entry.factory()  # no initialisation: every tensor is replaced below
     payload = np.memmap(weights, dtype=np.uint8, mode="c")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from sluice.gateway.export.parity import max_output_diff
 from sluice.gateway.export.refresh import refresh, write_atomic, write_release_files
@@ -15,6 +15,9 @@ from sluice.gateway.export.template import OnnxTemplate
 from sluice.models.entry import ModelEntry
 from sluice.models.manifest import MODEL_FILE
 from sluice.models.schema import Schema, tensor_to_numpy
+
+if TYPE_CHECKING:  # imported where a template is tested: a start on built ones does not
+    import torch
 
 SELF_TEST_TOLERANCE = 1e-4  # max abs diff onnxruntime vs torch, fp32, random weights
 _BLOCK_BYTES = 16 << 20  # bounds each temporary for a 2 GiB weight
@@ -24,6 +27,8 @@ def _randomize(state: Mapping[str, torch.Tensor], seed: int) -> None:
     """Perturb every float tensor in place, BatchNorm statistics included."""
     # Factory init leaves BatchNorm at 1/0/0/1 in every seed; a template that had frozen
     # those values would pass a test that did not move them.
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     block = _BLOCK_BYTES // 4  # elements; bounds the temporaries for a 2 GiB weight
     for name, tensor in state.items():
@@ -69,6 +74,8 @@ def self_test(t: OnnxTemplate, entry: ModelEntry, seed: int = 1234) -> float:
     belong to the entry. A two-file template is written to a temporary directory (its
     size on disk, twice while being written); memory: the module plus onnxruntime's copy.
     """
+    import torch
+
     module = entry.build(seed)
     state = module.state_dict()
     with torch.no_grad():

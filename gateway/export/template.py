@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 
 if TYPE_CHECKING:  # at run time imported where a template is built: ~55 MB of RSS otherwise
+    import torch  # and ~2 s of a start on built templates
     from onnxscript import ir
 
 from sluice.gateway.export.refresh import write_atomic
@@ -110,6 +110,8 @@ class OnnxTemplate:
 
 def _dynamic_shapes(entry: ModelEntry) -> tuple[dict[int, Any], ...]:
     """torch.export's dynamic_shapes for the declared inputs: axis 0 is one shared batch."""
+    import torch
+
     batch = torch.export.Dim("batch")
     return tuple(
         {
@@ -123,6 +125,8 @@ def _dynamic_shapes(entry: ModelEntry) -> tuple[dict[int, Any], ...]:
 def _export(module: torch.nn.Module, entry: ModelEntry, schema: Schema) -> torch.onnx.ONNXProgram:
     # optimize=False: the optimizer folds BatchNorm into Conv and keeps the old names on
     # changed tensors, so a name-keyed refresh would run and be wrong (DESIGN.md).
+    import torch
+
     with warnings.catch_warnings():
         # torch 2.13's own run_decompositions deep-copies a pytree LeafSpec and trips
         # torch's deprecation of it; where warnings are errors (our tests) that aborts
@@ -349,6 +353,8 @@ def build_template(entry: ModelEntry, two_file_threshold: int = TWO_FILE_THRESHO
     template. Memory: the module plus one serialized template; for the two-file layout
     the module plus the graph, never a second copy of the weights.
     """
+    import torch
+
     module = entry.build(entry.init_seed)
     state = module.state_dict()
     schema = Schema.of(state)
