@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Generic, Self, TypeVar
+from typing import Any, BinaryIO, ClassVar, Generic, Protocol, Self, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -118,9 +118,18 @@ class Pulled:
     data: bytes
 
 
+class _Chunk(Protocol):
+    """A received chunk: tensors_pb2.Chunk, or a ChunkView of the received bytes."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+
 def _collect(
-    responses: Callable[[int], Iterator[tuple[object | None, tensors_pb2.Chunk | None]]],
-    sink: Callable[[bytes], None],
+    responses: Callable[[int], Iterator[tuple[object | None, _Chunk | None]]],
+    sink: Callable[[bytes | memoryview], None],
     policy: RetryPolicy,
     start: int = 0,
 ) -> object:
@@ -186,7 +195,7 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
 
     def pull_global(self, model: str, version: int = 0) -> Pulled:
         """The weights of a version (0: newest), resumed across drops, sha256-checked."""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         pinned = [version]  # a resume must continue the same version, even when 0 asked newest
 
         def stream(offset: int) -> Iterator[tuple[object | None, tensors_pb2.Chunk | None]]:
@@ -258,6 +267,61 @@ _LEN, _VARINT = 2, 0  # protobuf wire types
 _CHUNK_TAG = trainer_pb2.PushUpdateRequest.DESCRIPTOR.fields_by_name["chunk"].number << 3 | _LEN
 _OFFSET_TAG = tensors_pb2.Chunk.DESCRIPTOR.fields_by_name["offset"].number << 3 | _VARINT
 _DATA_TAG = tensors_pb2.Chunk.DESCRIPTOR.fields_by_name["data"].number << 3 | _LEN
+
+
+_PULL_METHOD = f"/{egress_pb2.DESCRIPTOR.services_by_name['EgressService'].full_name}/PullRelease"
+# chunk_view reads a pull response with the push's tags: the same field holds the chunk.
+assert egress_pb2.PullReleaseResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | _LEN == (
+    _CHUNK_TAG
+)
+_MAX_VARINT_BYTES = 9  # read here: < 2**63; longer ones are protobuf's to read
+
+
+class ChunkView:
+    """A chunk message's offset, and its data as a read-only view of the received bytes."""
+
+    __slots__ = ("data", "offset")
+
+    def __init__(self, offset: int, data: memoryview) -> None:
+        self.offset = offset
+        self.data = data
+
+
+def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(value, position after it), or (-1, pos) without a varint of at most 9 bytes."""
+    value, shift, start = 0, 0, pos
+    while pos < end and pos - start < _MAX_VARINT_BYTES:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, start
+
+
+def chunk_view(data: bytes) -> ChunkView | None:
+    """The chunk of a serialized message whose field 2 is a Chunk (PullReleaseResponse,
+    PullGlobalResponse, PushUpdateRequest) in exactly chunk_wire's form, every length
+    consistent and nothing after it, as a view of data; None for any other bytes (parse
+    those with protobuf). protobuf's parser copies the data in, and again on every read."""
+    end = len(data)
+    if end < 2 or data[0] != _CHUNK_TAG:
+        return None
+    length, pos = _read_varint(data, 1, end)
+    if length < 0 or pos + length != end:
+        return None
+    offset = 0
+    if pos < end and data[pos] == _OFFSET_TAG:
+        offset, pos = _read_varint(data, pos + 1, end)
+        if offset < 0:
+            return None
+    if pos >= end or data[pos] != _DATA_TAG:
+        return None
+    size, pos = _read_varint(data, pos + 1, end)
+    if size < 0 or pos + size != end:
+        return None
+    return ChunkView(offset, memoryview(data)[pos:])
 
 
 def _varint(n: int) -> bytes:
@@ -406,6 +470,17 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
         req = egress_pb2.PullReleaseRequest(model=model, version=version, file=file, offset=offset)
         return iter(self._stub.PullRelease(req, timeout=self.timeout_s))
 
+    def _pull_serialized(self, model: str, version: int, file: str, offset: int) -> Iterator[bytes]:
+        """pull_stream's messages as they arrive, serialized (pull parses them)."""
+        req = egress_pb2.PullReleaseRequest(model=model, version=version, file=file, offset=offset)
+        call: grpc.UnaryStreamMultiCallable[egress_pb2.PullReleaseRequest, bytes]
+        call = self._channel.unary_stream(
+            _PULL_METHOD,
+            request_serializer=egress_pb2.PullReleaseRequest.SerializeToString,
+            response_deserializer=None,  # bytes: chunks are read as views of them
+        )
+        return iter(call(req, timeout=self.timeout_s))
+
     def pull_release(
         self,
         model: str,
@@ -546,13 +621,18 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
         try:
             with part.open("ab") as out, _Spool(out, digest) as spool:
 
-                def sink(data: bytes) -> None:
+                def sink(data: bytes | memoryview) -> None:
                     spool.put(data)
                     if advance is not None:
                         advance(len(data))
 
-                def stream(offset: int) -> Iterator[tuple[object | None, tensors_pb2.Chunk | None]]:
-                    for msg in self.pull_stream(model, pinned[0], file, offset):
+                def stream(offset: int) -> Iterator[tuple[object | None, _Chunk | None]]:
+                    for raw in self._pull_serialized(model, pinned[0], file, offset):
+                        view = chunk_view(raw)  # a chunk: read without protobuf's copies
+                        if view is not None:
+                            yield None, view
+                            continue
+                        msg = egress_pb2.PullReleaseResponse.FromString(raw)
                         if msg.WhichOneof("kind") == "header":
                             pinned[0] = msg.header.version
                             _check_announced(msg.header, expect)
@@ -598,7 +678,7 @@ class _Spool:
         self._pending: deque[Future[None]] = deque()
         self._failed = False
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         if self._failed:
             return  # a write failed: what follows it would not continue the file
         try:
@@ -608,7 +688,8 @@ class _Spool:
             self._failed = True
             raise
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes | memoryview) -> None:
+        """Queue data (bytes, or a view of bytes: it must not change) to be written."""
         while len(self._pending) >= self._depth:
             self._pending.popleft().result()
         self._pending.append(self._worker.submit(self._write, data))

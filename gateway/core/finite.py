@@ -7,6 +7,8 @@ import numpy as np
 from sluice.gateway.core.errors import InvalidInput
 from sluice.models.schema import Schema, numpy_dtype
 
+_ALIGN_FROM_BYTES = 64 << 10  # smaller unaligned pieces are checked where they lie
+
 
 class FiniteCheck:
     """Feed payload bytes in order; raises InvalidInput naming the first non-finite value
@@ -18,6 +20,7 @@ class FiniteCheck:
         self._index = 0
         self._pos = 0
         self._carry = b""  # a float split across two chunks
+        self._scratch = np.empty(0, dtype=np.uint8)  # aligned copies of unaligned views
 
     def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -51,8 +54,21 @@ class FiniteCheck:
         self._carry = bytes(piece[whole:])
 
     def _verify(self, name: str, dtype: str, raw: bytes | memoryview, offset: int) -> None:
+        values = np.frombuffer(raw, dtype=numpy_dtype(dtype))
+        if not values.flags.aligned and values.nbytes >= _ALIGN_FROM_BYTES:
+            # A view into a received message (the payload after its few header bytes) is
+            # seldom aligned; numpy then copies it piece by piece for each reduction. One
+            # copy into a reused aligned buffer is cheaper than that for min and max both.
+            values = self._aligned(values)
         with np.errstate(invalid="ignore"):  # a NaN in a reduction is what we look for
-            self._verify_values(name, np.frombuffer(raw, dtype=numpy_dtype(dtype)), offset)
+            self._verify_values(name, values, offset)
+
+    def _aligned(self, values: np.ndarray) -> np.ndarray:
+        if self._scratch.nbytes < values.nbytes:
+            self._scratch = np.empty(values.nbytes, dtype=np.uint8)
+        out = self._scratch[: values.nbytes].view(values.dtype)
+        out.view(np.uint8)[:] = values.view(np.uint8)
+        return out
 
     def _verify_values(self, name: str, values: np.ndarray, offset: int) -> None:
         bound = self._max_abs

@@ -62,7 +62,7 @@ class Limits:
 @dataclass(frozen=True)
 class PayloadChunk:
     offset: int
-    data: bytes
+    data: bytes | memoryview  # immutable: bytes, or a view of bytes (hashed after the write)
 
 
 @dataclass(frozen=True)

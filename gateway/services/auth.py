@@ -34,6 +34,7 @@ from sluice.gateway.pki import (
     principal_from_pem,
 )
 from sluice.gateway.services import errors
+from sluice.gateway.services.chunk_wire import ChunkView, chunk_bytes, decode_push_request
 from sluice.gateway.services.idle import Budget, CallLimits, HeldStream, Slot, Watchdog, paced
 from sluice.gateway.store.audit import Coalescer
 from sluice.gateway.store.sqlite import Store
@@ -68,13 +69,22 @@ ROLE_TABLE: Mapping[str, frozenset[str]] = {
 
 def _chunk_bytes(message: Any) -> int:
     """Payload bytes a PushUpdate or ImportBase request or a pull response carries: what
-    counts as progress."""
+    counts as progress. A pull response may come serialized (chunk_wire.chunk_message)."""
+    if type(message) is bytes:
+        return chunk_bytes(message)
     return len(message.chunk.data) if message.WhichOneof("kind") == "chunk" else 0
+
+
+def _push_bytes(message: Any) -> int:
+    """_chunk_bytes of a decoded PushUpdate request (push_decode), without a copy."""
+    if type(message) is ChunkView:
+        return len(message.data)
+    return _chunk_bytes(message)
 
 
 # Methods whose messages make measurable progress; the rest are paced by time only.
 _REQUEST_PROGRESS: Mapping[str, Callable[[Any], int]] = {
-    PUSH_UPDATE: _chunk_bytes,
+    PUSH_UPDATE: _push_bytes,
     IMPORT_BASE: _chunk_bytes,
 }
 _RESPONSE_PROGRESS: Mapping[str, Callable[[Any], int]] = {
@@ -247,7 +257,9 @@ class _Guarded:
         self._interceptor = interceptor
         self._method = method
         self._inner = inner
-        self._decode = decode
+        # PushUpdate's chunks are read as views of the received bytes (push_decode), every
+        # other message of it by the generated parser, as is every other method's.
+        self._decode = decode_push_request if method == PUSH_UPDATE and decode else decode
         self._request_streaming = request_streaming
         self._response_streaming = response_streaming
         # gRPC reads these two off the behaviour: keep Health/Watch's callback mode (it then
@@ -469,8 +481,20 @@ def _guarded(
             handler.response_streaming,
         ),
         request_deserializer=None,  # raw bytes: nothing is parsed before authorization
-        response_serializer=handler.response_serializer,
+        response_serializer=_serializer(handler.response_serializer),
     )
+
+
+def _serializer(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """The handler's serializer, passing through messages a servicer serialized itself
+    (bytes: the pulls' chunks, chunk_wire.chunk_message)."""
+    if serialize is None:
+        return None
+
+    def serialized(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+
+    return serialized
 
 
 def _unimplemented(request: Any, context: grpc.ServicerContext) -> None:

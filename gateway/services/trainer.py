@@ -14,6 +14,7 @@ from sluice.gateway.core.records import UpdateHeader
 from sluice.gateway.core.rounds import RoundManager
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.services.auth import principal_of
+from sluice.gateway.services.chunk_wire import ChunkView, PushRequest, chunk_message
 from sluice.gateway.services.errors import mapped_errors
 from sluice.gateway.services.observed import call_status
 from sluice.gateway.store.blobs import BlobStore
@@ -45,22 +46,23 @@ class _Received:
     payload_bytes: int = 0
 
 
-def _body(
-    requests: Iterator[trainer_pb2.PushUpdateRequest], received: _Received
-) -> Iterator[BodyItem]:
+def _body(requests: Iterator[PushRequest], received: _Received) -> Iterator[BodyItem]:
+    data: bytes | memoryview
     for req in requests:
-        kind = req.WhichOneof("kind")
-        if kind == "chunk":
+        if isinstance(req, ChunkView):  # decoded by the interceptor: a view of the bytes received
+            offset, data = req.offset, req.data
+        elif (kind := req.WhichOneof("kind")) == "chunk":
             chunk = req.chunk
-            data = chunk.data  # each read of the field is a copy of the bytes: read it once
-            if not data:  # it would make no progress, and keep the stream alive
-                raise InvalidInput(f"empty chunk at offset {chunk.offset}; chunks carry bytes")
-            received.payload_bytes += len(data)
-            yield PayloadChunk(chunk.offset, data)
+            offset, data = chunk.offset, chunk.data  # each read of data copies: once
         elif kind == "trailer":
             yield Trailer(req.trailer.num_chunks)
+            continue
         else:
             raise InvalidInput(f"unexpected {kind or 'empty'} message; send the header only first")
+        if not data:  # it would make no progress, and keep the stream alive
+            raise InvalidInput(f"empty chunk at offset {offset}; chunks carry bytes")
+        received.payload_bytes += len(data)
+        yield PayloadChunk(offset, data)
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -104,9 +106,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 ],
             )
 
-    def PullGlobal(
+    def PullGlobal(  # type: ignore[override]  # chunks go out serialized: bytes
         self, request: trainer_pb2.PullGlobalRequest, context: grpc.ServicerContext
-    ) -> Iterator[trainer_pb2.PullGlobalResponse]:
+    ) -> Iterator[trainer_pb2.PullGlobalResponse | bytes]:
         with mapped_errors(context):
             served = self.rounds.catalog.get(request.model)
             if request.version:
@@ -134,15 +136,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 )
             )
             for offset, data in chunks:
-                # Filled in place: a Chunk passed to the constructor is copied whole.
-                msg = trainer_pb2.PullGlobalResponse()
-                msg.chunk.offset = offset
-                msg.chunk.data = data
-                yield msg
+                # Serialized here, one copy of the data (auth._guarded passes bytes through).
+                yield chunk_message(offset, data)
 
     def PushUpdate(
         self,
-        request_iterator: Iterator[trainer_pb2.PushUpdateRequest],
+        request_iterator: Iterator[PushRequest],
         context: grpc.ServicerContext,
     ) -> trainer_pb2.PushUpdateResponse:
         started, received, model = time.monotonic(), _Received(), ""
@@ -153,7 +152,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
         with mapped_errors(context), call_status(ended):
             first = next(request_iterator, None)
-            if first is None or first.WhichOneof("kind") != "header":
+            if not isinstance(first, trainer_pb2.PushUpdateRequest) or (
+                first.WhichOneof("kind") != "header"
+            ):
                 raise InvalidInput("a push starts with exactly one header message")
             header = _header(first.header)
             model = header.model  # a label only if served (Metrics.model)
