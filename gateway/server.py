@@ -525,6 +525,14 @@ class Gateway:
     # (which building the modules imports): loaded after ready, not by the first close.
     WARM_MODULES = ("scipy.linalg.blas", "onnxruntime")
 
+    def warmed_up(self, timeout: float | None = None) -> bool:
+        """Wait for the warm-up started with start() (not started: True at once); whether
+        it has ended. Tests wait for it, so its log line never lands in what they read."""
+        if self._warming is not None:
+            self._warming.join(timeout)
+            return not self._warming.is_alive()
+        return True
+
     def _warm_up(self) -> None:
         """Once ready, in the background: build every module whose schema came from the
         cache (torch, each factory) and compare, then import what a close needs; the first

@@ -117,7 +117,11 @@ def start_gateway(data_dir: Path, template_cache: Path, **settings: object) -> R
     values.update(settings)
     config = Config().replace(**values)
     gateway = Gateway(config)
-    return Running(gateway, gateway.start(), data_dir, config)
+    endpoints = gateway.start()
+    # The warm-up after ready (server.py) imports and logs in the background: done before
+    # a test reads the process's stderr or counts its threads.
+    assert gateway.warmed_up(timeout=120), "the gateway's warm-up did not end"
+    return Running(gateway, endpoints, data_dir, config)
 
 
 @pytest.fixture

@@ -338,7 +338,18 @@ class ReleaseWriter:
             # Written to the page cache only; the files reach the disk in the background
             # while parity and the guard run, and are synced before the release is renamed
             # into place (bench/: release; the fsync alone was ~40% of a 100M release).
-            written = write_release_files(template, served.schema, weights, staging, durable=False)
+            # The weights file is the version's blob (named by its sha256, fsynced when it
+            # was adopted): a data file that is its bytes whole is a hard link to it.
+            written = write_release_files(
+                template,
+                served.schema,
+                weights,
+                staging,
+                durable=False,
+                payload_sha256=(
+                    version.weights_sha256 if weights.name == version.weights_sha256 else None
+                ),
+            )
             syncing = _sync_in_background(staging / name for name, _, _ in written)
             clock.lap("write")
             onnx_path = staging / MODEL_FILE

@@ -261,8 +261,42 @@ def _data_file_chunks(payload: int, plan: list[tuple[WeightRange, int, int]]) ->
         yield FileSpan(payload, start, end, r.name)
 
 
+def payload_is_data_file(t: OnnxTemplate, schema: Schema) -> bool:
+    """Whether a two-file template's data file is the payload byte for byte: the graph holds
+    every schema tensor (no BatchNorm counter left out), so its ranges are the payload's."""
+    if t.data_file is None or t.data_file_bytes != schema.payload_bytes:
+        return False
+    plan = _plan(t, schema)
+    return all((r.start, r.end) == (start, end) for r, start, end in plan) and len(plan) == len(
+        schema.tensors
+    )
+
+
+def _link_atomic(source: Path, path: Path) -> bool:
+    """path becomes another name of source (an immutable, already durable file) via a temp
+    name and os.replace; False where a hard link cannot be made (another file system, a
+    link limit, a file system without links): the caller copies instead."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return True
+
+
 def write_release_files(
-    t: OnnxTemplate, schema: Schema, payload_path: Path, out_dir: Path, durable: bool = True
+    t: OnnxTemplate,
+    schema: Schema,
+    payload_path: Path,
+    out_dir: Path,
+    durable: bool = True,
+    payload_sha256: str | None = None,
 ) -> list[tuple[str, int, str]]:
     """Write the release files of a payload file into out_dir, each atomically.
 
@@ -271,6 +305,11 @@ def write_release_files(
     graph weights end to end, in the template's range order) and then model.onnx, the
     template's bytes unchanged. Memory: the template plus one chunk. durable=False: as
     in write_atomic, the caller fsyncs the files and out_dir.
+
+    Given payload_sha256 (the payload file's own, immutable and durable: a version blob),
+    a data file that is the payload byte for byte (payload_is_data_file) is a hard link to
+    it, no byte copied: its sha256 is payload_sha256, which the guard's read of the
+    release then checks like any other.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILE
@@ -280,8 +319,17 @@ def write_release_files(
     plan = _plan(t, schema)
     _check_payload_size(payload_path, schema)
     data_path = out_dir / t.data_file
-    with payload_path.open("rb") as payload:
-        data_sha = write_atomic(data_path, _data_file_chunks(payload.fileno(), plan), durable)
+    if (
+        payload_sha256 is not None
+        and payload_is_data_file(t, schema)
+        and _link_atomic(payload_path, data_path)
+    ):
+        data_sha = payload_sha256
+        if durable:
+            fsync_dir(out_dir)
+    else:
+        with payload_path.open("rb") as payload:
+            data_sha = write_atomic(data_path, _data_file_chunks(payload.fileno(), plan), durable)
     if data_path.stat().st_size != t.data_file_bytes:
         # Only if the payload file shrank while it was being read.
         raise ValueError(

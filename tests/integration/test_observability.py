@@ -452,7 +452,10 @@ def test_sluice_serve_logs_json_lines_only(tmp_path: Path, template_cache: Path)
             assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
             time.sleep(0.1)
         ops = json.loads((data_dir / "endpoints.json").read_text())["ops"]
-        assert http_status(ops, "/readyz") == 200
+        # endpoints.json names the bound ports a moment before the gateway says it is ready
+        while http_status(ops, "/readyz") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "serve never ready"
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

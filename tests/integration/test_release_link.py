@@ -1,0 +1,163 @@
+"""A two-file release whose data file is the version's weights file itself (a hard link).
+
+When the graph holds every schema tensor (no BatchNorm counter left out), the data file is
+the payload byte for byte, and the release links the version blob instead of copying it.
+What leaves is still only what the signed manifest names: an insider who rewrites the
+shared file in place gets nothing out, and retention removing the blob leaves the release
+whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from sluice.clients.sdk import EgressClient
+from sluice.clients.weights import load_release
+from sluice.gateway.config import Config
+from sluice.gateway.export import refresh
+from sluice.gateway.export.publish import template_for
+from sluice.gateway.server import Gateway
+from sluice.models.manifest import DATA_FILE, MODEL_FILE, load_public_key
+from tests.conftest import Running, offline, start_gateway
+from tests.integration.test_zoo import ZOO, run_round
+
+LINKED, COPIED = "patch-encoder", "multitask"  # no BatchNorm / BatchNorm (a counter)
+
+
+@pytest.fixture(scope="module")
+def two_file_templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("two-file-templates")
+    models = (LINKED, COPIED)
+    config = Config(data_dir=root, models=models, declared_models=ZOO, two_file_bytes=0)
+    Gateway(offline(config)).stop()
+    return root / "templates"
+
+
+def _released(running: Running, model: str, tmp_path: Path) -> tuple[Path, Path, bytes]:
+    """Run one round; (the release dir, the new version's blob, the merged payload)."""
+    _, _, merged = run_round(running, ZOO[model])
+    version = running.gateway.store.latest_version(model)
+    assert version is not None and version.version == 1
+    blob = running.gateway.blobs.path(version.weights_sha256)
+    release = running.data_dir / "registry" / model / "1"
+    assert sorted(p.name for p in release.iterdir()) == ["manifest.json", MODEL_FILE, DATA_FILE]
+    return release, blob, merged
+
+
+def _pull(running: Running, model: str, out: Path) -> dict[str, object]:
+    key = load_public_key(running.data_dir / "keys" / "release-signing.pub")
+    with EgressClient(running.endpoints.egress) as egress:
+        return egress.pull_release(model, out, key)
+
+
+def test_a_graph_holding_every_tensor_releases_its_version_blob_by_link(
+    tmp_path: Path, two_file_templates: Path
+) -> None:
+    running = start_gateway(
+        tmp_path / "gw", two_file_templates, models=(LINKED,), declared_models=ZOO,
+        two_file_bytes=0,
+    )  # fmt: skip
+    try:
+        release, blob, merged = _released(running, LINKED, tmp_path)
+        data = release / DATA_FILE
+        assert os.stat(data).st_ino == os.stat(blob).st_ino  # one file, two names
+        assert data.read_bytes() == merged
+        doc = _pull(running, LINKED, tmp_path / "pulled")
+        files = {f["name"]: f for f in doc["files"]}  # type: ignore[attr-defined]
+        assert files[DATA_FILE]["sha256"] == blob.name  # the version's own sha256
+        assert (tmp_path / "pulled" / DATA_FILE).read_bytes() == merged
+        key = load_public_key(running.data_dir / "keys" / "release-signing.pub")
+        fresh = ZOO[LINKED].factory()
+        load_release(fresh, tmp_path / "pulled", key)
+        schema = ZOO[LINKED].schema()
+        for name, tensor in schema.to_state_dict(merged).items():
+            assert torch.equal(fresh.state_dict()[name], tensor), name
+
+        # Retention removes the version's blob: one name goes, the release stays whole.
+        blob.unlink()
+        _pull(running, LINKED, tmp_path / "after-retention")
+        assert (tmp_path / "after-retention" / DATA_FILE).read_bytes() == merged
+    finally:
+        running.gateway.stop()
+
+
+def test_the_shared_file_rewritten_in_place_never_leaves(
+    tmp_path: Path, two_file_templates: Path
+) -> None:
+    running = start_gateway(
+        tmp_path / "gw", two_file_templates, models=(LINKED,), declared_models=ZOO,
+        two_file_bytes=0,
+    )  # fmt: skip
+    try:
+        release, blob, merged = _released(running, LINKED, tmp_path)
+        _pull(running, LINKED, tmp_path / "first")  # checked once: its verdict is remembered
+        secret = b"RAW VIDEO FRAME "
+        with blob.open("r+b") as f:  # the insider writes through the version blob's name
+            f.seek(len(merged) // 2)
+            f.write(secret)
+        assert secret in (release / DATA_FILE).read_bytes()  # the same inode
+        with EgressClient(running.endpoints.egress) as egress, pytest.raises(grpc.RpcError) as err:
+            for resp in egress.pull_stream(LINKED, file=DATA_FILE):
+                assert secret not in resp.chunk.data
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        with pytest.raises(grpc.RpcError) as err:  # the SDK's pull: the same; nothing kept
+            _pull(running, LINKED, tmp_path / "second")
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        assert not (tmp_path / "second" / DATA_FILE).exists()
+    finally:
+        running.gateway.stop()
+
+
+def test_a_graph_without_some_tensor_copies_and_still_verifies(
+    tmp_path: Path, two_file_templates: Path
+) -> None:
+    running = start_gateway(
+        tmp_path / "gw", two_file_templates, models=(COPIED,), declared_models=ZOO,
+        two_file_bytes=0,
+    )  # fmt: skip
+    try:
+        release, blob, merged = _released(running, COPIED, tmp_path)
+        data = release / DATA_FILE
+        assert os.stat(data).st_ino != os.stat(blob).st_ino
+        assert os.stat(data).st_nlink == 1
+        schema = ZOO[COPIED].schema()
+        graph = [s for s in schema.tensors if not s.name.endswith("num_batches_tracked")]
+        views = schema.views(merged)
+        assert data.read_bytes() == b"".join(views[s.name].tobytes() for s in graph)
+        _pull(running, COPIED, tmp_path / "pulled")
+    finally:
+        running.gateway.stop()
+
+
+def test_where_no_link_can_be_made_the_data_file_is_copied(
+    tmp_path: Path, two_file_templates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sluice.gateway.core.catalog import ServedModel
+
+    entry = ZOO[LINKED]
+    schema = entry.schema()
+    template = template_for(ServedModel(entry, schema), two_file_templates, 0)
+    assert refresh.payload_is_data_file(template, schema)
+    payload = tmp_path / "payload"
+    values = np.random.default_rng(5).standard_normal(schema.payload_bytes // 4, np.float32)
+    payload.write_bytes(values.tobytes())
+    sha = hashlib.sha256(payload.read_bytes()).hexdigest()
+
+    def no_link(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    written = refresh.write_release_files(template, schema, payload, tmp_path / "r", True, sha)
+    assert written[1] == (DATA_FILE, schema.payload_bytes, sha)
+    data = tmp_path / "r" / DATA_FILE
+    assert os.stat(data).st_ino != os.stat(payload).st_ino
+    assert data.read_bytes() == payload.read_bytes()
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
