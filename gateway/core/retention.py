@@ -181,20 +181,30 @@ class Retention:
                 if sha in referenced:
                     continue
                 path = self.blobs.path(sha)
-                if path.exists():
-                    path.unlink()
-                    gone[sha] = size
+                try:
+                    links = path.stat().st_nlink
+                except FileNotFoundError:
+                    continue
+                path.unlink()
+                # A version blob that is also a release's data file (a hard link, see
+                # export/refresh.py) loses a name, not its bytes: nothing freed.
+                gone[sha] = size if links == 1 else 0
         return gone
 
     def _unreferenced(self, shas: dict[str, int]) -> dict[str, int]:
         """For a dry run: which of these blobs would go once the rows the run has
         "removed" so far were removed."""
         others = self.store.blob_users(*self._dry)
-        return {
-            sha: size
-            for sha, size in shas.items()
-            if sha not in others and self.blobs.path(sha).exists()
-        }
+        gone: dict[str, int] = {}
+        for sha, size in shas.items():
+            if sha in others:
+                continue
+            try:
+                links = self.blobs.path(sha).stat().st_nlink
+            except FileNotFoundError:
+                continue
+            gone[sha] = size if links == 1 else 0  # as _unlink counts it
+        return gone
 
     def _sweep_state(self, model: str) -> None:
         """Optimizer state of removed versions that a crash left behind."""
