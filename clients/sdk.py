@@ -189,9 +189,13 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
 
     _stub_type = trainer_pb2_grpc.TrainerServiceStub
 
+    _push_protocol: int | None = None  # the gateway's (RoundInfo.push_protocol), once known
+
     def round(self, model: str) -> trainer_pb2.RoundInfo:
         req = trainer_pb2.GetRoundRequest(model=model)
-        return with_retries(lambda: self._stub.GetRound(req, timeout=30), self.retry)
+        info = with_retries(lambda: self._stub.GetRound(req, timeout=30), self.retry)
+        self._push_protocol = info.push_protocol
+        return info
 
     def pull_global(self, model: str, version: int = 0) -> Pulled:
         """The weights of a version (0: newest), resumed across drops, sha256-checked."""
@@ -236,7 +240,18 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
         (created=False) if the first attempt was committed, never counted twice. The
         gateway takes one update per trainer and round: another payload for the same round
         is refused with ALREADY_EXISTS.
+
+        A gateway of push protocol 2 or later (RoundInfo.push_protocol, read by round(), or
+        asked once here) gets the payload's sha256 in the trailer: hashed as it streams, not
+        in a pass before the first byte leaves.
         """
+        if self._push_protocol is None:
+            try:  # once, no retries: any failure here leaves the push as it always was
+                req = trainer_pb2.GetRoundRequest(model=model)
+                self._push_protocol = self._stub.GetRound(req, timeout=30).push_protocol
+            except grpc.RpcError:
+                pass
+        in_trailer = (self._push_protocol or 0) >= TRAILER_SHA256_PROTOCOL
         header = trainer_pb2.UpdateHeader(
             update_id=update_id or default_update_id(trainer, model, round_no),
             trainer=trainer,
@@ -247,12 +262,15 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
             num_examples=num_examples,
             metrics=dict(metrics or {}),
             schema_hash=schema_hash,
-            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            payload_sha256="" if in_trailer else hashlib.sha256(payload).hexdigest(),
             payload_bytes=len(payload),
         )
         push = push_wire_call(self._channel)
         return with_retries(
-            lambda: push(push_wire(header, payload), timeout=self.timeout_s), self.retry
+            lambda: push(
+                push_wire(header, payload, sha256_in_trailer=in_trailer), timeout=self.timeout_s
+            ),
+            self.retry,
         )
 
 
@@ -262,6 +280,7 @@ def default_update_id(trainer: str, model: str, round_no: int) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+TRAILER_SHA256_PROTOCOL = 2  # RoundInfo.push_protocol from which the trailer may carry it
 _PUSH_METHOD = f"/{trainer_pb2.DESCRIPTOR.services_by_name['TrainerService'].full_name}/PushUpdate"
 _LEN, _VARINT = 2, 0  # protobuf wire types
 _CHUNK_TAG = trainer_pb2.PushUpdateRequest.DESCRIPTOR.fields_by_name["chunk"].number << 3 | _LEN
@@ -346,15 +365,24 @@ def push_wire(
     header: trainer_pb2.UpdateHeader,
     payload: bytes | memoryview,
     chunk_bytes: int = PUSH_CHUNK_BYTES,
+    sha256_in_trailer: bool = False,
 ) -> Iterator[bytes]:
-    """push_messages, serialized: what goes on the wire, message by message."""
+    """push_messages, serialized: what goes on the wire, message by message. With
+    sha256_in_trailer (push protocol 2; the header's payload_sha256 left empty) each chunk
+    is hashed just before it is handed to gRPC, and the trailer carries the sha256."""
     yield trainer_pb2.PushUpdateRequest(header=header).SerializeToString()
     view = memoryview(payload).cast("B")
+    digest = hashlib.sha256() if sha256_in_trailer else None
     count = 0
     for offset in range(0, len(view), chunk_bytes):
-        yield chunk_wire(offset, view[offset : offset + chunk_bytes])
+        piece = view[offset : offset + chunk_bytes]
+        if digest is not None:
+            digest.update(piece)
+        yield chunk_wire(offset, piece)
         count += 1
-    trailer = trainer_pb2.UpdateTrailer(num_chunks=count)
+    trailer = trainer_pb2.UpdateTrailer(
+        num_chunks=count, payload_sha256=digest.hexdigest() if digest is not None else ""
+    )
     yield trainer_pb2.PushUpdateRequest(trailer=trailer).SerializeToString()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -68,6 +69,13 @@ class PayloadChunk:
 @dataclass(frozen=True)
 class Trailer:
     num_chunks: int
+    # Push protocol 2: the payload's hex sha256, when the header left it empty.
+    payload_sha256: str = ""
+
+
+# PushUpdate protocol spoken here (RoundInfo.push_protocol): 2 = the payload's sha256 may
+# come in the trailer instead of the header, so a client hashes while it streams.
+PUSH_PROTOCOL = 2
 
 
 BodyItem = PayloadChunk | Trailer
@@ -108,8 +116,28 @@ def _check_header_fields(h: UpdateHeader, header_bytes: int, limits: Limits) -> 
             )
         if not math.isfinite(metric):
             raise InvalidInput(f"metric {name!r} is {metric}; metrics must be finite")
-    if not SHA256_PATTERN.fullmatch(h.payload_sha256):
-        raise InvalidInput("payload_sha256: expected 64 lowercase hex characters")
+    if h.payload_sha256 and not SHA256_PATTERN.fullmatch(h.payload_sha256):
+        raise InvalidInput(
+            "payload_sha256: expected 64 lowercase hex characters (or none, with the sha256 "
+            "in the trailer)"
+        )
+
+
+def _payload_sha256(h: UpdateHeader, trailer: Trailer) -> str:
+    """The sha256 the payload must hash to: the header's or the trailer's (one of them, or
+    both the same)."""
+    late = trailer.payload_sha256
+    if late and not SHA256_PATTERN.fullmatch(late):
+        raise InvalidInput("trailer payload_sha256: expected 64 lowercase hex characters")
+    if h.payload_sha256 and late and late != h.payload_sha256:
+        raise InvalidInput(
+            "the header and the trailer name different payload sha256s; send it in one of them"
+        )
+    if not (h.payload_sha256 or late):
+        raise InvalidInput(
+            "payload_sha256 is in neither the header nor the trailer; send it in one of them"
+        )
+    return h.payload_sha256 or late
 
 
 def _check_principal(h: UpdateHeader, principal: Principal) -> None:
@@ -217,7 +245,8 @@ class Ingest:
         """Validate everything knowable from the header; returns an ack for a replayed id."""
         _check_header_fields(h, header_bytes, self.limits)
         served = self.catalog.get(h.model)
-        replayed = self.replay(h)
+        # Without the sha256 a committed id is answered once its payload hashed (_receive).
+        replayed = self.replay(h) if h.payload_sha256 else None
         if replayed is not None:
             return replayed
         if h.schema_hash != served.schema.hash:
@@ -313,47 +342,25 @@ class Ingest:
         peer: str,
         principal: Principal | None,
     ) -> PushResult:
+        if not h.payload_sha256 and self.store.find_update(h.update_id) is not None:
+            return self._replay_after_payload(h, header_bytes, body)
         replayed = self.check_header(h, header_bytes)
         if replayed is not None:
             return replayed
         schema = self.catalog.get(h.model).schema
         finite = FiniteCheck(schema, self.limits.max_abs_value)
         with self.blobs.temp(f"{h.trainer}+{h.model}+{h.round}+{h.update_id}") as tmp:
-            trailer, num_chunks = None, 0
-            for item in body:
-                if trailer is not None:
-                    raise InvalidInput("message after the trailer; the trailer must be last")
-                if isinstance(item, Trailer):
-                    trailer = item
-                    continue
-                if len(item.data) > self.limits.max_chunk_bytes:
-                    raise TooLarge(
-                        f"chunk {num_chunks} is {len(item.data)} bytes; "
-                        f"at most {self.limits.max_chunk_bytes}"
-                    )
-                if item.offset != tmp.size:
-                    raise InvalidInput(
-                        f"chunk {num_chunks} at offset {item.offset}; expected {tmp.size}"
-                    )
-                if tmp.size + len(item.data) > h.payload_bytes:
-                    raise InvalidInput(f"payload runs past its declared {h.payload_bytes} bytes")
-                finite.feed(item.data)
-                tmp.write(item.data)
-                num_chunks += 1
-            if trailer is None:
-                raise InvalidInput(
-                    f"stream ended after {tmp.size} of {h.payload_bytes} bytes without a trailer"
-                )
-            if tmp.size != h.payload_bytes:
-                raise InvalidInput(f"payload is {tmp.size} bytes; header said {h.payload_bytes}")
-            if trailer.num_chunks != num_chunks:
-                raise InvalidInput(
-                    f"trailer counts {trailer.num_chunks} chunks; {num_chunks} arrived"
-                )
-            if tmp.hexdigest() != h.payload_sha256:
-                raise IntegrityError(
-                    f"payload sha256 is {tmp.hexdigest()}; header said {h.payload_sha256}"
-                )
+
+            def spool(data: bytes | memoryview) -> None:
+                finite.feed(data)
+                tmp.write(data)
+
+            trailer = self._stream(h, body, spool)
+            sha = _payload_sha256(h, trailer)
+            if tmp.hexdigest() != sha:
+                said = "header" if h.payload_sha256 else "trailer"
+                raise IntegrityError(f"payload sha256 is {tmp.hexdigest()}; {said} said {sha}")
+            h = dataclasses.replace(h, payload_sha256=sha)
             tmp.finish()  # the fsync, outside the lock below
             with self.blobs.lock:
                 final = self.blobs.commit(tmp)
@@ -367,6 +374,66 @@ class Ingest:
         if result.created and self._on_commit is not None:
             self._on_commit(h.model, result.round)
         return result
+
+    def _stream(
+        self,
+        h: UpdateHeader,
+        body: Iterable[BodyItem],
+        sink: Callable[[bytes | memoryview], None],
+    ) -> Trailer:
+        """Hand each chunk's bytes to sink, in order, checking every chunk's size and offset
+        and the trailer (last, exactly once, counting the chunks sent); returns it."""
+        trailer, num_chunks, size = None, 0, 0
+        for item in body:
+            if trailer is not None:
+                raise InvalidInput("message after the trailer; the trailer must be last")
+            if isinstance(item, Trailer):
+                trailer = item
+                continue
+            if len(item.data) > self.limits.max_chunk_bytes:
+                raise TooLarge(
+                    f"chunk {num_chunks} is {len(item.data)} bytes; "
+                    f"at most {self.limits.max_chunk_bytes}"
+                )
+            if item.offset != size:
+                raise InvalidInput(f"chunk {num_chunks} at offset {item.offset}; expected {size}")
+            if size + len(item.data) > h.payload_bytes:
+                raise InvalidInput(f"payload runs past its declared {h.payload_bytes} bytes")
+            sink(item.data)
+            size += len(item.data)
+            num_chunks += 1
+        if trailer is None:
+            raise InvalidInput(
+                f"stream ended after {size} of {h.payload_bytes} bytes without a trailer"
+            )
+        if size != h.payload_bytes:
+            raise InvalidInput(f"payload is {size} bytes; header said {h.payload_bytes}")
+        if trailer.num_chunks != num_chunks:
+            raise InvalidInput(f"trailer counts {trailer.num_chunks} chunks; {num_chunks} arrived")
+        return trailer
+
+    def _replay_after_payload(
+        self, h: UpdateHeader, header_bytes: int, body: Iterable[BodyItem]
+    ) -> PushResult:
+        """A committed update id again, its sha256 in the trailer: the payload is hashed as it
+        arrives (nothing stored), then answered as a replay of the same update, or refused
+        as another one under a used id."""
+        _check_header_fields(h, header_bytes, self.limits)
+        served = self.catalog.get(h.model)
+        if h.payload_bytes != served.schema.payload_bytes:
+            raise InvalidInput(
+                f"payload_bytes {h.payload_bytes}: model {h.model!r} updates are exactly "
+                f"{served.schema.payload_bytes} bytes"
+            )
+        digest = hashlib.sha256()
+        trailer = self._stream(h, body, digest.update)
+        sha = _payload_sha256(h, trailer)
+        if digest.hexdigest() != sha:
+            raise IntegrityError(f"payload sha256 is {digest.hexdigest()}; trailer said {sha}")
+        replayed = self.replay(dataclasses.replace(h, payload_sha256=sha))
+        if replayed is None:  # rows are never deleted: only a corrupt store gets here
+            raise Unavailable(f"update {h.update_id!r} could not be found again; push it again")
+        return replayed
 
     def _commit(self, h: UpdateHeader, peer: str, principal: Principal | None) -> PushResult:
         with self.store.transaction() as db:

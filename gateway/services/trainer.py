@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from sluice.gateway.core.errors import InvalidInput, NotFound
-from sluice.gateway.core.ingest import BodyItem, Ingest, PayloadChunk, Trailer
+from sluice.gateway.core.ingest import PUSH_PROTOCOL, BodyItem, Ingest, PayloadChunk, Trailer
 from sluice.gateway.core.records import UpdateHeader
 from sluice.gateway.core.rounds import RoundManager
 from sluice.gateway.metrics import Metrics
@@ -55,7 +55,7 @@ def _body(requests: Iterator[PushRequest], received: _Received) -> Iterator[Body
             chunk = req.chunk
             offset, data = chunk.offset, chunk.data  # each read of data copies: once
         elif kind == "trailer":
-            yield Trailer(req.trailer.num_chunks)
+            yield Trailer(req.trailer.num_chunks, req.trailer.payload_sha256)
             continue
         else:
             raise InvalidInput(f"unexpected {kind or 'empty'} message; send the header only first")
@@ -100,6 +100,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 max_chunk_bytes=self.ingest.limits.max_chunk_bytes,
                 strategy=strategy.name,
                 proximal_mu=float(getattr(strategy, "proximal_mu", 0.0)),
+                push_protocol=PUSH_PROTOCOL,
                 tensors=[
                     tensors_pb2.TensorSpec(name=t.name, shape=t.shape, dtype=t.dtype)
                     for t in schema.tensors

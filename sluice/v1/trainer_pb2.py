@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluice.v1 import tensors_pb2 as sluice_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/trainer.proto\x12\tsluice.v1\x1a\x17sluice/v1/tensors.proto\" \n\x0fGetRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa4\x02\n\tRoundInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x13\n\x0bschema_hash\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06quorum\x18\x06 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\t \x01(\r\x12&\n\x07tensors\x18\n \x03(\x0b\x32\x15.sluice.v1.TensorSpec\x12\x13\n\x0bmin_updates\x18\x0b \x01(\r\x12\x10\n\x08strategy\x18\x0c \x01(\t\x12\x13\n\x0bproximal_mu\x18\r \x01(\x01\"C\n\x11PullGlobalRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"h\n\x0cGlobalHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0bschema_hash\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"j\n\x12PullGlobalResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.sluice.v1.GlobalHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x42\x06\n\x04kind\"\xb7\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0f\n\x07trainer\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x07 \x01(\x04\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.sluice.v1.UpdateHeader.MetricsEntry\x12\x13\n\x0bschema_hash\x18\t \x01(\t\x12\x16\n\x0epayload_sha256\x18\n \x01(\t\x12\x15\n\rpayload_bytes\x18\x0b \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\rUpdateTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\x04\"\x96\x01\n\x11PushUpdateRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.sluice.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.sluice.v1.UpdateTrailerH\x00\x42\x06\n\x04kind\"Y\n\x12PushUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r2\xe8\x01\n\x0eTrainerService\x12<\n\x08GetRound\x12\x1a.sluice.v1.GetRoundRequest\x1a\x14.sluice.v1.RoundInfo\x12K\n\nPullGlobal\x12\x1c.sluice.v1.PullGlobalRequest\x1a\x1d.sluice.v1.PullGlobalResponse0\x01\x12K\n\nPushUpdate\x12\x1c.sluice.v1.PushUpdateRequest\x1a\x1d.sluice.v1.PushUpdateResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/trainer.proto\x12\tsluice.v1\x1a\x17sluice/v1/tensors.proto\" \n\x0fGetRoundRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xbb\x02\n\tRoundInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x13\n\x0bschema_hash\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06quorum\x18\x06 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\t \x01(\r\x12&\n\x07tensors\x18\n \x03(\x0b\x32\x15.sluice.v1.TensorSpec\x12\x13\n\x0bmin_updates\x18\x0b \x01(\r\x12\x10\n\x08strategy\x18\x0c \x01(\t\x12\x13\n\x0bproximal_mu\x18\r \x01(\x01\x12\x15\n\rpush_protocol\x18\x0e \x01(\r\"C\n\x11PullGlobalRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"h\n\x0cGlobalHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0bschema_hash\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"j\n\x12PullGlobalResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.sluice.v1.GlobalHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x42\x06\n\x04kind\"\xb7\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0f\n\x07trainer\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x07 \x01(\x04\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.sluice.v1.UpdateHeader.MetricsEntry\x12\x13\n\x0bschema_hash\x18\t \x01(\t\x12\x16\n\x0epayload_sha256\x18\n \x01(\t\x12\x15\n\rpayload_bytes\x18\x0b \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\rUpdateTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\"\x96\x01\n\x11PushUpdateRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.sluice.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.sluice.v1.ChunkH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.sluice.v1.UpdateTrailerH\x00\x42\x06\n\x04kind\"Y\n\x12PushUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r2\xe8\x01\n\x0eTrainerService\x12<\n\x08GetRound\x12\x1a.sluice.v1.GetRoundRequest\x1a\x14.sluice.v1.RoundInfo\x12K\n\nPullGlobal\x12\x1c.sluice.v1.PullGlobalRequest\x1a\x1d.sluice.v1.PullGlobalResponse0\x01\x12K\n\nPushUpdate\x12\x1c.sluice.v1.PushUpdateRequest\x1a\x1d.sluice.v1.PushUpdateResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROUNDREQUEST']._serialized_start=63
   _globals['_GETROUNDREQUEST']._serialized_end=95
   _globals['_ROUNDINFO']._serialized_start=98
-  _globals['_ROUNDINFO']._serialized_end=390
-  _globals['_PULLGLOBALREQUEST']._serialized_start=392
-  _globals['_PULLGLOBALREQUEST']._serialized_end=459
-  _globals['_GLOBALHEADER']._serialized_start=461
-  _globals['_GLOBALHEADER']._serialized_end=565
-  _globals['_PULLGLOBALRESPONSE']._serialized_start=567
-  _globals['_PULLGLOBALRESPONSE']._serialized_end=673
-  _globals['_UPDATEHEADER']._serialized_start=676
-  _globals['_UPDATEHEADER']._serialized_end=987
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=941
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=987
-  _globals['_UPDATETRAILER']._serialized_start=989
-  _globals['_UPDATETRAILER']._serialized_end=1024
-  _globals['_PUSHUPDATEREQUEST']._serialized_start=1027
-  _globals['_PUSHUPDATEREQUEST']._serialized_end=1177
-  _globals['_PUSHUPDATERESPONSE']._serialized_start=1179
-  _globals['_PUSHUPDATERESPONSE']._serialized_end=1268
-  _globals['_TRAINERSERVICE']._serialized_start=1271
-  _globals['_TRAINERSERVICE']._serialized_end=1503
+  _globals['_ROUNDINFO']._serialized_end=413
+  _globals['_PULLGLOBALREQUEST']._serialized_start=415
+  _globals['_PULLGLOBALREQUEST']._serialized_end=482
+  _globals['_GLOBALHEADER']._serialized_start=484
+  _globals['_GLOBALHEADER']._serialized_end=588
+  _globals['_PULLGLOBALRESPONSE']._serialized_start=590
+  _globals['_PULLGLOBALRESPONSE']._serialized_end=696
+  _globals['_UPDATEHEADER']._serialized_start=699
+  _globals['_UPDATEHEADER']._serialized_end=1010
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=964
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1010
+  _globals['_UPDATETRAILER']._serialized_start=1012
+  _globals['_UPDATETRAILER']._serialized_end=1071
+  _globals['_PUSHUPDATEREQUEST']._serialized_start=1074
+  _globals['_PUSHUPDATEREQUEST']._serialized_end=1224
+  _globals['_PUSHUPDATERESPONSE']._serialized_start=1226
+  _globals['_PUSHUPDATERESPONSE']._serialized_end=1315
+  _globals['_TRAINERSERVICE']._serialized_start=1318
+  _globals['_TRAINERSERVICE']._serialized_end=1550
 # @@protoc_insertion_point(module_scope)

@@ -56,6 +56,7 @@ class RoundInfo(_message.Message):
     MIN_UPDATES_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
+    PUSH_PROTOCOL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     round: _builtins.int
     """Round number, from 1."""
@@ -79,6 +80,11 @@ class RoundInfo(_message.Message):
     """The model's aggregation strategy (Flower's name, e.g. "FedAvg", "FedProx")."""
     proximal_mu: _builtins.float
     """FedProx: trainers add proximal_mu/2 * ||w - w_base||^2 to their local loss; 0 = off."""
+    push_protocol: _builtins.int
+    """The PushUpdate protocol this gateway speaks: 2 = the payload's sha256 may come in the
+    trailer instead of the header (a client hashes while it streams); 0 (a gateway from
+    before it) = in the header only.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]:
         """The schema itself, so a trainer can check its own model."""
@@ -99,10 +105,11 @@ class RoundInfo(_message.Message):
         min_updates: _builtins.int = ...,
         strategy: _builtins.str = ...,
         proximal_mu: _builtins.float = ...,
+        push_protocol: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "deadline_unix_ms", b"deadline_unix_ms", "max_chunk_bytes", b"max_chunk_bytes", "min_updates", b"min_updates", "model", b"model", "payload_bytes", b"payload_bytes", "proximal_mu", b"proximal_mu", "quorum", b"quorum", "round", b"round", "schema_hash", b"schema_hash", "strategy", b"strategy", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "base_version", b"base_version", "deadline_unix_ms", b"deadline_unix_ms", "max_chunk_bytes", b"max_chunk_bytes", "min_updates", b"min_updates", "model", b"model", "payload_bytes", b"payload_bytes", "proximal_mu", b"proximal_mu", "push_protocol", b"push_protocol", "quorum", b"quorum", "round", b"round", "schema_hash", b"schema_hash", "strategy", b"strategy", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,7 +257,11 @@ class UpdateHeader(_message.Message):
     """
     schema_hash: _builtins.str
     payload_sha256: _builtins.str
-    """Hex sha256 and exact size of the payload that follows."""
+    """Hex sha256 and exact size of the payload that follows. Push protocol 2: the sha256
+    may be left empty here and sent in the trailer instead (exactly one of the two, or
+    both the same). A retry of a committed update id without it here is answered once its
+    payload has arrived and hashed to the committed one.
+    """
     payload_bytes: _builtins.int
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
@@ -286,16 +297,20 @@ class UpdateTrailer(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NUM_CHUNKS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
     num_chunks: _builtins.int
     """Number of chunks sent, a guard against a silently truncated stream."""
+    payload_sha256: _builtins.str
+    """Push protocol 2: hex sha256 of the payload, when the header left it empty."""
     def __init__(
         self,
         *,
         num_chunks: _builtins.int = ...,
+        payload_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_chunks", b"num_chunks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_chunks", b"num_chunks", "payload_sha256", b"payload_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
