@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import queue
 import threading
@@ -44,7 +45,11 @@ _AXPY = {
 def _blas() -> ThreadpoolController:
     """The loaded BLAS libraries. The fold runs them on one thread: on a block of 1 MiB,
     OpenBLAS's thread hand-off costs more than it gains (bench: 0.21 s vs 0.30 s for 16 x
-    100 MB), and the gateway's other threads want the other cores anyway."""
+    100 MB), and the gateway's other threads want the other cores anyway. scipy's BLAS
+    (the axpy's, imported lazily) is loaded first: a controller sees only the libraries
+    loaded when it is made, and an unlimited OpenBLAS under FOLD_WORKERS threads made the
+    fold 3x slower."""
+    importlib.import_module("scipy.linalg.blas")
     return ThreadpoolController().select(user_api="blas")
 
 

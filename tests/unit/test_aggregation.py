@@ -433,3 +433,42 @@ def test_integer_tensors_stay_within_the_memory_bound(tmp_path: Path, dtype: str
     assert peak <= bound, f"peak {peak / 2**20:.1f} MiB for {n} updates of 16 MiB"
     got = np.fromfile(out, dtype=dtype)
     np.testing.assert_array_equal(got[[0, -1]], [102, 102])  # mean delta 1.5 rounds to 2
+
+
+FOLD_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+
+import numpy as np
+import threadpoolctl
+
+from sluice.gateway.core.aggregation import Contribution, fold_fedavg
+from sluice.models.schema import Schema, TensorSpec
+
+assert "scipy.linalg.blas" not in sys.modules  # imported at the first fold, not before
+root = Path(sys.argv[1])
+schema = Schema((TensorSpec("w", (1 << 20,), "<f4"),))
+for name in ("base", "update"):
+    (root / name).write_bytes(np.ones(1 << 20, "<f4").tobytes())
+blocks = fold_fedavg(schema, root / "base", [Contribution(root / "update", 1)])
+next(blocks)
+during = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+list(blocks)
+print("scipy" in " ".join(i["filepath"] for i in threadpoolctl.threadpool_info()), during)
+"""
+
+
+def test_every_blas_runs_on_one_thread_during_a_fold_even_one_imported_by_it(
+    tmp_path: Path,
+) -> None:
+    # scipy's OpenBLAS is loaded by the first fold; on more threads it made folds 3x slower.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FOLD_IN_A_FRESH_PROCESS, str(tmp_path)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    loaded, during = done.stdout.strip().split(" ", 1)
+    assert loaded == "True"
+    assert during.strip("[]") and set(during.strip("[]").split(", ")) == {"1"}, during
