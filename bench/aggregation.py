@@ -7,6 +7,7 @@ timed, reported), one call sampled for RSS, one under tracemalloc, then timed ca
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import multiprocessing
 import os
@@ -124,6 +125,9 @@ def _load_arrays(spool: Spool, i: int) -> list[np.ndarray]:
 
 
 def prepare_sluice(spool: Spool) -> Prepared:
+    # What a gateway's warm-up imports once it is ready (server.py: WARM_MODULES): the fold's
+    # BLAS, loaded here, not inside the first (RSS-sampled) call.
+    importlib.import_module("scipy.linalg.blas")
     contributions = [
         Contribution(spool.update_path(i), n) for i, n in enumerate(spool.num_examples)
     ]

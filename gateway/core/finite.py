@@ -8,6 +8,7 @@ from sluice.gateway.core.errors import InvalidInput
 from sluice.models.schema import Schema, numpy_dtype
 
 _ALIGN_FROM_BYTES = 64 << 10  # smaller unaligned pieces are checked where they lie
+_ALIGN_PIECE_BYTES = 1 << 20  # larger ones go through an aligned buffer of this size
 
 
 class FiniteCheck:
@@ -55,13 +56,19 @@ class FiniteCheck:
 
     def _verify(self, name: str, dtype: str, raw: bytes | memoryview, offset: int) -> None:
         values = np.frombuffer(raw, dtype=numpy_dtype(dtype))
-        if not values.flags.aligned and values.nbytes >= _ALIGN_FROM_BYTES:
-            # A view into a received message (the payload after its few header bytes) is
-            # seldom aligned; numpy then copies it piece by piece for each reduction. One
-            # copy into a reused aligned buffer is cheaper than that for min and max both.
-            values = self._aligned(values)
-        with np.errstate(invalid="ignore"):  # a NaN in a reduction is what we look for
-            self._verify_values(name, values, offset)
+        if values.flags.aligned or values.nbytes < _ALIGN_FROM_BYTES:
+            with np.errstate(invalid="ignore"):  # a NaN in a reduction is what we look for
+                self._verify_values(name, values, offset)
+            return
+        # A view into a received message (the payload after its few header bytes) or into
+        # an ONNX file's raw_data is seldom aligned; numpy then copies it piece by piece for
+        # each reduction. One copy into a reused aligned buffer is cheaper than that for min
+        # and max both; the buffer holds _ALIGN_PIECE_BYTES, whatever the tensor's size.
+        step = max(1, _ALIGN_PIECE_BYTES // values.itemsize)
+        for first in range(0, values.size, step):
+            piece = self._aligned(values[first : first + step])
+            with np.errstate(invalid="ignore"):
+                self._verify_values(name, piece, offset + first * values.itemsize)
 
     def _aligned(self, values: np.ndarray) -> np.ndarray:
         if self._scratch.nbytes < values.nbytes:
