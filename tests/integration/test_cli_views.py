@@ -21,7 +21,6 @@ from sluice.gateway.cli import main
 from sluice.gateway.cli.common import Exit
 from sluice.gateway.export import gate as gate_module
 from sluice.models.schema import Schema
-from sluice.v1 import egress_pb2
 from tests.conftest import TINY, Running, random_delta, start_gateway
 from tests.integration.test_round import _publish_one, push, wait_for_round
 
@@ -280,11 +279,11 @@ def test_pull_resumes_in_a_new_process_after_ctrl_c(
     key = gateway.data_dir / "keys" / "release-signing.pub"
     out = tmp_path / "out"
     pull = ["pull", *egress(gateway), "--model", TINY, "--public-key", str(key), "--out", str(out)]
-    real = EgressClient.pull_stream
+    real = EgressClient._pull_serialized  # what pull() reads: the messages' bytes
 
     def cut_after_five_chunks(
         self: EgressClient, *args: object, **kwargs: object
-    ) -> Iterator[egress_pb2.PullReleaseResponse]:
+    ) -> Iterator[bytes]:
         stream = real(self, *args, **kwargs)  # type: ignore[arg-type]
         for i, msg in enumerate(stream):
             yield msg
@@ -292,13 +291,13 @@ def test_pull_resumes_in_a_new_process_after_ctrl_c(
                 stream.cancel()  # type: ignore[attr-defined]
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(EgressClient, "pull_stream", cut_after_five_chunks)
+    monkeypatch.setattr(EgressClient, "_pull_serialized", cut_after_five_chunks)
     code, _, err = run(pull, capsys)
     assert code == Exit.INTERRUPTED and "the same command resumes" in err
     assert not out.exists()
     (partial,) = (tmp_path / ".out.pull").glob(".model.onnx.*.part")  # kept for the next run
     assert partial.stat().st_size == 5 * 4096
-    monkeypatch.setattr(EgressClient, "pull_stream", real)
+    monkeypatch.setattr(EgressClient, "_pull_serialized", real)
 
     done = subprocess.run(
         [sys.executable, "-m", "sluice.gateway.cli", *pull],

@@ -41,6 +41,13 @@ def two_file_templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "templates"
 
 
+def _serve(tmp_path: Path, templates: Path, model: str) -> Running:
+    """A gateway serving model in the two-file layout."""
+    return start_gateway(
+        tmp_path / "gw", templates, models=(model,), declared_models=ZOO, two_file_bytes=0
+    )
+
+
 def _released(running: Running, model: str, tmp_path: Path) -> tuple[Path, Path, bytes]:
     """Run one round; (the release dir, the new version's blob, the merged payload)."""
     _, _, merged = run_round(running, ZOO[model])
@@ -61,10 +68,7 @@ def _pull(running: Running, model: str, out: Path) -> dict[str, object]:
 def test_a_graph_holding_every_tensor_releases_its_version_blob_by_link(
     tmp_path: Path, two_file_templates: Path
 ) -> None:
-    running = start_gateway(
-        tmp_path / "gw", two_file_templates, models=(LINKED,), declared_models=ZOO,
-        two_file_bytes=0,
-    )  # fmt: skip
+    running = _serve(tmp_path, two_file_templates, LINKED)
     try:
         release, blob, merged = _released(running, LINKED, tmp_path)
         data = release / DATA_FILE
@@ -92,10 +96,7 @@ def test_a_graph_holding_every_tensor_releases_its_version_blob_by_link(
 def test_the_shared_file_rewritten_in_place_never_leaves(
     tmp_path: Path, two_file_templates: Path
 ) -> None:
-    running = start_gateway(
-        tmp_path / "gw", two_file_templates, models=(LINKED,), declared_models=ZOO,
-        two_file_bytes=0,
-    )  # fmt: skip
+    running = _serve(tmp_path, two_file_templates, LINKED)
     try:
         release, blob, merged = _released(running, LINKED, tmp_path)
         _pull(running, LINKED, tmp_path / "first")  # checked once: its verdict is remembered
@@ -119,10 +120,7 @@ def test_the_shared_file_rewritten_in_place_never_leaves(
 def test_a_graph_without_some_tensor_copies_and_still_verifies(
     tmp_path: Path, two_file_templates: Path
 ) -> None:
-    running = start_gateway(
-        tmp_path / "gw", two_file_templates, models=(COPIED,), declared_models=ZOO,
-        two_file_bytes=0,
-    )  # fmt: skip
+    running = _serve(tmp_path, two_file_templates, COPIED)
     try:
         release, blob, merged = _released(running, COPIED, tmp_path)
         data = release / DATA_FILE
