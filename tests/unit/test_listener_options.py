@@ -32,7 +32,7 @@ def test_every_listener_is_built_with_the_options(
         seen.append(dict(kwargs.get("options", ())))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(listeners.grpc, "server", server)
+    monkeypatch.setattr(grpc, "server", server)
     built, _ = listeners.grpc_listener(Config(data_dir=tmp_path), ("sluice.v1.Trainer",), [])
     built.stop(None)
     assert seen and seen[0]["grpc.http2.bdp_probe"] == 0
