@@ -23,6 +23,7 @@ from sluice.models.manifest import (
     MODEL_FILE,
     ManifestRefused,
     listed_files,
+    outside_graph,
     verify_signature,
 )
 from sluice.models.onnx_wire import InitializerSpan
@@ -126,7 +127,7 @@ def _verify(
         )
     if set(files) != set(listed):
         raise ManifestRefused(f"files {sorted(files)} do not match the manifest's {sorted(listed)}")
-    weights, ops, described = _description(doc)
+    weights, outside, ops, described = _description(doc)
     if pinned is not None and described != pinned:
         raise ManifestRefused(
             f"manifest names graph structure {described[:16]}, not the pinned {pinned[:16]}"
@@ -143,6 +144,7 @@ def _verify(
             allowed_ops=ops,
             external_data_file=DATA_FILE if DATA_FILE in listed else None,
             limits=limits or StructureLimits(),
+            outside_graph=outside,
         )
     except ArtifactRefused as exc:
         raise ManifestRefused(f"{MODEL_FILE}: {exc}") from exc
@@ -166,12 +168,14 @@ def _verify(
 
 def _description(
     doc: Mapping[str, Any],
-) -> tuple[list[TensorSpec], frozenset[tuple[str, str]], str]:
-    """The weights, ops and structure hash the manifest describes, checked for form only."""
+) -> tuple[list[TensorSpec], frozenset[str], frozenset[tuple[str, str]], str]:
+    """The weights (those outside the graph apart), ops and structure hash the manifest
+    describes, checked for form only."""
     try:
         weights = [
             TensorSpec(w["name"], _shape(w["shape"]), _text(w["dtype"])) for w in doc["weights"]
         ]
+        outside = outside_graph(doc["weights"])
         ops = frozenset((_text(d), _text(o)) for d, o in doc["ops"])
         described = _text(doc["structure_hash"])
         check_weight_specs(weights)  # names, shapes and dtypes a file could hold at all
@@ -179,7 +183,7 @@ def _description(
         raise ManifestRefused(
             f"manifest lacks a usable weights/ops description: {str(exc)[:_SHOWN_CHARS]}"
         ) from exc
-    return weights, ops, described
+    return weights, outside, ops, described
 
 
 def _clip_list(names: list[str]) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -167,10 +168,30 @@ class ArtifactReport:
     structure_bytes: int  # the file less its weights' raw_data (StructureLimits.structure_bytes)
 
 
-def structure_hash(data: bytes | memoryview, ranges: Iterable[_Range]) -> str:
+def outside_graph_description(weights: Sequence[WeightSpec], outside: Collection[str]) -> bytes:
+    """The tensors a two-file release's data file holds outside the graph, as structure:
+    name, dims, dtype and offset of each, in data-file order (canonical JSON); b"" for none.
+
+    It is part of the structure hash, so a pinned structure hash pins them too, and it
+    counts against StructureLimits.structure_bytes like the graph's own structure."""
+    if not outside:
+        return b""
+    entries, pos = [], 0
+    for spec in weights:
+        if spec.name in outside:
+            entries.append([spec.name, [int(d) for d in spec.shape], spec.dtype, pos])
+        pos += tensor_bytes(spec)
+    return json.dumps(entries, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def structure_hash(
+    data: bytes | memoryview, ranges: Iterable[_Range], outside_graph: bytes = b""
+) -> str:
     """Hex sha256 of data with every weight range zeroed: the same for any weight values.
 
     ranges are in file order and do not overlap (a template's, or inspect_onnx's).
+    outside_graph: outside_graph_description() of a two-file release; b"" leaves the hash
+    what it was before tensors outside the graph existed.
     """
     digest = hashlib.sha256()
     view = memoryview(data)
@@ -183,6 +204,8 @@ def structure_hash(data: bytes | memoryview, ranges: Iterable[_Range]) -> str:
             digest.update(_ZEROS[: min(len(_ZEROS), r.end - at)])
         pos = r.end
     digest.update(view[pos:])
+    if outside_graph:
+        digest.update(b"\0sluice outside-graph tensors\0" + outside_graph)
     return digest.hexdigest()
 
 
@@ -691,10 +714,12 @@ def _check_initializers(
     graph: onnx.GraphProto,
     weights: Sequence[WeightSpec],
     external_data_file: str | None,
+    outside_graph: frozenset[str],
     tally: _Tally,
 ) -> int:
-    """Refuse anything but exactly `weights`; return the external data file's size."""
-    specs = {spec.name: spec for spec in weights}  # unique: check_weight_specs
+    """Refuse anything but exactly `weights` less outside_graph; return the external data
+    file's size."""
+    specs = {spec.name: spec for spec in weights if spec.name not in outside_graph}
     seen: dict[str, onnx.TensorProto] = {}
     for init in graph.initializer:
         tally.name(init.name, "initializer name")
@@ -709,18 +734,38 @@ def _check_initializers(
         raise ArtifactRefused(f"weights missing from the graph: {_show_list(missing)}")
     if external_data_file is None:
         return 0
-    # The data file holds the weights end to end in the expected (schema) order.
+    # The data file holds the weights end to end in the expected (schema) order, those
+    # outside the graph included: every byte of it is one listed tensor's.
     pos = 0
     for spec in weights:
         length = tensor_bytes(spec)
-        offset = _external_offset(seen[spec.name], external_data_file, length, tally)
-        if offset != pos:
-            raise ArtifactRefused(
-                f"initializer {spec.name!r}: external data offset {offset}, expected {pos} "
-                "(weights end to end in schema order)"
-            )
+        if spec.name not in outside_graph:
+            offset = _external_offset(seen[spec.name], external_data_file, length, tally)
+            if offset != pos:
+                raise ArtifactRefused(
+                    f"initializer {spec.name!r}: external data offset {offset}, expected {pos} "
+                    "(weights end to end in schema order)"
+                )
         pos += length
     return pos
+
+
+def _check_outside_graph(
+    weights: Sequence[WeightSpec], external_data_file: str | None, outside_graph: frozenset[str]
+) -> None:
+    """Tensors outside the graph only lie in a data file, and only listed ones."""
+    if not outside_graph:
+        return
+    if external_data_file is None:
+        raise ArtifactRefused(
+            "tensors outside the graph are listed, but a single-file model has no data file "
+            "to hold them"
+        )
+    unknown = sorted(outside_graph - {spec.name for spec in weights})
+    if unknown:
+        raise ArtifactRefused(
+            f"tensors outside the graph not among the weights: {_show_list(unknown)}"
+        )
 
 
 def _check_raw_lengths(
@@ -755,13 +800,16 @@ def inspect_onnx(
     max_string_bytes: int = 256,
     external_data_file: str | None = None,
     limits: StructureLimits = StructureLimits(),
+    outside_graph: Collection[str] = (),
 ) -> ArtifactReport:
     """Accept a serialized ONNX model only if it holds `weights` and nothing else.
 
     Needs no template, so the global team can run it offline on a pulled file. The file
     must be its own canonical protobuf encoding; its initializers exactly `weights` by
     name, dims and dtype with values in raw_data only (or, with external_data_file, all
-    in that file end to end in `weights` order); no doc strings, metadata, sparse
+    in that file end to end in `weights` order, where the tensors named in outside_graph
+    (state the graph does not read: BatchNorm's num_batches_tracked) hold their place in
+    the data file and are not initializers); no doc strings, metadata, sparse
     initializers, local functions, training info, subgraphs, other opset domains or ops
     outside allowed_ops; the default domain spelled ""; every name and string valid
     UTF-8; each Constant value at most max_constant_bytes and each name or string at most
@@ -779,6 +827,7 @@ def inspect_onnx(
             allowed_ops,
             max_constant_bytes,
             external_data_file,
+            frozenset(outside_graph),
             _Tally(limits, max_string_bytes),
         )
     except ArtifactRefused:
@@ -793,6 +842,7 @@ def _inspect(
     allowed_ops: frozenset[tuple[str, str]],
     max_constant_bytes: int,
     external_data_file: str | None,
+    outside_graph: frozenset[str],
     tally: _Tally,
 ) -> ArtifactReport:
     if external_data_file is not None and (
@@ -800,6 +850,7 @@ def _inspect(
     ):
         raise ArtifactRefused(f"external data file {external_data_file!r} is not a plain name")
     check_weight_specs(weights)
+    _check_outside_graph(weights, external_data_file, outside_graph)
     model, elided_spans = _parse_skeleton(data, external_data_file is not None)
     _only(model, _MODEL_FIELDS, "model")
     for field in ("producer_name", "producer_version", "domain"):
@@ -815,14 +866,19 @@ def _inspect(
         for i, info in enumerate(getattr(graph, kind)):
             _check_value_info(info, f"graph.{kind}[{i}]", tally)
     ops = _check_nodes(graph, opset, allowed_ops, max_constant_bytes, tally)
-    data_bytes = _check_initializers(graph, weights, external_data_file, tally)
+    data_bytes = _check_initializers(graph, weights, external_data_file, outside_graph, tally)
     if external_data_file is not None:
-        size = _check_structure_bytes(len(data), tally.limits)
-        return ArtifactReport((), structure_hash(data, ()), ops, data_bytes, size)
+        for spec in weights:
+            if spec.name in outside_graph:  # names and dims of structure, like the graph's
+                tally.name(spec.name, f"tensor outside the graph {_show(spec.name)}")
+                tally.dims(len(spec.shape), f"tensor outside the graph {_show(spec.name)}")
+        outside = outside_graph_description(weights, outside_graph)
+        size = _check_structure_bytes(len(data) + len(outside), tally.limits)
+        return ArtifactReport((), structure_hash(data, (), outside), ops, data_bytes, size)
     try:
         spans = elided_spans or onnx_wire.initializer_spans(data)
     except ValueError as exc:  # cannot happen after the checks above; refuse, never crash
         raise ArtifactRefused(f"initializer layout: {exc}") from exc
-    _check_raw_lengths(spans, {spec.name: spec for spec in weights})
+    _check_raw_lengths(spans, {spec.name: spec for spec in weights})  # none outside the graph
     size = _check_structure_bytes(len(data) - _span_bytes(spans), tally.limits)
     return ArtifactReport(spans, structure_hash(data, spans), ops, 0, size)

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,13 +188,22 @@ def _check_files(doc: Mapping[str, Any], field: str) -> None:
 
 def _check_weights(doc: Mapping[str, Any], field: str) -> None:
     for w in _list(doc[field], field, 1 << 16):
-        if not isinstance(w, dict) or set(w) != {"name", "shape", "dtype"}:
-            raise _fail(field, "each entry holds exactly name, shape and dtype")
+        if not isinstance(w, dict) or set(w) - {"in_graph"} != {"name", "shape", "dtype"}:
+            raise _fail(field, "each entry holds exactly name, shape and dtype (and in_graph)")
+        if w.get("in_graph", False) is not False:
+            # Written only for state the graph does not read, which the data file holds.
+            raise _fail("weights.in_graph", "present only as false")
         _text(w["name"], "weights.name")
         _text(w["dtype"], "weights.dtype", 8)
         for d in _list(w["shape"], "weights.shape", 8):
             if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= _MAX_INT:
                 raise _fail("weights.shape", "not a list of non-negative integers")
+
+
+def outside_graph(weights: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """Names of a manifest's weights that the graph does not read (`"in_graph": false`):
+    state such as BatchNorm's num_batches_tracked, which holds its place in the data file."""
+    return frozenset(w["name"] for w in weights if w.get("in_graph") is False)
 
 
 def _check_ops(doc: Mapping[str, Any], field: str) -> None:

@@ -170,12 +170,29 @@ def graph_weights(template: OnnxTemplate, schema: Schema) -> list[TensorSpec]:
     return [spec for spec in schema.tensors if spec.name in names]
 
 
+def data_file_weights(template: OnnxTemplate, schema: Schema) -> list[TensorSpec]:
+    """The tensors a release lists, in schema order: in the payload layout every schema
+    tensor (the data file is the payload), else the graph's."""
+    if template.data_file is not None and template.payload_bytes is not None:
+        return list(schema.tensors)
+    return graph_weights(template, schema)
+
+
+def outside_graph(template: OnnxTemplate, schema: Schema) -> frozenset[str]:
+    """Listed tensors the graph does not read (the payload layout's BatchNorm counters)."""
+    names = {r.name for r in template.ranges}
+    return frozenset(t.name for t in data_file_weights(template, schema) if t.name not in names)
+
+
 def weight_specs(template: OnnxTemplate, schema: Schema) -> list[dict[str, object]]:
-    """The graph's weight tensors in schema order: what the global team checks a file against
-    (and, in the two-file layout, the order of the weights in model.onnx.data)."""
+    """The release's tensors in schema order: what the global team checks a file against
+    (and, in the two-file layout, the order of the tensors in model.onnx.data, end to end).
+    A tensor the graph does not read is marked `"in_graph": false`."""
+    outside = outside_graph(template, schema)
     return [
         {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
-        for t in graph_weights(template, schema)
+        | ({"in_graph": False} if t.name in outside else {})
+        for t in data_file_weights(template, schema)
     ]
 
 
@@ -240,11 +257,12 @@ def _parse_findings(
     try:
         report = inspect_onnx(
             data,
-            graph_weights(t, schema),
+            data_file_weights(t, schema),
             allowed_ops=_allowed_ops(t),
             max_constant_bytes=policy.max_constant_bytes,
             external_data_file=t.data_file,
             limits=policy.limits,
+            outside_graph=outside_graph(t, schema),
         )
     except ArtifactRefused as exc:
         return [str(exc)]
@@ -450,7 +468,7 @@ def check_release_dir(
     ):
         raise _refuse_files(
             f"{template.data_file}: the manifest says {expected[template.data_file][0]} bytes, "
-            f"the graph's weights are {template.data_file_bytes}"
+            f"the release's tensors are {template.data_file_bytes}"
         )
     try:
         dir_fd = os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
@@ -480,7 +498,9 @@ def check_release_dir(
                 key = f"{sha256}:{name}"  # a data file's verdict, apart from model.onnx's
                 known = verdicts is not None and verdicts.accepted(key, template, schema, policy)
                 values = (
-                    None if known else FiniteCheck(Schema(tuple(graph_weights(template, schema))))
+                    None
+                    if known
+                    else FiniteCheck(Schema(tuple(data_file_weights(template, schema))))
                 )
                 _read_checked(dir_fd, name, size, sha256, values, pieces.get(name))
                 if verdicts is not None:

@@ -179,6 +179,11 @@ def _plan(t: OnnxTemplate, schema: Schema) -> list[tuple[WeightRange, int, int]]
                 f"tensor {r.name!r}: schema expects {spec.num_bytes} bytes, "
                 f"template range holds {r.end - r.start}"
             )
+        if t.payload_bytes is not None and (r.start, r.end) != (start, end):
+            raise ValueError(
+                f"tensor {r.name!r}: the template's range [{r.start}, {r.end}) is not where "
+                f"the payload holds it, [{start}, {end})"
+            )
         plan.append((r, start, end))
     return plan
 
@@ -262,14 +267,15 @@ def _data_file_chunks(payload: int, plan: list[tuple[WeightRange, int, int]]) ->
 
 
 def payload_is_data_file(t: OnnxTemplate, schema: Schema) -> bool:
-    """Whether a two-file template's data file is the payload byte for byte: the graph holds
-    every schema tensor (no BatchNorm counter left out), so its ranges are the payload's."""
+    """Whether a two-file template's data file is the payload byte for byte: the payload
+    layout, or a graph-layout template whose graph holds every schema tensor (no BatchNorm
+    counter left out), so that its ranges are the payload's."""
     if t.data_file is None or t.data_file_bytes != schema.payload_bytes:
         return False
     plan = _plan(t, schema)
-    return all((r.start, r.end) == (start, end) for r, start, end in plan) and len(plan) == len(
-        schema.tensors
-    )
+    if not all((r.start, r.end) == (start, end) for r, start, end in plan):
+        return False
+    return t.payload_bytes is not None or len(plan) == len(schema.tensors)
 
 
 def _link_atomic(source: Path, path: Path) -> bool:
@@ -302,8 +308,9 @@ def write_release_files(
 
     Returns (file name, size, sha256 hex) per file written: model.onnx for a
     single-file template (write_refreshed); for the two-file layout the data file (the
-    graph weights end to end, in the template's range order) and then model.onnx, the
-    template's bytes unchanged. Memory: the template plus one chunk. durable=False: as
+    payload whole in the payload layout, BatchNorm counters and all; in the graph layout
+    the graph's weights end to end) and then model.onnx, the template's bytes unchanged.
+    Memory: the template plus one chunk. durable=False: as
     in write_atomic, the caller fsyncs the files and out_dir.
 
     Given payload_sha256 (the payload file's own, immutable and durable: a version blob),
@@ -328,8 +335,14 @@ def write_release_files(
         if durable:
             fsync_dir(out_dir)
     else:
+        whole = payload_is_data_file(t, schema)  # copied whole where no link can be made
         with payload_path.open("rb") as payload:
-            data_sha = write_atomic(data_path, _data_file_chunks(payload.fileno(), plan), durable)
+            chunks = (
+                [FileSpan(payload.fileno(), 0, schema.payload_bytes, "payload")]
+                if whole
+                else _data_file_chunks(payload.fileno(), plan)
+            )
+            data_sha = write_atomic(data_path, chunks, durable)
     if data_path.stat().st_size != t.data_file_bytes:
         # Only if the payload file shrank while it was being read.
         raise ValueError(

@@ -24,10 +24,11 @@ from sluice.gateway.export.refresh import write_atomic
 from sluice.models import onnx_wire
 
 # The global team recomputes it offline from models/ alone; re-exported for callers here.
+from sluice.models.artifact import outside_graph_description, tensor_bytes
 from sluice.models.artifact import structure_hash as structure_hash
 from sluice.models.entry import ModelEntry
 from sluice.models.manifest import DATA_FILE
-from sluice.models.schema import Schema, tensor_to_numpy
+from sluice.models.schema import Schema, TensorSpec, tensor_to_numpy
 
 TEMPLATE_FILE = "template.onnx"
 META_FILE = "template.json"
@@ -42,6 +43,19 @@ _TORCH_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 _SHARED_AXIS_WARNING = r"# The axis name: \w+ will not be used, since it shares"
 _EXTERNAL_KEYS = ("location", "offset", "length")  # exactly these, in this order
 _BLOCK_BYTES = 16 << 20  # bounds each temporary when a whole tensor is too big to copy
+
+
+def _entries(t: OnnxTemplate) -> list[list[Any]]:
+    entries = json.loads(t.outside_graph) if t.outside_graph else []
+    if not isinstance(entries, list):
+        raise ValueError("not a list")
+    return entries
+
+
+def _entry_bytes(entry: list[Any]) -> int:
+    """Bytes of one [name, shape, dtype, offset] entry of an outside-graph description."""
+    name, shape, dtype, _ = entry
+    return tensor_bytes(TensorSpec(str(name), tuple(int(d) for d in shape), str(dtype)))
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,17 @@ class OnnxTemplate:
 
     Two-file layout (data_file set; graph weights over TWO_FILE_THRESHOLD): `data` is
     model.onnx, whose weight initializers hold no values but point into data_file with
-    exactly the keys location, offset, length; `ranges` lie in data_file, end to end in
-    schema order from 0. structure_hash is the plain sha256 of `data`, which holds no
-    weights to zero. Every release's model.onnx is `data` byte for byte.
+    exactly the keys location, offset, length. structure_hash is the plain sha256 of
+    `data`, which holds no weights to zero. Every release's model.onnx is `data` byte for
+    byte. The data file is laid out one of two ways:
+
+    - payload layout (payload_bytes set; every template built since): the data file is the
+      payload itself, every schema tensor end to end in schema order (models/schema.py),
+      payload_bytes long; `ranges` are the graph's tensors at their payload offsets, and
+      a tensor the graph does not read (BatchNorm's num_batches_tracked) keeps its place
+      between them. A release's data file can then be the version blob itself.
+    - graph layout (payload_bytes None; templates built before): `ranges` end to end in
+      schema order from 0, only the graph's tensors.
     """
 
     model: str  # registry name
@@ -80,6 +102,10 @@ class OnnxTemplate:
     ranges: tuple[WeightRange, ...]  # in file order, non-overlapping
     structure_hash: str  # sha256 of data with every range in it zeroed
     data_file: str | None = None  # the two-file layout's weights file, beside model.onnx
+    payload_bytes: int | None = None  # two-file payload layout: the data file's size
+    # The payload layout's tensors outside the graph (artifact.outside_graph_description):
+    # part of structure_hash; with the ranges they tile the data file end to end.
+    outside_graph: bytes = b""
 
     def __post_init__(self) -> None:
         if self.data_file is None:
@@ -93,18 +119,44 @@ class OnnxTemplate:
             return
         if self.data_file in ("", ".", "..") or "/" in self.data_file or "\\" in self.data_file:
             raise ValueError(f"data file {self.data_file!r} is not a plain file name")
-        pos = 0
+        pos, gaps = 0, self.payload_bytes is not None
         for r in self.ranges:
-            if not r.start == pos <= r.end:
+            if not (pos <= r.start if gaps else r.start == pos) or r.end < r.start:
                 raise ValueError(
                     f"weight range {r.name!r} [{r.start}, {r.end}) of {self.data_file}: "
-                    f"expected to start at {pos} (weights end to end)"
+                    f"expected to start at {'or after ' if gaps else ''}{pos} "
+                    f"(weights {'in payload order' if gaps else 'end to end'})"
                 )
             pos = r.end
+        if self.payload_bytes is not None:
+            self._check_tiling()
+        elif self.outside_graph:
+            raise ValueError("tensors outside the graph need the payload layout")
+
+    def _check_tiling(self) -> None:
+        """The ranges and the tensors outside the graph cover the data file exactly."""
+        try:
+            outside = [(int(e[3]), int(e[3]) + _entry_bytes(e)) for e in _entries(self)]
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"tensors outside the graph: malformed description: {exc}") from exc
+        pos = 0
+        for start, end in sorted([(r.start, r.end) for r in self.ranges] + outside):
+            if start != pos:
+                raise ValueError(
+                    f"{self.data_file}: bytes [{pos}, {start}) are no listed tensor's "
+                    "(weights and tensors outside the graph end to end)"
+                )
+            pos = end
+        if pos != self.payload_bytes:
+            raise ValueError(
+                f"{self.data_file}: the tensors end at {pos}, the payload at {self.payload_bytes}"
+            )
 
     @property
     def data_file_bytes(self) -> int:
         """Size of the two-file layout's data file; 0 for a single-file template."""
+        if self.payload_bytes is not None:
+            return self.payload_bytes
         return self.ranges[-1].end if self.data_file is not None and self.ranges else 0
 
 
@@ -322,22 +374,31 @@ def _two_file(
     weights = _check_initializers(proto, schema)
     _check_values(exported, state)
     by_name = {init.name: init for init in proto.graph.initializer}
-    ranges, pos = [], 0
-    for spec in schema.tensors:
+    ranges = []
+    # The payload layout: each graph weight where the payload holds it, so that the data
+    # file can be the payload (a version blob) itself.
+    for spec, start, end in schema.spans():
         if spec.name not in weights:
-            continue  # e.g. BatchNorm's num_batches_tracked: in the schema, not the graph
+            continue  # e.g. BatchNorm's num_batches_tracked: in the payload, not the graph
         init = by_name[spec.name]
         init.ClearField("raw_data")
         init.data_location = onnx.TensorProto.EXTERNAL
         del init.external_data[:]
-        entries = (DATA_FILE, str(pos), str(spec.num_bytes))
+        entries = (DATA_FILE, str(start), str(spec.num_bytes))
         for key, text in zip(_EXTERNAL_KEYS, entries, strict=True):
             init.external_data.add(key=key, value=text)
-        ranges.append(WeightRange(spec.name, pos, pos + spec.num_bytes))
-        pos += spec.num_bytes
+        ranges.append(WeightRange(spec.name, start, end))
     data = proto.SerializeToString(deterministic=True)
+    outside = outside_graph_description(schema.tensors, set(specs) - set(weights))
     t = OnnxTemplate(
-        entry.name, schema.hash, data, tuple(ranges), structure_hash(data, ()), DATA_FILE
+        entry.name,
+        schema.hash,
+        data,
+        tuple(ranges),
+        structure_hash(data, (), outside),
+        DATA_FILE,
+        schema.payload_bytes,
+        outside,
     )
     _check_external(t, "template")
     return t
@@ -409,6 +470,8 @@ def save_template(t: OnnxTemplate, directory: Path) -> None:
         "schema_hash": t.schema_hash,
         "structure_hash": t.structure_hash,
         "data_file": t.data_file,
+        **({} if t.payload_bytes is None else {"payload_bytes": t.payload_bytes}),
+        **({"outside_graph": t.outside_graph.decode()} if t.outside_graph else {}),
         "ranges": [{"name": r.name, "start": r.start, "end": r.end} for r in t.ranges],
     }
     # The ONNX file first: a crash in between leaves a json that fails load's hash check.
@@ -441,6 +504,8 @@ def load_template(directory: Path) -> OnnxTemplate:
             ranges,
             meta["structure_hash"],
             meta.get("data_file"),  # absent from templates saved before the two-file layout
+            meta.get("payload_bytes"),  # absent: the graph layout (templates saved before)
+            meta.get("outside_graph", "").encode(),
         )
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{directory / META_FILE}: malformed template metadata: {exc}") from exc
@@ -451,7 +516,7 @@ def load_template(directory: Path) -> OnnxTemplate:
                 raise ValueError(f"{directory}: range of {r.name!r} does not match the ONNX file")
     else:
         _check_external(t, str(directory))
-    actual = structure_hash(data, ranges if t.data_file is None else ())
+    actual = structure_hash(data, ranges if t.data_file is None else (), t.outside_graph)
     if actual != t.structure_hash:
         raise ValueError(
             f"{directory}: structure hash {actual[:16]} does not match the recorded "

@@ -1,7 +1,9 @@
 """A two-file release whose data file is the version's weights file itself (a hard link).
 
-When the graph holds every schema tensor (no BatchNorm counter left out), the data file is
-the payload byte for byte, and the release links the version blob instead of copying it.
+In the payload layout the data file is the payload byte for byte (a tensor the graph does
+not read, such as a BatchNorm counter, keeps its place and is listed "in_graph": false), so
+the release links the version blob instead of copying it; templates built before it (the
+graph layout) copy, and only where the graph holds every tensor can they link.
 What leaves is still only what the signed manifest names: an insider who rewrites the
 shared file in place gets nothing out, and retention removing the blob leaves the release
 whole.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import grpc
@@ -23,19 +26,21 @@ from sluice.clients.sdk import EgressClient
 from sluice.clients.weights import load_release
 from sluice.gateway.config import Config
 from sluice.gateway.export import refresh
-from sluice.gateway.export.publish import template_for
+from sluice.gateway.export.publish import template_dir, template_for
+from sluice.gateway.export.template import load_template
 from sluice.gateway.server import Gateway
 from sluice.models.manifest import DATA_FILE, MODEL_FILE, load_public_key
 from tests.conftest import Running, offline, start_gateway
 from tests.integration.test_zoo import ZOO, run_round
+from tests.layouts import graph_layout
 
-LINKED, COPIED = "patch-encoder", "multitask"  # no BatchNorm / BatchNorm (a counter)
+LINKED, BATCHNORM = "patch-encoder", "multitask"  # no BatchNorm / BatchNorm (a counter)
 
 
 @pytest.fixture(scope="module")
 def two_file_templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("two-file-templates")
-    models = (LINKED, COPIED)
+    models = (LINKED, BATCHNORM)
     config = Config(data_dir=root, models=models, declared_models=ZOO, two_file_bytes=0)
     Gateway(offline(config)).stop()
     return root / "templates"
@@ -117,20 +122,63 @@ def test_the_shared_file_rewritten_in_place_never_leaves(
         running.gateway.stop()
 
 
-def test_a_graph_without_some_tensor_copies_and_still_verifies(
+def test_a_graph_leaving_a_counter_out_links_and_lists_it_outside_the_graph(
     tmp_path: Path, two_file_templates: Path
 ) -> None:
-    running = _serve(tmp_path, two_file_templates, COPIED)
+    """The payload layout: a BatchNorm counter the graph does not read keeps its place in
+    the data file (the version blob itself), and the signed manifest lists it with
+    "in_graph": false; the pull verifies it and the loaded module gets the merged counter."""
+    running = _serve(tmp_path, two_file_templates, BATCHNORM)
     try:
-        release, blob, merged = _released(running, COPIED, tmp_path)
+        release, blob, merged = _released(running, BATCHNORM, tmp_path)
+        data = release / DATA_FILE
+        assert os.stat(data).st_ino == os.stat(blob).st_ino  # one file, two names
+        schema = ZOO[BATCHNORM].schema()
+        doc = _pull(running, BATCHNORM, tmp_path / "pulled")
+        weights = doc["weights"]
+        assert isinstance(weights, list)
+        assert [w["name"] for w in weights] == [s.name for s in schema.tensors]
+        outside = [w["name"] for w in weights if w.get("in_graph") is False]
+        assert outside and all(name.endswith("num_batches_tracked") for name in outside)
+        assert all("in_graph" not in w for w in weights if w["name"] not in outside)
+        assert (tmp_path / "pulled" / DATA_FILE).read_bytes() == merged
+        key = load_public_key(running.data_dir / "keys" / "release-signing.pub")
+        fresh = ZOO[BATCHNORM].factory()
+        load_release(fresh, tmp_path / "pulled", key)
+        for name, tensor in schema.to_state_dict(merged).items():
+            assert torch.equal(fresh.state_dict()[name], tensor), name
+    finally:
+        running.gateway.stop()
+
+
+def test_a_graph_layout_template_copies_and_still_verifies(
+    tmp_path: Path, two_file_templates: Path
+) -> None:
+    """A data dir keeps templates built before the payload layout (the graph's weights end
+    to end): their releases copy those bytes and pull as before."""
+    from sluice.gateway.core.catalog import ServedModel
+    from sluice.gateway.export.template import save_template
+
+    entry = ZOO[BATCHNORM]
+    schema = entry.schema()
+    directory = template_dir(ServedModel(entry, schema), two_file_templates, 0)
+    old_templates = tmp_path / "old-templates"
+    shutil.copytree(two_file_templates, old_templates)
+    save_template(
+        graph_layout(load_template(directory)),
+        old_templates / directory.relative_to(two_file_templates),
+    )
+    running = _serve(tmp_path, old_templates, BATCHNORM)
+    try:
+        release, blob, merged = _released(running, BATCHNORM, tmp_path)
         data = release / DATA_FILE
         assert os.stat(data).st_ino != os.stat(blob).st_ino
         assert os.stat(data).st_nlink == 1
-        schema = ZOO[COPIED].schema()
         graph = [s for s in schema.tensors if not s.name.endswith("num_batches_tracked")]
         views = schema.views(merged)
         assert data.read_bytes() == b"".join(views[s.name].tobytes() for s in graph)
-        _pull(running, COPIED, tmp_path / "pulled")
+        doc = _pull(running, BATCHNORM, tmp_path / "pulled")
+        assert [w["name"] for w in doc["weights"]] == [s.name for s in graph]  # type: ignore[attr-defined]
     finally:
         running.gateway.stop()
 

@@ -19,7 +19,12 @@ from torch import nn
 
 from sluice.clients import verify
 from sluice.clients.verify import verify_release
-from sluice.gateway.export.guard import graph_weights
+from sluice.gateway.export.guard import (
+    data_file_weights,
+    graph_weights,
+    outside_graph,
+    weight_specs,
+)
 from sluice.gateway.export.refresh import refresh, write_release_files
 from sluice.gateway.export.template import OnnxTemplate, build_template
 from sluice.models import artifact
@@ -37,6 +42,8 @@ from sluice.models.manifest import (
     ManifestRefused,
     canonical_json,
 )
+from sluice.models.manifest import _check_weights as manifest_check_weights
+from sluice.models.manifest import outside_graph as manifest_outside
 from sluice.models.registry import InputSpec, ModelEntry, get
 from sluice.models.schema import Schema, TensorSpec
 from tests.manifests import filler_fields
@@ -442,21 +449,135 @@ def two_file() -> OnnxTemplate:
 
 
 def test_two_file_layout_passes_and_is_bounded(two_file: OnnxTemplate, genuine: Genuine) -> None:
-    two = two_file
-    assert two.data_file is not None
+    two, schema = two_file, genuine.schema
+    assert two.data_file is not None and two.outside_graph  # drivenet-tiny: BatchNorm counters
+    weights, outside = data_file_weights(two, schema), outside_graph(two, schema)
     report = inspect_onnx(
-        two.data, genuine.weights, allowed_ops=genuine.ops, external_data_file=two.data_file
+        two.data,
+        weights,
+        allowed_ops=genuine.ops,
+        external_data_file=two.data_file,
+        outside_graph=outside,
     )
-    assert report.structure_bytes == len(two.data) < DEFAULTS.structure_bytes // 4
-    small = StructureLimits(structure_bytes=len(two.data) - 1)
+    # The tensors outside the graph are structure: counted, and in the structure hash.
+    assert report.structure_bytes == len(two.data) + len(two.outside_graph)
+    assert report.structure_bytes < DEFAULTS.structure_bytes // 4
+    assert report.structure_hash == two.structure_hash
+    assert report.external_data_bytes == schema.payload_bytes
+    small = StructureLimits(structure_bytes=report.structure_bytes - 1)
     with pytest.raises(ArtifactRefused, match=r"\(limit structure_bytes\)"):
         inspect_onnx(
             two.data,
-            genuine.weights,
+            weights,
             allowed_ops=genuine.ops,
             external_data_file=two.data_file,
             limits=small,
+            outside_graph=outside,
         )
+
+
+def _outside_release(
+    directory: Path, key: Ed25519PrivateKey, two: OnnxTemplate, g: Genuine, weights: list[Any]
+) -> tuple[bytes, bytes, dict[str, Path]]:
+    """A two-file release signed with key whose manifest lists `weights` (entries with
+    "in_graph": false included) and whose data file is as long as they say."""
+    specs = [TensorSpec(w["name"], tuple(w["shape"]), w["dtype"]) for w in weights]
+    size = sum(artifact.tensor_bytes(spec) for spec in specs)
+    data = np.random.default_rng(3).integers(0, 3, size, dtype=np.uint8).tobytes()
+    (directory).mkdir(parents=True, exist_ok=True)
+    (directory / DATA_FILE).write_bytes(data)
+    listed = [
+        {"name": MODEL_FILE, "size": len(two.data), "sha256": hashlib.sha256(two.data).hexdigest()},
+        {"name": DATA_FILE, "size": size, "sha256": hashlib.sha256(data).hexdigest()},
+    ]
+    outside = manifest_outside({"weights": weights}["weights"])
+    description = artifact.outside_graph_description(specs, outside)
+    structure = artifact.structure_hash(two.data, (), description)
+    manifest, signature, files = signed_release(
+        directory, key, bytes(two.data), g, structure, files=listed, weights=weights
+    )
+    files[DATA_FILE] = directory / DATA_FILE
+    return manifest, signature, files
+
+
+def test_tensors_outside_the_graph_are_pinned_with_the_structure(
+    tmp_path: Path, two_file: OnnxTemplate, genuine: Genuine
+) -> None:
+    """A leaked key adds a tensor outside the graph (a frame in the data file, or one of
+    size 0 whose name carries the data), moves a counter, or lists a graph weight as
+    outside: a pinned structure refuses each; the genuine listing passes."""
+    two, key = two_file, Ed25519PrivateKey.generate()
+    genuine_weights = weight_specs(two, genuine.schema)
+    assert [w["name"] for w in genuine_weights if w.get("in_graph") is False]
+    pin = two.structure_hash
+    signed = _outside_release(tmp_path / "genuine", key, two, genuine, genuine_weights)
+    assert verify_release(*signed[:2], key.public_key(), signed[2], structure_hash=pin)
+
+    frame = {"name": "frame", "shape": list(FRAME.shape), "dtype": "|u1", "in_graph": False}
+    named = {"name": FRAME_B64[:200], "shape": [0], "dtype": "<f4", "in_graph": False}
+    counters = [i for i, w in enumerate(genuine_weights) if w.get("in_graph") is False]
+    moved = list(genuine_weights)
+    moved[counters[0]], moved[counters[0] - 1] = moved[counters[0] - 1], moved[counters[0]]
+    for label, weights in (
+        ("frame", [*genuine_weights, frame]),
+        ("name", [named, *genuine_weights]),
+    ):
+        signed = _outside_release(tmp_path / label, key, two, genuine, weights)
+        assert verify_release(*signed[:2], key.public_key(), signed[2])  # unpinned: the key's
+        with pytest.raises(ManifestRefused, match="not the pinned"):
+            verify_release(*signed[:2], key.public_key(), signed[2], structure_hash=pin)
+
+    # A counter listed elsewhere in the data file: the graph's offsets no longer fit it.
+    signed = _outside_release(tmp_path / "moved", key, two, genuine, moved)
+    with pytest.raises(ManifestRefused, match="external data offset"):
+        verify_release(*signed[:2], key.public_key(), signed[2])
+
+    # A weight the graph reads, listed as outside it: the graph holds an unlisted initializer.
+    graph_name = next(w["name"] for w in genuine_weights if "in_graph" not in w)
+    hidden = [w | {"in_graph": False} if w["name"] == graph_name else w for w in genuine_weights]
+    signed = _outside_release(tmp_path / "hidden", key, two, genuine, hidden)
+    with pytest.raises(ManifestRefused, match="is not an expected weight"):
+        verify_release(*signed[:2], key.public_key(), signed[2])
+
+
+def test_outside_graph_names_count_as_structure(two_file: OnnxTemplate, genuine: Genuine) -> None:
+    """Zero-byte tensors outside the graph carry data in their names only: those names
+    count against name_bytes and structure_bytes, so a frame cannot fit."""
+    two, schema = two_file, genuine.schema
+    weights = data_file_weights(two, schema)
+    chunks = [FRAME_B64[i : i + 240] for i in range(0, len(FRAME_B64), 240)]
+    extra = [TensorSpec(f"{i:04d}{c}", (0,), "<f4") for i, c in enumerate(chunks)]
+    with pytest.raises(ArtifactRefused, match=r"limit (name_bytes|structure_bytes)"):
+        inspect_onnx(
+            two.data,
+            [*weights, *extra],
+            allowed_ops=genuine.ops,
+            external_data_file=two.data_file,
+            outside_graph=outside_graph(two, schema) | {e.name for e in extra},
+        )
+
+
+def test_outside_graph_needs_a_data_file_and_listed_names(
+    two_file: OnnxTemplate, genuine: Genuine
+) -> None:
+    weights = data_file_weights(two_file, genuine.schema)
+    with pytest.raises(ArtifactRefused, match="single-file model has no data file"):
+        inspect_onnx(genuine.release, genuine.weights, allowed_ops=genuine.ops, outside_graph={"x"})
+    with pytest.raises(ArtifactRefused, match="not among the weights"):
+        inspect_onnx(
+            two_file.data,
+            weights,
+            allowed_ops=genuine.ops,
+            external_data_file=DATA_FILE,
+            outside_graph=outside_graph(two_file, genuine.schema) | {"ghost"},
+        )
+
+
+@pytest.mark.parametrize("value", [True, "false", 0, None, [], {}])
+def test_a_manifest_marks_in_graph_only_as_false(value: object) -> None:
+    doc = {"weights": [{"name": "a", "shape": [1], "dtype": "<i8", "in_graph": value}]}
+    with pytest.raises(ManifestRefused, match="in_graph"):
+        manifest_check_weights(doc, "weights")
 
 
 # --- the receiver: a pinned structure, and blame where it belongs ---------------------------
@@ -587,8 +708,9 @@ def test_a_two_file_release_is_read_once_and_streamed(
     key = Ed25519PrivateKey.generate()
     listed = [{"name": name, "size": size, "sha256": sha} for name, size, sha in written]
     model = (tmp_path / "1" / MODEL_FILE).read_bytes()
+    weights = weight_specs(two, genuine.schema)
     manifest, _, files = signed_release(
-        tmp_path / "1", key, model, genuine, two.structure_hash, files=listed
+        tmp_path / "1", key, model, genuine, two.structure_hash, files=listed, weights=weights
     )
     files[DATA_FILE] = tmp_path / "1" / DATA_FILE
     pin = two.structure_hash

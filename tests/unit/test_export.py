@@ -36,6 +36,7 @@ from sluice.models import onnx_wire
 from sluice.models.manifest import DATA_FILE, MODEL_FILE
 from sluice.models.registry import InputSpec, ModelEntry, get
 from sluice.models.schema import Schema, TensorSpec
+from tests.layouts import graph_layout
 
 
 @pytest.fixture(scope="module")
@@ -342,25 +343,37 @@ def test_two_file_graph_points_at_fixed_offsets(two_file: OnnxTemplate, schema: 
     assert two_file.data_file == DATA_FILE
     model = onnx.load_from_string(bytes(two_file.data))
     inits = {init.name: init for init in model.graph.initializer}
-    pos = 0
-    for spec in _graph_weights(two_file, schema):
+    graph = {spec.name for spec in _graph_weights(two_file, schema)}
+    # The payload layout: each graph weight at its payload offset, the data file the payload.
+    for spec, start, _ in schema.spans():
+        if spec.name not in graph:
+            continue
         init = inits.pop(spec.name)
         assert not init.HasField("raw_data")
         assert init.data_location == onnx.TensorProto.EXTERNAL
         assert [(e.key, e.value) for e in init.external_data] == [
             ("location", DATA_FILE),
-            ("offset", str(pos)),
+            ("offset", str(start)),
             ("length", str(spec.num_bytes)),
         ]
-        pos += spec.num_bytes
     assert inits == {}  # every initializer is a weight in the data file
-    assert two_file.data_file_bytes == pos
+    assert two_file.data_file_bytes == two_file.payload_bytes == schema.payload_bytes
     assert [r.name for r in two_file.ranges] == [s.name for s in _graph_weights(two_file, schema)]
     skipped = {s.name for s in schema.tensors} - {r.name for r in two_file.ranges}
     assert skipped  # BatchNorm's counters: in the schema and the payload, not the graph
     assert all(name.endswith("num_batches_tracked") for name in skipped)
-    # Nothing in model.onnx changes with the weights: its hash is of the bytes as they are.
-    assert two_file.structure_hash == hashlib.sha256(two_file.data).hexdigest()
+    # Nothing in model.onnx changes with the weights: its hash is of the bytes as they are,
+    # and of the tensors the data file holds outside the graph (where, what shape and type).
+    outside = json.loads(two_file.outside_graph)
+    offsets = {spec.name: start for spec, start, _ in schema.spans()}
+    assert outside == [
+        [s.name, list(s.shape), s.dtype, offsets[s.name]]
+        for s in schema.tensors
+        if s.name in skipped
+    ]
+    digest = hashlib.sha256(two_file.data)
+    digest.update(b"\0sluice outside-graph tensors\0" + two_file.outside_graph)
+    assert two_file.structure_hash == digest.hexdigest()
 
 
 def test_two_file_graph_is_the_single_file_graph(
@@ -399,8 +412,8 @@ def test_two_file_release_holds_the_payload_weights(
     ]
     assert (release / MODEL_FILE).read_bytes() == two_file.data
     spans = {spec.name: (start, end) for spec, start, end in schema.spans()}
-    want = b"".join(payload[slice(*spans[s.name])] for s in _graph_weights(two_file, schema))
-    assert (release / DATA_FILE).read_bytes() == want
+    assert set(spans) > {s.name for s in _graph_weights(two_file, schema)}  # counters too
+    assert (release / DATA_FILE).read_bytes() == payload  # the payload layout: all of it
     # onnx itself resolves the external data beside model.onnx to the payload's tensors.
     views = schema.views(payload)
     loaded = onnx.load(str(release / MODEL_FILE))
@@ -528,7 +541,8 @@ def test_two_file_self_test_catches_swapped_offsets(
         dataclasses.replace(ranges[a], name=names[b]),
         dataclasses.replace(ranges[b], name=names[a]),
     )
-    with pytest.raises(ValueError, match="self-test max abs diff"):
+    # In the payload layout each range must be where the payload holds its tensor.
+    with pytest.raises(ValueError, match=r"self-test failed: .* not where the payload holds it"):
         self_test(dataclasses.replace(two_file, ranges=tuple(ranges)), tiny)
 
 
@@ -558,11 +572,52 @@ def test_load_rejects_another_location(two_file: OnnxTemplate, tmp_path: Path) -
 
 
 def test_two_file_ranges_must_lie_end_to_end(two_file: OnnxTemplate) -> None:
-    gap = (dataclasses.replace(two_file.ranges[0], start=4, end=4 + two_file.ranges[0].end),)
+    old = graph_layout(two_file)  # as templates built before the payload layout
+    gap = (dataclasses.replace(old.ranges[0], start=4, end=4 + old.ranges[0].end),)
     with pytest.raises(ValueError, match="expected to start at 0"):
-        dataclasses.replace(two_file, ranges=gap + two_file.ranges[1:])
+        dataclasses.replace(old, ranges=gap + old.ranges[1:])
     with pytest.raises(ValueError, match="not a plain file name"):
         dataclasses.replace(two_file, data_file="../model.onnx.data")
+    with pytest.raises(ValueError, match="need the payload layout"):
+        dataclasses.replace(old, outside_graph=two_file.outside_graph)
+
+
+def test_payload_layout_tiles_the_data_file(two_file: OnnxTemplate) -> None:
+    """Every byte of the data file is one listed tensor's: a graph weight's range or a
+    tensor outside the graph; a gap, an overlap or a short or long file is refused."""
+    assert two_file.payload_bytes is not None and two_file.outside_graph
+    first = two_file.ranges[0]
+    moved = dataclasses.replace(first, start=first.start + 4, end=first.end + 4)
+    with pytest.raises(ValueError, match=r"no listed tensor's|out of order|start at"):
+        dataclasses.replace(two_file, ranges=(moved, *two_file.ranges[1:]))
+    with pytest.raises(ValueError, match="no listed tensor's"):
+        dataclasses.replace(two_file, outside_graph=b"")  # the counters' bytes: nobody's
+    for size in (two_file.payload_bytes - 8, two_file.payload_bytes + 8):
+        with pytest.raises(ValueError, match=r"the tensors end at|past"):
+            dataclasses.replace(two_file, payload_bytes=size)
+    entries = json.loads(two_file.outside_graph)
+    entries[0][3] += 8  # a counter moved into the next tensor
+    with pytest.raises(ValueError, match="no listed tensor's"):
+        dataclasses.replace(two_file, outside_graph=json.dumps(entries).encode())
+    for bad in (b"{", b"[1]", b'[["x", [-1], "<i8", 0]]', b'{"a": 1}'):
+        with pytest.raises(ValueError):
+            dataclasses.replace(two_file, outside_graph=bad)
+
+
+def test_a_graph_layout_template_still_makes_releases(
+    two_file: OnnxTemplate, schema: Schema, tmp_path: Path
+) -> None:
+    old = graph_layout(two_file)
+    payload = _random_payload(schema, 12)
+    (tmp_path / "update.bin").write_bytes(payload)
+    write_release_files(old, schema, tmp_path / "update.bin", tmp_path / "release")
+    spans = {spec.name: (start, end) for spec, start, end in schema.spans()}
+    want = b"".join(payload[slice(*spans[r.name])] for r in old.ranges)
+    assert (tmp_path / "release" / DATA_FILE).read_bytes() == want
+    views = schema.views(payload)
+    loaded = onnx.load(str(tmp_path / "release" / MODEL_FILE))
+    for init in loaded.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), views[init.name])
 
 
 def test_load_reads_a_template_saved_before_the_two_file_layout(

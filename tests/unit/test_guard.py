@@ -711,10 +711,10 @@ def test_two_file_data_with_the_frame_appended(
     path.write_bytes(original + FRAME_BYTES)
     assert _ort_loads(tmp_path / "1" / MODEL_FILE)  # onnxruntime never reads the tail
     refusal = _refused_dir(tmp_path / "1", two_file_template, schema, expected)
-    assert refusal.layers == (FILES,) and "model.onnx.data: 182520 bytes" in refusal.reason
+    assert refusal.layers == (FILES,) and "model.onnx.data: 182552 bytes" in refusal.reason
     _rewrite(path, original + FRAME_BYTES, expected)
     refusal = _refused_dir(tmp_path / "1", two_file_template, schema, expected)
-    assert refusal.layers == (FILES,) and "the graph's weights are 84216" in refusal.reason
+    assert refusal.layers == (FILES,) and "the release's tensors are 84248" in refusal.reason
 
 
 def test_two_file_extra_initializer_into_the_data_file(
