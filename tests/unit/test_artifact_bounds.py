@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,6 +15,8 @@ import onnx
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -538,6 +541,62 @@ def test_tensors_outside_the_graph_are_pinned_with_the_structure(
     signed = _outside_release(tmp_path / "hidden", key, two, genuine, hidden)
     with pytest.raises(ManifestRefused, match="is not an expected weight"):
         verify_release(*signed[:2], key.public_key(), signed[2])
+
+
+def _mutated_listing(weights: list[dict[str, Any]], data: st.DataObject) -> list[dict[str, Any]]:
+    """The genuine listing with one change a leaked key could sign."""
+    out = [dict(w) for w in weights]
+    i = data.draw(st.integers(0, len(out) - 1), label="index")
+    kind = data.draw(st.sampled_from(["toggle", "drop", "insert", "retype", "reshape"]))
+    outside = [j for j, w in enumerate(out) if w.get("in_graph") is False]
+    if kind == "toggle":
+        if out[i].get("in_graph") is False:
+            del out[i]["in_graph"]
+        else:
+            out[i]["in_graph"] = False
+    elif kind == "drop":
+        del out[i]
+    elif kind == "insert":
+        name = data.draw(st.text(min_size=1, max_size=40), label="name")
+        if name in {w["name"] for w in out}:
+            name += "\u2603"
+        shape = data.draw(st.lists(st.integers(0, 64), max_size=3), label="shape")
+        dtype = data.draw(st.sampled_from(["<i8", "<i4", "<f4", "|u1"]), label="dtype")
+        out.insert(i, {"name": name, "shape": shape, "dtype": dtype, "in_graph": False})
+    elif kind == "retype":
+        j = outside[i % len(outside)]
+        out[j]["dtype"] = data.draw(st.sampled_from(["<i4", "<f8", "|u1"]), label="dtype")
+    else:
+        j = outside[i % len(outside)]
+        out[j]["shape"] = data.draw(
+            st.lists(st.integers(0, 8), max_size=3).filter(lambda s: s != out[j]["shape"])
+        )
+    return out
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_any_other_listing_of_the_data_file_is_refused_under_a_pin(
+    two_file: OnnxTemplate, genuine: Genuine, data: st.DataObject
+) -> None:
+    """Whatever one change a leaked key makes to which tensors the data file holds (a
+    tensor in or out of the graph, dropped, added anywhere, retyped, reshaped), a receiver
+    that pinned the structure hash refuses the release."""
+    key = Ed25519PrivateKey.generate()
+    weights = _mutated_listing(weight_specs(two_file, genuine.schema), data)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            signed = _outside_release(Path(tmp), key, two_file, genuine, weights)
+        except ValueError:
+            return  # not even describable (a dtype or shape no tensor has)
+        with pytest.raises(ManifestRefused):
+            verify_release(
+                *signed[:2], key.public_key(), signed[2], structure_hash=two_file.structure_hash
+            )
 
 
 def test_outside_graph_names_count_as_structure(two_file: OnnxTemplate, genuine: Genuine) -> None:
