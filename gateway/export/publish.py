@@ -214,6 +214,7 @@ class _Stages:
 
 
 _SYNCER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release-fsync")
+_TRIMMER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release-trim")
 
 
 def _sync_in_background(paths: Iterable[Path]) -> Future[None]:
@@ -324,11 +325,12 @@ class ReleaseWriter:
         except GuardRefused as exc:
             self.metrics.guard_refused("publish", exc.layers)
             return PublishOutcome(None, exc.reason)
-        # Freed push buffers that glibc still holds go back first: the parity check below
-        # is the gateway's largest allocation (onnxruntime holds the weights twice at load).
+        # Freed push buffers that glibc still holds go back before the parity check, the
+        # gateway's largest allocation (onnxruntime holds the weights twice at load); the
+        # trim runs in a worker while the release files are written (malloc_trim releases
+        # the GIL), and "trim" is the wait for what is left of it.
         clock = _Stages()
-        heap.trim()
-        clock.lap("trim")
+        trimming = _TRIMMER.submit(heap.trim)
         template = self.templates[served.name]
         final = self.release_dir(served.name, version.version)
         staging = final.with_name(f".{final.name}.staging")
@@ -352,6 +354,8 @@ class ReleaseWriter:
             )
             syncing = _sync_in_background(staging / name for name, _, _ in written)
             clock.lap("write")
+            trimming.result()
+            clock.lap("trim")
             onnx_path = staging / MODEL_FILE
             try:
                 # The module is a temporary: parity drops it before onnxruntime loads.
