@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Protocol
 
 from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, fold_fedavg
-from sluice.gateway.store.writeback import WriteBehind
 from sluice.models.schema import Schema
 
 
@@ -61,15 +60,9 @@ class FedAvg:
     name: str = "FedAvg"
 
     def aggregate(self, inp: RoundInput, out_path: Path, state_out: Path) -> RoundReport:
-        with out_path.open("wb", buffering=0) as out:
-            # The disk starts writing while the fold runs: the version's fsync (blobs.adopt)
-            # then waits for the tail only.
-            behind = WriteBehind(out.fileno())
+        with out_path.open("wb") as out:
             for block in fold_fedavg(inp.schema, inp.base_path, inp.contributions, inp.block_bytes):
-                raw = view = memoryview(block).cast("B")
-                while view:
-                    view = view[out.write(view) :]
-                behind.wrote(raw.nbytes)
+                out.write(block)
         return RoundReport({"num_updates": len(inp.contributions)})
 
 
