@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sluice.clients.verify import verify_release
 from sluice.models.artifact import StructureLimits
+from sluice.models.chunk_codec import ChunkView as ChunkView
+from sluice.models.chunk_codec import chunk_message
+from sluice.models.chunk_codec import chunk_view as chunk_view
 from sluice.models.import_statement import SignedStatement
 from sluice.models.manifest import (
     ManifestRefused,
@@ -281,84 +284,12 @@ def default_update_id(trainer: str, model: str, round_no: int) -> str:
 
 
 TRAILER_SHA256_PROTOCOL = 2  # RoundInfo.push_protocol from which the trailer may carry it
+# `PushUpdateRequest(chunk=Chunk(offset, data)).SerializeToString()`, data copied once.
+chunk_wire = chunk_message
 _PUSH_METHOD = f"/{trainer_pb2.DESCRIPTOR.services_by_name['TrainerService'].full_name}/PushUpdate"
-_LEN, _VARINT = 2, 0  # protobuf wire types
-_CHUNK_TAG = trainer_pb2.PushUpdateRequest.DESCRIPTOR.fields_by_name["chunk"].number << 3 | _LEN
-_OFFSET_TAG = tensors_pb2.Chunk.DESCRIPTOR.fields_by_name["offset"].number << 3 | _VARINT
-_DATA_TAG = tensors_pb2.Chunk.DESCRIPTOR.fields_by_name["data"].number << 3 | _LEN
 
 
 _PULL_METHOD = f"/{egress_pb2.DESCRIPTOR.services_by_name['EgressService'].full_name}/PullRelease"
-# chunk_view reads a pull response with the push's tags: the same field holds the chunk.
-assert egress_pb2.PullReleaseResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | _LEN == (
-    _CHUNK_TAG
-)
-_MAX_VARINT_BYTES = 9  # read here: < 2**63; longer ones are protobuf's to read
-
-
-class ChunkView:
-    """A chunk message's offset, and its data as a read-only view of the received bytes."""
-
-    __slots__ = ("data", "offset")
-
-    def __init__(self, offset: int, data: memoryview) -> None:
-        self.offset = offset
-        self.data = data
-
-
-def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    """(value, position after it), or (-1, pos) without a varint of at most 9 bytes."""
-    value, shift, start = 0, 0, pos
-    while pos < end and pos - start < _MAX_VARINT_BYTES:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    return -1, start
-
-
-def chunk_view(data: bytes) -> ChunkView | None:
-    """The chunk of a serialized message whose field 2 is a Chunk (PullReleaseResponse,
-    PullGlobalResponse, PushUpdateRequest) in exactly chunk_wire's form, every length
-    consistent and nothing after it, as a view of data; None for any other bytes (parse
-    those with protobuf). protobuf's parser copies the data in, and again on every read."""
-    end = len(data)
-    if end < 2 or data[0] != _CHUNK_TAG:
-        return None
-    length, pos = _read_varint(data, 1, end)
-    if length < 0 or pos + length != end:
-        return None
-    offset = 0
-    if pos < end and data[pos] == _OFFSET_TAG:
-        offset, pos = _read_varint(data, pos + 1, end)
-        if offset < 0:
-            return None
-    if pos >= end or data[pos] != _DATA_TAG:
-        return None
-    size, pos = _read_varint(data, pos + 1, end)
-    if size < 0 or pos + size != end:
-        return None
-    return ChunkView(offset, memoryview(data)[pos:])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def chunk_wire(offset: int, data: bytes | memoryview) -> bytes:
-    """`PushUpdateRequest(chunk=Chunk(offset=offset, data=data)).SerializeToString()`, the
-    same bytes, with data copied once (protobuf's own path copies it several times)."""
-    inner = (_varint(_OFFSET_TAG) + _varint(offset) if offset else b"") + _varint(_DATA_TAG)
-    inner += _varint(len(data))
-    outer = _varint(_CHUNK_TAG) + _varint(len(inner) + len(data))
-    return b"".join((outer, inner, data))
 
 
 def push_wire(

@@ -1,7 +1,8 @@
-"""The raw chunk readers (the gateway's PushUpdate decoder, the SDK's pull reader) mean what
-protobuf's parser means, byte for byte: the same chunk for every input they read themselves,
-protobuf's own verdict for everything else; the gateway's chunk writer writes protobuf's
-bytes."""
+"""The raw chunk reader (models/chunk_codec.py: the gateway's PushUpdate decoder, the SDK's
+pull reader) means what protobuf's parser means, byte for byte: the same chunk for every
+input it reads itself, protobuf's own verdict for everything else; the chunk writer (the
+gateway's pull responses, the SDK's push) writes protobuf's bytes. The SDK and the gateway
+use the one module (the SDK does not import the gateway)."""
 
 from __future__ import annotations
 
@@ -203,3 +204,12 @@ def test_chunk_message_is_what_protobuf_serializes(offset: int, data: bytes) -> 
     wire = chunk_message(offset, data)
     assert chunk_bytes(wire) == (len(data) if offset < 2**63 and data else 0)
     assert_same(wire)
+
+
+def test_the_sdk_and_the_gateway_share_one_codec() -> None:
+    from sluice.gateway.services import chunk_wire as gateway_side
+    from sluice.models import chunk_codec
+
+    assert sdk.chunk_view is gateway_side.chunk_view is chunk_codec.chunk_view
+    assert sdk.chunk_wire is gateway_side.chunk_message is chunk_codec.chunk_message
+    assert sdk.ChunkView is gateway_side.ChunkView is chunk_codec.ChunkView
