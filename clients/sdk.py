@@ -13,11 +13,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Generic, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sluice.clients.appender import Appender
 from sluice.clients.verify import verify_release
 from sluice.models.artifact import StructureLimits
 from sluice.models.chunk_codec import ChunkView as ChunkView
@@ -578,7 +579,7 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
         pinned = [version]  # a resume must continue the same release, even when 0 asked newest
         keep = False
         try:
-            with part.open("ab") as out, _Spool(out, digest) as spool:
+            with Appender(part, start) as out, _Spool(out, digest) as spool:
 
                 def sink(data: bytes | memoryview) -> None:
                     spool.put(data)
@@ -605,8 +606,7 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
                 except BaseException as exc:
                     keep = expect is not None and _resumable(exc)
                     raise
-                out.flush()
-                os.fsync(out.fileno())
+                out.sync()
             if not isinstance(header, egress_pb2.PullReleaseHeader):
                 raise ValueError("the gateway sent no header")
             if digest.hexdigest() != header.sha256:
@@ -631,7 +631,7 @@ class _Spool:
     pull keeps all it received), so the file holds a prefix of the stream.
     """
 
-    def __init__(self, out: BinaryIO, digest: Any, depth: int = 4) -> None:
+    def __init__(self, out: Appender, digest: Any, depth: int = 4) -> None:
         self._out, self._digest, self._depth = out, digest, depth
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-pull")
         self._pending: deque[Future[None]] = deque()

@@ -15,12 +15,12 @@ from onnx import defs, helper
 
 from sluice.models import onnx_wire
 from sluice.models.schema import numpy_dtype
+from sluice.models.zero_runs import ZERO_RUNS
 
 # How a caller may name the default domain in allowed_ops. A file spells it one way only:
 # "", as torch's exporter writes it in nodes and opset_import.
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 _MAX_SINGLE_FILE_BYTES = (2 << 30) - 1  # protobuf cannot parse a message this large
-_ZEROS = bytes(1 << 20)
 _SHOWN_CHARS = 64  # of a file-controlled string in a refusal
 _INT64_END = 1 << 63
 
@@ -200,8 +200,7 @@ def structure_hash(
         if not pos <= r.start <= r.end <= len(view):
             raise ValueError(f"range [{r.start}, {r.end}) is out of order or past the end")
         digest.update(view[pos : r.start])
-        for at in range(r.start, r.end, len(_ZEROS)):
-            digest.update(_ZEROS[: min(len(_ZEROS), r.end - at)])
+        digest = ZERO_RUNS.feed(digest, r.end - r.start)  # remembered: the same every release
         pos = r.end
     digest.update(view[pos:])
     if outside_graph:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import mmap
 import os
 import stat
 import threading
@@ -388,34 +389,59 @@ def _digest_piece(digest: Any, pieces: PieceDigests | None, data: memoryview) ->
         pieces.feed(data)
 
 
-_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-sha256")
-# Files streamed by _read_checked, one job in flight per file: pulls that run at once do
-# not queue behind one thread.
+# Files hashed as they are read (_read_checked, _read_whole), one job in flight per file:
+# pulls that run at once do not queue behind one thread.
 _STREAM_HASHERS = ThreadPoolExecutor(
     max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="guard-stream-sha256"
 )
 
 
-def _read_whole(dir_fd: int, name: str, size: int) -> memoryview:
-    """A file's bytes, exactly `size` of them, into one buffer (hashed by the caller)."""
+def _read_whole(
+    dir_fd: int, name: str, size: int, sha256: str, pieces: PieceDigests | None = None
+) -> memoryview:
+    """A file's bytes, exactly `size` of them, into one private buffer, refused unless they
+    hash to sha256: the checks that follow see the bytes that were hashed, whatever happens
+    to the file. A worker hashes each part read (and feeds `pieces`) while this thread
+    reads the next (both release the GIL)."""
     fd = _open_regular(dir_fd, name)
+    digest = hashlib.sha256()
+    hashed: Future[None] | None = None
     try:
         actual = os.fstat(fd).st_size
         if actual != size:
             raise _refuse_files(f"{name}: {actual} bytes, the manifest says {size}")
-        buf = memoryview(bytearray(size))
+        buf = _private_buffer(size)
         pos = 0
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             while pos < size:
-                n = f.readinto(buf[pos:])
+                n = f.readinto(buf[pos : min(size, pos + _READ_BYTES)])
                 if not n:
                     raise _refuse_files(f"{name}: ended {size - pos} bytes early while read")
+                if hashed is not None:
+                    hashed.result()  # parts are hashed in order
+                hashed = _STREAM_HASHERS.submit(_digest_piece, digest, pieces, buf[pos : pos + n])
                 pos += n
             if f.read(1):
                 raise _refuse_files(f"{name}: grew while being read")
     finally:
+        if hashed is not None:
+            hashed.result()
         os.close(fd)
+    if digest.hexdigest() != sha256:
+        raise _refuse_files(
+            f"{name}: sha256 {digest.hexdigest()[:16]}..., the manifest says {sha256[:16]}..."
+        )
     return buf
+
+
+def _private_buffer(size: int) -> memoryview:
+    """size writable bytes of anonymous memory, its pages faulted in by the kernel in one
+    call (MAP_POPULATE): half the cost of a bytearray's page by page (bench/: release),
+    and unmapped, not kept by the allocator, when the last view of it goes."""
+    if size == 0:
+        return memoryview(bytearray())
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return memoryview(mmap.mmap(-1, size, flags=flags))
 
 
 def _check_manifest_file(dir_fd: int, manifest_json: bytes | None) -> None:
@@ -510,26 +536,10 @@ def check_release_dir(
             # Hashed as read: these are the very bytes that passed before.
             _read_checked(dir_fd, MODEL_FILE, size, sha256, pieces=pieces.get(MODEL_FILE))
             return
-        model = _read_whole(dir_fd, MODEL_FILE, size)
+        # Hashed as read: a changed file is refused as such, before its bytes are judged.
+        model = _read_whole(dir_fd, MODEL_FILE, size, sha256, pieces.get(MODEL_FILE))
     finally:
         os.close(dir_fd)
-    # The byte checks run while a worker hashes the same buffer (both release the GIL);
-    # the file's hash is judged first, so a changed file is refused as such.
-    model_pieces = pieces.get(MODEL_FILE)
-
-    def digest_of_model() -> str:
-        if model_pieces is not None:
-            model_pieces.feed(model)
-        return hashlib.sha256(model).hexdigest()
-
-    hashed = _HASHER.submit(digest_of_model)
-    try:
-        check_model_bytes(model, template, schema, policy)
-    finally:
-        digest = hashed.result()
-        if digest != sha256:
-            raise _refuse_files(
-                f"{MODEL_FILE}: sha256 {digest[:16]}..., the manifest says {sha256[:16]}..."
-            )
+    check_model_bytes(model, template, schema, policy)
     if verdicts is not None:
         verdicts.accept(sha256, template, schema, policy)
