@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
 
+from sluice.clients.appender import Appender
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RSS_INTERVAL_S = 0.001
 CHUNK = 4 << 20  # raw-socket limits send slices of this size
@@ -262,6 +264,22 @@ def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
     elapsed = time.perf_counter() - started
     path.unlink()
     return elapsed
+
+
+def pull_write_seconds(payload: bytes | memoryview, directory: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (this thread's, user + system) to write payload to a new file
+    as a pull writes what it receives (the SDK's Appender: whole blocks with O_DIRECT where
+    the file system takes it, in CHUNK pieces) and fsync it; the file is then deleted."""
+    view = memoryview(payload)
+    path = directory / "pull-write.bin"
+    started, cpu = time.perf_counter(), time.thread_time()
+    with Appender(path, 0) as out:
+        for off in range(0, len(view), CHUNK):
+            out.write(view[off : off + CHUNK])
+        out.sync()
+    costs = time.perf_counter() - started, time.thread_time() - cpu
+    path.unlink()
+    return costs
 
 
 def spool_seconds(
