@@ -59,10 +59,13 @@ _blas_limiter: Any = None
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """BLAS on one thread while any fold runs. The limit is process-wide, so overlapping
-    folds share it: the first sets it, the last one out restores the original (a plain
-    nested limit() would restore the other fold's 1 as the 'original')."""
+def one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread while any fold (or norm pass, core/dp.py) runs: beside the spool
+    checks' hashing threads, a second BLAS thread spins for a core it does not get (a
+    404 MB norm pass took 0.6-0.7 s and 1.2-1.4 s of CPU that way, 0.08 s alone). The
+    limit is process-wide, so overlapping users share it: the first sets it, the last one
+    out restores the original (a plain nested limit() would restore the other's 1 as the
+    'original')."""
     global _blas_users, _blas_limiter
     with _blas_lock:
         if _blas_users == 0:
@@ -256,7 +259,7 @@ def fold_fedavg(
     for _ in range(workers):
         arenas.put(_Arena.of(block_bytes, needs_scratch))
     with ExitStack() as stack:
-        stack.enter_context(_one_blas_thread())
+        stack.enter_context(one_blas_thread())
         base_fd = os.open(base_path, os.O_RDONLY)
         stack.callback(os.close, base_fd)
         fds = []

@@ -37,7 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, _read
+from sluice.gateway.core.aggregation import (
+    DEFAULT_BLOCK_BYTES,
+    Contribution,
+    _read,
+    one_blas_thread,
+)
 from sluice.models.schema import Schema
 
 # --- norms and clipping --------------------------------------------------------------
@@ -64,6 +69,7 @@ def update_norms(
     for c in contributions:
         total = 0.0
         with ExitStack() as stack:
+            stack.enter_context(one_blas_thread())  # np.dot is BLAS: see one_blas_thread
             fd = os.open(c.path, os.O_RDONLY)
             stack.callback(os.close, fd)
             for spec, start, end in schema.spans():
