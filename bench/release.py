@@ -28,6 +28,7 @@ FLOORS = ((50e6, 200e6, None, 3.0), (500e6, 1e9, 1.0, 2.5))
 READY_MODEL, READY_MODEL_QUICK = "drivenet-xl", "drivenet-5m"  # start-up on its data dir
 READY_STARTS = 5
 READY_S = 2.0  # gateway ready on an existing data dir
+SETTLE_S = 2.0  # idle before each close and before the raw write after it
 # The gateway's own lines for each close (gateway/core/folding.py, gateway/export/publish.py).
 _FOLD_LINE = re.compile(r"closed: \d+ updates -> version \d+ in [\d.]+s \(aggregation ([\d.]+)s\)")
 _RELEASE_LINE = re.compile(r"release \d+ of \S+: (.*)$")
@@ -99,18 +100,30 @@ class ReleaseRun:
     ready_s: list[float]  # later starts on the same data dir, until ready
     stages: dict[str, list[float]]  # seconds per stage of each close (close_stages)
     linked: bool = False  # the release's data file is the version blob (a hard link)
+    raw_write_s: list[float] = dataclasses.field(default_factory=list)  # after each close
 
 
 def _release_seconds(
     model: str, root: Path, templates: Path, repeats: int, ready_starts: int
 ) -> ReleaseRun:
-    """Push one update per round, then time CloseRound until the release is published;
-    then, given ready_starts, start the gateway that many times again on the data dir it
-    left (templates, versions, releases in place) and time each until ready."""
+    """A first start (it exports the model's template unless an earlier benchmark of this
+    run did: its facts are the first-start check's); then, in a gateway started on the
+    built template, push one update per round and time CloseRound until the release is
+    published; then, given ready_starts, start the gateway that many times again on the
+    data dir it left (templates, versions, releases in place) and time each until ready.
+
+    Closes run in a gateway that did not export in the same process, as a deployment's
+    do (it builds a template once, ever): the exporter's leftovers (its modules, a heap
+    it grew) cost the closes after it ~0.4 s each at 100M here (2.75-3.28 vs 2.36-2.58 s)."""
     schema = gateway_proc.schema_of(model)
     payload = gateway_proc.random_payload(schema, seed=3)
+    first = gateway_proc.start(root / "first", (model,), templates)
+    gateway_proc.stop(first, templates)
+    first_log = (root / "first" / "gateway.log").read_text(errors="replace")
     gw = gateway_proc.start(root / "gw", (model,), templates)
-    closes = []
+    closes: list[float] = []
+    raw: list[float] = []
+    zeros = b""
     try:
         with TrainerClient(gw.internal) as trainer, AdminClient(gw.internal) as admin:
             for r in range(repeats):
@@ -125,29 +138,37 @@ def _release_seconds(
                     num_examples=100,
                     payload=payload,
                 )
+                time.sleep(SETTLE_S)  # after the push's writes, as the raw write after them
                 started = time.perf_counter()
                 resp = admin.close_round(model, info.round)
                 closes.append(time.perf_counter() - started)
                 if not resp.released:
                     raise RuntimeError(f"{model}: no release: {resp.release_refused}")
-        release = root / "gw" / "registry" / model / str(resp.version)
-        release_bytes = sum(f.stat().st_size for f in release.iterdir())
+                # The disk's rate after this close, each after the same pause after a burst
+                # of writes (the push's, the close's): this VM's disk slows after bursts, so
+                # a close is judged against the disk of its own moment.
+                release = root / "gw" / "registry" / model / str(resp.version)
+                release_bytes = sum(f.stat().st_size for f in release.iterdir())
+                zeros = zeros if len(zeros) == release_bytes else bytes(release_bytes)
+                time.sleep(SETTLE_S)
+                raw.append(write_seconds(zeros, root))
         linked = any(f.stat().st_nlink > 1 for f in release.iterdir() if f.name.endswith(".data"))
-        first_log = (root / "gw" / "gateway.log").read_text(errors="replace")
+        log = (root / "gw" / "gateway.log").read_text(errors="replace")
     finally:
         gateway_proc.stop(gw, templates)
-    del payload
+    del payload, zeros
     ready = gateway_proc.ready_seconds(root / "gw", (model,), templates, ready_starts)
     return ReleaseRun(
         close_s=closes,
         release_bytes=release_bytes,
-        startup_s=gw.startup_s,
-        built=list(gw.built),
-        live_s=gw.live_s,
+        startup_s=first.startup_s,
+        built=list(first.built),
+        live_s=first.live_s,
         says_exporting="exporting the" in first_log and "not ready yet" in first_log,
         ready_s=ready,
-        stages=close_stages(first_log),
+        stages=close_stages(log),
         linked=linked,
+        raw_write_s=raw,
     )
 
 
@@ -173,8 +194,10 @@ def bench_release(options: Options, templates: Path) -> Report:
             r = runs[model] = _release_seconds(model, Path(tmp), templates, options.repeats, starts)
             size = r.release_bytes
             peer = _peer_seconds(model, Path(tmp), PEER_REPEATS.get(model, options.repeats))
-            raw = [write_seconds(bytes(size), Path(tmp)) for _ in range(options.repeats)]
+        raw = r.raw_write_s
         close, export, write = median(r.close_s), median(peer), median(raw)
+        # Each close against the raw write made right after it, then the median.
+        vs_raw = [c / w for c, w in zip(r.close_s, raw, strict=True)]
         results[model] = {
             **dataclasses.asdict(r), "parameters": params, "torch_export_s": peer,
             "raw_write_s": raw, "close_median_s": close, "torch_export_median_s": export,
@@ -183,7 +206,7 @@ def bench_release(options: Options, templates: Path) -> Report:
         report.rows.append(
             [model, f"{params / 1e6:.1f}M", f"{size / MB:.0f} MB", f"{close:.2f} s",
              f"{export:.2f} s", f"{write:.2f} s", f"{close / export:.2f}x",
-             f"{close / write:.1f}x"]
+             f"{median(vs_raw):.1f}x"]
         )  # fmt: skip
         if r.stages:
             stage_notes.append(
@@ -213,8 +236,12 @@ def bench_release(options: Options, templates: Path) -> Report:
                 )
             report.check(
                 f"{name}: <= {vs_write:g}x a raw write + fsync of the same bytes",
-                close <= vs_write * write,
-                f"{close:.2f} s vs {write:.2f} s ({close / write:.1f}x)",
+                median(vs_raw) <= vs_write,
+                f"{median(vs_raw):.1f}x: each close over the raw write after it "
+                + ", ".join(
+                    f"{c:.2f}/{w:.2f} s = {c / w:.1f}x" for c, w in zip(r.close_s, raw, strict=True)
+                )
+                + f" (medians {close:.2f} s vs {write:.2f} s)",
             )
     built = [(m, r) for m, r in runs.items() if r.built]
     if built:  # templates cached by an earlier benchmark of this run: nothing to show
@@ -238,9 +265,13 @@ def bench_release(options: Options, templates: Path) -> Report:
     )
     report.notes += [
         f"Sluice close: median of {options.repeats} CloseRound calls, each folding one pushed "
-        "update; the ONNX template is built once per model at gateway start (not in it)",
+        "update, in a gateway started on the model's built template (a first start exports "
+        "it once per model, as a deployment does once, ever; not in the closes)",
         "torch.onnx.export: defaults (dynamo, optimize, external data for large models) in a "
-        "fresh process, the export call alone; raw write: the release's size, written + fsync",
+        "fresh process, the export call alone; raw write: the release's size, written + fsync "
+        f"after each close; each close and each raw write starts {SETTLE_S:g} s after the burst "
+        "of writes before it (the push's, the close's): this VM's disk slows after bursts, so "
+        "each close is judged against the disk of its moment, the median of those ratios",
         f"start-up: from spawning `sluice serve` until its /readyz answers 200, on the data dir "
         f"that {ready_model}'s release rounds left (templates, versions, releases in place); "
         "first start: the first start of each model in this run, which exports its template",

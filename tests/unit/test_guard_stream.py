@@ -128,3 +128,51 @@ def test_a_file_of_another_size_is_refused_before_it_is_read(tmp_path: Path) -> 
             guard._read_checked(fd, "model.onnx.data", 11, "0" * 64)
     finally:
         os.close(fd)
+
+
+def _whole(
+    directory: Path, data: bytes, sha256: str, pieces: PieceDigests | None = None
+) -> memoryview:
+    (directory / "model.onnx").write_bytes(data)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        return guard._read_whole(fd, "model.onnx", len(data), sha256, pieces)
+    finally:
+        os.close(fd)
+
+
+@SETTINGS
+@given(
+    size=st.integers(1, 2000),
+    read_bytes=st.integers(1, 300),
+    where=st.floats(0, 1, exclude_max=True),
+    flip=st.integers(1, 255),
+    piece=st.integers(1, 500),
+)
+def test_a_single_file_read_whole_is_the_file_or_refused_as_changed(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    read_bytes: int,
+    where: float,
+    flip: int,
+    piece: int,
+) -> None:
+    """model.onnx of a single-file release: read into a private buffer and hashed as read,
+    whatever the part size; the checks get exactly the bytes that hashed to the manifest's
+    sha256 (and the gate the same piece digests), and a changed byte anywhere is refused
+    as a changed file before any check looks at it."""
+    monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    sha = hashlib.sha256(data).hexdigest()
+    pieces = PieceDigests(piece)
+    assert bytes(_whole(tmp_path, data, sha, pieces)) == data
+    want = PieceDigests(piece)
+    want.feed(data)
+    assert pieces.finish() == want.finish()
+    changed = bytearray(data)
+    changed[int(where * size)] ^= flip
+    with pytest.raises(GuardRefused) as refused:
+        _whole(tmp_path, bytes(changed), sha)
+    assert refused.value.layers == (FILES,)
+    assert "sha256" in str(refused.value)
