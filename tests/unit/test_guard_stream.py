@@ -41,6 +41,17 @@ def _check(
         os.close(fd)
 
 
+def _whole(
+    directory: Path, data: bytes, sha256: str, pieces: PieceDigests | None = None
+) -> memoryview:
+    (directory / "model.onnx").write_bytes(data)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        return guard._read_whole(fd, "model.onnx", len(data), sha256, pieces)
+    finally:
+        os.close(fd)
+
+
 def _floats(count: int) -> Schema:
     return Schema((TensorSpec("w", (count,), "<f4"),))
 
@@ -69,28 +80,38 @@ def test_the_named_file_passes_with_the_pieces_a_plain_read_gives(
     assert pieces.finish() == want.finish()
 
 
+# A file of `size` bytes read `read_bytes` at a time, one byte (at `where`) xor `flip`.
+CHANGED_BYTE = {
+    "size": st.integers(1, 2000),
+    "read_bytes": st.integers(1, 300),
+    "where": st.floats(0, 1, exclude_max=True),
+    "flip": st.integers(1, 255),
+}
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "read whole"])
 @SETTINGS
-@given(
-    size=st.integers(1, 2000),
-    read_bytes=st.integers(1, 300),
-    where=st.floats(0, 1, exclude_max=True),
-    flip=st.integers(1, 255),
-)
+@given(**CHANGED_BYTE)
 def test_a_changed_byte_anywhere_is_refused(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    whole: bool,
     size: int,
     read_bytes: int,
     where: float,
     flip: int,
 ) -> None:
+    """A data file streamed through two buffers, or a single-file model.onnx read whole
+    into a private buffer: a changed byte anywhere, at any part size, is refused as a
+    changed file (before any check of a model.onnx looks at its bytes)."""
     monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
     data = bytes(range(256)) * (size // 256 + 1)
     data = data[:size]
     changed = bytearray(data)
     changed[int(where * size)] ^= flip
+    read = _whole if whole else _check
     with pytest.raises(GuardRefused) as refused:
-        _check(tmp_path, bytes(changed), hashlib.sha256(data).hexdigest())
+        read(tmp_path, bytes(changed), hashlib.sha256(data).hexdigest())
     assert refused.value.layers == (FILES,)
     assert "sha256" in str(refused.value)
 
@@ -130,49 +151,18 @@ def test_a_file_of_another_size_is_refused_before_it_is_read(tmp_path: Path) -> 
         os.close(fd)
 
 
-def _whole(
-    directory: Path, data: bytes, sha256: str, pieces: PieceDigests | None = None
-) -> memoryview:
-    (directory / "model.onnx").write_bytes(data)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        return guard._read_whole(fd, "model.onnx", len(data), sha256, pieces)
-    finally:
-        os.close(fd)
-
-
 @SETTINGS
-@given(
-    size=st.integers(1, 2000),
-    read_bytes=st.integers(1, 300),
-    where=st.floats(0, 1, exclude_max=True),
-    flip=st.integers(1, 255),
-    piece=st.integers(1, 500),
-)
-def test_a_single_file_read_whole_is_the_file_or_refused_as_changed(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    size: int,
-    read_bytes: int,
-    where: float,
-    flip: int,
-    piece: int,
+@given(size=st.integers(1, 2000), read_bytes=st.integers(1, 300), piece=st.integers(1, 500))
+def test_a_single_file_read_whole_is_exactly_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, read_bytes: int, piece: int
 ) -> None:
-    """model.onnx of a single-file release: read into a private buffer and hashed as read,
-    whatever the part size; the checks get exactly the bytes that hashed to the manifest's
-    sha256 (and the gate the same piece digests), and a changed byte anywhere is refused
-    as a changed file before any check looks at it."""
+    """model.onnx of a single-file release, read into a private buffer and hashed as read:
+    whatever the part size, the checks get exactly the bytes that hashed to the manifest's
+    sha256, and the gate the piece digests a plain read gives."""
     monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
     data = (bytes(range(256)) * (size // 256 + 1))[:size]
-    sha = hashlib.sha256(data).hexdigest()
     pieces = PieceDigests(piece)
-    assert bytes(_whole(tmp_path, data, sha, pieces)) == data
+    assert bytes(_whole(tmp_path, data, hashlib.sha256(data).hexdigest(), pieces)) == data
     want = PieceDigests(piece)
     want.feed(data)
     assert pieces.finish() == want.finish()
-    changed = bytearray(data)
-    changed[int(where * size)] ^= flip
-    with pytest.raises(GuardRefused) as refused:
-        _whole(tmp_path, bytes(changed), sha)
-    assert refused.value.layers == (FILES,)
-    assert "sha256" in str(refused.value)
