@@ -66,24 +66,24 @@ def update_norms(
     raw = np.empty(step * 8, dtype=np.uint8)
     wide = np.empty(step, dtype=np.float64)
     norms = []
-    for c in contributions:
-        total = 0.0
-        with ExitStack() as stack:
-            stack.enter_context(one_blas_thread())  # np.dot is BLAS: see one_blas_thread
-            fd = os.open(c.path, os.O_RDONLY)
-            stack.callback(os.close, fd)
-            for spec, start, end in schema.spans():
-                if not spec.is_float:
-                    continue
-                dtype = spec.np_dtype
-                for first in range(start, end, step * dtype.itemsize):
-                    count = min(step, (end - first) // dtype.itemsize)
-                    buf = raw[: count * dtype.itemsize].view(dtype)
-                    _read(fd, buf, first)
-                    x = wide[:count]
-                    np.copyto(x, buf)
-                    total += float(np.dot(x, x))
-        norms.append(math.sqrt(total))
+    with one_blas_thread():  # np.dot is BLAS: see one_blas_thread
+        for c in contributions:
+            total = 0.0
+            with ExitStack() as stack:
+                fd = os.open(c.path, os.O_RDONLY)
+                stack.callback(os.close, fd)
+                for spec, start, end in schema.spans():
+                    if not spec.is_float:
+                        continue
+                    dtype = spec.np_dtype
+                    for first in range(start, end, step * dtype.itemsize):
+                        count = min(step, (end - first) // dtype.itemsize)
+                        buf = raw[: count * dtype.itemsize].view(dtype)
+                        _read(fd, buf, first)
+                        x = wide[:count]
+                        np.copyto(x, buf)
+                        total += float(np.dot(x, x))
+            norms.append(math.sqrt(total))
     return norms
 
 
