@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
 
-from sluice.clients.appender import Appender
+from sluice.models.appender import Appender
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RSS_INTERVAL_S = 0.001

@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sluice.clients.appender import Appender
 from sluice.clients.verify import verify_release
+from sluice.models.appender import Appender
 from sluice.models.artifact import StructureLimits
 from sluice.models.chunk_codec import ChunkView as ChunkView
 from sluice.models.chunk_codec import chunk_message

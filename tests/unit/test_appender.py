@@ -1,5 +1,7 @@
-"""The pull's file writer: whatever the sizes written, the resume point and where it is
-flushed, the file holds exactly the bytes given, with O_DIRECT or without."""
+"""The file writer of pulls and spooled pushes: whatever the sizes written, the resume point
+and where it is flushed, the file holds exactly the bytes given, with O_DIRECT or without,
+its blocks written by the caller or by a worker (behind); after a write error it holds a
+prefix of them."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sluice.clients.appender import ALIGN, Appender
+from sluice.models import appender
+from sluice.models.appender import ALIGN, Appender
+from sluice.models.appender import BLOCK as BLOCK_SIZE
 
 BLOCK = 4 * ALIGN  # small blocks, so that a few KB cross several of them
 SIZES = st.integers(0, 3 * BLOCK + 17)
@@ -33,12 +37,12 @@ def direct_works(directory: Path) -> bool:
 
 
 def expected_after(
-    path: Path, writes: list[tuple[int, bool]], use_direct: bool, start: int
+    path: Path, writes: list[tuple[int, bool]], use_direct: bool, start: int, behind: bool
 ) -> bytes:
     prefix = os.urandom(start)
     path.write_bytes(prefix)
     want = bytearray(prefix)
-    with Appender(path, start, use_direct=use_direct, block=BLOCK) as out:
+    with Appender(path, start, use_direct=use_direct, block=BLOCK, behind=behind) as out:
         for size, flush in writes:
             data = os.urandom(size)
             out.write(data)
@@ -54,12 +58,17 @@ def expected_after(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(writes=WRITES, start=st.integers(0, 2 * ALIGN + 5), use_direct=st.booleans())
+@given(
+    writes=WRITES,
+    start=st.integers(0, 2 * ALIGN + 5),
+    use_direct=st.booleans(),
+    behind=st.booleans(),
+)
 def test_the_file_holds_exactly_what_was_given(
-    tmp_path: Path, writes: list[tuple[int, bool]], start: int, use_direct: bool
+    tmp_path: Path, writes: list[tuple[int, bool]], start: int, use_direct: bool, behind: bool
 ) -> None:
     path = tmp_path / "pulled.part"
-    want = expected_after(path, writes, use_direct, start)
+    want = expected_after(path, writes, use_direct, start, behind)
     assert path.read_bytes() == want
 
 
@@ -73,8 +82,9 @@ def test_blocks_go_direct_where_the_file_system_takes_it(tmp_path: Path) -> None
         assert not out.direct
 
 
+@pytest.mark.parametrize("behind", [False, True])
 def test_a_file_system_that_refuses_direct_writes_gets_them_through_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behind: bool
 ) -> None:
     if not direct_works(tmp_path):
         pytest.skip("no O_DIRECT here: every write is buffered already")
@@ -90,16 +100,15 @@ def test_a_file_system_that_refuses_direct_writes_gets_them_through_the_page_cac
     monkeypatch.setattr(os, "pwrite", pwrite)
     path = tmp_path / "f"
     data = os.urandom(2 * BLOCK + 100)
-    with Appender(path, 0, block=BLOCK) as out:
+    with Appender(path, 0, block=BLOCK, behind=behind) as out:
         out.write(data)
+        out.flush()
         assert not out.direct  # stopped for good at the first refusal
     assert refused == [0]
     assert path.read_bytes() == data
 
 
-def test_a_write_error_other_than_a_refusal_is_raised(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def full_after_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.pwrite
 
     def pwrite(fd: int, data: memoryview, at: int) -> int:
@@ -108,17 +117,61 @@ def test_a_write_error_other_than_a_refusal_is_raised(
         return real(fd, data, at)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    out = Appender(tmp_path / "f", 0, block=BLOCK)
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_write_error_other_than_a_refusal_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behind: bool
+) -> None:
+    full_after_one_block(monkeypatch)
+    out = Appender(tmp_path / "f", 0, block=BLOCK, behind=behind)
+    data = os.urandom(3 * BLOCK)
     with pytest.raises(OSError) as raised:
-        out.write(os.urandom(3 * BLOCK))
+        out.write(data)
     assert raised.value.errno == errno.ENOSPC
     monkeypatch.undo()
+    if behind:  # the error stays: nothing more is written
+        with pytest.raises(OSError, match="No space"):
+            out.write(b"more")
     out.close()
-    # What reached the file is a prefix of what was given: the first block, then the
-    # buffered second one on close.
-    assert len((tmp_path / "f").read_bytes()) == 2 * BLOCK
+    # What reached the file is a prefix of what was given: the first block, then (written
+    # by the caller) the buffered second one on close; a worker's failed block is not
+    # followed by any other.
+    kept = (tmp_path / "f").read_bytes()
+    assert kept == data[: BLOCK if behind else 2 * BLOCK]
+
+
+def test_a_workers_error_is_raised_by_close_when_nothing_else_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full_after_one_block(monkeypatch)
+    out = Appender(tmp_path / "f", 0, block=BLOCK, behind=True)
+    data = os.urandom(2 * BLOCK + 5)
+    out.write(data)  # the second block's write is in flight, failing
+    with pytest.raises(OSError, match="No space"):
+        out.close()
+    out.close()  # closed once: a second close does nothing
+    assert (tmp_path / "f").read_bytes() == data[:BLOCK]
 
 
 def test_a_block_that_is_not_aligned_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="multiple of 4096"):
         Appender(tmp_path / "f", 0, block=ALIGN + 1)
+
+
+def test_a_reused_block_buffer_brings_none_of_its_old_bytes(tmp_path: Path) -> None:
+    """Closed appenders give their 8 MiB buffers to the next ones: a file written after
+    holds only its own bytes, whatever sizes the earlier files had."""
+    first = os.urandom(2 * BLOCK_SIZE + 12345)
+    with Appender(tmp_path / "a", 0, behind=True) as out:
+        out.write(first)
+    spare = list(appender._spare)
+    assert spare, "the closed appender's buffers were kept for the next"
+    later = [os.urandom(n) for n in (1, ALIGN + 3, BLOCK_SIZE - 1, BLOCK_SIZE + 1)]
+    for i, data in enumerate(later):
+        with Appender(tmp_path / f"b{i}", 0, behind=True) as out:
+            assert set(map(id, out._maps)) & set(map(id, spare))  # a reused buffer
+            out.write(data)
+        assert (tmp_path / f"b{i}").read_bytes() == data
+    assert (tmp_path / "a").read_bytes() == first
+    assert len(appender._spare) <= appender.SPARE_BUFFERS

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sluice.gateway.core.errors import PreconditionFailed, Unavailable, storage_fault
 from sluice.gateway.core.records import MAX_SAFE_INT, RoundState
@@ -68,19 +73,60 @@ def test_verify_names_what_is_wrong_with_a_blob(tmp_path: Path) -> None:
     assert blobs.verify(sha, len(data)) == "its spool file is missing"
 
 
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sizes=st.lists(st.integers(0, 3 * (8 << 20) // 2), max_size=5))
+def test_a_committed_spool_is_exactly_its_chunks_under_its_sha256(
+    tmp_path: Path, sizes: list[int]
+) -> None:
+    """Chunks of any size, across the 8 MiB blocks that go to the disk with O_DIRECT."""
+    blobs = BlobStore(tmp_path / f"blobs{len(list(tmp_path.iterdir()))}")
+    chunks = [np.random.default_rng(n).bytes(n) for n in sizes]
+    with blobs.temp("a+b+1+u") as tmp:
+        for chunk in chunks:
+            tmp.write(chunk)
+        final = blobs.commit(tmp)
+    data = b"".join(chunks)
+    assert final.name == hashlib.sha256(data).hexdigest() == tmp.hexdigest()
+    assert final.read_bytes() == data and tmp.size == len(data)
+    assert list(blobs.tmp.iterdir()) == []
+
+
+def test_a_spool_whose_block_write_fails_raises_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block written behind the caller (by a worker) that fails: the caller's next write
+    raises it and the temp file goes."""
+    blobs = BlobStore(tmp_path / "blobs")
+    real = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, at: int) -> int:
+        if at >= 8 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    chunk = bytes(4 << 20)
+    with pytest.raises(OSError, match="No space"), blobs.temp("a+b+1+u") as tmp:
+        for _ in range(8):
+            tmp.write(chunk)
+    assert list(blobs.tmp.iterdir()) == []
+
+
 def test_a_temp_blob_is_removed_even_when_closing_it_fails(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path / "blobs")
 
-    class FullDisk:  # a buffered file whose close flushes onto a full disk
-        def __init__(self, f: Any) -> None:
-            self.f = f
+    class FullDisk:  # a writer whose close flushes its last block onto a full disk
+        def __init__(self, out: Any) -> None:
+            self.out = out
 
         def close(self) -> None:
-            self.f.close()
+            self.out.close()
             raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError), blobs.temp("a+b+1+u") as tmp:
-        tmp._file = FullDisk(tmp._file)  # type: ignore[assignment]
+        tmp._out = FullDisk(tmp._out)  # type: ignore[assignment]
         raise OSError(errno.ENOSPC, "No space left on device")
     assert list(blobs.tmp.iterdir()) == []
 
@@ -395,3 +441,42 @@ def test_an_audit_entry_a_full_disk_refused_is_written_once_there_is_room(
     (entry,) = store.audit_entries("push.interrupted")
     assert entry.detail["reason"] == "x" * 9000 and entry.detail["deferred_from_ms"]
     assert store.verify_audit()[1] is None
+
+
+@pytest.fixture
+def small_ext4(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB ext4 file system on a loop device: one that takes O_DIRECT (a tmpfs, as
+    tests/integration/test_disk_full.py uses, does not). Needs root; skipped otherwise."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop device needs root")
+    image, disk = tmp_path / "disk.img", tmp_path / "disk"
+    disk.mkdir()
+    with image.open("wb") as f:
+        f.truncate(24 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 file system: {made.stderr.decode().strip()}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_spool_that_fills_a_real_disk_raises_and_leaves_nothing(small_ext4: Path) -> None:
+    """Blocks written with O_DIRECT by a worker until the disk is full: the push's write (or
+    its finish) raises ENOSPC, nothing stays in blobs/tmp, and a spool that fits works."""
+    blobs = BlobStore(small_ext4 / "blobs")
+    chunk = np.random.default_rng(1).bytes(1 << 20)
+    with pytest.raises(OSError) as raised, blobs.temp("a+b+1+u") as tmp:
+        assert tmp._out.direct  # the path under test: this file system takes O_DIRECT
+        for _ in range(64):  # 64 MiB into a 24 MiB disk
+            tmp.write(chunk)
+        blobs.commit(tmp)
+    assert raised.value.errno == errno.ENOSPC
+    assert list(blobs.tmp.iterdir()) == []
+    data = chunk * 9  # more than one 8 MiB block: one O_DIRECT write, then the tail
+    sha = blobs.write([data])
+    assert blobs.path(sha).read_bytes() == data
