@@ -34,28 +34,33 @@ _NO_DIRECT = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 _WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="block-write")
 # Block buffers given back by closed appenders, for the next ones: a fresh mapping's pages
 # are dear on a VM (each first touch faults; 16 MiB per push of 128 MB was ~0.3 s of CPU per
-# GB pushed, bench/README: ingest). At most this many are kept (8 MiB each).
-SPARE_BUFFERS = 16
-_spare: list[mmap.mmap] = []
+# GB pushed, bench/README: ingest). At most this many bytes of them are kept.
+SPARE_BYTES = 64 << 20
+_spare: dict[int, list[mmap.mmap]] = {}  # by size
 _spare_lock = threading.Lock()
 
 
 def _take_buffer(size: int) -> mmap.mmap:
-    if size == BLOCK:
-        with _spare_lock:
-            if _spare:
-                return _spare.pop()
+    with _spare_lock:
+        kept = _spare.get(size)
+        if kept:
+            return kept.pop()
     return mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
 
 
 def _give_back(buffer: mmap.mmap) -> None:
-    if len(buffer) == BLOCK:
-        with _spare_lock:
-            if len(_spare) < SPARE_BUFFERS:
-                _spare.append(buffer)
-                return
+    with _spare_lock:
+        if sum(len(b) for kept in _spare.values() for b in kept) + len(buffer) <= SPARE_BYTES:
+            _spare.setdefault(len(buffer), []).append(buffer)
+            return
     with contextlib.suppress(BufferError):  # a traceback may still hold a view
         buffer.close()  # else unmapped when the last view goes
+
+
+def spare_bytes() -> int:
+    """Bytes of block buffers kept for the next appenders."""
+    with _spare_lock:
+        return sum(len(b) for kept in _spare.values() for b in kept)
 
 
 class Appender:

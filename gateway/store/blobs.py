@@ -15,6 +15,10 @@ from pathlib import Path
 from sluice.models.appender import Appender
 
 _HEX = frozenset("0123456789abcdef")
+# A push's O_DIRECT blocks: two buffers of this each (one being written), 8 MiB per push in
+# flight. 4 MiB moved as fast as 8 here and faster than 2 (1 GB, write + fsync: 766-982 vs
+# 623-928 vs 485-808 MB/s).
+SPOOL_BLOCK = 4 << 20
 _TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
 
 
@@ -37,7 +41,7 @@ class TempBlob:
     """A file being written under blobs/tmp; hashed as it is written.
 
     Written data must not change afterwards (bytes, or views of bytes): it is hashed
-    asynchronously, in order, one chunk behind at most. Whole 8 MiB blocks go to the disk
+    asynchronously, in order, one chunk behind at most. Whole 4 MiB blocks go to the disk
     with O_DIRECT (models/appender.py): a push's bytes never fill the page cache, whose new
     pages cost this gateway's CPU more than receiving them (bench/README: ingest).
     """
@@ -47,7 +51,7 @@ class TempBlob:
         self.size = 0
         self._hash = hashlib.sha256()
         self._pending: Future[None] | None = None
-        self._out = Appender(path, 0, exclusive=True, behind=True)
+        self._out = Appender(path, 0, exclusive=True, behind=True, block=SPOOL_BLOCK)
         self._finished = False
 
     def _settle(self) -> None:
