@@ -30,43 +30,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# sha256 of a chunk runs here while the caller writes the same chunk to the file: both
-# release the GIL, so a push hashes and writes at once (ingest core, fed from memory:
-# 0.85-0.9 -> 1.08 GB/s for 404 MB, fsync included). Several workers, so concurrent
-# pushes do not queue behind each other.
+# sha256 of a piece runs here while the caller inspects the same piece (BlobStore.adopt):
+# both release the GIL. Several workers, so concurrent adoptions do not queue.
 _HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
 
 class TempBlob:
     """A file being written under blobs/tmp; hashed as it is written.
 
-    Written data must not change afterwards (bytes, or views of bytes): it is hashed
-    asynchronously, in order, one chunk behind at most. Whole 4 MiB blocks go to the disk
-    with O_DIRECT (models/appender.py): a push's bytes never fill the page cache, whose new
-    pages cost this gateway's CPU more than receiving them (bench/README: ingest).
+    Whole 4 MiB blocks go to the disk with O_DIRECT, by a worker while the next block is
+    filled (models/appender.py): a push's bytes never fill the page cache, whose new pages
+    cost this gateway's CPU more than receiving them (bench/README: ingest). The sha256
+    runs in the caller's thread: with the write off its hands, handing each chunk to a
+    hashing thread cost more (thread wake-ups) than it overlapped.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
-        self._pending: Future[None] | None = None
         self._out = Appender(path, 0, exclusive=True, behind=True, block=SPOOL_BLOCK)
         self._finished = False
 
-    def _settle(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
     def write(self, data: bytes | memoryview) -> None:
-        self._settle()  # the previous chunk is hashed before this one starts
-        self._pending = _HASHERS.submit(self._hash.update, data)
+        self._hash.update(data)
         self._out.write(data)
         self.size += len(data)
 
     def hexdigest(self) -> str:
-        self._settle()
         return self._hash.hexdigest()
 
     def finish(self) -> None:
@@ -79,7 +70,6 @@ class TempBlob:
 
     def discard(self) -> None:
         try:
-            self._settle()
             self._out.close()  # may raise what its last write raises (a full disk)
         finally:
             with contextlib.suppress(FileNotFoundError):
