@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
+import math
 import os
 import queue
 import threading
@@ -22,6 +24,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
 from sluice.gateway.core.lazy import LazyModule, lazy_function
+from sluice.gateway.store.direct import DirectFile, aligned_buffer, window_bytes
 from sluice.models.schema import Schema, TensorSpec
 
 # scipy's BLAS, imported at the first fold: a gateway's start does not pay its ~0.2 s.
@@ -134,20 +137,89 @@ def add_integer_mean(
         raise OverflowError(f"{what}: base + mean update leaves the range of {out.dtype}")
 
 
+class FoldScan:
+    """The spool check and the norms, taken from the fold's own reads of the delta files
+    (so each file is read once per close: core/scan.py reads them separately where the norms
+    are needed before the fold, for DP clipping or dropping outliers).
+
+    Each contribution's sha256 over its blocks in file order (a block waits for the one
+    before it in that file to be hashed: the fold's workers hash in turn), and the sum of
+    its float squares in float64 per block, added in block order (the same file gives the
+    same norm). fold_fedavg fills it; read it once the fold has finished.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._digests = [hashlib.sha256() for _ in range(count)]
+        self._squares: list[dict[int, float]] = [{} for _ in range(count)]
+        self._next = [0] * count  # the block each file's hash waits for
+        self._turn = threading.Condition()
+        self._failed_at: int | None = None  # the first block that failed, if any
+
+    def feed(self, i: int, index: int, raw: np.ndarray, spec: TensorSpec, wide: np.ndarray) -> None:
+        """Block `index` of contribution i, as read (before the fold changes anything)."""
+        with self._turn:
+            while self._next[i] != index and not self._after_failure(index):
+                self._turn.wait()
+            if self._after_failure(index):
+                raise RuntimeError(f"block {self._failed_at} of the fold failed")
+        try:
+            self._digests[i].update(raw.data)  # its turn: no other thread touches this digest
+            if spec.is_float:
+                self._squares[i][index] = squares(raw.view(spec.np_dtype), wide)
+        finally:
+            with self._turn:
+                self._next[i] = index + 1
+                self._turn.notify_all()
+
+    def _after_failure(self, index: int) -> bool:
+        return self._failed_at is not None and index > self._failed_at
+
+    def failed(self, index: int) -> None:
+        """Block `index` failed: the blocks after it raise rather than wait for a turn that
+        may never come (the blocks before it finish: their turns come from earlier ones)."""
+        with self._turn:
+            if self._failed_at is None or index < self._failed_at:
+                self._failed_at = index
+            self._turn.notify_all()
+
+    def sha256(self, i: int) -> str:
+        return self._digests[i].hexdigest()
+
+    def norm(self, i: int) -> float:
+        total = 0.0
+        for _, value in sorted(self._squares[i].items()):
+            total += value
+        return math.sqrt(total)
+
+
+def squares(values: np.ndarray, wide: np.ndarray) -> float:
+    """Sum of the squares of `values` in float64, `wide` (float64) at a time."""
+    total = 0.0
+    step = wide.size
+    for i in range(0, values.size, step):
+        part = values[i : i + step]
+        x = wide[: part.size]
+        np.copyto(x, part)
+        total += float(np.dot(x, x))
+    return total
+
+
 @dataclass
 class _Arena:
     """One worker's reusable buffers: raw bytes, viewed per block in the tensor's dtype."""
 
     acc: np.ndarray  # the accumulator (float tensors: their dtype; integers: float64)
-    buf: np.ndarray  # what is read: a contribution's block, then the base's
+    wide: np.ndarray  # float64, for a FoldScan's squares (empty without one)
+    buf: np.ndarray  # a contribution's block, read with O_DIRECT: an aligned window
     scratch: np.ndarray  # integer tensors: the weighted block in float64; halves: float32
 
     @classmethod
-    def of(cls, block_bytes: int, needs_scratch: bool) -> _Arena:
+    def of(cls, block_bytes: int, needs_scratch: bool, scanning: bool = False) -> _Arena:
         size = max(block_bytes, 8)
         return cls(
             np.empty(size, dtype=np.uint8),
-            np.empty(size, dtype=np.uint8),
+            np.empty(size // 8 if scanning else 0, dtype=np.float64),
+            aligned_buffer(window_bytes(size)),  # a contribution's block read with O_DIRECT
             np.empty(size if needs_scratch else 0, dtype=np.uint8),
         )
 
@@ -157,23 +229,31 @@ class _Fold:
     """What every block of one fold shares."""
 
     base_fd: int
-    fds: Sequence[int]
+    files: Sequence[DirectFile]  # the contributions' delta files: cold, read with O_DIRECT
     contributions: Sequence[Contribution]
     total: int  # sum of num_examples
+    scan: FoldScan | None = None
 
-    def block(self, spec: TensorSpec, first: int, count: int, arena: _Arena) -> memoryview:
+    def block(
+        self, index: int, spec: TensorSpec, first: int, count: int, arena: _Arena
+    ) -> memoryview:
         """base + sum(n_i * delta_i) / total for `count` elements of spec from byte `first`,
         in a buffer of its own (the base is read straight into it: no copy to hand it out)."""
         dtype = spec.np_dtype
         acc_dtype = _acc_dtype(spec)
         axpy = _AXPY.get(acc_dtype) if spec.is_float else None
         acc = arena.acc[: count * acc_dtype.itemsize].view(acc_dtype)
-        buf = arena.buf[: count * dtype.itemsize].view(dtype)
+        nbytes = count * dtype.itemsize
         # float16/bfloat16: each block widened to float32 here, the sum rounded once.
         wide = arena.scratch[: count * 4].view(np.float32) if spec.is_half else None
         acc.fill(0)
-        for fd, c in zip(self.fds, self.contributions, strict=True):
-            _read(fd, buf, first)
+        for i, (file, c) in enumerate(zip(self.files, self.contributions, strict=True)):
+            raw = file.read(first, nbytes, arena.buf)
+            if raw.size != nbytes:
+                raise ValueError(f"short read at offset {first}: {raw.size} of {nbytes} bytes")
+            if self.scan is not None:
+                self.scan.feed(i, index, raw, spec, arena.wide)
+            buf = raw.view(dtype)
             weight = c.scale * c.num_examples / self.total
             if wide is not None:
                 wide[...] = buf
@@ -229,6 +309,7 @@ def fold_fedavg(
     contributions: Sequence[Contribution],
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int = FOLD_WORKERS,
+    scan: FoldScan | None = None,
 ) -> Generator[memoryview, None, None]:
     """Yield the new global payload, base + sum(n_i * delta_i) / sum(n_i), block by block
     (each a view of a buffer of its own, never reused).
@@ -257,25 +338,25 @@ def fold_fedavg(
     needs_scratch = any(not spec.is_float or spec.is_half for spec in schema.tensors)
     arenas: queue.SimpleQueue[_Arena] = queue.SimpleQueue()
     for _ in range(workers):
-        arenas.put(_Arena.of(block_bytes, needs_scratch))
+        arenas.put(_Arena.of(block_bytes, needs_scratch, scan is not None))
     with ExitStack() as stack:
         stack.enter_context(one_blas_thread())
         base_fd = os.open(base_path, os.O_RDONLY)
         stack.callback(os.close, base_fd)
-        fds = []
-        for c in contributions:
-            fd = os.open(c.path, os.O_RDONLY)
-            stack.callback(os.close, fd)
-            fds.append(fd)
-        fold = _Fold(base_fd, fds, contributions, total)
+        files = [stack.enter_context(DirectFile(c.path)) for c in contributions]
+        fold = _Fold(base_fd, files, contributions, total, scan)
 
-        def run(spec: TensorSpec, first: int, count: int) -> memoryview:
+        def run(index: int, spec: TensorSpec, first: int, count: int) -> memoryview:
             arena = arenas.get()  # never waits long: at most `workers` tasks run at once
             try:
                 # An overflow gives inf, silently: the round manager refuses a non-finite
                 # result as a whole (numpy's error state is per thread, so it is set here).
                 with np.errstate(over="ignore", invalid="ignore"):
-                    return fold.block(spec, first, count, arena)
+                    return fold.block(index, spec, first, count, arena)
+            except BaseException:
+                if scan is not None:
+                    scan.failed(index)  # the blocks after this one would wait for its turn
+                raise
             finally:
                 arenas.put(arena)
 
@@ -283,10 +364,12 @@ def fold_fedavg(
         # also when the caller stops early.
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fold")
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        # A caller that stops early leaves no block waiting: blocks start in order, so a
+        # running block's predecessors are running or done (the cancelled ones come after).
         pending: deque[Future[memoryview]] = deque()
-        for spec, first, count in _blocks(schema, block_bytes):
+        for index, (spec, first, count) in enumerate(_blocks(schema, block_bytes)):
             if len(pending) > workers:
                 yield pending.popleft().result()
-            pending.append(pool.submit(run, spec, first, count))
+            pending.append(pool.submit(run, index, spec, first, count))
         while pending:
             yield pending.popleft().result()

@@ -22,9 +22,8 @@ from sluice.gateway.core.finite import FiniteCheck
 from sluice.gateway.store.blobs import BlobStore
 from sluice.models.schema import Schema
 
-# Two threads hash while the fold's workers read: together they keep 2 cores busy, and the
-# spool files are read from disk once (each reader finds what the other just read in the
-# page cache).
+# Threads hashing the files a close checks this way (the base version's weights; the
+# updates are checked by the read that folds or scans them: core/scan.py).
 CHECK_WORKERS = 2
 
 
@@ -50,9 +49,9 @@ class Retry:
 
 
 class SpoolCheck:
-    """The sha256 and size of every file a close reads, checked in worker threads while the
-    fold reads the same files (as ingest hashes while it writes). Memory: one 1 MiB buffer
-    per worker."""
+    """The sha256 and size of files a close reads, checked in worker threads while the
+    close goes on (the base version's weights, read by the fold through the page cache).
+    Memory: one 1 MiB buffer per worker."""
 
     def __init__(self, blobs: BlobStore, size: int, shas: Iterable[str]) -> None:
         pool = ThreadPoolExecutor(max_workers=CHECK_WORKERS, thread_name_prefix="spool-check")

@@ -31,87 +31,34 @@ import os
 import secrets
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from sluice.gateway.core.aggregation import (
-    DEFAULT_BLOCK_BYTES,
-    Contribution,
-    _read,
-    one_blas_thread,
-)
+from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, _read
+from sluice.gateway.core.scan import SCAN_WORKERS, scan_updates
 from sluice.models.schema import Schema
 
 # --- norms and clipping --------------------------------------------------------------
-
-
-# Threads measuring one update's norm, each over its own part of the file. A spool written
-# with O_DIRECT (store/blobs.py) is not in the page cache when its round closes, and this is
-# its first reader: filling new page-cache pages costs ~1.3-2.7 s of CPU per GB on this VM,
-# so the file is read in parts at once.
-NORM_WORKERS = 2
 
 
 def update_norms(
     schema: Schema,
     contributions: Sequence[Contribution],
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    workers: int = NORM_WORKERS,
+    workers: int = SCAN_WORKERS,
 ) -> list[float]:
-    """L2 norm of each spooled delta's float tensors, as spooled (`scale` not applied).
+    """L2 norm of each spooled delta's float tensors, as spooled (`scale` not applied): one
+    streamed O_DIRECT pass per update (core/scan.py, which also checks its sha256 at a
+    close).
 
     Integer tensors (BatchNorm counters) are left out: FedAvg rounds their mean and no
-    scale reaches them, so clipping could not bound them anyway. Squares accumulate in
-    float64, one streamed pass per update; `workers` threads each take a consecutive share
-    of its blocks, their sums added in order (the same file gives the same norm).
-
-    Memory: per worker one read block and its float64 copy (`block_bytes` each), whatever
-    the number of updates or the size of the model.
+    scale reaches them, so clipping could not bound them anyway.
     """
-    step = max(block_bytes // 8, 1)  # elements per block: the float64 copy fits block_bytes
-    blocks = [
-        (spec.np_dtype, first, min(step, (end - first) // spec.np_dtype.itemsize))
-        for spec, start, end in schema.spans()
-        if spec.is_float
-        for first in range(start, end, step * spec.np_dtype.itemsize)
-    ]
-    workers = max(1, min(workers, len(blocks)))
-    shares = [blocks[len(blocks) * i // workers : len(blocks) * (i + 1) // workers]
-              for i in range(workers)]  # fmt: skip
-
-    buffers = [(np.empty(step * 8, dtype=np.uint8), np.empty(step, dtype=np.float64))
-               for _ in range(workers)]  # fmt: skip
-
-    def squares(fd: int, i: int) -> float:
-        raw, wide = buffers[i]
-        share = shares[i]
-        total = 0.0
-        for dtype, first, count in share:
-            buf = raw[: count * dtype.itemsize].view(dtype)
-            _read(fd, buf, first)
-            x = wide[:count]
-            np.copyto(x, buf)
-            total += float(np.dot(x, x))
-        return total
-
-    norms = []
-    with one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="norms") as pool:
-        for c in contributions:  # np.dot is BLAS: see one_blas_thread
-            with ExitStack() as stack:
-                fd = os.open(c.path, os.O_RDONLY)
-                stack.callback(os.close, fd)
-                parts = [pool.submit(squares, fd, i) for i in range(workers)]
-                # Every part finished before the descriptor closes, also when one failed.
-                wait(parts)
-                total = 0.0
-                for part in parts:
-                    total += part.result()
-            norms.append(math.sqrt(total))
-    return norms
+    scans = scan_updates(schema, [c.path for c in contributions], None, block_bytes, workers)
+    return [s.norm for s in scans]
 
 
 def clip_scales(norms: Sequence[float], clipping_norm: float) -> list[float]:

@@ -35,6 +35,7 @@ from sluice.gateway.core.records import (
     RoundState,
     Version,
 )
+from sluice.gateway.core.scan import changed_since
 from sluice.gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
 from sluice.gateway.store import audit
 from sluice.gateway.store.blobs import BlobStore
@@ -132,21 +133,30 @@ class RoundFolder:
         version_no = (latest.version if latest else 0) + 1
         state_in = self.state_dir(r.model, base.version)
         size = served.schema.payload_bytes
-        spool = SpoolCheck(
-            self.blobs, size, [base.weights_sha256, *(u.payload_sha256 for u in updates)]
-        )
+        # The updates' spool files are checked by the scan before the strategy (prepare);
+        # the base's while the scan runs.
+        spool = SpoolCheck(self.blobs, size, [base.weights_sha256])
+        prepared: PreparedRound | None = None
         try:
             prepared = self.privacy.prepare(
-                served.schema, updates, contributions, state_in if state_in.is_dir() else None
+                served.schema,
+                updates,
+                contributions,
+                state_in if state_in.is_dir() else None,
+                # FedAvg's fold reads every update once: it hashes and measures them too.
+                in_fold=isinstance(strategy, FedAvg) and self.privacy.norms_may_wait,
             )
-            sha, report, dp = self._run_strategy(
+            sha, report, dp, prepared = self._run_strategy(
                 served, strategy, r, base, prepared, version_no, spool
             )
         except CorruptUpdates as exc:
-            raise self._spoiled(base, exc.problems) from None
+            raise self._spoiled(base, {**exc.problems, **spool.problems()}) from None
         except Exception as exc:
-            # A truncated or missing file fails the fold before its check finishes.
-            problems = spool.problems()
+            # A file truncated, removed or changed after its scan fails the strategy.
+            problems = {
+                **(changed_since(prepared.scanned) if prepared is not None else {}),
+                **spool.problems(),
+            }
             if problems:
                 raise self._spoiled(base, problems) from exc
             if deterministic(exc):
@@ -255,7 +265,7 @@ class RoundFolder:
         prepared: PreparedRound,
         version_no: int,
         spool: SpoolCheck,
-    ) -> tuple[str, RoundReport, dict[str, object] | None]:
+    ) -> tuple[str, RoundReport, dict[str, object] | None, PreparedRound]:
         """Aggregate into a blob; the strategy's state goes to state/<model>/<version>.
 
         Nothing is adopted unless every spool file hashed to its name while the strategy
@@ -277,11 +287,14 @@ class RoundFolder:
                         contributions=prepared.contributions,
                         server_round=r.round,
                         state_in=state_in if state_in.is_dir() else None,
+                        scan=prepared.fold_scan,
                     ),
                     out,
                     staging,
                 )
-                problems = spool.problems()
+                if prepared.fold_scan is not None:
+                    prepared = self.privacy.scanned_by_fold(prepared)
+                problems = {**changed_since(prepared.scanned), **spool.problems()}
                 if problems:
                     raise CorruptUpdates(problems)
                 dp = self.privacy.finish(served.schema, prepared, out, staging)  # before hashing
@@ -295,4 +308,4 @@ class RoundFolder:
         finally:
             out.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-        return sha, report, dp
+        return sha, report, dp, prepared

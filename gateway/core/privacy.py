@@ -10,11 +10,13 @@ not reproducible byte for byte on a rerun: its noise is fresh by design.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sluice.gateway.core.aggregation import Contribution
+from sluice.gateway.core.aggregation import Contribution, FoldScan
+from sluice.gateway.core.closing import CorruptUpdates
 from sluice.gateway.core.dp import (
     AdaptiveClipping,
     DpPolicy,
@@ -24,11 +26,11 @@ from sluice.gateway.core.dp import (
     clip_scales,
     dp_facts,
     noise_stddev,
-    update_norms,
     with_scales,
 )
 from sluice.gateway.core.errors import PreconditionFailed
 from sluice.gateway.core.records import CommittedUpdate
+from sluice.gateway.core.scan import Stamp, scan_updates, stamp_of
 from sluice.gateway.core.screening import ScreeningPolicy, ScreeningResult, screen
 from sluice.models.schema import Schema
 
@@ -44,6 +46,10 @@ class PreparedRound:
     screening: ScreeningResult
     clipping: AdaptiveClipping | None  # the clipping state this round used (DP only)
     ledger: PrivacyLedger | None  # the lineage before this round (DP only)
+    # sha256 -> (spool file, its stamp when scanned): checked again after the strategy
+    scanned: Mapping[str, tuple[Path, Stamp]] = field(default_factory=dict)
+    # Filled by the strategy's fold where the norms wait for it (prepare(in_fold=True))
+    fold_scan: FoldScan | None = None
 
 
 class RoundPrivacy:
@@ -51,14 +57,45 @@ class RoundPrivacy:
         self.dp = dp
         self.screening = screening or ScreeningPolicy()
 
+    @property
+    def norms_may_wait(self) -> bool:
+        """Whether nothing before the strategy needs the norms (no clipping, no dropping):
+        then a strategy that reads every update once can measure them as it reads."""
+        return self.dp is None and not self.screening.drop_outliers
+
     def prepare(
         self,
         schema: Schema,
         updates: Sequence[CommittedUpdate],
         contributions: Sequence[Contribution],
         state_in: Path | None,
+        *,
+        in_fold: bool = False,
     ) -> PreparedRound:
-        norms = update_norms(schema, contributions)
+        """Norms, screening and clipping before the strategy. `in_fold` (only where
+        norms_may_wait): the strategy's fold hashes and measures the updates as it reads
+        them (PreparedRound.fold_scan; then `scanned_by_fold`), and only their sizes are
+        checked here."""
+        if in_fold:
+            if not self.norms_may_wait:
+                raise ValueError("the norms are needed before the fold")
+            return self._before_fold(schema, updates, contributions)
+        # The round's one read of each update before the strategy's: its norm, and the
+        # spool check (a file that is not what was acknowledged is left out of a rerun).
+        scans = scan_updates(
+            schema, [c.path for c in contributions], [u.payload_sha256 for u in updates]
+        )
+        problems = {
+            u.payload_sha256: s.problem for u, s in zip(updates, scans, strict=True) if s.problem
+        }
+        if problems:
+            raise CorruptUpdates(problems)
+        norms = [s.norm for s in scans]
+        scanned = {
+            u.payload_sha256: (c.path, s.stamp)
+            for u, c, s in zip(updates, contributions, scans, strict=True)
+            if s.stamp is not None
+        }
         result = screen(norms, self.screening)
         kept = result.kept(list(contributions))
         if not kept:
@@ -68,7 +105,57 @@ class RoundPrivacy:
         if self.dp is not None:
             ledger, clipping = self._load(state_in)
             kept = with_scales(kept, clip_scales(kept_norms, clipping.clipping_norm))
-        return PreparedRound(result.kept(list(updates)), kept, kept_norms, result, clipping, ledger)
+        return PreparedRound(
+            result.kept(list(updates)), kept, kept_norms, result, clipping, ledger, scanned
+        )
+
+    def _before_fold(
+        self,
+        schema: Schema,
+        updates: Sequence[CommittedUpdate],
+        contributions: Sequence[Contribution],
+    ) -> PreparedRound:
+        problems, scanned = {}, {}
+        for u, c in zip(updates, contributions, strict=True):
+            try:
+                st = os.stat(c.path)
+            except FileNotFoundError:
+                problems[u.payload_sha256] = "its spool file is missing"
+                continue
+            if st.st_size != schema.payload_bytes:
+                problems[u.payload_sha256] = (
+                    f"its spool file is {st.st_size} bytes, expected {schema.payload_bytes}"
+                )
+            scanned[u.payload_sha256] = (c.path, stamp_of(st))
+        if problems:
+            raise CorruptUpdates(problems)
+        return PreparedRound(
+            list(updates),
+            list(contributions),
+            [],
+            ScreeningResult([], [], {}),
+            None,
+            None,
+            scanned,
+            FoldScan(len(contributions)),
+        )
+
+    def scanned_by_fold(self, prepared: PreparedRound) -> PreparedRound:
+        """The round once its fold has hashed and measured its updates: CorruptUpdates for
+        those that were not what was acknowledged, else the screening of their norms."""
+        scan = prepared.fold_scan
+        assert scan is not None
+        problems = {
+            u.payload_sha256: f"its spool file's sha256 is {scan.sha256(i)}, not its name"
+            for i, u in enumerate(prepared.updates)
+            if scan.sha256(i) != u.payload_sha256
+        }
+        if problems:
+            raise CorruptUpdates(problems)
+        norms = [scan.norm(i) for i in range(len(prepared.updates))]
+        result = screen(norms, self.screening)
+        assert not result.dropped  # norms_may_wait: nothing is dropped
+        return replace(prepared, norms=norms, screening=result, fold_scan=None)
 
     def _load(self, state_in: Path | None) -> tuple[PrivacyLedger, AdaptiveClipping]:
         assert self.dp is not None

@@ -15,7 +15,6 @@ import pytest
 
 from sluice.gateway.core.aggregation import Contribution, fold_fedavg
 from sluice.gateway.core.dp import (
-    NORM_WORKERS,
     AdaptiveClipping,
     DpPolicy,
     DpRound,
@@ -29,7 +28,9 @@ from sluice.gateway.core.dp import (
     update_norms,
     with_scales,
 )
+from sluice.gateway.core.scan import SCAN_WORKERS
 from sluice.gateway.export.guard import GuardPolicy, GuardRefused, ReleaseFacts, check_policy
+from sluice.gateway.store.direct import window_bytes
 from sluice.models.schema import Schema, TensorSpec
 
 with warnings.catch_warnings():
@@ -114,8 +115,9 @@ def test_norms_stay_within_a_few_blocks(tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # Per worker a 1 MiB read block and its float64 copy, and a little more.
-    limit = (2 * NORM_WORKERS + 1) << 20
+    # Per worker two 1 MiB read windows (and the pages around them) and a float64 block,
+    # and a little more.
+    limit = SCAN_WORKERS * (2 * window_bytes(1 << 20) + (1 << 20)) + (1 << 20)
     assert peak < limit, f"peak {peak / 2**20:.1f} MiB for 4 updates of 16 MiB"
     np.testing.assert_allclose(norms, [(i + 1) * 2048 for i in range(4)], rtol=1e-12)
 

@@ -184,6 +184,17 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+# Who reads the updates at a close: FedAvg's fold hashes and measures them as it folds;
+# where the norms are needed first (dropping outliers, DP) or the strategy is another, the
+# scan reads them before it.
+READERS = pytest.mark.parametrize(
+    "readers",
+    [{}, {"drop_outlier_updates": True}, {"strategies": {TINY: {"name": "FedMedian"}}}],
+    ids=["fold-scans", "scan-then-fold", "scan-then-median"],
+)
+
+
+@READERS
 @pytest.mark.parametrize(
     ("spoil", "why"),
     [
@@ -194,9 +205,14 @@ def _flip(path: Path) -> None:
     ids=["flipped-byte", "truncated", "deleted"],
 )
 def test_a_corrupt_update_is_excluded_and_the_round_closes_without_it(
-    tmp_path: Path, template_cache: Path, tiny_schema: Schema, spoil: Any, why: str
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    spoil: Any,
+    why: str,
+    readers: dict[str, Any],
 ) -> None:
-    gw = make_gateway(tmp_path, template_cache)
+    gw = make_gateway(tmp_path, template_cache, **readers)
     heads = [
         push(gw, tiny_schema, random_delta(tiny_schema, i), t)[0] for i, t in enumerate(TRAINERS)
     ]
@@ -209,6 +225,74 @@ def test_a_corrupt_update_is_excluded_and_the_round_closes_without_it(
     assert round_closed["updates"] == [h.update_id for h in heads[1:]]
     assert not gw.blobs.path(heads[0].payload_sha256).exists()
     assert residue(gw, 2) == [] and list(gw.blobs.tmp.iterdir()) == []
+
+
+@READERS
+@pytest.mark.parametrize(
+    ("spoil", "why"),
+    [
+        (_flip, ("sha256 is", "changed while its round was aggregated")),
+        (lambda p: p.write_bytes(p.read_bytes()[:-4]), ("changed while",)),
+        (lambda p: p.unlink(), ("missing",)),
+    ],
+    ids=["flipped-byte", "truncated", "deleted"],
+)
+def test_an_update_spoiled_as_the_strategy_starts_is_excluded(
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    monkeypatch: pytest.MonkeyPatch,
+    spoil: Any,
+    why: tuple[str, ...],
+    readers: dict[str, Any],
+) -> None:
+    """After the scan (or the size check) and before the strategy's read: what the fold
+    hashes is what it folded; a scanned file written since is seen by its stamp."""
+    gw = make_gateway(tmp_path, template_cache, **readers)
+    heads = [
+        push(gw, tiny_schema, random_delta(tiny_schema, i), t)[0] for i, t in enumerate(TRAINERS)
+    ]
+    strategy = gw.rounds.strategy_for(TINY)
+    real = type(strategy).aggregate
+    calls: list[int] = []
+
+    def spoiling(self: Any, inp: Any, out_path: Path, state_out: Path) -> Any:
+        if not calls:
+            spoil(gw.blobs.path(heads[1].payload_sha256))
+        calls.append(1)
+        return real(self, inp, out_path, state_out)
+
+    monkeypatch.setattr(type(strategy), "aggregate", spoiling)
+    closed = gw.rounds.close(TINY, 1)
+    assert closed.version.num_trainers == 2 and len(calls) == 2
+    (excluded,) = entries(gw, "push.excluded")
+    assert excluded["update_id"] == heads[1].update_id
+    assert any(w in str(excluded["reason"]) for w in why), excluded["reason"]
+    (round_closed,) = entries(gw, "round.closed")
+    assert round_closed["updates"] == [heads[0].update_id, heads[2].update_id]
+    assert residue(gw, 2) == [] and list(gw.blobs.tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("readers", [{}, {"drop_outlier_updates": True}], ids=["fold", "scan"])
+def test_the_audited_norms_are_the_updates_norms_whoever_reads_them(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema, readers: dict[str, Any]
+) -> None:
+    gw = make_gateway(tmp_path, template_cache, **readers)
+    payloads = [random_delta(tiny_schema, i) for i in range(len(TRAINERS))]
+    for payload, t in zip(payloads, TRAINERS, strict=True):
+        push(gw, tiny_schema, payload, t)
+    gw.rounds.close(TINY, 1)
+    (round_closed,) = entries(gw, "round.closed")
+    expected = []
+    for payload in payloads:
+        views = tiny_schema.views(payload)
+        floats = [
+            views[t.name].astype(np.float64).ravel() for t in tiny_schema.tensors if t.is_float
+        ]
+        expected.append(float(np.linalg.norm(np.concatenate(floats))))
+    screening = round_closed["screening"]
+    assert isinstance(screening, dict)
+    np.testing.assert_allclose(screening["norms"], expected, rtol=1e-12)
 
 
 def test_too_few_left_after_exclusion_reopens_the_round(

@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, fold_fedavg
+from sluice.gateway.core.aggregation import (
+    DEFAULT_BLOCK_BYTES,
+    Contribution,
+    FoldScan,
+    fold_fedavg,
+)
 from sluice.gateway.store.writeback import WriteBehind
 from sluice.models.schema import Schema
 
@@ -34,6 +39,10 @@ class RoundInput:
     server_round: int  # 1 for the first aggregation of this model; optimizers' step count
     state_in: Path | None = None  # directory of the previous round's state files, if any
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    # Where a strategy that reads every byte of every delta once, in file order, hashes and
+    # measures them as it reads (FedAvg's fold); others leave it alone (the round manager
+    # gives one only to those).
+    scan: FoldScan | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,10 @@ class FedAvg:
             # The disk starts writing while the fold runs: the version's fsync (blobs.adopt)
             # then waits for the tail only.
             behind = WriteBehind(out.fileno())
-            for block in fold_fedavg(inp.schema, inp.base_path, inp.contributions, inp.block_bytes):
+            blocks = fold_fedavg(
+                inp.schema, inp.base_path, inp.contributions, inp.block_bytes, scan=inp.scan
+            )
+            for block in blocks:
                 raw = view = memoryview(block).cast("B")
                 while view:
                     view = view[out.write(view) :]

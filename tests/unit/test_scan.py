@@ -1,0 +1,348 @@
+"""The scan a close runs before its strategy (core/scan.py over store/direct.py): whatever
+the schema, the read window and the file, it hashes every byte and takes the norm of every
+float; a file that is not what was acknowledged is named, never folded."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sluice.gateway.core import scan as scan_module
+from sluice.gateway.core.aggregation import Contribution, FoldScan, fold_fedavg
+from sluice.gateway.core.scan import changed_since, scan_updates
+from sluice.gateway.store.direct import ALIGN, DirectFile, aligned_buffer, window_bytes
+from sluice.models.schema import Schema, TensorSpec
+
+DTYPES = ["<f4", "<f2", "<f8", "bfloat16", "<i8", "<i4"]
+SCHEMAS = st.lists(
+    st.tuples(st.sampled_from(DTYPES), st.integers(0, 700)), min_size=1, max_size=5
+).map(
+    lambda specs: Schema(
+        tuple(TensorSpec(f"t{i}", (n,), dtype) for i, (dtype, n) in enumerate(specs))
+    )
+)
+BLOCKS = st.sampled_from([8, 24, 100, ALIGN, 5000, 1 << 20])
+SPOILS = st.sampled_from(["none", "flip", "truncate", "extend", "delete"])
+
+
+def payload(schema: Schema, seed: int) -> tuple[bytes, float]:
+    """A random payload and the float64 norm of its floats, as numpy takes it."""
+    rng = np.random.default_rng(seed)
+    arrays, floats = {}, []
+    for spec in schema.tensors:
+        if spec.is_float:
+            values = (rng.standard_normal(spec.shape) * 3).astype(spec.np_dtype)
+            floats.append(values.astype(np.float64).ravel())
+        else:
+            values = rng.integers(-1000, 1000, spec.shape).astype(spec.np_dtype)
+        arrays[spec.name] = values
+    norm = float(np.linalg.norm(np.concatenate(floats))) if floats else 0.0
+    return schema.flatten(arrays), norm
+
+
+def spoil(path: Path, how: str, where: int) -> str:
+    """Spoil the file; the phrase its problem must hold ("" for none)."""
+    data = path.read_bytes()
+    if how == "flip" and data:
+        raw = bytearray(data)
+        raw[where % len(raw)] ^= 0x01
+        path.write_bytes(bytes(raw))
+        return "sha256 is"
+    if how == "truncate" and data:
+        path.write_bytes(data[: where % len(data)])
+        return "bytes, expected"
+    if how == "extend":
+        path.write_bytes(data + b"\0" * (1 + where % 9000))
+        return "bytes, expected"
+    if how == "delete":
+        path.unlink()
+        return "is missing"
+    return ""
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    schema=SCHEMAS,
+    block=BLOCKS,
+    workers=st.integers(1, 3),
+    count=st.integers(1, 3),
+    how=SPOILS,
+    where=st.integers(0, 1 << 20),
+)
+def test_every_byte_is_hashed_and_every_float_squared(
+    tmp_path: Path, schema: Schema, block: int, workers: int, count: int, how: str, where: int
+) -> None:
+    run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    run.mkdir()
+    paths, shas, norms = [], [], []
+    for i in range(count):
+        data, norm = payload(schema, i)
+        path = run / f"u{i}.bin"
+        path.write_bytes(data)
+        paths.append(path)
+        shas.append(hashlib.sha256(data).hexdigest())
+        norms.append(norm)
+    phrase = spoil(paths[-1], how, where)
+
+    scans = scan_updates(schema, paths, shas, block, workers)
+
+    for i, s in enumerate(scans):
+        if i == count - 1 and phrase:
+            assert phrase in s.problem and math.isnan(s.norm)
+        else:
+            assert s.problem == ""
+            assert s.norm == pytest.approx(norms[i], rel=1e-12, abs=1e-300)
+            assert s.stamp is not None
+
+
+def test_the_same_file_gives_the_same_norm_whatever_the_window(tmp_path: Path) -> None:
+    schema = Schema((TensorSpec("a", (3001,), "<f4"), TensorSpec("b", (513,), "<f2")))
+    data, _ = payload(schema, 3)
+    path = tmp_path / "u.bin"
+    path.write_bytes(data)
+    again = {
+        scan_updates(schema, [path], None, block)[0].norm for block in (1 << 20, 1 << 20, 1 << 20)
+    }
+    assert len(again) == 1
+
+
+def test_without_expectations_a_bad_file_is_an_error(tmp_path: Path) -> None:
+    schema = Schema((TensorSpec("a", (100,), "<f4"),))
+    with pytest.raises(FileNotFoundError):
+        scan_updates(schema, [tmp_path / "absent.bin"])
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 396)
+    with pytest.raises(ValueError, match="396 bytes, the payload is 400"):
+        scan_updates(schema, [short])
+
+
+def test_an_unreadable_file_is_its_problem_and_other_errors_are_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = Schema((TensorSpec("a", (5000,), "<f4"),))
+    data, _ = payload(schema, 1)
+    path = tmp_path / "u.bin"
+    path.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    code = errno.EIO
+
+    def failing(self: DirectFile, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(DirectFile, "read", failing)
+    (s,) = scan_updates(schema, [path], [sha], 4096)
+    assert s.problem == "its spool file cannot be read (I/O error)"
+    code = errno.ENOMEM  # not the file's fault: the close is retried
+    with pytest.raises(OSError, match=os.strerror(errno.ENOMEM)):
+        scan_updates(schema, [path], [sha], 4096)
+
+
+def test_a_file_that_shrinks_while_it_is_scanned_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = Schema((TensorSpec("a", (5000,), "<f4"),))
+    data, _ = payload(schema, 1)
+    path = tmp_path / "u.bin"
+    path.write_bytes(data)
+    real = DirectFile.read
+
+    def shrinking(self: DirectFile, offset: int, length: int, buf: np.ndarray) -> Any:
+        os.truncate(path, 10_000)
+        return real(self, offset, length, buf)
+
+    monkeypatch.setattr(DirectFile, "read", shrinking)
+    (s,) = scan_updates(schema, [path], [hashlib.sha256(data).hexdigest()], 4096)
+    assert s.problem == "its spool file became shorter than 20000 bytes"
+
+
+def test_no_read_is_in_flight_once_a_scan_has_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next window is read ahead into the scan's other buffer: a scan that stops early
+    waits for that read before its buffers go to the next file."""
+    schema = Schema((TensorSpec("a", (50_000,), "<f4"),))
+    data, _ = payload(schema, 1)
+    path = tmp_path / "u.bin"
+    path.write_bytes(data)
+    reads: list[str] = []
+    real = DirectFile.read
+
+    def tracked(self: DirectFile, offset: int, length: int, buf: np.ndarray) -> Any:
+        reads.append("start")
+        try:
+            return real(self, offset, length, buf)
+        finally:
+            reads.append("end")
+
+    def failing_squares(*args: Any) -> float:
+        raise ArithmeticError("boom")
+
+    monkeypatch.setattr(DirectFile, "read", tracked)
+    monkeypatch.setattr(scan_module, "_squares", failing_squares)
+    with pytest.raises(ArithmeticError):
+        scan_updates(schema, [path], None, 4096)
+    assert reads.count("start") == reads.count("end") == 2  # the first and the one ahead
+
+
+def test_a_file_written_after_its_scan_is_seen_as_changed(tmp_path: Path) -> None:
+    schema = Schema((TensorSpec("a", (100,), "<f4"),))
+    data, _ = payload(schema, 1)
+    paths = [tmp_path / f"u{i}.bin" for i in range(3)]
+    for p in paths:
+        p.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    scans = scan_updates(schema, paths, [sha] * 3)
+    scanned = {f"sha{i}": (p, s.stamp) for i, (p, s) in enumerate(zip(paths, scans, strict=True))}
+    assert changed_since(scanned) == {}  # type: ignore[arg-type]
+    with paths[0].open("r+b") as f:  # the same bytes written again: still a write
+        f.write(data[:4])
+    paths[1].unlink()
+    assert changed_since(scanned) == {  # type: ignore[arg-type]
+        "sha0": "its spool file changed while its round was aggregated",
+        "sha1": "its spool file is missing",
+    }
+
+
+# --- the O_DIRECT reader ---------------------------------------------------------------
+
+
+def direct_works(directory: Path) -> bool:
+    if not getattr(os, "O_DIRECT", 0):
+        return False
+    try:
+        fd = os.open(directory / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    (directory / ".probe").unlink()
+    return True
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.integers(0, 5 * ALIGN),
+    offset=st.integers(0, 6 * ALIGN),
+    length=st.integers(0, 3 * ALIGN),
+    use_direct=st.booleans(),
+)
+def test_a_read_gives_exactly_the_bytes_at_any_offset(
+    tmp_path: Path, size: int, offset: int, length: int, use_direct: bool
+) -> None:
+    data = np.random.default_rng(size).bytes(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    buf = aligned_buffer(window_bytes(length))
+    assert buf.ctypes.data % ALIGN == 0
+    with DirectFile(path, use_direct=use_direct) as f:
+        assert f.size == size
+        assert f.direct == (use_direct and direct_works(tmp_path))
+        got = f.read(offset, length, buf)
+        assert got.tobytes() == data[offset : offset + length]
+
+
+@pytest.mark.parametrize("refused_at", ["open", "read"])
+def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused_at: str
+) -> None:
+    """tmpfs before Linux 6.6 refused O_DIRECT at open; some file systems at the read."""
+    data = np.random.default_rng(5).bytes(3 * ALIGN + 77)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    real_open, real_preadv = os.open, os.preadv
+    direct_fds: set[int] = set()
+
+    def fake_open(name: Any, flags: int, *args: Any) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            if refused_at == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(name, flags, *args)
+            direct_fds.add(fd)
+            return fd
+        return real_open(name, flags, *args)
+
+    def fake_preadv(fd: int, buffers: Any, offset: int) -> int:
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "preadv", fake_preadv)
+    with DirectFile(path) as f:
+        got = f.read(ALIGN - 3, 2 * ALIGN + 50, aligned_buffer(window_bytes(2 * ALIGN + 50)))
+        assert got.tobytes() == data[ALIGN - 3 : 3 * ALIGN + 47]
+        assert not f.direct  # and it stays off for the file's next reads
+        assert f.read(0, 10, aligned_buffer(window_bytes(10))).tobytes() == data[:10]
+
+
+# --- the fold's own scan (FedAvg: one read of each update per close) --------------------
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    schema=SCHEMAS,
+    block=st.sampled_from([8, 40, ALIGN, 10_000, 1 << 20]),
+    workers=st.integers(1, 4),
+    count=st.integers(1, 4),
+)
+def test_the_fold_hashes_and_measures_what_it_folds(
+    tmp_path: Path, schema: Schema, block: int, workers: int, count: int
+) -> None:
+    run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    run.mkdir()
+    base = run / "base.bin"
+    base.write_bytes(payload(schema, 99)[0])
+    contributions, datas = [], []
+    for i in range(count):
+        data, _ = payload(schema, i)
+        (run / f"u{i}.bin").write_bytes(data)
+        contributions.append(Contribution(run / f"u{i}.bin", i + 1))
+        datas.append(data)
+
+    plain = b"".join(bytes(b) for b in fold_fedavg(schema, base, contributions, block, workers))
+    scan = FoldScan(count)
+    scanned = b"".join(
+        bytes(b) for b in fold_fedavg(schema, base, contributions, block, workers, scan=scan)
+    )
+
+    assert scanned == plain
+    by_scan = scan_updates(schema, [c.path for c in contributions], None, block)
+    for i, data in enumerate(datas):
+        assert scan.sha256(i) == hashlib.sha256(data).hexdigest()
+        assert scan.norm(i) == pytest.approx(by_scan[i].norm, rel=1e-12, abs=1e-300)
+
+
+def test_a_fold_that_fails_or_stops_early_leaves_no_thread_waiting(tmp_path: Path) -> None:
+    """Blocks wait for the block before them to be hashed: a block that fails, or a caller
+    that stops reading, must not leave the others waiting for a turn that never comes."""
+    schema = Schema((TensorSpec("a", (40_000,), "<f4"),))
+    base = tmp_path / "base.bin"
+    base.write_bytes(payload(schema, 9)[0])
+    good = tmp_path / "good.bin"
+    good.write_bytes(payload(schema, 1)[0])
+    short = tmp_path / "short.bin"
+    short.write_bytes(payload(schema, 2)[0][:100_000])  # blocks past 100 KB fail
+    contributions = [Contribution(good, 1), Contribution(short, 1)]
+    for _ in range(30):  # the first error in block order is the one raised, every time
+        with pytest.raises(ValueError, match="short read"):
+            for _ in fold_fedavg(schema, base, contributions, 4096, 4, scan=FoldScan(2)):
+                pass
+    blocks = fold_fedavg(schema, base, contributions[:1], 4096, 4, scan=FoldScan(1))
+    next(blocks)
+    blocks.close()  # returns: every worker finished or was cancelled
+    assert not [t for t in threading.enumerate() if t.name.startswith("fold")]
