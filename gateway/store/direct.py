@@ -97,6 +97,24 @@ class DirectFile:
         self.close()
 
 
+class WindowReader:
+    """Reads byte ranges of DirectFiles into arrays of any alignment through one aligned
+    window (one copy; the page cache left out). One per thread."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._window = aligned_buffer(window_bytes(max_bytes))
+
+    def read_into(self, file: DirectFile, dest: np.ndarray, offset: int) -> None:
+        """dest (C-contiguous, at most max_bytes) filled from the file's bytes at offset."""
+        if dest.nbytes > self._max:
+            raise ValueError(f"a read of {dest.nbytes} bytes through a {self._max}-byte window")
+        raw = file.read(offset, dest.nbytes, self._window)
+        if raw.size != dest.nbytes:
+            raise ValueError(f"short read at offset {offset}: {raw.size} of {dest.nbytes} bytes")
+        dest.reshape(-1).view(np.uint8)[...] = raw
+
+
 def _pread_into(fd: int, buf: np.ndarray, offset: int, unit: int) -> int:
     """Fill buf from offset until it is full or the file ends; bytes read. A short read is
     continued only at a multiple of `unit` (O_DIRECT's next read must start aligned; one

@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from sluice.gateway.core import scan as scan_module
 from sluice.gateway.core.aggregation import Contribution, FoldScan, fold_fedavg
 from sluice.gateway.core.scan import changed_since, scan_updates
-from sluice.gateway.store.direct import ALIGN, DirectFile, aligned_buffer, window_bytes
+from sluice.gateway.store.direct import (
+    ALIGN,
+    DirectFile,
+    WindowReader,
+    aligned_buffer,
+    window_bytes,
+)
 from sluice.models.schema import Schema, TensorSpec
 
 DTYPES = ["<f4", "<f2", "<f8", "bfloat16", "<i8", "<i4"]
@@ -252,6 +258,31 @@ def test_a_read_gives_exactly_the_bytes_at_any_offset(
         assert f.direct == (use_direct and direct_works(tmp_path))
         got = f.read(offset, length, buf)
         assert got.tobytes() == data[offset : offset + length]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    offset=st.integers(0, 3 * ALIGN),
+    count=st.integers(0, 900),
+    dtype=st.sampled_from(["<f4", "<f8", "<i8", "<f2", "|u1"]),
+)
+def test_a_window_reader_fills_any_array_with_the_bytes_at_any_offset(
+    tmp_path: Path, offset: int, count: int, dtype: str
+) -> None:
+    """The robust and server-optimizer strategies read cold updates this way."""
+    data = np.random.default_rng(offset).bytes(4 * ALIGN + 8 * 900)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    dest = np.empty((2, count), dtype=dtype)[1]  # a row: contiguous, anywhere in memory
+    with DirectFile(path) as f:
+        WindowReader(8 * 900).read_into(f, dest, offset)
+        assert dest.tobytes() == data[offset : offset + dest.nbytes]
+        with pytest.raises(ValueError, match="short read"):
+            WindowReader(8 * 900).read_into(f, np.empty(10, "<f8"), len(data) - 79)
+        with pytest.raises(ValueError, match="window"):
+            WindowReader(16).read_into(f, np.empty(3, "<f8"), 0)
 
 
 @pytest.mark.parametrize("refused_at", ["open", "read"])

@@ -24,6 +24,7 @@ import numpy as np
 # One short-read check and message for every reader of spooled files.
 from sluice.gateway.core.aggregation import _read, add_integer_mean
 from sluice.gateway.core.strategies.base import RoundInput, RoundReport
+from sluice.gateway.store.direct import DirectFile, WindowReader
 from sluice.models.schema import TensorSpec
 
 # Fewest columns per numpy call in the coordinate-wise loops, whatever the block size.
@@ -45,12 +46,15 @@ class _Spool:
         self.num_examples = [c.num_examples for c in inp.contributions]
         self.row_bytes = max(inp.block_bytes, 8)  # a block holds at least one element
         self._base_fd = _open(stack, inp.base_path)
-        self._fds = [_open(stack, c.path) for c in inp.contributions]
-        self._rows = np.empty(len(self._fds) * self.row_bytes, dtype=np.uint8)
+        # The updates are cold (spooled with O_DIRECT, scanned with O_DIRECT): read them so
+        # too, through one window, rather than fill the page cache with them.
+        self._files = [stack.enter_context(DirectFile(c.path)) for c in inp.contributions]
+        self._reader = WindowReader(self.row_bytes)
+        self._rows = np.empty(len(self._files) * self.row_bytes, dtype=np.uint8)
         self._base = np.empty(self.row_bytes, dtype=np.uint8)
 
     def __len__(self) -> int:
-        return len(self._fds)
+        return len(self._files)
 
     def blocks(self) -> Iterator[tuple[TensorSpec, int, int]]:
         """(spec, first byte, element count) of every block, in payload order."""
@@ -72,7 +76,7 @@ class _Spool:
         size = count * spec.np_dtype.itemsize
         rows = self._rows[: len(members) * size].view(spec.np_dtype).reshape(len(members), count)
         for row, i in zip(rows, members, strict=True):
-            _read(self._fds[i], row, first)
+            self._reader.read_into(self._files[i], row, first)
             scale = self.inp.contributions[i].scale
             if spec.is_float and scale != 1.0:
                 np.multiply(row, row.dtype.type(scale), out=row)
