@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
 
+from sluice.gateway.store.direct import DirectFile, aligned_buffer, window_bytes
 from sluice.models.appender import Appender
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -261,6 +262,32 @@ def write_seconds(payload: bytes | memoryview, directory: Path) -> float:
     path = directory / "raw-write.bin"
     started = time.perf_counter()
     _write_fsync(path, memoryview(payload))
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
+
+
+def io_floor_seconds(source: Path, payload: bytes | memoryview, directory: Path) -> float:
+    """Seconds to read `source` from the disk (O_DIRECT, nothing done with the bytes) while
+    writing payload to a new file in directory and fsyncing it, both at once: the disk work
+    no close of one update avoids (it reads the update and writes the version durably).
+    The file written is then deleted."""
+    path = directory / "io-floor.bin"
+
+    def read() -> None:
+        buf = aligned_buffer(window_bytes(8 << 20))
+        with DirectFile(source) as f:
+            offset = 0
+            while got := f.read(offset, 8 << 20, buf).size:
+                offset += got
+
+    started = time.perf_counter()
+    reader = threading.Thread(target=read, name="io-floor-read")
+    reader.start()
+    try:
+        _write_fsync(path, memoryview(payload))
+    finally:
+        reader.join()
     elapsed = time.perf_counter() - started
     path.unlink()
     return elapsed
