@@ -157,6 +157,8 @@ class RoundFolder:
                 **(changed_since(prepared.scanned) if prepared is not None else {}),
                 **spool.problems(),
             }
+            if not problems and prepared is not None and prepared.fold_scan is not None:
+                problems = self.privacy.rescan(served.schema, prepared)
             if problems:
                 raise self._spoiled(base, problems) from exc
             if deterministic(exc):

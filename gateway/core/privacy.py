@@ -140,6 +140,21 @@ class RoundPrivacy:
             FoldScan(len(contributions)),
         )
 
+    def rescan(self, schema: Schema, prepared: PreparedRound) -> dict[str, str]:
+        """After a fold that scanned its updates failed: which of them are not what was
+        acknowledged (one read of each: a file the fold could not read, EIO, is named here
+        and left out of the rerun instead of failing every retry the same way)."""
+        scans = scan_updates(
+            schema,
+            [c.path for c in prepared.contributions],
+            [u.payload_sha256 for u in prepared.updates],
+        )
+        return {
+            u.payload_sha256: s.problem
+            for u, s in zip(prepared.updates, scans, strict=True)
+            if s.problem
+        }
+
     def scanned_by_fold(self, prepared: PreparedRound) -> PreparedRound:
         """The round once its fold has hashed and measured its updates: CorruptUpdates for
         those that were not what was acknowledged, else the screening of their norms."""

@@ -26,6 +26,7 @@ from sluice.gateway.core.errors import PreconditionFailed, Unavailable, storage_
 from sluice.gateway.core.records import MAX_SAFE_INT, RoundState
 from sluice.gateway.server import Gateway
 from sluice.gateway.store.blobs import BlobStore, TempBlob
+from sluice.gateway.store.direct import DirectFile
 from sluice.gateway.store.sqlite import Store
 from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta
@@ -270,6 +271,36 @@ def test_an_update_spoiled_as_the_strategy_starts_is_excluded(
     assert any(w in str(excluded["reason"]) for w in why), excluded["reason"]
     (round_closed,) = entries(gw, "round.closed")
     assert round_closed["updates"] == [heads[0].update_id, heads[2].update_id]
+    assert residue(gw, 2) == [] and list(gw.blobs.tmp.iterdir()) == []
+
+
+@READERS
+def test_an_update_whose_reads_fail_with_eio_is_excluded_not_retried_forever(
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    monkeypatch: pytest.MonkeyPatch,
+    readers: dict[str, Any],
+) -> None:
+    """A bad sector under one spool file: that update is lost, not the round."""
+    gw = make_gateway(tmp_path, template_cache, **readers)
+    heads = [
+        push(gw, tiny_schema, random_delta(tiny_schema, i), t)[0] for i, t in enumerate(TRAINERS)
+    ]
+    bad = str(gw.blobs.path(heads[2].payload_sha256))
+    real = DirectFile.read
+
+    def failing(self: DirectFile, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
+        if os.readlink(f"/proc/self/fd/{self.fd}") == bad:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, offset, length, buf)
+
+    monkeypatch.setattr(DirectFile, "read", failing)
+    closed = gw.rounds.close(TINY, 1)
+    assert closed.version.num_trainers == 2
+    (excluded,) = entries(gw, "push.excluded")
+    assert excluded["update_id"] == heads[2].update_id
+    assert "cannot be read (I/O error)" in str(excluded["reason"])
     assert residue(gw, 2) == [] and list(gw.blobs.tmp.iterdir()) == []
 
 
