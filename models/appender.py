@@ -27,7 +27,7 @@ BLOCK = 8 << 20  # bytes per O_DIRECT write
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every write is buffered
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # What a file system answers when it does not take O_DIRECT (tmpfs at open; some at write).
-_NO_DIRECT = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
+NO_DIRECT = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 # Where an Appender(behind=True) writes its full blocks while its caller fills the next one.
 # Each appender has at most one block in flight, so its blocks reach the file in order;
 # several workers, so that concurrent appenders (pushes) do not queue behind each other.
@@ -38,6 +38,19 @@ _WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="block-write")
 SPARE_BYTES = 64 << 20
 _spare: dict[int, list[mmap.mmap]] = {}  # by size
 _spare_lock = threading.Lock()
+
+
+def open_direct(path: Path, flags: int) -> int | None:
+    """A descriptor of path opened with O_DIRECT (and `flags`), or None where the file
+    system (or the platform) does not take O_DIRECT; other errors are raised."""
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(path, flags | _O_DIRECT | _CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in NO_DIRECT:
+            raise
+        return None
 
 
 def _take_buffer(size: int) -> mmap.mmap:
@@ -91,14 +104,11 @@ class Appender:
             raise ValueError(f"block of {block} bytes: a positive multiple of {ALIGN}")
         create = os.O_CREAT | (os.O_EXCL if exclusive else 0)
         self._fd = os.open(path, os.O_WRONLY | create | _CLOEXEC, 0o600)
-        self._direct_fd: int | None = None
-        if use_direct and _O_DIRECT:
-            try:
-                self._direct_fd = os.open(path, os.O_WRONLY | _O_DIRECT | _CLOEXEC)
-            except OSError as exc:
-                if exc.errno not in _NO_DIRECT:
-                    os.close(self._fd)
-                    raise
+        try:
+            self._direct_fd = open_direct(path, os.O_WRONLY) if use_direct else None
+        except OSError:
+            os.close(self._fd)
+            raise
         self._pos = start  # where the buffer's first byte goes
         self._block = block
         # Page-aligned memory, as O_DIRECT needs; two buffers when a worker writes one.
@@ -151,7 +161,7 @@ class Appender:
                 self._pwrite(self._direct_fd, block, at)
                 return
             except OSError as exc:
-                if exc.errno not in _NO_DIRECT:
+                if exc.errno not in NO_DIRECT:
                     raise
                 self._stop_direct()  # a file system that opens O_DIRECT but refuses it
         self._pwrite(self._fd, block, at)

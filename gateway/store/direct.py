@@ -14,16 +14,14 @@ same calls read through the page cache.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
 import numpy as np
 
-ALIGN = 4096  # O_DIRECT's unit of offsets, lengths and memory on the file systems here
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every read is buffered
+from sluice.models.appender import ALIGN, NO_DIRECT, open_direct
+
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NO_DIRECT = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -46,14 +44,11 @@ class DirectFile:
     def __init__(self, path: Path, *, use_direct: bool = True) -> None:
         """Raises what open raises (FileNotFoundError for a missing file)."""
         self.fd = os.open(path, os.O_RDONLY | _CLOEXEC)
-        self._direct: int | None = None
-        if use_direct and _O_DIRECT:
-            try:
-                self._direct = os.open(path, os.O_RDONLY | _O_DIRECT | _CLOEXEC)
-            except OSError as exc:
-                if exc.errno not in _NO_DIRECT:
-                    os.close(self.fd)
-                    raise
+        try:
+            self._direct = open_direct(path, os.O_RDONLY) if use_direct else None
+        except OSError:
+            os.close(self.fd)
+            raise
         self.size = os.fstat(self.fd).st_size
 
     @property
@@ -70,7 +65,7 @@ class DirectFile:
             try:
                 got = _pread_into(direct, buf[: hi - lo], lo, ALIGN)
             except OSError as exc:
-                if exc.errno not in _NO_DIRECT:
+                if exc.errno not in NO_DIRECT:
                     raise
                 self._stop_direct()  # a file system that opens O_DIRECT but refuses it
             else:

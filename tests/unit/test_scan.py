@@ -21,13 +21,14 @@ from sluice.gateway.core import scan as scan_module
 from sluice.gateway.core.aggregation import Contribution, FoldScan, fold_fedavg
 from sluice.gateway.core.scan import changed_since, scan_updates
 from sluice.gateway.store.direct import (
-    ALIGN,
     DirectFile,
     WindowReader,
     aligned_buffer,
     window_bytes,
 )
+from sluice.models.appender import ALIGN
 from sluice.models.schema import Schema, TensorSpec
+from tests.unit.test_appender import direct_works
 
 DTYPES = ["<f4", "<f2", "<f8", "bfloat16", "<i8", "<i4"]
 SCHEMAS = st.lists(
@@ -54,6 +55,15 @@ def payload(schema: Schema, seed: int) -> tuple[bytes, float]:
         arrays[spec.name] = values
     norm = float(np.linalg.norm(np.concatenate(floats))) if floats else 0.0
     return schema.flatten(arrays), norm
+
+
+def one_update(tmp_path: Path, count: int) -> tuple[Schema, Path, bytes]:
+    """A one-tensor schema of `count` float32s and a spooled update of it."""
+    schema = Schema((TensorSpec("a", (count,), "<f4"),))
+    data, _ = payload(schema, 1)
+    path = tmp_path / "u.bin"
+    path.write_bytes(data)
+    return schema, path, data
 
 
 def spoil(path: Path, how: str, where: int) -> str:
@@ -137,10 +147,7 @@ def test_without_expectations_a_bad_file_is_an_error(tmp_path: Path) -> None:
 def test_an_unreadable_file_is_its_problem_and_other_errors_are_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    schema = Schema((TensorSpec("a", (5000,), "<f4"),))
-    data, _ = payload(schema, 1)
-    path = tmp_path / "u.bin"
-    path.write_bytes(data)
+    schema, path, data = one_update(tmp_path, 5000)
     sha = hashlib.sha256(data).hexdigest()
     code = errno.EIO
 
@@ -158,10 +165,7 @@ def test_an_unreadable_file_is_its_problem_and_other_errors_are_raised(
 def test_a_file_that_shrinks_while_it_is_scanned_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    schema = Schema((TensorSpec("a", (5000,), "<f4"),))
-    data, _ = payload(schema, 1)
-    path = tmp_path / "u.bin"
-    path.write_bytes(data)
+    schema, path, data = one_update(tmp_path, 5000)
     real = DirectFile.read
 
     def shrinking(self: DirectFile, offset: int, length: int, buf: np.ndarray) -> Any:
@@ -178,10 +182,7 @@ def test_no_read_is_in_flight_once_a_scan_has_failed(
 ) -> None:
     """The next window is read ahead into the scan's other buffer: a scan that stops early
     waits for that read before its buffers go to the next file."""
-    schema = Schema((TensorSpec("a", (50_000,), "<f4"),))
-    data, _ = payload(schema, 1)
-    path = tmp_path / "u.bin"
-    path.write_bytes(data)
+    schema, path, _ = one_update(tmp_path, 50_000)
     reads: list[str] = []
     real = DirectFile.read
 
@@ -222,18 +223,6 @@ def test_a_file_written_after_its_scan_is_seen_as_changed(tmp_path: Path) -> Non
 
 
 # --- the O_DIRECT reader ---------------------------------------------------------------
-
-
-def direct_works(directory: Path) -> bool:
-    if not getattr(os, "O_DIRECT", 0):
-        return False
-    try:
-        fd = os.open(directory / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    (directory / ".probe").unlink()
-    return True
 
 
 @settings(
