@@ -325,9 +325,13 @@ def fold_fedavg(
     `workers` threads fold consecutive blocks at once (the reads and numpy's copies and
     additions release the GIL) while the caller consumes the blocks before them, in order.
 
+    The contributions are read with O_DIRECT (their spools are cold: store/direct.py).
+    `scan`: each contribution's sha256 and norm are taken from these reads (FoldScan).
+
     Memory: per worker one arena of three blocks of `block_bytes` (accumulator, read
-    buffer, scratch for integer tensors), plus the finished blocks waiting to be yielded
-    (at most workers + 1): whatever the number of contributions or the size of the model.
+    buffer, scratch for integer tensors; a fourth, float64, with a scan), plus the
+    finished blocks waiting to be yielded (at most workers + 1): whatever the number of
+    contributions or the size of the model.
     """
     if not contributions:
         raise ValueError("fold_fedavg needs at least one contribution")
