@@ -8,8 +8,9 @@ a buffer that is used again costs ~0.15 (2.2 s, the disk's own pace).
 
 O_DIRECT wants the offset, the length and the memory aligned: a read of any byte range
 reads the aligned pages around it into an aligned buffer and hands back a view of the
-range. Where the file system refuses O_DIRECT (tmpfs, at open or at the first read) the
-same calls read through the page cache.
+range. A range the page cache already holds is copied from it instead (a file someone just
+read or wrote through it). Where the file system refuses O_DIRECT (tmpfs, at open or at
+the first read) the same calls read through the page cache.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from sluice.models.appender import ALIGN, NO_DIRECT, open_direct
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+: a read that fails rather than wait
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -50,6 +52,7 @@ class DirectFile:
             os.close(self.fd)
             raise
         self.size = os.fstat(self.fd).st_size
+        self._nowait = _RWF_NOWAIT != 0
 
     @property
     def direct(self) -> bool:
@@ -57,7 +60,14 @@ class DirectFile:
 
     def read(self, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
         """Up to `length` bytes from `offset` (fewer only at the end of the file): a uint8
-        view into `buf`, an aligned_buffer of at least window_bytes(length) bytes."""
+        view into `buf`, an aligned_buffer of at least window_bytes(length) bytes.
+
+        Bytes the page cache already holds are copied from it (a read that may not wait
+        for the disk, RWF_NOWAIT): O_DIRECT would read them from the disk again."""
+        if self._nowait and self._direct is not None:
+            cached = self._cached(offset, length, buf)
+            if cached is not None:
+                return cached
         direct = self._direct
         if direct is not None:
             lo = offset - offset % ALIGN
@@ -73,6 +83,20 @@ class DirectFile:
                 return buf[start : max(start, min(got, start + length))]
         got = _pread_into(self.fd, buf[:length], offset, 1)
         return buf[:got]
+
+    def _cached(self, offset: int, length: int, buf: np.ndarray) -> np.ndarray | None:
+        """The range if the page cache holds all of it (as far as the file goes), else None."""
+        want = max(0, min(length, self.size - offset))
+        try:
+            got = os.preadv(self.fd, [buf[:want].data], offset, _RWF_NOWAIT)
+        except BlockingIOError:  # not (all) in the page cache
+            return None
+        except OSError as exc:
+            if exc.errno not in NO_DIRECT:
+                raise
+            self._nowait = False  # a kernel or file system without it: O_DIRECT it is
+            return None
+        return buf[:got] if got == want else None
 
     def _stop_direct(self) -> None:
         if self._direct is not None:
