@@ -10,12 +10,13 @@ CPU per GB for the read, where a read through the page cache cost ~3 s per GB on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import math
 import os
 import queue
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
@@ -189,17 +190,20 @@ class _Short(Exception):
 def _read(file: DirectFile, windows: Sequence[_Window], digest: Any, buf: _Buffers) -> float:
     """Hash every window into digest and return the sum of the float squares."""
     total = 0.0
-    for w, data in _ahead(file, windows, buf):
-        if data.size != w.nbytes:
-            raise _Short
-        digest.update(data)  # sha256 releases the GIL: the next read and another scan run on
-        total += _squares(data, w.floats, buf.wide)
+    # Closed on the way out, also by an exception: its read ahead is waited for before the
+    # buffers go to the next file (a traceback would keep a bare generator open).
+    with contextlib.closing(_ahead(file, windows, buf)) as reads:
+        for w, data in reads:
+            if data.size != w.nbytes:
+                raise _Short
+            digest.update(data)  # sha256 releases the GIL: the next read, another scan run on
+            total += _squares(data, w.floats, buf.wide)
     return total
 
 
 def _ahead(
     file: DirectFile, windows: Sequence[_Window], buf: _Buffers
-) -> Iterator[tuple[_Window, np.ndarray]]:
+) -> Generator[tuple[_Window, np.ndarray], None, None]:
     """Each window with its bytes, the next one's read already under way; no read is in
     flight into either buffer once the iteration ends, however it ends."""
     if not windows:

@@ -16,6 +16,7 @@ Rules every strategy follows:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +71,15 @@ class FedAvg:
     name: str = "FedAvg"
 
     def aggregate(self, inp: RoundInput, out_path: Path, state_out: Path) -> RoundReport:
-        with out_path.open("wb", buffering=0) as out:
+        # Closed on the way out, also when a write fails: the fold's workers stop and its
+        # files close then, not when the traceback is let go.
+        blocks = fold_fedavg(
+            inp.schema, inp.base_path, inp.contributions, inp.block_bytes, scan=inp.scan
+        )
+        with contextlib.closing(blocks), out_path.open("wb", buffering=0) as out:
             # The disk starts writing while the fold runs: the version's fsync (blobs.adopt)
             # then waits for the tail only.
             behind = WriteBehind(out.fileno())
-            blocks = fold_fedavg(
-                inp.schema, inp.base_path, inp.contributions, inp.block_bytes, scan=inp.scan
-            )
             for block in blocks:
                 raw = view = memoryview(block).cast("B")
                 while view:
