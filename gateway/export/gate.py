@@ -3,7 +3,6 @@ only, each call audited with who asked, what for and what came of it."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -15,7 +14,8 @@ from pathlib import Path
 
 from sluice.gateway.core.errors import IntegrityError, InvalidInput, NotFound, SluiceError, bounded
 from sluice.gateway.core.records import Release, ReleaseFile
-from sluice.gateway.export.guard import GuardRefused, PieceDigests
+from sluice.gateway.export.guard import GuardRefused
+from sluice.gateway.export.pieces import Pieces, PieceTags
 from sluice.gateway.export.release_check import ReleaseChecker, SignedRelease
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.audit import Coalescer
@@ -49,11 +49,10 @@ class Pull:
 
 @dataclass
 class _Opened:
-    """The descriptor a pull streams from, and the digests of the pieces the checks read."""
+    """The descriptor a pull streams from, and the tags of the pieces the checks read."""
 
     fd: int = -1
-    pieces: list[bytes] | None = None
-    piece_bytes: int = 0
+    pieces: Pieces | None = None
 
 
 class _Withheld(Exception):
@@ -171,9 +170,7 @@ class EgressGate:
 
         assert opened.pieces is not None
         descriptor = _Descriptor(fd)
-        chunks = _verified_chunks(
-            descriptor, offset, entry.size, opened.pieces, opened.piece_bytes, interrupted
-        )
+        chunks = _verified_chunks(descriptor, offset, entry.size, opened.pieces, interrupted)
         return Pull(r, entry, chunks, descriptor.close)
 
     # -- the checks -----------------------------------------------------------------------
@@ -201,7 +198,7 @@ class EgressGate:
 
         thorough: every file is read and checked (a pull); otherwise a release unchanged
         since its last full check passes without reading it again (a manifest). With fds,
-        `file` is opened before the checks read it; its descriptor and the digests of the
+        `file` is opened before the checks read it; its descriptor and the tags of the
         pieces the checks read are left in fds.
         """
         if not model:
@@ -239,8 +236,8 @@ class EgressGate:
     def _check(self, row: Release, thorough: bool, file: str, fds: _Opened | None) -> SignedRelease:
         fd = -1
         entry: ReleaseFile | None = None
-        known: list[bytes] | None = None  # the file's piece digests, from an earlier check
-        filling: PieceDigests | None = None  # or filled by this one
+        known: Pieces | None = None  # the file's piece tags, from an earlier check
+        filling: PieceTags | None = None  # or filled by this one
         try:
             signed = self.checker.signed(row)
             if fds is not None:
@@ -256,22 +253,23 @@ class EgressGate:
                 path = self.checker.directory(signed.release) / entry.name
                 fd = _open_no_follow(path)
                 opened = os.fstat(fd)
-                # Pieces are a function of the bytes: those of an earlier check of bytes with
-                # the same signed sha256 are these bytes' pieces once this check confirms
-                # the sha256 (it reads and hashes every file either way).
+                # The tags an earlier check recorded while these bytes hashed to the signed
+                # sha256: the file holds those bytes now only if every piece still has its
+                # tag, so this check reads it against them instead of hashing it whole.
                 known = self._pieces.get(entry.sha256, SEND_CHUNK_BYTES)
                 if known is None:
-                    filling = _PiecesBehind(SEND_CHUNK_BYTES)
+                    filling = PieceTags(SEND_CHUNK_BYTES)
             if thorough or entry is not None or not self.checker.unchanged_since_checked(signed):
                 fill = {entry.name: filling} if entry is not None and filling is not None else None
-                self.checker.check(signed, fill)
+                tagged = {entry.name: known} if entry is not None and known is not None else None
+                self.checker.check(signed, fill, tagged)
             if fds is not None and entry is not None:
                 _same_file(path, opened, os.fstat(fd))
-                digests = filling.finish() if filling is not None else known or []
-                if len(digests) != -(-entry.size // SEND_CHUNK_BYTES):
+                pieces = filling.finish() if filling is not None else known
+                if pieces is None or len(pieces) != -(-entry.size // SEND_CHUNK_BYTES):
                     raise ValueError(f"{entry.name}: the checks did not read it whole")
-                self._pieces.put(entry.sha256, SEND_CHUNK_BYTES, digests)
-                fds.fd, fds.pieces, fds.piece_bytes = fd, digests, SEND_CHUNK_BYTES
+                self._pieces.put(entry.sha256, pieces)
+                fds.fd, fds.pieces = fd, pieces
                 fd = -1
             return signed
         except GuardRefused as exc:
@@ -341,55 +339,27 @@ class EgressGate:
 
 
 class _PieceCache:
-    """Piece digests of release files, by the signed sha256 and piece size they were
-    computed for; the most recent `entries`."""
+    """Piece tags of release files, by the signed sha256 and piece size they were recorded
+    for (while the bytes hashed to that sha256); the most recent `entries`."""
 
     def __init__(self, entries: int = 64) -> None:
         self._entries = entries
-        self._digests: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
+        self._tags: OrderedDict[tuple[str, int], Pieces] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, sha256: str, piece_bytes: int) -> list[bytes] | None:
+    def get(self, sha256: str, piece_bytes: int) -> Pieces | None:
         with self._lock:
-            digests = self._digests.get((sha256, piece_bytes))
-            if digests is not None:
-                self._digests.move_to_end((sha256, piece_bytes))
-            return digests
+            pieces = self._tags.get((sha256, piece_bytes))
+            if pieces is not None:
+                self._tags.move_to_end((sha256, piece_bytes))
+            return pieces
 
-    def put(self, sha256: str, piece_bytes: int, digests: list[bytes]) -> None:
+    def put(self, sha256: str, pieces: Pieces) -> None:
         with self._lock:
-            self._digests[(sha256, piece_bytes)] = digests
-            self._digests.move_to_end((sha256, piece_bytes))
-            while len(self._digests) > self._entries:
-                self._digests.popitem(last=False)
-
-
-class _PiecesBehind(PieceDigests):
-    """PieceDigests fed from a worker, one buffer behind the checks' read: the check hashes
-    the whole file while the worker hashes its pieces, two sha256 passes side by side (both
-    release the GIL) instead of one after the other before a pull's first byte leaves.
-
-    The checks reuse their read buffer, so each buffer is copied: the pieces are still
-    the digests of the very bytes the checks read.
-    """
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self._behind: Future[None] | None = None
-
-    def _settle(self) -> None:
-        if self._behind is not None:
-            behind, self._behind = self._behind, None
-            behind.result()
-
-    def feed(self, data: bytes | memoryview) -> None:
-        copy = bytes(data)
-        self._settle()
-        self._behind = _READ_AHEAD.submit(super().feed, copy)
-
-    def finish(self) -> list[bytes]:
-        self._settle()
-        return super().finish()
+            self._tags[(sha256, pieces.size)] = pieces
+            self._tags.move_to_end((sha256, pieces.size))
+            while len(self._tags) > self._entries:
+                self._tags.popitem(last=False)
 
 
 def _open_no_follow(path: Path) -> int:
@@ -414,33 +384,37 @@ def _verified_chunks(
     descriptor: _Descriptor,
     offset: int,
     total: int,
-    pieces: list[bytes],
-    piece_bytes: int,
+    pieces: Pieces,
     interrupted: Callable[[str], None],
 ) -> Iterator[tuple[int, bytes]]:
     """Chunks read from the guarded descriptor, each sent only after the whole piece it lies
-    in hashed to what the checks read (`pieces`, one sha256 per `piece_bytes`): a file changed
-    in place after the check never has a changed byte leave, in whatever chunk it lies; the
-    pull ends there (audited through `interrupted`). A resumed pull reads the piece its
-    offset falls in and sends from the offset: nothing before it is read.
+    in matched the tag the checks recorded (`pieces`, one per `pieces.size` bytes): a file
+    changed in place after the check never has a changed byte leave, in whatever chunk it
+    lies; the pull ends there (audited through `interrupted`). A resumed pull reads the piece
+    its offset falls in and sends from the offset: nothing before it is read.
 
-    The next piece is read and hashed in a worker while gRPC sends this one (both release the
-    GIL); at most two pieces are in memory.
+    The next piece is read and checked in a worker while gRPC sends this one; at most two
+    pieces are in memory.
     """
+    size = pieces.size
     try:
-        index = offset // piece_bytes
-        pos = index * piece_bytes
-        ahead = descriptor.read_ahead(pos, min(piece_bytes, total - pos)) if pos < total else None
+        index = offset // size
+        pos = index * size
+        ahead = (
+            descriptor.read_ahead(pos, min(size, total - pos), pieces, index)
+            if pos < total
+            else None
+        )
         while ahead is not None:
-            want = min(piece_bytes, total - pos)
-            data, digest = ahead.result()
+            want = min(size, total - pos)
+            data, matched = ahead.result()
             after = pos + want
             ahead = (
-                descriptor.read_ahead(after, min(piece_bytes, total - after))
+                descriptor.read_ahead(after, min(size, total - after), pieces, index + 1)
                 if after < total
                 else None
             )
-            if len(data) != want or index >= len(pieces) or digest != pieces[index]:
+            if len(data) != want or not matched:
                 raise IntegrityError("release file changed during the pull; it is withheld")
             skip = max(0, offset - pos)
             if skip < len(data):
@@ -454,7 +428,7 @@ def _verified_chunks(
         descriptor.close()
 
 
-# Reads and hashes the next piece of a pull while its handler thread sends the current one.
+# Reads and checks the next piece of a pull while its handler thread sends the current one.
 _READ_AHEAD = ThreadPoolExecutor(max_workers=4, thread_name_prefix="egress-read")
 
 
@@ -466,14 +440,17 @@ class _Descriptor:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._lock = threading.Lock()
-        self._ahead: Future[tuple[bytes, bytes]] | None = None
+        self._ahead: Future[tuple[bytes, bool]] | None = None
 
-    def read_ahead(self, pos: int, size: int) -> Future[tuple[bytes, bytes]]:
-        """(data, sha256 digest) of up to size bytes at pos, read in a worker."""
+    def read_ahead(
+        self, pos: int, size: int, pieces: Pieces, index: int
+    ) -> Future[tuple[bytes, bool]]:
+        """(data, whether it is piece `index` as tagged) of up to size bytes at pos, read
+        in a worker."""
         with self._lock:
             if self.fd < 0:
                 raise IntegrityError("the release file was closed during the pull")
-            self._ahead = _READ_AHEAD.submit(_read_piece, self.fd, size, pos)
+            self._ahead = _READ_AHEAD.submit(_read_piece, self.fd, size, pos, pieces, index)
             return self._ahead
 
     def close(self) -> None:
@@ -485,9 +462,9 @@ class _Descriptor:
             os.close(fd)
 
 
-def _read_piece(fd: int, size: int, pos: int) -> tuple[bytes, bytes]:
+def _read_piece(fd: int, size: int, pos: int, pieces: Pieces, index: int) -> tuple[bytes, bool]:
     data = _pread_exactly(fd, size, pos)
-    return data, hashlib.sha256(data).digest()
+    return data, len(data) == size and pieces.matches(index, data)
 
 
 def _pread_exactly(fd: int, size: int, pos: int) -> bytes:

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from sluice.gateway.core.errors import InvalidInput, PolicyRefused
 from sluice.gateway.core.finite import FiniteCheck
+from sluice.gateway.export.pieces import PieceCheck, Pieces, PieceTags
 from sluice.gateway.export.template import OnnxTemplate
 from sluice.models import artifact
 from sluice.models.artifact import ArtifactRefused, StructureLimits, inspect_onnx
@@ -98,40 +98,6 @@ class Verdicts:
     def accept(self, sha256: str, t: OnnxTemplate, schema: Schema, policy: GuardPolicy) -> None:
         with self._lock:
             self._accepted.add(self._key(sha256, t, schema, policy))
-
-
-class PieceDigests:
-    """sha256 of each `size`-byte piece of one file, fed in order as the checks read it.
-
-    The egress gate sends a piece only if the bytes it reads to send still hash to what the
-    checks read: a file rewritten in place after the check (same inode, even with its mtime
-    put back) never has a changed byte leave, in whatever piece it lies.
-    """
-
-    def __init__(self, size: int) -> None:
-        if size <= 0:
-            raise ValueError("a piece holds at least one byte")
-        self.size = size
-        self.digests: list[bytes] = []
-        self._hash = hashlib.sha256()
-        self._filled = 0
-
-    def feed(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            take = min(len(view), self.size - self._filled)
-            self._hash.update(view[:take])
-            self._filled += take
-            view = view[take:]
-            if self._filled == self.size:
-                self.digests.append(self._hash.digest())
-                self._hash, self._filled = hashlib.sha256(), 0
-
-    def finish(self) -> list[bytes]:
-        if self._filled:
-            self.digests.append(self._hash.digest())
-            self._hash, self._filled = hashlib.sha256(), 0
-        return self.digests
 
 
 @dataclass(frozen=True)
@@ -340,13 +306,16 @@ def _read_checked(
     size: int,
     sha256: str,
     values: FiniteCheck | None = None,
-    pieces: PieceDigests | None = None,
+    pieces: PieceTags | None = None,
+    known: Pieces | None = None,
 ) -> None:
     """Check one file's size and sha256 (and, given `values`, that the weights it holds are
     finite) as it is streamed through two small buffers: a worker hashes one (and feeds
-    `pieces`) while this thread reads the next and checks its values (all release the GIL)."""
+    `pieces`) while this thread reads the next and checks its values (all release the GIL).
+    Given `known`, the tags of an earlier read of bytes that hashed to this sha256, every
+    piece is checked against them instead (the same bytes, for a quarter of the CPU)."""
     fd = _open_regular(dir_fd, name)
-    digest = hashlib.sha256()
+    digest = _identity(sha256, known)
     hashed: Future[None] | None = None
     try:
         actual = os.fstat(fd).st_size
@@ -377,13 +346,51 @@ def _read_checked(
         if hashed is not None:
             hashed.result()  # before the buffers can be reused or dropped
         os.close(fd)
-    if digest.hexdigest() != sha256:
-        raise _refuse_files(
-            f"{name}: sha256 {digest.hexdigest()[:16]}..., the manifest says {sha256[:16]}..."
+    refusal = digest.refusal(name)
+    if refusal is not None:
+        raise _refuse_files(refusal)
+
+
+class _Sha256:
+    """A file is the one the manifest lists if it hashes to the listed sha256."""
+
+    def __init__(self, sha256: str) -> None:
+        self.expected = sha256
+        self._hash = hashlib.sha256()
+
+    def update(self, data: memoryview) -> None:
+        self._hash.update(data)
+
+    def refusal(self, name: str) -> str | None:
+        got = self._hash.hexdigest()
+        if got == self.expected:
+            return None
+        return f"{name}: sha256 {got[:16]}..., the manifest says {self.expected[:16]}..."
+
+
+class _Tagged:
+    """Or if every piece has the tag it had when an earlier read hashed to that sha256."""
+
+    def __init__(self, known: Pieces) -> None:
+        self._check = PieceCheck(known)
+
+    def update(self, data: memoryview) -> None:
+        self._check.feed(data)
+
+    def refusal(self, name: str) -> str | None:
+        if self._check.whole():
+            return None
+        return (
+            f"{name}: piece {self._check.first_bad} differs from the bytes that hashed to the "
+            f"manifest's sha256 when checked before"
         )
 
 
-def _digest_piece(digest: Any, pieces: PieceDigests | None, data: memoryview) -> None:
+def _identity(sha256: str, known: Pieces | None) -> _Sha256 | _Tagged:
+    return _Sha256(sha256) if known is None else _Tagged(known)
+
+
+def _digest_piece(digest: _Sha256 | _Tagged, pieces: PieceTags | None, data: memoryview) -> None:
     digest.update(data)
     if pieces is not None:
         pieces.feed(data)
@@ -397,14 +404,19 @@ _STREAM_HASHERS = ThreadPoolExecutor(
 
 
 def _read_whole(
-    dir_fd: int, name: str, size: int, sha256: str, pieces: PieceDigests | None = None
+    dir_fd: int,
+    name: str,
+    size: int,
+    sha256: str,
+    pieces: PieceTags | None = None,
+    known: Pieces | None = None,
 ) -> memoryview:
     """A file's bytes, exactly `size` of them, into one private buffer, refused unless they
-    hash to sha256: the checks that follow see the bytes that were hashed, whatever happens
-    to the file. A worker hashes each part read (and feeds `pieces`) while this thread
-    reads the next (both release the GIL)."""
+    hash to sha256 (or match `known`, as in _read_checked): the checks that follow see the
+    bytes that were hashed, whatever happens to the file. A worker hashes each part read
+    (and feeds `pieces`) while this thread reads the next (both release the GIL)."""
     fd = _open_regular(dir_fd, name)
-    digest = hashlib.sha256()
+    digest = _identity(sha256, known)
     hashed: Future[None] | None = None
     try:
         actual = os.fstat(fd).st_size
@@ -427,10 +439,9 @@ def _read_whole(
         if hashed is not None:
             hashed.result()
         os.close(fd)
-    if digest.hexdigest() != sha256:
-        raise _refuse_files(
-            f"{name}: sha256 {digest.hexdigest()[:16]}..., the manifest says {sha256[:16]}..."
-        )
+    refusal = digest.refusal(name)
+    if refusal is not None:
+        raise _refuse_files(refusal)
     return buf
 
 
@@ -466,7 +477,8 @@ def check_release_dir(
     expected: Mapping[str, tuple[int, str]],
     verdicts: Verdicts | None = None,
     manifest_json: bytes | None = None,
-    pieces: Mapping[str, PieceDigests] | None = None,
+    pieces: Mapping[str, PieceTags] | None = None,
+    known: Mapping[str, Pieces] | None = None,
 ) -> None:
     """Refuse a release directory unless it is exactly what the manifest lists.
 
@@ -478,11 +490,13 @@ def check_release_dir(
     holds its sha256 (which the read just confirmed) as accepted for this template, schema
     and policy. Given manifest_json (the signed bytes), manifest.json must hold exactly them.
     The data file's weights must be finite (skipped for a data file the verdicts accepted,
-    its sha256 still checked). Given pieces, each named file's piece digests are filled from
-    the very bytes checked (see PieceDigests). Memory: model.onnx twice while it is parsed;
-    nothing when the verdict is known.
+    its sha256 still checked). Given pieces, each named file's piece tags are filled from
+    the very bytes checked (see gateway.export.pieces). Given known, each named file is
+    checked against the tags an earlier read of bytes with the listed sha256 recorded
+    instead of hashed whole: it matches them only if it holds those very bytes. Memory:
+    model.onnx twice while it is parsed; nothing when the verdict is known.
     """
-    pieces = pieces or {}
+    pieces, known = pieces or {}, known or {}
     layout = {MODEL_FILE} if template.data_file is None else {MODEL_FILE, template.data_file}
     if set(expected) != layout:
         raise _refuse_files(
@@ -522,22 +536,32 @@ def check_release_dir(
                 # Streamed: the data file of a large model is never held in memory.
                 size, sha256 = expected[name]
                 key = f"{sha256}:{name}"  # a data file's verdict, apart from model.onnx's
-                known = verdicts is not None and verdicts.accepted(key, template, schema, policy)
+                accepted = verdicts is not None and verdicts.accepted(key, template, schema, policy)
                 values = (
                     None
-                    if known
+                    if accepted
                     else FiniteCheck(Schema(tuple(data_file_weights(template, schema))))
                 )
-                _read_checked(dir_fd, name, size, sha256, values, pieces.get(name))
+                _read_checked(dir_fd, name, size, sha256, values, pieces.get(name), known.get(name))
                 if verdicts is not None:
                     verdicts.accept(key, template, schema, policy)
         size, sha256 = expected[MODEL_FILE]
         if verdicts is not None and verdicts.accepted(sha256, template, schema, policy):
             # Hashed as read: these are the very bytes that passed before.
-            _read_checked(dir_fd, MODEL_FILE, size, sha256, pieces=pieces.get(MODEL_FILE))
+            _read_checked(
+                dir_fd,
+                MODEL_FILE,
+                size,
+                sha256,
+                None,
+                pieces.get(MODEL_FILE),
+                known.get(MODEL_FILE),
+            )
             return
         # Hashed as read: a changed file is refused as such, before its bytes are judged.
-        model = _read_whole(dir_fd, MODEL_FILE, size, sha256, pieces.get(MODEL_FILE))
+        model = _read_whole(
+            dir_fd, MODEL_FILE, size, sha256, pieces.get(MODEL_FILE), known.get(MODEL_FILE)
+        )
     finally:
         os.close(dir_fd)
     check_model_bytes(model, template, schema, policy)

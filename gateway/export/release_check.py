@@ -26,13 +26,13 @@ from sluice.gateway.export.guard import (
     SIGNATURE,
     GuardPolicy,
     GuardRefused,
-    PieceDigests,
     ReleaseFacts,
     Verdicts,
     check_policy,
     check_release_dir,
     weight_specs,
 )
+from sluice.gateway.export.pieces import Pieces, PieceTags
 from sluice.gateway.export.template import OnnxTemplate
 from sluice.models.manifest import ManifestRefused, key_id, verify_signature
 
@@ -149,11 +149,15 @@ class ReleaseChecker:
         return SignedRelease(release, doc, row)
 
     def check(
-        self, signed: SignedRelease, pieces: Mapping[str, PieceDigests] | None = None
+        self,
+        signed: SignedRelease,
+        pieces: Mapping[str, PieceTags] | None = None,
+        tagged: Mapping[str, Pieces] | None = None,
     ) -> None:
         """Policy and every file of the release against the signed manifest; GuardRefused
         names what failed. Given pieces, they are filled from the bytes checked (a pull sends
-        only bytes that still match them)."""
+        only bytes that still match them). Given tagged, the named files are checked against
+        the tags of an earlier check of the same signed sha256 instead of hashed whole."""
         r, row = signed.release, signed.row
         key = (r.model, r.version)
         try:  # taken before the read: a change while it reads changes them for next time
@@ -164,7 +168,7 @@ class ReleaseChecker:
         if known is not None and keys is not None and known[:2] == (row, keys):
             raise GuardRefused(known[2].reason, known[2].layers)
         try:
-            self._check(signed, pieces)
+            self._check(signed, pieces, tagged)
         except GuardRefused as exc:
             if keys is not None:
                 self._refused[key] = (row, keys, exc)
@@ -173,7 +177,12 @@ class ReleaseChecker:
         if keys is not None:
             self._intact[key] = (row, keys)
 
-    def _check(self, signed: SignedRelease, pieces: Mapping[str, PieceDigests] | None) -> None:
+    def _check(
+        self,
+        signed: SignedRelease,
+        pieces: Mapping[str, PieceTags] | None,
+        tagged: Mapping[str, Pieces] | None,
+    ) -> None:
         r, doc, row = signed.release, signed.manifest, signed.row
         facts = (r.round, r.created_ms, r.num_trainers, sorted(r.files, key=_name))
         if facts != (row.round, row.created_ms, row.num_trainers, sorted(row.files, key=_name)):
@@ -201,6 +210,7 @@ class ReleaseChecker:
             self.verdicts,
             manifest_json=r.manifest_json,
             pieces=pieces,
+            known=tagged,
         )
 
     def unchanged_since_checked(self, signed: SignedRelease) -> bool:

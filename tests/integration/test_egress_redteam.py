@@ -98,38 +98,59 @@ def test_no_byte_changed_in_place_after_the_check_ever_leaves(
         assert sent[0][0] == offset
 
 
-@pytest.mark.parametrize("when", ["before the check", "after the check"])
-def test_pieces_remembered_from_an_earlier_pull_never_send_a_changed_byte(
-    gateway: Running, tiny_schema: Schema, monkeypatch: pytest.MonkeyPatch, when: str
+@pytest.mark.parametrize("where", [0, 4095, 4096, "middle", "last byte"])
+@pytest.mark.parametrize("when", ["before the check", "after the check", "and put back"])
+def test_tags_remembered_from_an_earlier_pull_never_send_a_changed_byte(
+    gateway: Running,
+    tiny_schema: Schema,
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+    where: int | str,
 ) -> None:
-    """A later pull of the same file reuses the piece digests of the first (the gate keeps
-    them by the signed sha256): a file rewritten in place since then is refused by the
-    check, or, rewritten after it, stopped at the first changed piece."""
+    """A later pull of the same file checks it against the piece tags of the first (the
+    gate keeps them by the signed sha256) instead of hashing it whole: a file rewritten in
+    place since then, its mtime even put back, is refused by the check, naming the piece;
+    rewritten after it, the pull stops at the first changed piece; put back as it was,
+    it passes and leaves whole."""
     _publish_one(gateway, tiny_schema)
     monkeypatch.setattr(gate_module, "SEND_CHUNK_BYTES", 4096)
     path = release_dir(gateway) / "model.onnx"
     genuine = path.read_bytes()
     first = gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
-    assert b"".join(d for _, d in first.chunks) == genuine  # the pieces are now remembered
-    at = len(genuine) // 2
+    assert b"".join(d for _, d in first.chunks) == genuine  # the tags are now remembered
+    at = {"middle": len(genuine) // 2, "last byte": len(genuine) - 1}.get(str(where), where)
+    assert isinstance(at, int)
+    stat = path.stat()
 
-    def rewrite() -> None:
+    def rewrite(data: bytes) -> None:
         with path.open("r+b") as f:
             f.seek(at)
-            f.write(b"FRAME")
+            f.write(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
+    flipped = bytes([genuine[at] ^ 0x01])
     if when == "before the check":
-        rewrite()
+        rewrite(flipped)
         with pytest.raises(IntegrityError, match="withheld"):
             gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
+        gateway.gateway.audit.flush(everything=True)
+        reasons = [
+            e.detail["reason"] for e in gateway.gateway.store.audit_entries("egress.refused")
+        ]
+        assert f"piece {at // 4096} differs" in str(reasons[-1])
+        return
+    if when == "and put back":
+        rewrite(flipped)
+        rewrite(genuine[at : at + 1])
+        again = gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
+        assert b"".join(d for _, d in again.chunks) == genuine
         return
     pull = gateway.gateway.gate.open_pull(READER, TINY, 1, "", 0)
-    rewrite()
+    rewrite(flipped)
     sent = []
     with pytest.raises(IntegrityError, match="changed during the pull"):
         for chunk_offset, data in pull.chunks:
             sent.append((chunk_offset, data))
-    assert sent, "the pieces before the change are genuine and leave"
     for chunk_offset, data in sent:
         assert data == genuine[chunk_offset : chunk_offset + len(data)], "a changed byte left"
         assert chunk_offset + len(data) <= at - at % 4096

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from sluice.gateway.core.errors import PolicyRefused
@@ -811,22 +808,3 @@ def test_policy_refuses(facts: ReleaseFacts, policy: GuardPolicy, reason: str) -
 )
 def test_policy_accepts(facts: ReleaseFacts, policy: GuardPolicy) -> None:
     check_policy(facts, policy)
-
-
-@given(
-    data=st.binary(max_size=5000),
-    size=st.integers(1, 700),
-    cuts=st.lists(st.integers(0, 5000), max_size=6),
-)
-@settings(max_examples=200, deadline=None)
-def test_piece_digests_are_the_same_however_the_bytes_are_fed(
-    data: bytes, size: int, cuts: list[int]
-) -> None:
-    from sluice.gateway.export.guard import PieceDigests
-
-    pieces = PieceDigests(size)
-    bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
-    for a, b in itertools.pairwise(bounds):
-        pieces.feed(data[a:b])
-    expected = [hashlib.sha256(data[i : i + size]).digest() for i in range(0, len(data), size)]
-    assert pieces.finish() == expected

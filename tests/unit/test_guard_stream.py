@@ -2,7 +2,8 @@
 
 Whatever the buffer size and wherever a changed byte or a non-finite value lies, the
 check accepts exactly the file the manifest names, refuses anything else, and hands the
-egress gate the same piece digests as a front-to-back read would.
+egress gate tags of exactly the pieces it read. Checked against those tags instead of the
+sha256 (a later pull), it accepts the same bytes and refuses a changed one anywhere.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from hypothesis import strategies as st
 
 from sluice.gateway.core.finite import FiniteCheck
 from sluice.gateway.export import guard
-from sluice.gateway.export.guard import FILES, VALUES, GuardRefused, PieceDigests
+from sluice.gateway.export.guard import FILES, VALUES, GuardRefused
+from sluice.gateway.export.pieces import Pieces, PieceTags
 from sluice.models.schema import Schema, TensorSpec
 
 SETTINGS = settings(
@@ -31,23 +33,28 @@ def _check(
     data: bytes,
     sha256: str,
     values: FiniteCheck | None = None,
-    pieces: PieceDigests | None = None,
+    pieces: PieceTags | None = None,
+    known: Pieces | None = None,
 ) -> None:
     (directory / "model.onnx.data").write_bytes(data)
     fd = os.open(directory, os.O_RDONLY)
     try:
-        guard._read_checked(fd, "model.onnx.data", len(data), sha256, values, pieces)
+        guard._read_checked(fd, "model.onnx.data", len(data), sha256, values, pieces, known)
     finally:
         os.close(fd)
 
 
 def _whole(
-    directory: Path, data: bytes, sha256: str, pieces: PieceDigests | None = None
+    directory: Path,
+    data: bytes,
+    sha256: str,
+    pieces: PieceTags | None = None,
+    known: Pieces | None = None,
 ) -> memoryview:
     (directory / "model.onnx").write_bytes(data)
     fd = os.open(directory, os.O_RDONLY)
     try:
-        return guard._read_whole(fd, "model.onnx", len(data), sha256, pieces)
+        return guard._read_whole(fd, "model.onnx", len(data), sha256, pieces, known)
     finally:
         os.close(fd)
 
@@ -71,13 +78,19 @@ def test_the_named_file_passes_with_the_pieces_a_plain_read_gives(
 ) -> None:
     monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
     data = np.asarray(values, "<f4").tobytes()
-    pieces = PieceDigests(piece)
+    pieces = PieceTags(piece)
     _check(
         tmp_path, data, hashlib.sha256(data).hexdigest(), FiniteCheck(_floats(len(values))), pieces
     )
-    want = PieceDigests(piece)
-    want.feed(data)
-    assert pieces.finish() == want.finish()
+    _assert_tags_of(pieces.finish(), data)
+
+
+def _assert_tags_of(pieces: Pieces, data: bytes) -> None:
+    """pieces are the tags of exactly data's pieces."""
+    size = pieces.size
+    assert len(pieces) == -(-len(data) // size)
+    for i in range(len(pieces)):
+        assert pieces.matches(i, data[i * size : (i + 1) * size])
 
 
 # A file of `size` bytes read `read_bytes` at a time, one byte (at `where`) xor `flip`.
@@ -161,8 +174,54 @@ def test_a_single_file_read_whole_is_exactly_the_file(
     sha256, and the gate the piece digests a plain read gives."""
     monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
     data = (bytes(range(256)) * (size // 256 + 1))[:size]
-    pieces = PieceDigests(piece)
+    pieces = PieceTags(piece)
     assert bytes(_whole(tmp_path, data, hashlib.sha256(data).hexdigest(), pieces)) == data
-    want = PieceDigests(piece)
-    want.feed(data)
-    assert pieces.finish() == want.finish()
+    _assert_tags_of(pieces.finish(), data)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "read whole"])
+@SETTINGS
+@given(**CHANGED_BYTE, piece=st.integers(1, 500), tagged_with=st.integers(1, 300))
+def test_checked_against_earlier_tags_the_same_bytes_pass_and_a_changed_one_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    whole: bool,
+    size: int,
+    read_bytes: int,
+    where: float,
+    flip: int,
+    piece: int,
+    tagged_with: int,
+) -> None:
+    """A later pull checks a file against the tags its first check recorded, not its
+    sha256 (the gate passes them as `known`): at any part size, however the first check
+    read it, the same bytes pass and a changed byte anywhere is refused as a changed
+    file, by the piece it lies in. The sha256 given is wrong on purpose: it is not read."""
+    data = os.urandom(size)
+    monkeypatch.setattr(guard, "_READ_BYTES", tagged_with)
+    tags = PieceTags(piece)
+    read = _whole if whole else _check
+    read(tmp_path, data, hashlib.sha256(data).hexdigest(), pieces=tags)
+    known = tags.finish()
+    monkeypatch.setattr(guard, "_READ_BYTES", read_bytes)
+    got = read(tmp_path, data, "0" * 64, known=known)
+    if whole:
+        assert got is not None and bytes(got) == data
+    changed = bytearray(data)
+    changed[int(where * size)] ^= flip
+    with pytest.raises(GuardRefused) as refused:
+        read(tmp_path, bytes(changed), hashlib.sha256(changed).hexdigest(), known=known)
+    assert refused.value.layers == (FILES,)
+    assert f"piece {int(where * size) // piece} differs" in str(refused.value)
+
+
+def test_tags_of_another_file_size_are_refused(tmp_path: Path) -> None:
+    """Tags of a longer or shorter file than the one read never pass (the size check
+    comes first in a release; this is the check's own guarantee)."""
+    data = os.urandom(3000)
+    tags = PieceTags(1000)
+    tags.feed(data)
+    known = tags.finish()
+    for other in (data[:2500], data[:2000], data + b"x"):
+        with pytest.raises(GuardRefused, match="differs"):
+            _check(tmp_path, other, "0" * 64, known=known)
