@@ -407,7 +407,11 @@ def _verified_chunks(
         )
         while ahead is not None:
             want = min(size, total - pos)
-            data, matched = ahead.result()
+            try:
+                data, matched = ahead.result()
+            except Exception as exc:  # a read that fails (EIO): what follows is unchecked
+                reason = f"release file unreadable during the pull ({type(exc).__name__})"
+                raise IntegrityError(f"{reason}; it is withheld") from exc
             after = pos + want
             ahead = (
                 descriptor.read_ahead(after, min(size, total - after), pieces, index + 1)

@@ -18,7 +18,7 @@ sha256.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
@@ -31,8 +31,8 @@ class Pieces:
     """The tag of each `size`-byte piece of one file (the last one may be shorter)."""
 
     size: int
-    keys: tuple[bytes, ...]
-    tags: tuple[bytes, ...]
+    keys: tuple[bytes, ...] = field(repr=False)  # secret: never in a log or a message
+    tags: tuple[bytes, ...] = field(repr=False)
 
     def __len__(self) -> int:
         return len(self.tags)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import grpc
@@ -428,3 +429,42 @@ def test_sluice_audit_verify_names_the_problem_in_one_line(
     shutil.rmtree(gateway.data_dir / "registry", ignore_errors=True)
     key.unlink(missing_ok=True)  # written again from the private key
     gateway.restart()  # the fixture stops it again
+
+
+@pytest.mark.parametrize("failure", [OSError(5, "Input/output error"), ValueError("odd")])
+@pytest.mark.parametrize("bad_piece", [0, 1, 3])
+def test_a_piece_that_cannot_be_read_mid_pull_withholds_the_rest_audited(
+    gateway: Running,
+    tiny_schema: Schema,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Exception,
+    bad_piece: int,
+) -> None:
+    """A read that fails while the file streams (a bad sector: EIO; or any error in the
+    worker) ends the pull as withheld mid-stream, audited, never INTERNAL: only the pieces
+    before it, checked, have left."""
+    _publish_one(gateway, tiny_schema)
+    monkeypatch.setattr(gate_module, "SEND_CHUNK_BYTES", 4096)
+    genuine = (release_dir(gateway) / "model.onnx").read_bytes()
+    assert len(genuine) > 4 * 4096
+    real_read = gate_module._pread_exactly
+
+    def failing(fd: int, size: int, pos: int) -> bytes:
+        if pos == bad_piece * 4096 and threading.current_thread().name.startswith("egress-read"):
+            raise failure
+        return real_read(fd, size, pos)
+
+    monkeypatch.setattr(gate_module, "_pread_exactly", failing)
+    with EgressClient(gateway.endpoints.egress) as egress:
+        sent = bytearray()
+        with pytest.raises(grpc.RpcError) as err:
+            for message in egress.pull_stream(TINY, file="model.onnx"):
+                if message.WhichOneof("kind") == "chunk":
+                    sent += message.chunk.data
+    assert err.value.code() == Code.DATA_LOSS, err.value.details()
+    assert "withheld" in (err.value.details() or "")
+    assert bytes(sent) == genuine[: bad_piece * 4096]
+    gateway.gateway.audit.flush(everything=True)
+    (refused,) = gateway.gateway.store.audit_entries("egress.refused")
+    assert refused.detail["outcome"] == "withheld mid-stream"
+    assert "unreadable" in str(refused.detail["reason"])

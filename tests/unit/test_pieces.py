@@ -97,3 +97,12 @@ def test_every_piece_has_its_own_key_and_no_two_files_share_one() -> None:
 def test_a_piece_holds_at_least_one_byte() -> None:
     with pytest.raises(ValueError, match="at least one byte"):
         PieceTags(0)
+
+
+def test_the_keys_and_tags_never_show_in_a_repr() -> None:
+    """A message or an audit row that quotes the pieces must not hand out their keys: with
+    a key, changed bytes can be given a matching tag."""
+    pieces = _tagged(os.urandom(5000), 1000, [])
+    shown = repr(pieces) + str(pieces)
+    for secret in (*pieces.keys, *pieces.tags):
+        assert secret.hex() not in shown and repr(secret) not in shown
