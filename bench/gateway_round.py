@@ -161,7 +161,7 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
         THROUGHPUT_HEADER,
         throughput_row("EgressClient.pull to a file (sha256, fsync, rename)", mb, rate["file"],
                        rate["plain"], rate["raw"], median(pulls.server_cpu) / gb),
-        throughput_row("  the release's first pull (the gate hashes it whole, records tags)", mb,
+        throughput_row("  the release's first pull (tags recorded at publish)", mb,
                        rate["first"], rate["plain"], rate["raw"], median(first.server_cpu) / gb),
         throughput_row("PullRelease stream, bytes counted only", mb, rate["stream"],
                        rate["plain"], rate["raw"], median(streams.server_cpu) / gb),
@@ -199,11 +199,11 @@ def bench_gateway_round(options: Options, templates: Path) -> tuple[Report, Repo
     )
     egress.notes += [
         f"medians of {options.repeats} pulls of {MODEL_FILE} after the release's first pull; "
-        "every pull passes the egress gate (release checked against its signed manifest: the "
-        "first pull hashes the file whole and records a tag of each piece, later ones check "
-        "every piece against those tags; streamed from the checked descriptor, each piece "
-        "checked against its tag again before it is sent); to a file: the client's sha256 "
-        "against the manifest's, fsync, rename",
+        "every pull passes the egress gate (release checked against its signed manifest, "
+        "every piece against the tag the guard recorded at publish; streamed from the "
+        "checked descriptor, each piece checked against its tag again before it is sent; a "
+        "gateway started after the release hashes the file whole on its first pull instead); "
+        "to a file: the client's sha256 against the manifest's, fsync, rename",
         "server CPU s/GB: user + system seconds of the sending process (`sluice serve`; the "
         "plain stream's own server process) per GB; client CPU s/GB (this process): pull to a "
         f"file {median(pulls.client_cpu) / gb:.2f}, plain stream "

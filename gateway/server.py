@@ -37,6 +37,7 @@ from sluice.gateway.core.screening import ScreeningPolicy
 from sluice.gateway.core.strategies import build_strategy
 from sluice.gateway.export.gate import EgressGate
 from sluice.gateway.export.guard import Verdicts
+from sluice.gateway.export.pieces import PieceCache
 from sluice.gateway.export.publish import (
     ReleaseWriter,
     cached_schema,
@@ -349,13 +350,20 @@ class Gateway:
         )
         policy = guard_policy(config)
         verdicts = Verdicts()  # what the guard accepted at publish, the gate need not parse
+        tags = PieceCache()  # release files' piece tags, recorded at publish, for the pulls
         self.releases = ReleaseWriter(
-            root / "registry", templates, policy, self.signer, verdicts, metrics=self.metrics
+            root / "registry",
+            templates,
+            policy,
+            self.signer,
+            verdicts,
+            metrics=self.metrics,
+            pieces=tags,
         )
         checker = ReleaseChecker(
             self.catalog, templates, root / "registry", policy, self.signer.public_key, verdicts
         )
-        self.gate = EgressGate(self.store, checker, self.audit, metrics=self.metrics)
+        self.gate = EgressGate(self.store, checker, self.audit, metrics=self.metrics, pieces=tags)
         fedbuff = (
             FedBuffPolicy(config.max_staleness, config.staleness_exponent)
             if config.fedbuff

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +14,7 @@ from pathlib import Path
 from sluice.gateway.core.errors import IntegrityError, InvalidInput, NotFound, SluiceError, bounded
 from sluice.gateway.core.records import Release, ReleaseFile
 from sluice.gateway.export.guard import GuardRefused
-from sluice.gateway.export.pieces import Pieces, PieceTags
+from sluice.gateway.export.pieces import PieceCache, Pieces, PieceTags
 from sluice.gateway.export.release_check import ReleaseChecker, SignedRelease
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.audit import Coalescer
@@ -78,10 +77,11 @@ class EgressGate:
         coalesce: Coalescer | None = None,
         *,
         metrics: Metrics | None = None,
+        pieces: PieceCache | None = None,
     ) -> None:
         self.store = store
         self.checker = checker
-        self._pieces = _PieceCache()
+        self._pieces = pieces or PieceCache()  # shared with publish, which fills it too
         self.coalesce = coalesce
         self.metrics = metrics or Metrics()
 
@@ -266,9 +266,9 @@ class EgressGate:
             if fds is not None and entry is not None:
                 _same_file(path, opened, os.fstat(fd))
                 pieces = filling.finish() if filling is not None else known
-                if pieces is None or len(pieces) != -(-entry.size // SEND_CHUNK_BYTES):
-                    raise ValueError(f"{entry.name}: the checks did not read it whole")
-                self._pieces.put(entry.sha256, pieces)
+                if pieces is None:
+                    raise ValueError(f"{entry.name}: the checks did not read it")
+                self._pieces.put(entry.sha256, entry.size, pieces)  # raises unless whole
                 fds.fd, fds.pieces = fd, pieces
                 fd = -1
             return signed
@@ -336,30 +336,6 @@ class EgressGate:
             f"{which} of {bounded(model)!r} is withheld: the egress guard refused it "
             f"({layers}); the gateway's audit log has the reason"
         )
-
-
-class _PieceCache:
-    """Piece tags of release files, by the signed sha256 and piece size they were recorded
-    for (while the bytes hashed to that sha256); the most recent `entries`."""
-
-    def __init__(self, entries: int = 64) -> None:
-        self._entries = entries
-        self._tags: OrderedDict[tuple[str, int], Pieces] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, sha256: str, piece_bytes: int) -> Pieces | None:
-        with self._lock:
-            pieces = self._tags.get((sha256, piece_bytes))
-            if pieces is not None:
-                self._tags.move_to_end((sha256, piece_bytes))
-            return pieces
-
-    def put(self, sha256: str, pieces: Pieces) -> None:
-        with self._lock:
-            self._tags[(sha256, pieces.size)] = pieces
-            self._tags.move_to_end((sha256, pieces.size))
-            while len(self._tags) > self._entries:
-                self._tags.popitem(last=False)
 
 
 def _open_no_follow(path: Path) -> int:

@@ -12,12 +12,15 @@ sha256 of each piece cost ~0.7.
 A file's tags are also a cheaper proof that it still holds the bytes an earlier check read:
 tags recorded while those bytes hashed to the signed sha256 verify again only if every
 piece is unchanged (`PieceCheck`), so a later pull checks them instead of the whole-file
-sha256.
+sha256. They are recorded by the guard's check at publish and, for a release published
+before the gateway started, by its first pull (`PieceCache`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
@@ -126,3 +129,31 @@ class PieceCheck:
         if self.first_bad is None and self._index != len(self.pieces):
             self.first_bad = self._index  # shorter than the file that was tagged
         return self.first_bad is None
+
+
+class PieceCache:
+    """Piece tags of release files, by the signed sha256 and piece size they were recorded
+    for (while the bytes hashed to that sha256); the most recent `entries`. Shared by
+    publish, which records a release's tags as its guard reads it, and the egress gate."""
+
+    def __init__(self, entries: int = 64) -> None:
+        self._entries = entries
+        self._tags: OrderedDict[tuple[str, int], Pieces] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha256: str, piece_bytes: int) -> Pieces | None:
+        with self._lock:
+            pieces = self._tags.get((sha256, piece_bytes))
+            if pieces is not None:
+                self._tags.move_to_end((sha256, piece_bytes))
+            return pieces
+
+    def put(self, sha256: str, size: int, pieces: Pieces) -> None:
+        """Tags of a file of `size` bytes that hashed to sha256 as they were recorded."""
+        if len(pieces) != -(-size // pieces.size):
+            raise ValueError(f"{len(pieces)} tags for {size} bytes in pieces of {pieces.size}")
+        with self._lock:
+            self._tags[(sha256, pieces.size)] = pieces
+            self._tags.move_to_end((sha256, pieces.size))
+            while len(self._tags) > self._entries:
+                self._tags.popitem(last=False)

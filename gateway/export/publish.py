@@ -33,6 +33,7 @@ from sluice.gateway.export.guard import (
     weight_specs,
 )
 from sluice.gateway.export.parity import max_output_diff
+from sluice.gateway.export.pieces import PieceCache, PieceTags
 from sluice.gateway.export.refresh import write_atomic, write_release_files
 from sluice.gateway.export.selftest import self_test as template_self_test
 from sluice.gateway.export.signing import Signer
@@ -45,6 +46,7 @@ from sluice.gateway.export.template import (
 )
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.blobs import fsync_dir
+from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
 from sluice.models.artifact import op_set
 from sluice.models.declare import declaration_fingerprint, schema_fingerprint
 from sluice.models.entry import ModelEntry
@@ -274,10 +276,12 @@ class ReleaseWriter:
         verdicts: Verdicts | None = None,
         *,
         metrics: Metrics | None = None,
+        pieces: PieceCache | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.root = root
         self.verdicts = verdicts
+        self.pieces = pieces  # tags of each release file's pieces, for the egress gate
         self.templates = templates
         self.policy = policy
         self.signer = signer
@@ -394,10 +398,18 @@ class ReleaseWriter:
             try:
                 check_policy(ReleaseFacts(version.num_trainers, diff, _epsilon(dp)), policy)
                 expected = {f.name: (f.size, f.sha256) for f in files}
-                check_release_dir(staging, template, served.schema, policy, expected, self.verdicts)
+                # Each file's pieces tagged as the guard reads it: its pulls check these
+                # instead of hashing it whole, the first one too (gateway/export/pieces.py).
+                tags = {name: PieceTags(SEND_CHUNK_BYTES) for name in expected}
+                check_release_dir(
+                    staging, template, served.schema, policy, expected, self.verdicts, pieces=tags
+                )
             except GuardRefused as exc:
                 self.metrics.guard_refused("publish", exc.layers)
                 return PublishOutcome(None, exc.reason)
+            if self.pieces is not None:
+                for name, (size, sha256) in expected.items():
+                    self.pieces.put(sha256, size, tags[name].finish())
             clock.lap("guard")
             syncing.result()  # raises what fsync raised: no release without its bytes on disk
             fsync_dir(staging)

@@ -17,6 +17,7 @@ from sluice.gateway.cli import main
 from sluice.gateway.core.errors import IntegrityError
 from sluice.gateway.export import gate as gate_module
 from sluice.gateway.export.gate import Caller
+from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
 from sluice.models.schema import Schema
 from tests.conftest import TINY, Running
 from tests.integration.test_egress_gate import public_key_path
@@ -468,3 +469,38 @@ def test_a_piece_that_cannot_be_read_mid_pull_withholds_the_rest_audited(
     (refused,) = gateway.gateway.store.audit_entries("egress.refused")
     assert refused.detail["outcome"] == "withheld mid-stream"
     assert "unreadable" in str(refused.detail["reason"])
+
+
+@pytest.mark.parametrize("gate", ["the serving gate", "a gate started since"])
+def test_the_first_pull_checks_the_tags_publish_recorded_or_hashes_the_file_whole(
+    gateway: Running, tiny_schema: Schema, gate: str
+) -> None:
+    """Publish tags each release file's pieces as its guard reads it, so even the first pull
+    checks those tags instead of hashing the file whole; a gate without them (a gateway
+    started after the release) hashes it. Either way a byte changed in place since
+    publish, its mtime put back, withholds the release before its first byte."""
+    _publish_one(gateway, tiny_schema)
+    served = gateway.gateway.gate
+    if gate == "the serving gate":
+        egress = served
+    else:
+        egress = gate_module.EgressGate(served.store, served.checker, metrics=served.metrics)
+    path = release_dir(gateway) / "model.onnx"
+    genuine = path.read_bytes()
+    stat = path.stat()
+    with path.open("r+b") as f:
+        f.seek(len(genuine) - 3)
+        f.write(bytes([genuine[-3] ^ 0x80]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(IntegrityError, match="withheld"):
+        egress.open_pull(READER, TINY, 1, "", 0)
+    gateway.gateway.audit.flush(everything=True)
+    (refused,) = gateway.gateway.store.audit_entries("egress.refused")
+    reason = str(refused.detail["reason"])
+    if gate == "the serving gate":
+        assert f"piece {(len(genuine) - 3) // SEND_CHUNK_BYTES} differs" in reason
+    else:
+        assert "sha256" in reason and "differs" not in reason
+    path.write_bytes(genuine)  # put back: both pull it whole again
+    pull = egress.open_pull(READER, TINY, 1, "", 0)
+    assert b"".join(d for _, d in pull.chunks) == genuine

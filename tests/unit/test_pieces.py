@@ -106,3 +106,18 @@ def test_the_keys_and_tags_never_show_in_a_repr() -> None:
     shown = repr(pieces) + str(pieces)
     for secret in (*pieces.keys, *pieces.tags):
         assert secret.hex() not in shown and repr(secret) not in shown
+
+
+def test_the_cache_keeps_only_whole_files_and_the_most_recent() -> None:
+    from sluice.gateway.export.pieces import PieceCache
+
+    cache = PieceCache(entries=2)
+    data = os.urandom(2500)
+    pieces = _tagged(data, 1000, [])
+    with pytest.raises(ValueError, match="3 tags for 4000 bytes"):
+        cache.put("a" * 64, 4000, pieces)  # tags of part of a file prove nothing of the rest
+    for name in "abc":
+        cache.put(name * 64, len(data), pieces)
+    assert cache.get("a" * 64, 1000) is None  # the oldest went
+    assert cache.get("c" * 64, 1000) is pieces
+    assert cache.get("c" * 64, 999) is None  # by piece size too
