@@ -235,29 +235,32 @@ def raw_socket_seconds(payload: bytes | memoryview, streams: int = 1) -> float:
     return elapsed
 
 
-def sha256_seconds(payload: bytes | memoryview) -> tuple[float, float]:
-    """Wall and CPU seconds (this thread's) of one sha256 over payload in CHUNK updates: the
-    cost of the hash every push and pull pays on each side."""
-    digest = hashlib.sha256()
+def _pass_seconds(
+    update: Callable[[memoryview], object],
+    finish: Callable[[], object],
+    payload: bytes | memoryview,
+) -> tuple[float, float]:
+    """Wall and CPU seconds (this thread's) of one pass of update over payload in CHUNK
+    views, then finish()."""
     view = memoryview(payload)
     started, cpu = time.perf_counter(), time.thread_time()
     for off in range(0, len(view), CHUNK):
-        digest.update(view[off : off + CHUNK])
-    digest.hexdigest()
+        update(view[off : off + CHUNK])
+    finish()
     return time.perf_counter() - started, time.thread_time() - cpu
+
+
+def sha256_seconds(payload: bytes | memoryview) -> tuple[float, float]:
+    """One sha256 over payload: the cost of the hash every push and pull pays on each side."""
+    digest = hashlib.sha256()
+    return _pass_seconds(digest.update, digest.hexdigest, payload)
 
 
 def tag_seconds(payload: bytes | memoryview, piece_bytes: int) -> tuple[float, float]:
-    """Wall and CPU seconds (this thread's) of tagging payload's pieces as the egress gate
-    does (`gateway.export.pieces`): the check of a pull after the first, and of each piece
-    it sends."""
+    """Tagging payload's pieces as the egress gate does (`gateway.export.pieces`): the
+    check of a pull, and of each piece it sends."""
     tags = PieceTags(piece_bytes)
-    view = memoryview(payload)
-    started, cpu = time.perf_counter(), time.thread_time()
-    for off in range(0, len(view), CHUNK):
-        tags.feed(view[off : off + CHUNK])
-    tags.finish()
-    return time.perf_counter() - started, time.thread_time() - cpu
+    return _pass_seconds(tags.feed, tags.finish, payload)
 
 
 def _write_fsync(path: Path, view: memoryview) -> None:
