@@ -1,0 +1,65 @@
+"""The bench's plain gRPC peers do what their figures claim: the least-work push peer stores
+every byte, in order, answers their sha256 and leaves no file behind; the plain stream
+counts what it was sent."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench import grpc_sink
+from sluice.models.chunk_codec import chunk_message
+from sluice.v1 import tensors_pb2
+
+
+@pytest.fixture(scope="module")
+def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    directory = tmp_path_factory.mktemp("sink")
+    with grpc_sink.running(directory) as (target, _pid):
+        yield target, directory
+
+
+@pytest.mark.parametrize("size", [1, 4095, (1 << 20) + 7, (5 << 20) - 1])
+def test_spool_peer_takes_every_byte_and_leaves_nothing(sink: tuple[str, Path], size: int) -> None:
+    target, directory = sink
+    payload = os.urandom(size)
+    before = set(directory.iterdir())
+    assert grpc_sink.spool(target, payload, 1 << 20) == size
+    assert set(directory.iterdir()) == before  # its spool file is gone once answered
+
+
+def test_spool_peer_refuses_a_chunk_out_of_order(sink: tuple[str, Path]) -> None:
+    target, _ = sink
+    messages = [chunk_message(0, b"a" * 10), chunk_message(20, b"b" * 10)]
+    with grpc.insecure_channel(target) as channel:
+        call: grpc.StreamUnaryMultiCallable[bytes, tensors_pb2.Chunk] = channel.stream_unary(
+            grpc_sink.SPOOL, response_deserializer=tensors_pb2.Chunk.FromString
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(iter(messages), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_spool_peer_answers_the_sha256_of_what_it_stored(sink: tuple[str, Path]) -> None:
+    target, _ = sink
+    payload = os.urandom(3 << 20)
+    messages = [
+        chunk_message(at, payload[at : at + (1 << 20)]) for at in range(0, len(payload), 1 << 20)
+    ]
+    with grpc.insecure_channel(target) as channel:
+        call: grpc.StreamUnaryMultiCallable[bytes, tensors_pb2.Chunk] = channel.stream_unary(
+            grpc_sink.SPOOL, response_deserializer=tensors_pb2.Chunk.FromString
+        )
+        reply = call(iter(messages), timeout=30)
+    assert reply.offset == len(payload)
+    assert reply.data.decode() == hashlib.sha256(payload).hexdigest()
+
+
+def test_plain_stream_counts_what_it_was_sent(sink: tuple[str, Path]) -> None:
+    target, _ = sink
+    assert grpc_sink.drain(target, os.urandom((2 << 20) + 3), 1 << 20) == (2 << 20) + 3
