@@ -51,7 +51,17 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class WeightsRead(Protocol):
+    """Fed a new version's bytes, in order, as its adoption reads and hashes them."""
+
+    def feed(self, data: bytes | memoryview) -> None: ...
+
+
 class Publisher(Protocol):
+    def read_along(self) -> WeightsRead:
+        """What to feed the version's bytes as the adoption hashes them, then hand to
+        publish() (`read`): the publisher's record of the bytes behind the sha256."""
+
     def publish(
         self,
         model: ServedModel,
@@ -59,6 +69,7 @@ class Publisher(Protocol):
         weights: Path,
         updates: Sequence[CommittedUpdate],
         dp: Mapping[str, object] | None = None,
+        read: WeightsRead | None = None,
     ) -> PublishOutcome:
         """Write a release of these weights, or say why policy or the guard refused one."""
 
@@ -146,7 +157,7 @@ class RoundFolder:
                 # FedAvg's fold reads every update once: it hashes and measures them too.
                 in_fold=isinstance(strategy, FedAvg) and self.privacy.norms_may_wait,
             )
-            sha, report, dp, prepared = self._run_strategy(
+            sha, report, dp, prepared, read = self._run_strategy(
                 served, strategy, r, base, prepared, version_no, spool
             )
         except CorruptUpdates as exc:
@@ -191,7 +202,7 @@ class RoundFolder:
             "fold_s": round(folded_s, 3),
         }
         try:
-            closed = self._publish(served, r, version, updates, facts, dp)
+            closed = self._publish(served, r, version, updates, facts, dp, read)
         except BaseException:
             # Nothing of a version that was not committed stays behind.
             self.publisher.discard(r.model, version_no)
@@ -218,10 +229,11 @@ class RoundFolder:
         updates: Sequence[CommittedUpdate],
         facts: Mapping[str, object],
         dp: Mapping[str, object] | None,
+        read: WeightsRead,
     ) -> ClosedRound:
         """Write the release (or record why not) and commit the version in one transaction."""
         weights = self.blobs.path(version.weights_sha256)
-        outcome = self.publisher.publish(served, version, weights, updates, dp)
+        outcome = self.publisher.publish(served, version, weights, updates, dp, read)
         release = outcome.release
         with self.store.transaction() as db:
             self.store.insert_version(db, version)
@@ -267,11 +279,12 @@ class RoundFolder:
         prepared: PreparedRound,
         version_no: int,
         spool: SpoolCheck,
-    ) -> tuple[str, RoundReport, dict[str, object] | None, PreparedRound]:
+    ) -> tuple[str, RoundReport, dict[str, object] | None, PreparedRound, WeightsRead]:
         """Aggregate into a blob; the strategy's state goes to state/<model>/<version>.
 
         Nothing is adopted unless every spool file hashed to its name while the strategy
-        read it, and the weights and the strategy's state are finite.
+        read it, and the weights and the strategy's state are finite. The publisher's
+        WeightsRead is fed the very pieces the adoption hashes to the blob's name.
         """
         state_in = self.state_dir(r.model, base.version)
         final_state = self.state_dir(r.model, version_no)
@@ -304,10 +317,16 @@ class RoundFolder:
                 check_finite(served.schema, state, f"the {strategy.name} state {state.name}")
             finite = FiniteCheck(served.schema)
             what = f"the aggregate of round {r.round}"
-            sha = self.blobs.adopt(out, inspect=lambda data: feed(finite, data, what))
+            read = self.publisher.read_along()
+
+            def inspect(data: bytes) -> None:
+                feed(finite, data, what)
+                read.feed(data)  # the piece a worker hashes meanwhile
+
+            sha = self.blobs.adopt(out, inspect=inspect)
             shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
             staging.rename(final_state)
         finally:
             out.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-        return sha, report, dp, prepared
+        return sha, report, dp, prepared, read

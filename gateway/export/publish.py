@@ -33,7 +33,7 @@ from sluice.gateway.export.guard import (
     weight_specs,
 )
 from sluice.gateway.export.parity import max_output_diff
-from sluice.gateway.export.pieces import PieceCache, PieceTags
+from sluice.gateway.export.pieces import PieceCache, Pieces, PieceTags
 from sluice.gateway.export.refresh import write_atomic, write_release_files
 from sluice.gateway.export.selftest import self_test as template_self_test
 from sluice.gateway.export.signing import Signer
@@ -259,6 +259,17 @@ def _epsilon(dp: Mapping[str, object] | None) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _version_tags(
+    read: object, weights_sha256: str, expected: Mapping[str, tuple[int, str]]
+) -> dict[str, Pieces]:
+    """The adoption's tags of the version's bytes, for each release file listed with its
+    sha256; none when there are no such tags (a caller that fed none)."""
+    if not isinstance(read, PieceTags) or read.size != SEND_CHUNK_BYTES:
+        return {}
+    pieces = read.finish()
+    return {name: pieces for name, (_, sha256) in expected.items() if sha256 == weights_sha256}
+
+
 class ReleaseWriter:
     """Writes registry/<model>/<version>/: model.onnx (+ model.onnx.data for large models) and
     manifest.json; never a partial release.
@@ -289,6 +300,14 @@ class ReleaseWriter:
     def release_dir(self, model: str, version: int) -> Path:
         return self.root / model / str(version)
 
+    def read_along(self) -> PieceTags:
+        """Tags of the version's pieces, fed as its adoption hashes them (core/folding.py):
+        the guard checks a release file listed with the version's sha256 (a data file that
+        is the version blob, linked or copied whole) against them instead of hashing it
+        again, and its pulls use them. The same proof as the gate's (export/pieces.py):
+        tags recorded while those bytes hashed to that sha256 match only those bytes."""
+        return PieceTags(SEND_CHUNK_BYTES)
+
     def discard(self, model: str, version: int) -> None:
         """Remove what publish() wrote for a version whose commit then failed."""
         final = self.release_dir(model, version)
@@ -318,7 +337,10 @@ class ReleaseWriter:
         weights: Path,
         updates: Sequence[CommittedUpdate],
         dp: Mapping[str, object] | None = None,
+        read: object = None,
     ) -> PublishOutcome:
+        """`read`: what read_along() gave, fed every byte of `weights` as they hashed to
+        version.weights_sha256 (anything else is ignored)."""
         policy = self.policy.for_model(served.entry)  # its parity tolerance and limits
         try:
             # Cheap facts first: no template work for a release policy refuses anyway.
@@ -398,18 +420,30 @@ class ReleaseWriter:
             try:
                 check_policy(ReleaseFacts(version.num_trainers, diff, _epsilon(dp)), policy)
                 expected = {f.name: (f.size, f.sha256) for f in files}
-                # Each file's pieces tagged as the guard reads it: its pulls check these
-                # instead of hashing it whole, the first one too (gateway/export/pieces.py).
-                tags = {name: PieceTags(SEND_CHUNK_BYTES) for name in expected}
+                # A file listed with the version's sha256 is checked against the tags of
+                # the adoption's read (read_along); every other file's pieces are tagged as
+                # the guard reads it. Its pulls check these tags instead of hashing it
+                # whole, the first one too (gateway/export/pieces.py).
+                known = _version_tags(read, version.weights_sha256, expected)
+                tags = {name: PieceTags(SEND_CHUNK_BYTES) for name in expected if name not in known}
                 check_release_dir(
-                    staging, template, served.schema, policy, expected, self.verdicts, pieces=tags
+                    staging,
+                    template,
+                    served.schema,
+                    policy,
+                    expected,
+                    self.verdicts,
+                    pieces=tags,
+                    known=known,
                 )
             except GuardRefused as exc:
                 self.metrics.guard_refused("publish", exc.layers)
                 return PublishOutcome(None, exc.reason)
             if self.pieces is not None:
                 for name, (size, sha256) in expected.items():
-                    self.pieces.put(sha256, size, tags[name].finish())
+                    self.pieces.put(
+                        sha256, size, known[name] if name in known else tags[name].finish()
+                    )
             clock.lap("guard")
             syncing.result()  # raises what fsync raised: no release without its bytes on disk
             fsync_dir(staging)

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,10 +26,12 @@ import torch
 from sluice.clients.sdk import EgressClient
 from sluice.clients.weights import load_release
 from sluice.gateway.config import Config
+from sluice.gateway.export import publish as publish_module
 from sluice.gateway.export import refresh
 from sluice.gateway.export.publish import template_dir, template_for
 from sluice.gateway.export.template import load_template
 from sluice.gateway.server import Gateway
+from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
 from sluice.models.manifest import DATA_FILE, MODEL_FILE, load_public_key
 from tests.conftest import Running, offline, start_gateway
 from tests.integration.test_zoo import ZOO, run_round
@@ -118,6 +121,45 @@ def test_the_shared_file_rewritten_in_place_never_leaves(
             _pull(running, LINKED, tmp_path / "second")
         assert err.value.code() == grpc.StatusCode.DATA_LOSS
         assert not (tmp_path / "second" / DATA_FILE).exists()
+    finally:
+        running.gateway.stop()
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_the_version_changed_between_its_adoption_and_the_guard_is_never_released(
+    tmp_path: Path, two_file_templates: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The guard checks the linked data file against the tags the adoption recorded while
+    those bytes hashed to the version's sha256 (publish.read_along), not a fresh hash: a
+    byte changed in between, in any piece, is refused and named; nothing is published."""
+    real = publish_module.max_output_diff  # type: ignore[attr-defined]
+    changed: list[int] = []
+
+    def insider_then_parity(onnx_path: Path, *args: Any, **kwargs: Any) -> float:
+        data = onnx_path.with_name(DATA_FILE)  # the version blob: one inode, two names
+        size = data.stat().st_size
+        at = {"first": 0, "middle": size // 2, "last": size - 1}[where]
+        with data.open("r+b") as f:
+            f.seek(at)
+            byte = f.read(1)[0]
+            f.seek(at)
+            f.write(bytes([byte ^ 0x01]))  # the lowest bit: the weights stay finite
+        changed.append(at)
+        return real(onnx_path, *args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "max_output_diff", insider_then_parity)
+    running = _serve(tmp_path, two_file_templates, LINKED)
+    try:
+        # The trainers' pull of the changed version fails their own sha256 check too.
+        with pytest.raises(ValueError, match="pulled bytes do not match their sha256"):
+            run_round(running, ZOO[LINKED])
+        (at,) = changed
+        (refused,) = running.gateway.store.audit_entries("release.refused")
+        reason = str(refused.detail["reason"])
+        piece = at // SEND_CHUNK_BYTES
+        assert f"{DATA_FILE}: piece {piece} differs from the bytes that hashed" in reason
+        assert not (running.data_dir / "registry" / LINKED / "1").exists()
+        assert running.gateway.store.get_release(LINKED, 1) is None
     finally:
         running.gateway.stop()
 

@@ -1,0 +1,77 @@
+"""A version blob is named by the sha256 of the bytes it holds, and whatever reads along
+with its adoption (the publisher's tags) is fed exactly the bytes that were hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sluice.gateway.export.pieces import PieceCheck, PieceTags
+from sluice.gateway.store.blobs import BlobStore
+from sluice.models.schema import Schema
+from tests.conftest import TINY, random_delta
+from tests.unit.test_races import make_gateway, push
+
+TRAINERS = ["shanghai-01", "beijing-01", "chengdu-01"]
+STRATEGIES = [
+    {},
+    {"strategies": {TINY: {"name": "FedProx", "proximal_mu": 0.1}}},
+    {"strategies": {TINY: {"name": "FedAdam"}}},
+    {"strategies": {TINY: {"name": "FedMedian"}}},
+    {"strategies": {TINY: {"name": "Krum"}}},
+    {"fedbuff": True},
+    {"dp_noise_multiplier": 0.1},
+]
+IDS = ["FedAvg", "FedProx", "FedAdam", "FedMedian", "Krum", "FedBuff", "DP"]
+
+
+@pytest.mark.parametrize("size", [0, 1, (8 << 20) - 1, 8 << 20, (17 << 20) + 5])
+def test_adopt_hands_inspect_exactly_the_bytes_it_names_the_blob_by(
+    tmp_path: Path, size: int
+) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    data = os.urandom(size)
+    path = store.temp_path()
+    path.write_bytes(data)
+    seen: list[bytes] = []
+    tags = PieceTags(1 << 20)
+
+    def inspect(piece: bytes) -> None:
+        seen.append(bytes(piece))
+        tags.feed(piece)
+
+    name = store.adopt(path, inspect=inspect)
+    assert b"".join(seen) == data  # in order, each byte once
+    assert name == hashlib.sha256(data).hexdigest()
+    assert store.path(name).read_bytes() == data and not path.exists()
+    check = PieceCheck(tags.finish())  # the tags read along are the blob's
+    check.feed(store.path(name).read_bytes())
+    assert check.whole()
+
+
+@pytest.mark.parametrize("settings", STRATEGIES, ids=IDS)
+def test_every_strategy_names_its_version_by_the_bytes_it_holds(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema, settings: dict[str, Any]
+) -> None:
+    gw = make_gateway(tmp_path, template_cache, **settings)
+    for round_no in (1, 2):
+        for i, t in enumerate(TRAINERS):
+            push(
+                gw,
+                tiny_schema,
+                random_delta(tiny_schema, 10 * round_no + i),
+                t,
+                round_no=round_no,
+                base=round_no - 1,
+            )
+        closed = gw.rounds.close(TINY, round_no)
+        assert closed.released or "dp_noise_multiplier" in settings  # DP: over its budget
+        version = closed.version
+        blob = gw.blobs.path(version.weights_sha256).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == version.weights_sha256
+        assert len(blob) == tiny_schema.payload_bytes
+    assert not list(gw.blobs.tmp.iterdir())
