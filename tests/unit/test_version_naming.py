@@ -17,16 +17,13 @@ from tests.conftest import TINY, random_delta
 from tests.unit.test_races import make_gateway, push
 
 TRAINERS = ["shanghai-01", "beijing-01", "chengdu-01"]
-STRATEGIES = [
+STRATEGIES = [  # the fold, a server optimizer's, a robust strategy's and DP's noise after
     {},
-    {"strategies": {TINY: {"name": "FedProx", "proximal_mu": 0.1}}},
     {"strategies": {TINY: {"name": "FedAdam"}}},
     {"strategies": {TINY: {"name": "FedMedian"}}},
-    {"strategies": {TINY: {"name": "Krum"}}},
-    {"fedbuff": True},
     {"dp_noise_multiplier": 0.1},
 ]
-IDS = ["FedAvg", "FedProx", "FedAdam", "FedMedian", "Krum", "FedBuff", "DP"]
+IDS = ["FedAvg", "FedAdam", "FedMedian", "DP"]
 
 
 @pytest.mark.parametrize("size", [0, 1, (8 << 20) - 1, 8 << 20, (17 << 20) + 5])
