@@ -1,4 +1,4 @@
-"""Plain gRPC peers for ingest and egress, in a server process of their own, writing nothing.
+"""Plain gRPC peers for ingest and egress, in a server process of their own (only Spool writes).
 
 - Put: a whole update as one unary message, how a chunk-less protocol (Flower's, one
   message per update) moves weights: parsed, its bytes hashed, acknowledged.
