@@ -171,6 +171,19 @@ def random_payload(schema: Schema, seed: int) -> bytes:
     return bytes(out)
 
 
+def distinct(payload: bytes, schema: Schema, i: int) -> bytes:
+    """A copy of payload with one float changed for i: the i-th of distinct updates of the
+    same size. Blobs are content-addressed: a push of bytes the gateway already holds
+    replaces that blob, and freeing the old file's blocks lands in the push's commit (the
+    directory's fsync: 0.11-0.12 s of a 1 GB push here, against 1 ms for new bytes). A
+    trainer's updates differ from round to round, so a repeated push must too."""
+    spec, start, _ = [span for span in schema.spans() if span[0].is_float][-1]
+    out = bytearray(payload)
+    value = np.array([1e-3 * (i + 1)], dtype=np.float32).astype(spec.np_dtype)
+    out[start : start + value.nbytes] = value.tobytes()  # the last float tensor's first value
+    return bytes(out)
+
+
 @dataclass(frozen=True)
 class SharedPayload:
     """Distinct updates without N copies: every trainer sends the same bytes but its own last

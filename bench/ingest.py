@@ -116,11 +116,9 @@ def _unary(target: str, payload: bytes, repeats: int) -> list[float]:
 
 def bench_ingest(options: Options, templates: Path) -> Report:
     single_model, many_model, trainers = QUICK if options.quick else FULL
-    single = gateway_proc.random_payload(gateway_proc.schema_of(single_model), seed=1)
-    many = [
-        gateway_proc.random_payload(gateway_proc.schema_of(many_model), seed=100 + i)
-        for i in range(trainers)
-    ]
+    single_schema, many_schema = map(gateway_proc.schema_of, (single_model, many_model))
+    single = gateway_proc.random_payload(single_schema, seed=1)
+    many = [gateway_proc.random_payload(many_schema, seed=100 + i) for i in range(trainers)]
     many_bytes = sum(len(p) for p in many)
     report = Report(
         "ingest",
@@ -140,15 +138,21 @@ def bench_ingest(options: Options, templates: Path) -> Report:
                 least = Costed(sink_pid)
                 # Each repeat runs the push and its same-run peers one after another, so
                 # that the ratios compare moments of this VM that lie close together.
+                # Each push sends bytes the gateway does not hold yet, as a trainer's next
+                # update does (gateway_proc.distinct); the peers get the same bytes.
                 for i in range(options.repeats):
-                    push = partial(_push, gw.internal, single_model, f"single-{i}", single)
+                    update = gateway_proc.distinct(single, single_schema, i)
+                    push = partial(_push, gw.internal, single_model, f"single-{i}", update)
                     push_single.run(push, wall=float)
                     for size, costed in plain.items():
-                        costed.run(partial(_drain, target, single, size))
-                    least.run(partial(_least_work, target, single))
+                        costed.run(partial(_drain, target, update, size))
+                    least.run(partial(_least_work, target, update))
+                    del update, push
                 for r in range(options.repeats):
-                    pushes = partial(_concurrent, gw.internal, many_model, many, f"many{r}")
+                    round_many = [gateway_proc.distinct(p, many_schema, r) for p in many]
+                    pushes = partial(_concurrent, gw.internal, many_model, round_many, f"many{r}")
                     push_many.run(pushes, wall=float)
+                    del round_many, pushes
                 unary = _unary(target, single, options.repeats)
         finally:
             gateway_proc.stop(gw, templates)

@@ -1,6 +1,6 @@
-"""The bench's plain gRPC peers do what their figures claim: the least-work push peer stores
+"""The bench's peers and payloads do what their figures claim: the least-work push peer stores
 every byte, in order, answers their sha256 and leaves no file behind; the plain stream
-counts what it was sent."""
+counts what it was sent; repeated pushes send distinct valid updates."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench import grpc_sink
+from bench import gateway_proc, grpc_sink
+from sluice.gateway.core.finite import FiniteCheck
 from sluice.models.chunk_codec import chunk_message
 from sluice.v1 import tensors_pb2
+from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,18 @@ def test_spool_peer_answers_the_sha256_of_what_it_stored(sink: tuple[str, Path])
 def test_plain_stream_counts_what_it_was_sent(sink: tuple[str, Path]) -> None:
     target, _ = sink
     assert grpc_sink.drain(target, os.urandom((2 << 20) + 3), 1 << 20) == (2 << 20) + 3
+
+
+def test_repeated_bench_pushes_send_distinct_valid_updates() -> None:
+    # A push of bytes the gateway holds replaces that blob (and frees the old file in its
+    # commit): the bench's repeats push distinct updates, each one a valid update.
+    schema = gateway_proc.schema_of(TINY)
+    payload = gateway_proc.random_payload(schema, seed=1)
+    updates = [gateway_proc.distinct(payload, schema, i) for i in range(3)]
+    assert len({hashlib.sha256(u).digest() for u in [payload, *updates]}) == 4
+    spec, start, _ = [span for span in schema.spans() if span[0].is_float][-1]
+    for update in updates:
+        assert len(update) == len(payload)
+        changed = [i for i, (a, b) in enumerate(zip(payload, update, strict=True)) if a != b]
+        assert changed and start <= min(changed) and max(changed) < start + spec.np_dtype.itemsize
+        FiniteCheck(schema, max_abs=1.0).feed(update)  # what a push's scan lets through
