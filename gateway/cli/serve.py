@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import threading
@@ -71,10 +72,20 @@ def _bind_failure(address: str, args: argparse.Namespace) -> str:
     return f"cannot listen on {address}; choose {flag} HOST:PORT"
 
 
+def no_core_dumps() -> None:
+    """No core file of this process, ever: it holds the release signing key, its TLS key
+    and the egress gate's piece-tag keys in memory, and a core dump would write them where
+    an insider with filesystem access (THREAT_MODEL) reads them. A soft and hard
+    RLIMIT_CORE of 0 (inherited by what it starts); core handlers such as systemd-coredump
+    and apport honour it too."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def _serve(args: argparse.Namespace) -> int:
     from sluice.gateway.config import load_config
     from sluice.gateway.server import Gateway
 
+    no_core_dumps()  # before any key is read
     overrides = {
         "data_dir": args.data_dir,
         "internal_address": args.internal,

@@ -437,7 +437,9 @@ def test_text_log_lines_cannot_be_forged_by_a_caller(
     assert "\n" not in rejected.getMessage() and "\\x0a" in rejected.getMessage()
 
 
-def test_sluice_serve_logs_json_lines_only(tmp_path: Path, template_cache: Path) -> None:
+def test_sluice_serve_logs_json_lines_only_and_can_dump_no_core(
+    tmp_path: Path, template_cache: Path
+) -> None:
     data_dir = tmp_path / "gw"
     shutil.copytree(template_cache, data_dir / "templates")
     proc = subprocess.Popen(
@@ -456,6 +458,11 @@ def test_sluice_serve_logs_json_lines_only(tmp_path: Path, template_cache: Path)
         while http_status(ops, "/readyz") != 200:
             assert proc.poll() is None and time.monotonic() < deadline, "serve never ready"
             time.sleep(0.05)
+        # Its keys never reach a core file: no soft or hard limit above 0 (raising the hard
+        # limit back takes privileges the gateway does not use).
+        (limit,) = [x for x in Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+                    if x.startswith("Max core file size")]  # fmt: skip
+        assert limit.split()[4:6] == ["0", "0"], limit
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
