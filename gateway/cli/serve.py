@@ -76,8 +76,7 @@ def no_core_dumps() -> None:
     """No core file of this process, ever: it holds the release signing key, its TLS key
     and the egress gate's piece-tag keys in memory, and a core dump would write them where
     an insider with filesystem access (THREAT_MODEL) reads them. A soft and hard
-    RLIMIT_CORE of 0 (inherited by what it starts); core handlers such as systemd-coredump
-    and apport honour it too."""
+    RLIMIT_CORE of 0 (inherited by what it starts); systemd-coredump honours it too."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
