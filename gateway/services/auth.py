@@ -279,12 +279,10 @@ class _Guarded:
                 request = _decode(request, self._decode, self._method)
             result = self._inner(request, context, *callback)
         except SluiceError as exc:
-            if slot is not None:
-                slot.end_thread()
+            _answered(slot)
             errors.abort(context, exc)
         except BaseException:
-            if slot is not None:
-                slot.end_thread()
+            _answered(slot)
             raise
         if slot is None:
             return result
@@ -292,8 +290,21 @@ class _Guarded:
             held = HeldStream(result, slot, context, _RESPONSE_PROGRESS.get(self._method))
             self._interceptor.watchdog.watch(held, context)
             return held
-        slot.end_thread()
+        if self._response_streaming:
+            slot.end_thread()  # Health/Watch: its stream goes on in callbacks, holding no thread
+            return result
+        _answered(slot)
         return result
+
+
+def _answered(slot: Slot | None) -> None:
+    """The behaviour returned its one answer, or ended the call with a status: nothing of the
+    call runs any more, so its thread and its principal's call are given back now, before
+    gRPC sends the answer. (Otherwise a client calling again the moment its answer arrived
+    could find its call still counted, until gRPC's end-of-call callback ran.)"""
+    if slot is not None:
+        slot.end_thread()
+        slot.end_call()
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

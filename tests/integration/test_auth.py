@@ -546,6 +546,29 @@ def test_second_concurrent_call_of_a_principal_is_refused(
         running.gateway.stop()
 
 
+def test_a_principal_at_its_call_cap_can_call_again_once_it_has_its_answer(
+    limited: Running, layout: PkiLayout, tiny_schema: Schema
+) -> None:
+    # With one call allowed at a time, the next call made the moment the last one's answer
+    # (an OK or a refusal) arrives is admitted: a call the gateway has answered holds
+    # nothing of its principal's, even while gRPC is still ending it.
+    header = update_header(
+        tiny_schema, b"", trainer="beijing-01", region="beijing", update_id=uuid.uuid4().hex
+    )
+    with (
+        channel(limited.endpoints.internal, identity(layout, "beijing-01")) as raw,
+        trainer_client(limited, layout, "beijing-01") as client,
+    ):
+        stub = trainer_pb2_grpc.TrainerServiceStub(raw)
+        refused = []
+        for _ in range(100):
+            assert client.round(TINY).round >= 1  # raises RESOURCE_EXHAUSTED if still held
+            with pytest.raises(grpc.RpcError) as err:  # an empty payload: refused
+                stub.PushUpdate(iter([trainer_pb2.PushUpdateRequest(header=header)]), timeout=10)
+            refused.append(err.value.code())
+        assert set(refused) == {Code.INVALID_ARGUMENT}
+
+
 def test_a_silent_push_stream_is_dropped(
     limited: Running, layout: PkiLayout, tiny_schema: Schema
 ) -> None:
