@@ -137,9 +137,9 @@ def bench_ingest(options: Options, templates: Path) -> Report:
                 plain = {size: Costed(sink_pid) for size in PLAIN_CHUNKS}
                 least = Costed(sink_pid)
                 # Each repeat runs the push and its same-run peers one after another, so
-                # that the ratios compare moments of this VM that lie close together.
-                # Each push sends bytes the gateway does not hold yet, as a trainer's next
-                # update does (gateway_proc.distinct); the peers get the same bytes.
+                # that the ratios compare moments of this VM that lie close together; each
+                # push sends bytes the gateway does not hold yet, as a trainer's next update
+                # does (gateway_proc.distinct), and its peers get the same bytes.
                 for i in range(options.repeats):
                     update = gateway_proc.distinct(single, single_schema, i)
                     push = partial(_push, gw.internal, single_model, f"single-{i}", update)

@@ -560,13 +560,16 @@ def test_a_principal_at_its_call_cap_can_call_again_once_it_has_its_answer(
         trainer_client(limited, layout, "beijing-01") as client,
     ):
         stub = trainer_pb2_grpc.TrainerServiceStub(raw)
-        refused = []
+        refused, before = [], stored_state(limited)
         for _ in range(100):
             assert client.round(TINY).round >= 1  # raises RESOURCE_EXHAUSTED if still held
             with pytest.raises(grpc.RpcError) as err:  # an empty payload: refused
                 stub.PushUpdate(iter([trainer_pb2.PushUpdateRequest(header=header)]), timeout=10)
             refused.append(err.value.code())
         assert set(refused) == {Code.INVALID_ARGUMENT}
+        assert client.round(TINY).accepted == 0  # still serving; the refusals stored nothing
+    assert stored_state(limited) == before
+    assert not list((limited.data_dir / "blobs" / "tmp").iterdir())
 
 
 def test_a_silent_push_stream_is_dropped(
