@@ -6,10 +6,13 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
+from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -156,7 +159,8 @@ def bind(
 def grpc_listener(
     config: Config, services: tuple[str, ...], interceptors: list[grpc.ServerInterceptor]
 ) -> tuple[grpc.Server, health.HealthServicer]:
-    """A gRPC server for `services`, with health and reflection listing only those."""
+    """A gRPC server for `services`, with health and reflection listing only those, and
+    reflection describing only their files (reflection_pool)."""
     limit = config.max_chunk_bytes + _MESSAGE_SLACK
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers),
@@ -169,13 +173,135 @@ def grpc_listener(
     )
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    reflection.enable_server_reflection(
-        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    listed = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(listed, server, pool=reflection_pool(listed))
     for name in services:
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, checker
+
+
+def reflection_pool(
+    services: Iterable[str], source: descriptor_pool.DescriptorPool | None = None
+) -> descriptor_pool.DescriptorPool:
+    """The descriptors reflection on a listener may describe: the files of `source` (the
+    default pool) that define its `services` and the files they import, nothing else. The
+    default pool holds every file the process imported (trainer.proto and admin.proto on
+    the egress listener too), and reflection answers any symbol or file name it holds;
+    from this pool, the other listeners' services, methods and messages are NOT_FOUND.
+
+    A file among them that defines a service not in `services` is refused (ValueError): a
+    shared file (tensors.proto: messages only) would otherwise carry another listener's RPC
+    names to every listener that imports it. Its messages are described wherever it is
+    imported: shared files hold only what every side may see."""
+    served = set(services)
+    source = source or descriptor_pool.Default()
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:  # a file's imports go into a pool before it
+            add(dependency)
+        others = sorted(
+            service.full_name
+            for service in file.services_by_name.values()
+            if service.full_name not in served
+        )
+        if others:
+            raise ValueError(
+                f"{file.name} defines {', '.join(others)}, not served on this listener: "
+                "move what both sides share into a file without services"
+            )
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.AddSerializedFile(proto.SerializeToString())
+        added.add(file.name)
+
+    for name in sorted(served):
+        try:
+            file = source.FindFileContainingSymbol(name)
+        except KeyError:  # no descriptor loaded: reflection could not describe it anyway
+            continue
+        add(file)
+    return pool
+
+
+class RequestParser(grpc.ServerInterceptor):
+    """For a gRPC server without services/auth.py's interceptor (which parses the same way,
+    after admission): each request is parsed by the method's behaviour, not by gRPC, which
+    answers bytes its deserializer refuses with INTERNAL ("Exception deserializing
+    request!"). Here they are INVALID_ARGUMENT, and nothing else changes: the behaviour's
+    callback mode (Health/Watch) and thread pool are kept."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        make: Callable[..., grpc.RpcMethodHandler[Any, Any]]
+        behaviour: Any
+        if handler.unary_unary:
+            make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+        elif handler.unary_stream:
+            make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+        elif handler.stream_unary:
+            make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+        else:
+            make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        parsed = _Parsed(
+            handler_call_details.method,
+            behaviour,
+            handler.request_deserializer,
+            handler.request_streaming,
+        )
+        return make(
+            parsed, request_deserializer=None, response_serializer=handler.response_serializer
+        )
+
+
+class _Parsed:
+    """A behaviour that parses its request bytes itself; bytes that do not parse end the
+    call with INVALID_ARGUMENT (the message services/auth.py gives)."""
+
+    def __init__(
+        self,
+        method: str,
+        inner: Callable[..., Any],
+        parse: Callable[[bytes], Any],
+        request_streaming: bool,
+    ) -> None:
+        self._method = method
+        self._inner = inner
+        self._parse = parse
+        self._request_streaming = request_streaming
+        # gRPC reads these two off the behaviour.
+        self.experimental_non_blocking = bool(getattr(inner, "experimental_non_blocking", False))
+        self.experimental_thread_pool = getattr(inner, "experimental_thread_pool", None)
+
+    def __call__(self, request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+        if self._request_streaming:
+            request = self._each(request, context)
+        else:
+            request = self._one(request, context)
+        return self._inner(request, context, *callback)
+
+    def _each(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        for data in requests:
+            yield self._one(data, context)
+
+    def _one(self, data: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            return self._parse(data)
+        except Exception:  # protobuf's DecodeError, or whatever a parser raises on garbage
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid message for {self._method}",
+            )
 
 
 def server_credentials(layout: PkiLayout, listener: str) -> grpc.ServerCredentials:

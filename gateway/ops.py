@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from sluice.gateway.listeners import split_address
+from sluice.gateway.listeners import RequestParser, split_address
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class OpsListener:
             if health_address:
                 self._grpc = grpc.server(
                     futures.ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="ops-health"),
+                    interceptors=[RequestParser()],  # bytes that do not parse: INVALID_ARGUMENT
                     maximum_concurrent_rpcs=HEALTH_CALLS,
                     options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)],
                 )

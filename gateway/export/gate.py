@@ -104,7 +104,7 @@ class EgressGate:
         self._audit(
             "egress.list",
             caller,
-            model or "*",
+            bounded(model) if model else "*",
             {"asked": {"model": bounded(model)}, "outcome": "ok", "listed": len(listed)}
             | ({"withheld": withheld} if withheld else {})
             | ({"unsigned": unsigned} if unsigned else {}),

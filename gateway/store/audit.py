@@ -12,9 +12,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sluice.gateway.core.errors import bounded
+
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+# Hard bounds on what one entry holds, whatever its writer passed: strings a caller chose
+# (a model name, a file name, a reason quoting them) reach entries through many writers,
+# and one that forgot to cut them must not cost a row (and an fsync) of megabytes. Writers
+# cut to 64 characters themselves (errors.bounded); these are the last net, and are what
+# is hashed, so the chain's format is unchanged.
+MAX_FIELD_CHARS = 512  # of kind, actor and subject
+MAX_DETAIL_CHARS = 4096  # of each string in the detail, its keys included
+_CUT_SLACK = 32  # room for bounded's "...(N chars)": a string cut once is not cut again
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -54,6 +64,36 @@ def entry_hash(
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
 
 
+def bounded_detail(detail: Mapping[str, object]) -> dict[str, object]:
+    """`detail` with every string in it (keys, values, inside lists and mappings) cut to
+    MAX_DETAIL_CHARS."""
+    return {_bounded_key(key): _bounded_value(value) for key, value in detail.items()}
+
+
+def _bounded_key(key: str) -> str:
+    # A non-str key (an int: JSON writes it as text) is bounded already.
+    return _cut(key, MAX_DETAIL_CHARS) if isinstance(key, str) else key
+
+
+def _bounded_value(value: object) -> object:
+    if isinstance(value, str):
+        return _cut(value, MAX_DETAIL_CHARS)
+    if isinstance(value, Mapping):
+        return bounded_detail(value)
+    if isinstance(value, list | tuple):
+        return [_bounded_value(item) for item in value]
+    return value
+
+
+def bounded_field(text: str) -> str:
+    """A kind, actor or subject cut to MAX_FIELD_CHARS, as append stores it."""
+    return _cut(text, MAX_FIELD_CHARS)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit + _CUT_SLACK else bounded(text, limit)
+
+
 def append(
     db: sqlite3.Connection,
     kind: str,
@@ -61,11 +101,13 @@ def append(
     subject: str,
     detail: Mapping[str, object] | None = None,
 ) -> AuditEntry:
-    """Add an entry inside the caller's transaction (so it commits with the event it records)."""
+    """Add an entry inside the caller's transaction (so it commits with the event it records).
+    Strings over MAX_FIELD_CHARS / MAX_DETAIL_CHARS are cut (errors.bounded)."""
     last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
     ts_ms = int(time.time() * 1000)
-    detail_json = json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":"))
+    kind, actor, subject = (bounded_field(s) for s in (kind, actor, subject))
+    detail_json = json.dumps(bounded_detail(detail or {}), sort_keys=True, separators=(",", ":"))
     digest = entry_hash(seq, ts_ms, kind, actor, subject, detail_json, prev)
     db.execute(
         "INSERT INTO audit (seq, ts_ms, kind, actor, subject, detail_json, prev_hash, hash)"
@@ -200,11 +242,12 @@ class Coalescer:
     (1 where absent) over a key's rows is the number of refusals.
 
     Subjects and groups may be chosen by the caller (a model name, a round number, a
-    reason that echoes them): an actor already holding `max_keys_per_actor` keys of one
-    kind has every further new key counted under one key of its own, (kind, actor,
-    OTHER_SUBJECTS, OTHER_SUBJECTS), whose detail names the latest subject. So a flood of
-    distinct subjects from one actor still costs at most max_keys_per_actor + 1 rows per
-    window. After stop(), a refusal is written at once: nothing is left uncounted.
+    reason that echoes them): each key and detail is cut as append cuts an entry before it
+    is held, and an actor already holding `max_keys_per_actor` keys of one kind has every
+    further new key counted under one key of its own, (kind, actor, OTHER_SUBJECTS,
+    OTHER_SUBJECTS), whose detail names the latest subject. So a flood of distinct subjects
+    from one actor still costs at most max_keys_per_actor + 1 rows per window. After
+    stop(), a refusal is written at once: nothing is left uncounted.
     """
 
     def __init__(
@@ -236,6 +279,10 @@ class Coalescer:
         detail: Mapping[str, object],
         group: str = "",
     ) -> None:
+        # Bounded as append bounds them, before anything is held: a key or detail of
+        # megabytes would otherwise sit here for a window, up to max_keys of them.
+        kind, actor, subject, group = (bounded_field(s) for s in (kind, actor, subject, group))
+        detail = bounded_detail(detail)
         key = (kind, actor, subject, group)
         now = self._clock()
         if self._stop.is_set():  # stopped: no flusher, nothing may wait for one

@@ -603,9 +603,11 @@ class Store:
             if storage_fault(exc) is None:
                 raise
             with self._lock:
-                if len(self._deferred) < MAX_DEFERRED:
+                if len(self._deferred) < MAX_DEFERRED:  # held bounded, as append stores it
                     at = {"deferred_from_ms": int(time.time() * 1000)}
-                    self._deferred.append((kind, actor, subject, {**detail, **at}))
+                    kind, actor, subject = map(audit.bounded_field, (kind, actor, subject))
+                    held = audit.bounded_detail({**detail, **at})
+                    self._deferred.append((kind, actor, subject, held))
                 else:
                     self._deferred_dropped += 1
 
