@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -99,25 +100,137 @@ def _paths(name: str, value: Any, base_dir: Path | None = None) -> tuple[Path, .
 
 
 def _coerce(name: str, value: Any, current: Any) -> Any:
+    """A setting's value from TOML, the environment (strings) or flags, as its own type; a
+    value that is not one refuses with the setting's name (never a silent truncation:
+    2.7 is not 2, true is not 1)."""
     if name == "import_keys":
         return _paths(name, value)
     if isinstance(current, Path) or name == "pki_dir":
+        if not isinstance(value, str | Path):
+            raise ValueError(f"setting {name!r}: expected a path, got {_shown(value)}")
         return Path(value)
     if isinstance(current, Mapping):
-        if not isinstance(value, Mapping):
-            raise ValueError(f"setting {name!r}: expected a table")
+        if not isinstance(value, Mapping) or not all(
+            isinstance(v, Mapping) for v in value.values()
+        ):
+            raise ValueError(f"setting {name!r}: expected a table of tables")
         return {str(k): dict(v) for k, v in value.items()}
     if isinstance(current, tuple):
-        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+            raise ValueError(f"setting {name!r}: expected a list of names, got {_shown(value)}")
+        return tuple(items)
     if isinstance(current, bool):
-        return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes"}
+        return _boolean(name, value)
     if isinstance(current, int):
-        return int(value)
+        return _whole(name, value)
     if isinstance(current, float):
-        return float(value)
+        return _number(name, value)
     if isinstance(current, str):
-        return str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"setting {name!r}: expected a string, got {_shown(value)}")
+        return value
     raise TypeError(f"setting {name!r}: unsupported type")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} chars)"
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in {"1", "true", "yes", "on"}:
+        return True
+    if word in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"setting {name!r}: expected true or false, got {_shown(value)}")
+
+
+def _whole(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("+-").isdecimal() and text.isascii():
+            return int(text)
+    raise ValueError(f"setting {name!r}: expected a whole number, got {_shown(value)}")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = math.nan
+    else:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"setting {name!r}: expected a finite number, got {_shown(value)}")
+    return number
+
+
+# Every numeric setting's range, inclusive, checked however the Config was made (load_config,
+# Gateway): a wedged listener (workers = 0), a round that never ends (round_seconds < 0) or
+# a gRPC option past int32 (max_chunk_bytes) is refused before anything starts.
+_GIB = 1 << 30
+RANGES: dict[str, tuple[float, float]] = {
+    "quorum": (1, MAX_SAFE_INT),
+    "min_updates": (1, MAX_SAFE_INT),
+    "min_trainers": (1, MAX_SAFE_INT),
+    "round_seconds": (0.001, 10 * 365 * 86400.0),
+    "max_chunk_bytes": (1, 64 << 20),  # far under protobuf's 2 GB and gRPC's int32 limits
+    "max_header_bytes": (64, 16 << 20),
+    "workers": (1, 4096),
+    "reserved_workers": (0, 4095),
+    "two_file_bytes": (0, TWO_FILE_THRESHOLD),  # one ONNX file stays under protobuf's 2 GB
+    "max_streams_per_principal": (1, 4096),
+    "idle_stream_seconds": (0.001, 86400.0),
+    "first_message_seconds": (0.001, 86400.0),
+    "push_grace_seconds": (0.0, 86400.0),
+    "push_min_bytes_per_second": (0, _GIB),
+    "send_stall_seconds": (0.001, 86400.0),
+    "audit_window_seconds": (0.0, 86400.0),
+    "start_reserve_bytes": (0, _GIB),
+    "dp_noise_multiplier": (0.0, 1e6),
+    "dp_clipping_norm": (1e-12, 1e12),
+    "dp_max_epsilon": (0.0, 1e6),
+    "dp_delta": (1e-300, 0.5),
+    "dp_sampling_rate": (1e-12, 1.0),
+    "dp_clipped_count_stddev": (0.0, 1e6),
+    "max_staleness": (0, MAX_SAFE_INT),
+    "staleness_exponent": (0.0, 1e3),
+    "max_num_examples": (1, MAX_SAFE_INT),
+    "max_update_abs_value": (1e-30, 1.7e308),  # positive and finite (over 3.4e38: no bound)
+    "keep_rounds": (0, MAX_SAFE_INT),  # 0 keeps everything
+    "keep_versions": (0, MAX_SAFE_INT),
+}
+
+
+def _n(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else f"{bound:g}"
+
+
+def check_settings(config: Config) -> None:
+    """Raises ValueError naming the first setting outside its range (RANGES) or in conflict."""
+    for name, (least, most) in RANGES.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"setting {name!r}: expected a number, got {_shown(value)}")
+        if not (math.isfinite(value) and least <= value <= most):
+            wanted = (
+                f"at least {_n(least)}" if most >= MAX_SAFE_INT else f"{_n(least)} to {_n(most)}"
+            )
+            raise ValueError(f"setting {name!r} is {_shown(value)}: expected {wanted}")
+    if config.fedbuff and 0 < config.keep_versions <= config.max_staleness:
+        raise ValueError(
+            f"keep_versions = {config.keep_versions} must exceed max_staleness = "
+            f"{config.max_staleness} with fedbuff: a trainer may still train on that old a base"
+        )
 
 
 def load_config(
@@ -154,17 +267,5 @@ def load_config(
             registry.get(name, config.declared_models)
         except KeyError as exc:
             raise ValueError(str(exc.args[0])) from None
-    if config.quorum < 1 or config.min_updates < 1 or config.min_trainers < 1:
-        raise ValueError("quorum, min_updates and min_trainers must be at least 1")
-    if not (0 < config.max_update_abs_value < float("inf")):
-        raise ValueError("max_update_abs_value must be a positive finite number")
-    if config.keep_rounds < 0 or config.keep_versions < 0:
-        raise ValueError("keep_rounds and keep_versions must be 0 (keep everything) or more")
-    if config.fedbuff and 0 < config.keep_versions <= config.max_staleness:
-        raise ValueError(
-            f"keep_versions = {config.keep_versions} must exceed max_staleness = "
-            f"{config.max_staleness} with fedbuff: a trainer may still train on that old a base"
-        )
-    if not 1 <= config.max_num_examples <= MAX_SAFE_INT:
-        raise ValueError(f"max_num_examples must be 1 to {MAX_SAFE_INT}")
+    check_settings(config)
     return config

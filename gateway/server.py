@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client.core import GaugeMetricFamily
 
 from sluice.gateway import heap
-from sluice.gateway.config import Config
+from sluice.gateway.config import Config, check_settings
 from sluice.gateway.core.catalog import Catalog
 from sluice.gateway.core.dp import DpPolicy
 from sluice.gateway.core.fedbuff import FedBuffPolicy
@@ -232,6 +232,14 @@ def _release(servers: Iterable[grpc.Server], ops: OpsListener | None) -> None:
         ops.stop()
 
 
+def drop_crash_leftovers(ingest: Ingest) -> list[str]:
+    """What a crash left in blobs/, at start and in `sluice gc`: each push it cut off
+    audited (push.interrupted) before its temp file goes, then the blobs no row names
+    dropped; returns those blobs' names."""
+    ingest.record_interrupted()
+    return ingest.blobs.drop_orphans(ingest.store.referenced_blobs())
+
+
 class Gateway:
     """Everything `sluice serve` runs. Building it binds every port first (a port in use
     fails at once), then does the slow part (templates, bootstrap); start() serves, stop()
@@ -239,6 +247,10 @@ class Gateway:
     dropped."""
 
     def __init__(self, config: Config) -> None:
+        try:
+            check_settings(config)  # however the Config was made: before anything is touched
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._lock = DataDirLock(config.data_dir)
@@ -415,8 +427,7 @@ class Gateway:
         except (OSError, sqlite3.Error) as exc:  # a full disk: serve what is there
             log.warning("could not audit the start (%s); serving anyway", exc)
         self.rounds.bootstrap()
-        self.ingest.record_interrupted()  # before the temp files they left are dropped
-        dropped = self.blobs.drop_orphans(self.store.referenced_blobs())
+        dropped = drop_crash_leftovers(self.ingest)
         if dropped:
             log.warning("dropped %d orphan blobs left by an interrupted push", len(dropped))
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(

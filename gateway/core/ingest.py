@@ -230,11 +230,13 @@ class Ingest:
         return r
 
     def _join(self, h: UpdateHeader) -> Round:
-        """The round this update joins, if its trainer has no update there yet: a trainer
-        counts once per round, so one trainer is never a quorum (README: updates)."""
+        """The round this update joins, if its trainer has no other update there yet: a
+        trainer counts once per round, so one trainer is never a quorum (README: updates).
+        Its update is this very id when a retry races the original's commit: the retry goes
+        on, and its commit answers it as a replay (or refuses other bytes under that id)."""
         r = self._open_round(h)
         committed = self.store.trainer_update(h.model, r.round, h.trainer)
-        if committed is not None:
+        if committed is not None and committed != h.update_id:
             raise Conflict(
                 f"trainer {h.trainer!r} already has update {committed!r} in round {r.round} of "
                 f"{h.model!r}; a trainer sends one update per round (a retry reuses its id)"
@@ -260,7 +262,8 @@ class Ingest:
                 f"{served.schema.payload_bytes} bytes"
             )
         self._join(h)
-        return None
+        # The original of a retry may have committed since the replay check above.
+        return self.replay(h) if h.payload_sha256 else None
 
     def receive(
         self,

@@ -118,15 +118,23 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 v = self.store.latest_version(request.model)
             if v is None:
                 raise NotFound(f"version {request.version} of {request.model!r} does not exist")
-            if v.removed_ms is not None:
+            total = served.schema.payload_bytes
+            try:
+                if v.removed_ms is not None:
+                    raise FileNotFoundError(v.weights_sha256)
+                # Opened before the header goes, so the pull reads its bytes to the end; a
+                # retention that removed it since the lookup above answers as one before it.
+                chunks = file_chunks(self.blobs.path(v.weights_sha256), request.offset, total)
+            except FileNotFoundError:
+                now = self.store.get_version(v.model, v.version)
+                if now is None or now.removed_ms is None:
+                    raise  # not retention: a blob missing from the store (a storage fault)
                 latest = self.store.latest_version(request.model)
                 raise NotFound(
                     f"version {v.version} of {request.model!r}: its weights were removed by "
                     f"retention (keep_versions); pull the current version "
                     f"{latest.version if latest else 0} (version 0 asks for it)"
-                )
-            total = served.schema.payload_bytes
-            chunks = file_chunks(self.blobs.path(v.weights_sha256), request.offset, total)
+                ) from None
             yield trainer_pb2.PullGlobalResponse(
                 header=trainer_pb2.GlobalHeader(
                     model=v.model,

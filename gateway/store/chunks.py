@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sluice.gateway.core.errors import InvalidInput
 
@@ -16,17 +17,19 @@ SEND_CHUNK_BYTES = 2 << 20
 def file_chunks(
     path: Path, offset: int, total: int, chunk_bytes: int = SEND_CHUNK_BYTES
 ) -> Iterator[tuple[int, bytes]]:
-    """(offset, data) pieces of path from offset to total bytes; a bad offset raises now,
-    before the caller sends anything."""
+    """(offset, data) pieces of path from offset to total bytes. A bad offset or a missing
+    file raises now, before the caller sends anything; the file is opened now too, so a
+    pull that has started reads its bytes to the end even if the name goes meanwhile
+    (retention removing that version's blob)."""
     if offset > total:
         raise InvalidInput(f"offset {offset} is past the end ({total} bytes)")
-    return _read_chunks(path, offset, total, chunk_bytes)
+    return _read_chunks(path.open("rb"), path, offset, total, chunk_bytes)
 
 
 def _read_chunks(
-    path: Path, offset: int, total: int, chunk_bytes: int
+    f: BinaryIO, path: Path, offset: int, total: int, chunk_bytes: int
 ) -> Iterator[tuple[int, bytes]]:
-    with path.open("rb") as f:
+    with f:
         f.seek(offset)
         pos = offset
         while pos < total:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sluice.gateway.config import load_config
+from sluice.gateway.config import RANGES, Config, check_settings, load_config
 from sluice.gateway.core.strategies import build_strategy
 from sluice.gateway.core.strategies.optimizers import FedAdam
 
@@ -39,3 +43,92 @@ def test_unknown_settings_are_refused(tmp_path: Path) -> None:
         load_config(path, environ={})
     with pytest.raises(ValueError, match="at least 1"):
         load_config(None, {"quorum": 0}, environ={})
+
+
+# Every numeric setting has a range, and a value that is not a number of its kind, or is
+# outside that range, is refused with the setting's name: however it arrives (TOML, the
+# environment, flags) and however the Config was made (Gateway checks it again).
+
+NUMERIC = {
+    f.name: f.default
+    for f in fields(Config)
+    if isinstance(f.default, int | float) and not isinstance(f.default, bool)
+}
+WHOLE = sorted(name for name, default in NUMERIC.items() if isinstance(default, int))
+
+
+def test_every_numeric_setting_has_a_range_its_default_lies_in() -> None:
+    assert set(NUMERIC) == set(RANGES)
+    check_settings(Config())
+
+
+not_whole = st.one_of(
+    st.floats().filter(lambda x: not x.is_integer() if math.isfinite(x) else True),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.text(max_size=20).filter(lambda t: not t.strip().lstrip("+-").isdecimal()),
+    st.none().map(lambda _: {"a": 1}),
+)
+
+
+@given(name=st.sampled_from(WHOLE), value=not_whole)
+@settings(max_examples=200, deadline=None)
+def test_a_whole_number_setting_refuses_anything_else_by_name(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"setting '{name}'"):
+        load_config(None, {name: value}, environ={})
+
+
+@given(
+    name=st.sampled_from(sorted(RANGES)),
+    past=st.one_of(st.just(math.nan), st.just(math.inf), st.floats(1e-9, 1e30)),
+    below=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_value_outside_its_range_is_refused_by_name(name: str, past: float, below: bool) -> None:
+    least, most = RANGES[name]
+    value = past
+    if math.isfinite(past):  # a step that still counts beside a bound as large as 3.4e38
+        value = least - max(past, abs(least) * 1e-9) if below else most + max(past, most * 1e-9)
+    if isinstance(NUMERIC[name], int):
+        if not math.isfinite(value):
+            return  # not a whole number at all: the test above
+        value = math.floor(value) if below else math.ceil(value)
+        if least <= value <= most:
+            return
+    with pytest.raises(ValueError, match=f"setting '{name}'"):
+        load_config(None, {name: value}, environ={})
+    with pytest.raises(ValueError, match=f"setting '{name}'"):
+        check_settings(Config().replace(**{name: value}))
+
+
+def test_a_range_s_own_ends_are_accepted() -> None:
+    for name, (least, most) in RANGES.items():
+        for end in (least, most):
+            value = int(end) if isinstance(NUMERIC[name], int) else float(end)
+            check_settings(Config().replace(**{name: value}, fedbuff=False))
+
+
+def test_environment_strings_are_parsed_strictly() -> None:
+    config = load_config(None, environ={"SLUICE_QUORUM": " 7 ", "SLUICE_FEDBUFF": "on"})
+    assert (config.quorum, config.fedbuff) == (7, True)
+    for env, named in [
+        ({"SLUICE_QUORUM": "7.5"}, "quorum"),
+        ({"SLUICE_QUORUM": "1e3"}, "quorum"),
+        ({"SLUICE_FEDBUFF": "ture"}, "fedbuff"),
+        ({"SLUICE_ROUND_SECONDS": "nan"}, "round_seconds"),
+        ({"SLUICE_ROUND_SECONDS": "soon"}, "round_seconds"),
+    ]:
+        with pytest.raises(ValueError, match=f"setting '{named}'"):
+            load_config(None, environ=env)
+
+
+def test_a_gateway_refuses_a_setting_out_of_range_before_it_touches_its_data_dir(
+    tmp_path: Path,
+) -> None:
+    from sluice.gateway.listeners import StartupError
+    from sluice.gateway.server import Gateway
+
+    for bad in ({"workers": 0}, {"round_seconds": math.nan}, {"max_chunk_bytes": 3 << 30}):
+        with pytest.raises(StartupError, match=f"setting '{next(iter(bad))}'"):
+            Gateway(Config(data_dir=tmp_path / "never").replace(**bad))
+    assert not (tmp_path / "never").exists()

@@ -168,3 +168,128 @@ def test_identical_payloads_racing_keep_the_committed_ones_blob(
     assert results["b"].created
     assert gw.blobs.path(hashlib.sha256(payload).hexdigest()).exists()
     assert not any(gw.blobs.tmp.iterdir())
+
+
+def _header(schema: Schema, payload: bytes, trainer: str, sha_in: str) -> UpdateHeader:
+    sha = hashlib.sha256(payload).hexdigest() if sha_in == "header" else ""
+    return UpdateHeader(
+        uuid.uuid4().hex, trainer, trainer.split("-")[0], TINY, 1, 0, 100,
+        schema.hash, sha, len(payload), {},
+    )  # fmt: skip
+
+
+def _body(payload: bytes, sha_in: str) -> Iterator[BodyItem]:
+    yield PayloadChunk(0, payload)
+    yield Trailer(1, hashlib.sha256(payload).hexdigest() if sha_in == "trailer" else "")
+
+
+@pytest.mark.parametrize("sha_in", ["header", "trailer"])
+def test_a_retry_whose_original_commits_meanwhile_is_answered_as_a_replay(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema, sha_in: str
+) -> None:
+    """The retry passes its replay check before the original commits, then finds its own
+    id as the trainer's update in the round: a replay (created False), not ALREADY_EXISTS,
+    one row, no rejection audited, nothing left in blobs/tmp."""
+    gw = make_gateway(tmp_path, template_cache)
+    payload = random_delta(tiny_schema, 7)
+    h = _header(tiny_schema, payload, "shanghai-01", sha_in)
+    real_open = gw.ingest._open_round
+    originals: list[PushResult] = []
+
+    def original_commits_first(header: UpdateHeader) -> Any:
+        if not originals:
+            originals.append(PushResult("", False, 0, 0))  # once: this call is the original
+            originals[0] = gw.ingest.receive(h, 100, _body(payload, sha_in))
+        return real_open(header)
+
+    gw.ingest._open_round = original_commits_first  # type: ignore[method-assign, assignment]
+    retried = gw.ingest.receive(h, 100, _body(payload, sha_in))
+    assert originals[0].created and not retried.created
+    assert (retried.update_id, retried.round, retried.accepted) == (h.update_id, 1, 1)
+    assert [u.update_id for u in gw.store.round_updates(TINY, 1)] == [h.update_id]
+    assert gw.store.audit_entries("push.rejected") == []
+    assert not any(gw.blobs.tmp.iterdir())
+
+
+def test_the_same_bytes_pushed_while_a_round_aggregates_leave_its_update_as_scanned(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    """Two trainers may send identical bytes (an all-zero delta). A late push of bytes that
+    an update of the aggregating round already has must not touch that update's blob: the
+    close takes a spool file changed after its scan for a corrupt update and drops it."""
+    gw = make_gateway(tmp_path, template_cache)
+    zeros = bytes(tiny_schema.payload_bytes)
+    push(gw, tiny_schema, zeros, "shanghai-01")
+    push(gw, tiny_schema, random_delta(tiny_schema, 2), "beijing-01")
+    blob = gw.blobs.path(hashlib.sha256(zeros).hexdigest())
+    before = blob.stat()
+    in_body, scanned, finish_late = threading.Event(), threading.Event(), threading.Event()
+    late: list[BaseException] = []
+
+    def sending() -> None:
+        in_body.set()
+        finish_late.wait(10)
+
+    def push_late() -> None:
+        try:
+            push(gw, tiny_schema, zeros, "chengdu-01", hook=sending)
+        except Exception as exc:
+            late.append(exc)
+
+    real_prepare = gw.rounds.folder.privacy.prepare
+
+    def prepare(*args: Any, **kwargs: Any) -> Any:
+        prepared = real_prepare(*args, **kwargs)  # the updates' files are scanned now
+        scanned.set()
+        finish_late.set()
+        thread.join(10)  # the late push spools, renames and is refused: round 1 is closing
+        return prepared
+
+    gw.rounds.folder.privacy.prepare = prepare  # type: ignore[method-assign]
+    thread = threading.Thread(target=push_late)
+    thread.start()
+    assert in_body.wait(10)  # its header passed while round 1 was open
+    gw.rounds.close(TINY, 1)
+    assert scanned.is_set() and len(late) == 1  # refused, not committed
+    after = blob.stat()
+    assert (after.st_ino, after.st_ctime_ns) == (before.st_ino, before.st_ctime_ns)
+    assert gw.store.audit_entries("push.excluded") == []
+    assert gw.store.get_round(TINY, 1).state == RoundState.CLOSED  # type: ignore[union-attr]
+    assert len(gw.store.round_updates(TINY, 1)) == 2
+    assert not any(gw.blobs.tmp.iterdir())
+
+
+def test_a_pull_that_has_its_header_reads_to_the_end_when_retention_removes_its_version(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    """PullGlobal opens the weights before it sends the header: a close whose retention
+    removes that version in the middle of the pull leaves the pull the version's bytes,
+    where it used to fail with INTERNAL (the file opened after the header was gone)."""
+    import grpc
+
+    from sluice.gateway.services.trainer import TrainerServicer
+    from sluice.v1 import trainer_pb2
+
+    gw = make_gateway(tmp_path, template_cache, keep_versions=1)
+    v0 = gw.store.latest_version(TINY)
+    assert v0 is not None
+    expected = gw.blobs.path(v0.weights_sha256).read_bytes()
+
+    class Context:
+        def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise AssertionError(f"aborted: {code} {details}")
+
+    servicer = TrainerServicer(gw.store, gw.blobs, gw.rounds, gw.ingest)
+    stream = servicer.PullGlobal(
+        trainer_pb2.PullGlobalRequest(model=TINY, version=0),
+        Context(),  # type: ignore[arg-type]
+    )
+    header = next(stream)
+    assert isinstance(header, trainer_pb2.PullGlobalResponse)
+    assert header.header.version == 0
+    push(gw, tiny_schema, random_delta(tiny_schema, 3), "shanghai-01")
+    gw.rounds.close(TINY, 1)
+    assert gw.store.get_version(TINY, 0).removed_ms is not None  # type: ignore[union-attr]
+    assert not gw.blobs.path(v0.weights_sha256).exists()
+    chunks = [trainer_pb2.PullGlobalResponse.FromString(m) for m in stream if isinstance(m, bytes)]
+    assert b"".join(c.chunk.data for c in chunks) == expected
