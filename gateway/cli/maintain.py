@@ -33,7 +33,10 @@ def _data_dir_and_keep(args: argparse.Namespace) -> tuple[Path, int, int]:
 
 
 def _gc(args: argparse.Namespace) -> int:
+    from sluice.gateway.core.catalog import Catalog
+    from sluice.gateway.core.ingest import Ingest
     from sluice.gateway.core.retention import Retention, RetentionPolicy
+    from sluice.gateway.server import drop_crash_leftovers
     from sluice.gateway.store.blobs import BlobStore
     from sluice.gateway.store.datadir import DataDirInUse, DataDirLock
     from sluice.gateway.store.sqlite import Store
@@ -64,7 +67,7 @@ def _gc(args: argparse.Namespace) -> int:
         removed = Retention(store, blobs, data_dir / "state").apply(
             policy, actor="operator", dry_run=args.dry_run
         )
-        orphans = [] if args.dry_run else blobs.drop_orphans(store.referenced_blobs())
+        orphans = [] if args.dry_run else drop_crash_leftovers(Ingest(store, blobs, Catalog(())))
     finally:
         store.close()
         lock.release()
@@ -92,11 +95,13 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from sluice.gateway.store.backup import BackupError, backup, record
+    from sluice.gateway.store.backup import BackupError, Misplaced, backup, record
 
     data_dir: Path = args.data_dir or DEFAULT_DATA_DIR
     try:
         done = backup(data_dir, args.dest, copy=args.copy)
+    except Misplaced as exc:
+        raise CliError(Exit.USAGE, str(exc)) from None
     except BackupError as exc:
         raise CliError(Exit.REFUSED, str(exc)) from None
     detail = {
@@ -112,25 +117,27 @@ def _backup(args: argparse.Namespace) -> int:
     how = f"{done.linked} linked, {done.copied} copied"
     print(
         f"{args.dest}: {plural(done.files, 'file')} ({size(done.bytes)}; {how}), "
-        f"{plural(len(done.releases), 'release')}, {plural(done.audit_entries, 'audit entry')} "
+        f"{plural(len(done.releases), 'release')}, {_audit_entries(done.audit_entries)} "
         f"in {done.seconds:.1f}s; restore with `sluice restore {args.dest} --data-dir DIR`"
     )
     return Exit.OK
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from sluice.gateway.store.backup import BackupError, check, record, restore
+    from sluice.gateway.store.backup import BackupError, Misplaced, check, record, restore
 
     try:
         if args.check_only:
             done = check(args.backup)
         else:
             done = restore(args.backup, args.data_dir, copy=args.copy)
+    except Misplaced as exc:
+        raise CliError(Exit.USAGE, str(exc)) from None
     except BackupError as exc:
         raise CliError(Exit.REFUSED, str(exc)) from None
     facts = (
         f"{plural(len(done.releases), 'release')}, {plural(done.versions, 'version')}, "
-        f"{plural(done.audit_entries, 'audit entry')}, taken {_when(done.created_ms)}"
+        f"{_audit_entries(done.audit_entries)}, taken {_when(done.created_ms)}"
     )
     if args.check_only:
         print(f"{args.backup}: complete: {facts}")
@@ -140,6 +147,10 @@ def _restore(args: argparse.Namespace) -> int:
     serve = f"sluice serve --data-dir {args.data_dir}"
     print(f"{args.data_dir}: restored {facts}; serve it with `{serve}`")
     return Exit.OK
+
+
+def _audit_entries(n: int) -> str:
+    return f"{n} audit {'entry' if n == 1 else 'entries'}"
 
 
 def _when(unix_ms: int) -> str:
@@ -171,7 +182,7 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="(operator) back up a data dir, live or stopped: a consistent SQLite snapshot "
         "and its files, hard-linked (copied across filesystems)",
     )
-    backup.add_argument("dest", type=Path, help="a new (or empty) directory")
+    backup.add_argument("dest", type=Path, help="a new (or empty) directory, outside any data dir")
     backup.add_argument("--data-dir", type=Path, help="the data dir (default: .sluice)")
     backup.add_argument("--copy", action="store_true", help="copy every file, link none")
     backup.set_defaults(run=_backup)

@@ -13,9 +13,16 @@ of a running gateway is
    snapshot does not need (files of later commits, crash leftovers) left out, so the
    backup is exactly one consistent state: what `sluice serve --data-dir BACKUP` serves.
 
-`backup.json` records what was taken; `check` proves a backup complete (the database's
-integrity, the audit chain, every referenced file present at its size, every release
-file at its signed sha256) before `restore` places it as a new data dir.
+`backup.json` records what was taken, with every file of each version's strategy state
+(`state/<model>/<version>`: optimizer moments, the DP privacy ledger; the database does not
+name them); `check` proves a backup complete (the database's integrity, the audit chain,
+every referenced file present at its size, every state directory of a kept version
+recorded and present, every release file at its signed sha256) before `restore` places it
+as a new data dir.
+
+A backup and a data dir never nest: a gateway's start and `sluice gc` delete what they do
+not know in their data dir, so neither `backup` nor `restore` writes inside a directory
+holding a `sluice.db` (or around the one it reads).
 
 A hard link shares the file with the data dir: it survives deletion (retention, a
 mistaken `rm`), not a failing disk or an insider editing bytes in place (the restored
@@ -42,7 +49,7 @@ from sluice.gateway.store.blobs import fsync_dir
 
 MANIFEST = "backup.json"
 DATABASE = "sluice.db"
-FORMAT = 1
+FORMAT = 2  # 1: before backup.json recorded the versions' state directories
 # What a data dir holds that a gateway needs; logs, the lock, the disk reserve, endpoints
 # and the blobs' temp files are not part of its state.
 TREES = ("blobs", "registry", "state", "templates", "keys", "pki")
@@ -51,6 +58,10 @@ FILES = ("trusted-ca.sha256",)
 
 class BackupError(Exception):
     """A backup or restore that cannot be made; the message says why and what to do."""
+
+
+class Misplaced(BackupError):
+    """A destination inside a data dir (or around the source): the command line is wrong."""
 
 
 @dataclass
@@ -64,6 +75,8 @@ class Summary:
     linked: int = 0
     copied: int = 0
     releases: list[list[object]] = field(default_factory=list)  # [model, version]
+    # state/<model>/<version> of every kept version -> its files' paths in it -> bytes
+    state_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     versions: int = 0
     updates: int = 0
     audit_entries: int = 0
@@ -86,15 +99,22 @@ class _Placer:
 
     def __init__(self, copy: bool) -> None:
         self.copy = copy
-        self.linked = 0
-        self.copied = 0
+        self._linked: dict[Path, bool] = {}  # placed file -> linked (else copied)
+
+    @property
+    def linked(self) -> int:
+        return sum(self._linked.values())
+
+    @property
+    def copied(self) -> int:
+        return len(self._linked) - self.linked
 
     def place(self, src: Path, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not self.copy:
             try:
                 os.link(src, dst, follow_symlinks=False)
-                self.linked += 1
+                self._linked[dst] = True
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
@@ -103,7 +123,12 @@ class _Placer:
         shutil.copy2(src, dst, follow_symlinks=False)
         with open(dst, "rb") as f:
             os.fsync(f.fileno())
-        self.copied += 1
+        self._linked[dst] = False
+
+    def drop(self, dst: Path) -> None:
+        """Unlink a placed file the backup turned out not to need: counted no more."""
+        dst.unlink()
+        self._linked.pop(dst, None)
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -129,10 +154,63 @@ def _fresh(dest: Path) -> Path:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} exists and is not an empty directory: choose a new one")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _drop_stale_partials(dest.parent)
     partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(mode=0o700)
     return partial
+
+
+# What a partial directory can hold; one holding anything else is not ours to remove.
+_PARTIAL_NAMES = frozenset({*TREES, *FILES, DATABASE, f"{DATABASE}-journal", MANIFEST})
+
+
+def _drop_stale_partials(parent: Path) -> None:
+    """Remove the partial directories that a backup or restore killed here left (their
+    process is gone): they hold links to files the data dir may since have deleted."""
+    for partial in parent.glob(".*.partial-*"):
+        pid = partial.name.rpartition("-")[2]
+        if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if partial.is_symlink() or not partial.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            if {p.name for p in partial.iterdir()} <= _PARTIAL_NAMES:
+                shutil.rmtree(partial)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: alive
+    return True
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _apart(source: Path, target: Path, what: str) -> None:
+    """Misplaced unless target (a new backup or data dir) lies outside every data dir, and
+    source (the data dir or backup read) outside target."""
+    src, dst = source.resolve(), target.resolve()
+    if _inside(dst, src):
+        raise Misplaced(
+            f"{target} is inside {source}, which it is made from: choose a {what} outside it"
+        )
+    if _inside(src, dst):
+        raise Misplaced(f"{source} is inside {target}: choose a {what} outside it")
+    for parent in dst.parents:
+        if os.path.exists(parent / DATABASE):  # False where it cannot look
+            raise Misplaced(
+                f"{target} is inside {parent}, a data dir or backup (it holds {DATABASE}): a "
+                f"gateway's start or `sluice gc` there deletes files it does not know; choose "
+                f"a {what} outside it"
+            )
 
 
 @contextlib.contextmanager
@@ -210,6 +288,9 @@ def _snapshot(source_db: Path, target: Path) -> None:
         dst = sqlite3.connect(target)
         try:
             src.backup(dst)
+            # One file, no -wal/-shm beside it that a reader (check) would create and a
+            # restore could carry off: the gateway turns WAL back on when it opens it.
+            dst.execute("PRAGMA journal_mode=DELETE")
             if not _has_removed_columns(dst):
                 _add_removed_columns(dst)
             ok = dst.execute("PRAGMA integrity_check").fetchone()[0]
@@ -235,6 +316,7 @@ def backup(data_dir: Path, dest: Path, *, copy: bool = False) -> Summary:
     started = time.monotonic()
     if not (data_dir / DATABASE).is_file():
         raise BackupError(f"{data_dir} holds no {DATABASE}: not a gateway's data dir")
+    _apart(data_dir, dest, "backup directory")
     placer = _Placer(copy)
     with _building(dest) as partial:
         for tree in TREES:  # 1: every immutable file there is now
@@ -260,7 +342,7 @@ def backup(data_dir: Path, dest: Path, *, copy: bool = False) -> Summary:
                 f"the audit chain of {data_dir} is broken ({broken}); `sluice audit verify` "
                 "says more. Backing it up would hide that: copy the directory by hand"
             )
-        _complete(data_dir, partial, needs, placer)  # 3: exactly what the snapshot needs
+        state = _complete(data_dir, partial, needs, placer)  # 3: exactly what it needs
         for tree in TREES:
             if (data_dir / tree).is_dir() and (partial / tree).is_dir():
                 _dirs_modes(data_dir / tree, partial / tree)
@@ -273,18 +355,25 @@ def backup(data_dir: Path, dest: Path, *, copy: bool = False) -> Summary:
             linked=placer.linked,
             copied=placer.copied,
             releases=needs.releases,
+            state_dirs=state,
             versions=needs.versions,
             updates=needs.updates,
             audit_entries=entries,
             audit_head=head[0] if head else audit.GENESIS,
             seconds=round(time.monotonic() - started, 3),
         )
-        (partial / MANIFEST).write_text(summary.to_json())
+        with open(partial / MANIFEST, "w") as f:  # _building fsyncs the directory
+            f.write(summary.to_json())
+            f.flush()
+            os.fsync(f.fileno())
     return summary
 
 
-def _complete(data_dir: Path, partial: Path, needs: _Needs, placer: _Placer) -> None:
-    """Link what the snapshot needs that the first pass missed; drop what it does not."""
+def _complete(
+    data_dir: Path, partial: Path, needs: _Needs, placer: _Placer
+) -> dict[str, dict[str, int]]:
+    """Link what the snapshot needs that the first pass missed; drop what it does not.
+    Returns the files of each kept version's state directory (backup.json's state_dirs)."""
     wanted: set[Path] = set()
     for sha in needs.blobs:
         rel = Path("blobs", sha[:2], sha)
@@ -307,16 +396,70 @@ def _complete(data_dir: Path, partial: Path, needs: _Needs, placer: _Placer) -> 
             wanted.add(rel)
             if not (partial / rel).is_file():
                 placer.place(path, partial / rel)
+    _complete_state(data_dir, partial, needs, placer)
     for path in list(_walk(partial)):
         rel = path.relative_to(partial)
         top = rel.parts[0]
         if top == "blobs" and rel not in wanted:
-            path.unlink()  # a later commit's file, or a crash's leftover
+            placer.drop(path)  # a later commit's file, or a crash's leftover
         elif top == "registry" and rel.parent not in release_dirs:
-            path.unlink()  # a release committed after the snapshot
+            placer.drop(path)  # a release committed after the snapshot
         elif top == "state" and Path(*rel.parts[:3]) not in needs.state_dirs:
-            path.unlink()  # a later version's, or a removed one's
+            placer.drop(path)  # a later version's, or a removed one's
     _prune_empty(partial)
+    return {
+        rel_dir.as_posix(): {
+            path.relative_to(partial / rel_dir).as_posix(): path.stat().st_size
+            for path in (_walk(partial / rel_dir) if (partial / rel_dir).is_dir() else [])
+        }
+        for rel_dir in sorted(needs.state_dirs)
+    }
+
+
+def _complete_state(data_dir: Path, partial: Path, needs: _Needs, placer: _Placer) -> None:
+    """Every kept version's state directory, whole. A fold renames it into place before
+    it commits the version, so one the first pass walked too early is there now; one that
+    is not was never written (version 0, an import without state), or retention removed
+    the version after the snapshot (its row says so: back up again)."""
+    unsure = []  # linked only now, or not found: whole unless retention removed it
+    for rel_dir in sorted(needs.state_dirs):
+        if not (data_dir / rel_dir).is_dir():
+            if not (partial / rel_dir).is_dir():
+                unsure.append(rel_dir)
+            continue
+        for path in _walk(data_dir / rel_dir):
+            rel = path.relative_to(data_dir)
+            if not (partial / rel).is_file():
+                if rel_dir not in unsure:
+                    unsure.append(rel_dir)
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile: below
+                    placer.place(path, partial / rel)
+    removed = _removed_since(data_dir, unsure)
+    if removed:
+        raise BackupError(
+            f"retention removed {removed[0]} while the backup ran (the snapshot still keeps "
+            "that version): back up again"
+        )
+
+
+def _removed_since(data_dir: Path, state_dirs: list[Path]) -> list[Path]:
+    """Which of these state/<model>/<version> the data dir's database now marks removed."""
+    if not state_dirs:
+        return []
+    db = sqlite3.connect(f"file:{data_dir / DATABASE}?mode=ro", uri=True, timeout=30)
+    try:
+        if not _has_removed_columns(db):
+            return []
+        return [
+            rel_dir
+            for rel_dir in state_dirs
+            if db.execute(
+                "SELECT 1 FROM versions WHERE model = ? AND version = ? AND removed_ms IS NOT NULL",
+                ("/".join(rel_dir.parts[1:-1]), int(rel_dir.parts[-1])),
+            ).fetchone()
+        ]
+    finally:
+        db.close()
 
 
 def _prune_empty(root: Path) -> None:
@@ -335,6 +478,11 @@ def check(backup_dir: Path, *, hashes: bool = True) -> Summary:
         doc = json.loads(manifest.read_text())
     except (OSError, ValueError) as exc:
         raise BackupError(f"{manifest}: not a Sluice backup ({exc})") from None
+    if isinstance(doc, dict) and doc.get("format") == 1:
+        raise BackupError(
+            f"{manifest}: format 1, which records no state directories (a version's optimizer "
+            "state or DP ledger could be missing unseen): take a new backup"
+        )
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise BackupError(f"{manifest}: format {str(found)[:40]!r}, expected {FORMAT}")
@@ -365,6 +513,7 @@ def check(backup_dir: Path, *, hashes: bool = True) -> Summary:
             raise BackupError(f"{path} is missing")
         if size is not None and path.stat().st_size != size:
             raise BackupError(f"{path} is {path.stat().st_size} bytes, expected {size}")
+    _check_state(backup_dir, needs, summary)
     for rel, (size, sha) in needs.release_files.items():
         path = backup_dir / rel
         if not path.is_file() or path.stat().st_size != size:
@@ -372,6 +521,25 @@ def check(backup_dir: Path, *, hashes: bool = True) -> Summary:
         if hashes and _sha256(path) != sha:
             raise BackupError(f"{path}: its sha256 is not the release's")
     return summary
+
+
+def _check_state(backup_dir: Path, needs: _Needs, summary: Summary) -> None:
+    """Every kept version's state directory recorded in backup.json, and each of its files
+    there at its size: the database names none of them, so only the record proves them."""
+    for rel_dir in sorted(needs.state_dirs):
+        files = summary.state_dirs.get(rel_dir.as_posix())
+        if files is None:
+            raise BackupError(
+                f"backup.json records nothing of {rel_dir}, which a version the backup keeps "
+                "may hold (optimizer state, the DP ledger): the backup is incomplete"
+            )
+        for name, size in files.items():
+            inner = Path(name)
+            if inner.is_absolute() or ".." in inner.parts or not inner.parts:
+                raise BackupError(f"{MANIFEST}: {name[:80]!r} in {rel_dir} is not a file name")
+            path = backup_dir / rel_dir / inner
+            if not path.is_file() or path.stat().st_size != size:
+                raise BackupError(f"{path} is missing or not {size} bytes")
 
 
 def _summary(doc: Mapping[str, object], manifest: Path) -> Summary:
@@ -387,6 +555,15 @@ def _summary(doc: Mapping[str, object], manifest: Path) -> Summary:
             ok = all(
                 isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
                 for r in value  # type: ignore[attr-defined]
+            )
+        if ok and kind is dict:
+            ok = all(
+                isinstance(files, dict)
+                and all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                    for n in files.values()
+                )
+                for files in value.values()  # type: ignore[attr-defined]
             )
         if not ok:
             raise BackupError(f"{manifest}: {name!r} is not a {kind.__name__}: not a Sluice backup")
@@ -423,19 +600,22 @@ def record(data_dir: Path, kind: str, subject: str, detail: Mapping[str, object]
 def restore(backup_dir: Path, data_dir: Path, *, copy: bool = False) -> Summary:
     """Check a backup, then place it as a new data dir (new or empty): the database copied,
     the other files linked (or copied). Raises BackupError."""
+    _apart(backup_dir, data_dir, "data dir to restore into")
     summary = check(backup_dir)
     placer = _Placer(copy)
     with _building(data_dir) as partial:
-        for path in _walk(backup_dir):
-            rel = path.relative_to(backup_dir)
-            if rel == Path(MANIFEST):
-                continue
-            if rel == Path(DATABASE):
-                shutil.copy2(path, partial / rel)  # written in place from now on
-                with open(partial / rel, "rb") as f:
-                    os.fsync(f.fileno())
-            else:
-                placer.place(path, partial / rel)
+        # The database copied: written in place from now on. Only it and the trees: not
+        # backup.json, nor a -wal or -shm a reader of the backup left (linked, the new
+        # gateway would write into the backup's).
+        shutil.copy2(backup_dir / DATABASE, partial / DATABASE)
+        with open(partial / DATABASE, "rb") as f:
+            os.fsync(f.fileno())
+        for tree in TREES:
+            for path in _walk(backup_dir / tree) if (backup_dir / tree).is_dir() else []:
+                placer.place(path, partial / path.relative_to(backup_dir))
+        for name in FILES:
+            if (backup_dir / name).is_file():
+                placer.place(backup_dir / name, partial / name)
         for tree in TREES:
             if (backup_dir / tree).is_dir():
                 _dirs_modes(backup_dir / tree, partial / tree)

@@ -15,6 +15,7 @@ import pytest
 from sluice.clients.sdk import EgressClient, TrainerClient
 from sluice.gateway.cli import main
 from sluice.gateway.store import backup as backups
+from sluice.gateway.store.blobs import BlobStore
 from sluice.models.schema import Schema
 from tests.conftest import TINY, Running, random_delta, start_gateway
 from tests.integration.test_round import push, wait_for_round
@@ -227,3 +228,132 @@ def test_a_damaged_backup_is_refused_and_nothing_is_placed(
     assert len(err) == 1 and "sha256 is not the release's" in err[0]
     assert not target.exists()
     assert not list(tmp_path.glob(".restored.partial-*"))
+
+
+def test_a_version_committed_between_the_file_pass_and_the_snapshot_keeps_its_dp_ledger(
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A close renames state/<model>/<version> into place, then commits the version: when
+    both land between the backup's walk and its snapshot, the snapshot keeps a version
+    whose state (here the DP ledger) the walk never saw. Restored without it, epsilon
+    would count from zero and a release the budget refuses would leave."""
+    dp = {"dp_noise_multiplier": 1.0, "dp_clipping_norm": 1e-4, "dp_max_epsilon": 8.0}
+    running = start_gateway(tmp_path / "gw", template_cache, **dp)
+    dest = tmp_path / "backup"
+    snapshot = backups._snapshot
+
+    def close_then_snapshot(source: Path, target: Path) -> None:
+        one_round(running, tiny_schema, 2, seed=2)  # version 2 and its state commit now
+        snapshot(source, target)
+
+    try:
+        one_round(running, tiny_schema, 1, seed=1)
+        monkeypatch.setattr(backups, "_snapshot", close_then_snapshot)
+        summary = backups.backup(running.data_dir, dest)
+        monkeypatch.undo()
+        live = running.data_dir / "state" / TINY / "2"
+        files = {p.name: p.read_bytes() for p in live.iterdir()}
+        assert (
+            files
+            and {
+                p.name: p.read_bytes()
+                for p in (dest / live.relative_to(running.data_dir)).iterdir()
+            }
+            == files
+        )
+        assert summary.state_dirs[f"state/{TINY}/2"] == {n: len(b) for n, b in files.items()}
+        one_round(running, tiny_schema, 3, seed=3)  # the third round spends past epsilon 8
+        assert running.gateway.store.get_release(TINY, 3) is None
+    finally:
+        running.gateway.stop()
+
+    backups.restore(dest, tmp_path / "restored")
+    again = start_gateway(tmp_path / "restored", template_cache, **dp)
+    try:
+        one_round(again, tiny_schema, 3, seed=3)
+        closed = again.gateway.store.audit_entries("round.closed")[-1]
+        assert closed.detail["dp"]["rounds"] == 3  # type: ignore[index]
+        assert again.gateway.store.get_release(TINY, 3) is None  # the budget still holds
+    finally:
+        again.gateway.stop()
+
+    # The restored gateway wrote nothing into the backup (no -wal linked from it).
+    assert backups.check(dest).audit_entries == summary.audit_entries
+    assert sorted(p.name for p in dest.glob("sluice.db*")) == ["sluice.db"]
+    # A backup missing a recorded state file is refused, whatever the database says.
+    next((dest / "state" / TINY / "2").iterdir()).unlink()
+    with pytest.raises(backups.BackupError, match="missing or not"):
+        backups.check(dest)
+
+
+def test_a_backup_or_restore_inside_a_data_dir_is_refused_as_usage(
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A gateway's start and `sluice gc` delete what they do not know in their data dir:
+    a backup there would be eaten (and its directories would stop the start)."""
+    running = start_gateway(tmp_path / "gw", template_cache)
+    try:
+        one_round(running, tiny_schema, 1, seed=1)
+    finally:
+        running.gateway.stop()
+    data = running.data_dir
+    capsys.readouterr()
+    for dest in (data / "blobs" / "bk", data / "backups" / "bk", data, tmp_path):
+        assert main(["backup", str(dest), "--data-dir", str(data)]) == 2, dest
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "outside" in err[0] and "Traceback" not in err[0]
+    assert not (data / "blobs" / "bk").exists() and not (data / "backups").exists()
+    assert not list(data.rglob(".*.partial-*"))
+
+    good = tmp_path / "backup"
+    assert main(["backup", str(good), "--data-dir", str(data)]) == 0
+    for target in (good / "restored", data / "restored", good):
+        assert main(["restore", str(good), "--data-dir", str(target)]) == 2, target
+        assert "outside" in capsys.readouterr().err
+    assert not (good / "restored").exists() and not (data / "restored").exists()
+    assert backups.check(good).releases == [[TINY, 1]]
+
+
+def test_gc_audits_the_pushes_a_crash_cut_off_before_dropping_their_files(
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    running = start_gateway(tmp_path / "gw", template_cache)
+    try:
+        one_round(running, tiny_schema, 1, seed=1)
+    finally:
+        running.gateway.stop()
+    data = running.data_dir
+    blobs = BlobStore(data / "blobs")
+    with blobs.temp(f"shanghai-01+{TINY}+2+cut-off.1") as tmp:
+        tmp.write(b"x" * 1000)
+        tmp.finish()
+        kept, name = tmp.path.read_bytes(), tmp.path.name
+    (blobs.tmp / name).write_bytes(kept)  # what a kill -9 mid-push leaves
+    # And a directory someone put under blobs/: not the store's, so it stays.
+    (data / "blobs" / "by-hand" / "blobs").mkdir(parents=True)
+    (data / "blobs" / "by-hand" / "sluice.db").write_bytes(b"not ours")
+    (data / "blobs" / "ab" / "copy").mkdir(parents=True)
+
+    assert main(["gc", "--data-dir", str(data), "--keep-rounds", "1"]) == 0
+    assert list(blobs.tmp.iterdir()) == []
+    assert (data / "blobs" / "by-hand" / "sluice.db").read_bytes() == b"not ours"
+    assert (data / "blobs" / "ab" / "copy").is_dir()
+    again = start_gateway(data, template_cache)  # nothing left to audit twice
+    try:
+        (entry,) = again.gateway.store.audit_entries("push.interrupted")
+        assert (entry.actor, entry.subject) == ("shanghai-01", f"{TINY}/round/2")
+        assert entry.detail["update_id"] == "cut-off.1"
+        assert "after receiving 1000 bytes" in str(entry.detail["reason"])
+        assert again.gateway.store.verify_audit()[1] is None
+        one_round(again, tiny_schema, 2, seed=2)
+    finally:
+        again.gateway.stop()

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,10 +36,14 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_backup_checks_and_restores_with_its_modes(made: Path, tmp_path: Path) -> None:
     summary = check(made)
-    # sluice.db and the key; the blob no row names (a crash's leftover) is left out.
+    # sluice.db and the key; the blob no row names (a crash's leftover) is left out, and
+    # not counted as linked either (the database is a snapshot, neither).
     assert summary.audit_entries == 1 and summary.files == 2
+    assert (summary.linked, summary.copied) == (1, 0)
     assert not list(made.glob("blobs/??/*"))
     restore(made, tmp_path / "restored")
+    # check() read the backup; no -wal or -shm of its database went along to be written.
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["keys", "sluice.db"]
     assert (tmp_path / "restored" / "keys").stat().st_mode & 0o777 == 0o700
     db = Store(tmp_path / "restored" / "sluice.db")
     try:
@@ -73,7 +80,7 @@ def test_any_backup_json_value_is_checked_or_refused_in_words(
 
 @pytest.mark.parametrize(
     "damage",
-    ["not json", "[]", '{"format": 2}', "null"],
+    ["not json", "[]", '{"format": 99}', "null"],
 )
 def test_a_backup_json_that_is_no_backup_is_refused(
     made: Path, tmp_path: Path, damage: str
@@ -97,3 +104,75 @@ def test_an_audit_log_edited_in_the_backup_is_refused(made: Path, tmp_path: Path
     db.close()
     with pytest.raises(BackupError, match="audit chain is broken"):
         check(copy)
+
+
+def test_a_backup_that_does_not_record_the_state_directories_is_refused(
+    made: Path, tmp_path: Path
+) -> None:
+    """Format 1 recorded none; a version's state (its DP ledger) could be missing unseen."""
+    import sqlite3
+
+    copy = tmp_path / "b"
+    shutil.copytree(made, copy)
+    db = sqlite3.connect(copy / "sluice.db")
+    db.execute(
+        "INSERT INTO versions VALUES ('m', 3, 3, ?, 3, 1, 150, 0, NULL)", ("a" * 64,)
+    )  # a version the database keeps, made after the backup was taken
+    db.commit()
+    db.close()
+    blob = copy / "blobs" / "aa" / ("a" * 64)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"w")
+    doc = json.loads((copy / MANIFEST).read_text())
+    with pytest.raises(BackupError, match="records nothing of state/m/3"):
+        check(copy)
+    doc["state_dirs"] = {"state/m/3": {"dp_ledger.json": 24}}
+    (copy / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(BackupError, match=r"dp_ledger\.json is missing or not 24 bytes"):
+        check(copy)
+    (copy / "state" / "m" / "3").mkdir(parents=True)
+    (copy / "state" / "m" / "3" / "dp_ledger.json").write_bytes(b"x" * 24)
+    assert check(copy).state_dirs == {"state/m/3": {"dp_ledger.json": 24}}
+    doc["state_dirs"] = {"state/m/3": {"../../../sluice.db": 24}}
+    (copy / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(BackupError, match="not a file name"):
+        check(copy)
+    doc["format"] = 1
+    (copy / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(BackupError, match="format 1, which records no state directories"):
+        check(copy)
+
+
+def test_a_later_backup_removes_what_a_killed_one_left_and_nothing_else(
+    made: Path, tmp_path: Path
+) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    killed = tmp_path / f".old.partial-{gone.pid}"
+    (killed / "blobs" / "aa").mkdir(parents=True)
+    (killed / "blobs" / "aa" / "x").write_bytes(b"a link to a deleted blob's space")
+    (killed / "sluice.db").write_bytes(b"")
+    running = tmp_path / f".other.partial-{os.getppid()}"  # its process is alive
+    running.mkdir()
+    not_ours = tmp_path / f".mine.partial-{gone.pid}"  # holds what no backup writes
+    (not_ours / "notes").mkdir(parents=True)
+    backup(Path(check(made).source), tmp_path / "new")
+    assert not killed.exists() and running.is_dir() and (not_ours / "notes").is_dir()
+    assert check(tmp_path / "new").audit_entries == 1
+
+
+def test_backup_json_is_on_the_disk_before_the_backup_is_named(
+    made: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    backup(Path(check(made).source), tmp_path / "new")
+    partial = str(tmp_path / f".new.partial-{os.getpid()}")
+    assert f"{partial}/{MANIFEST}" in synced and partial in synced
+    assert synced.index(f"{partial}/{MANIFEST}") < synced.index(partial)
