@@ -228,6 +228,20 @@ def reflection_pool(
     return pool
 
 
+def handler_parts(
+    handler: grpc.RpcMethodHandler[Any, Any],
+) -> tuple[Callable[..., grpc.RpcMethodHandler[Any, Any]], Any]:
+    """How to make a handler of the same kind (unary or streaming, each way), and its
+    behaviour: for an interceptor that wraps the behaviour and keeps the kind."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    return grpc.stream_stream_rpc_method_handler, handler.stream_stream
+
+
 class RequestParser(grpc.ServerInterceptor):
     """For a gRPC server without services/auth.py's interceptor (which parses the same way,
     after admission): each request is parsed by the method's behaviour, not by gRPC, which
@@ -243,16 +257,7 @@ class RequestParser(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        make: Callable[..., grpc.RpcMethodHandler[Any, Any]]
-        behaviour: Any
-        if handler.unary_unary:
-            make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-        elif handler.unary_stream:
-            make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-        elif handler.stream_unary:
-            make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-        else:
-            make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        make, behaviour = handler_parts(handler)
         parsed = _Parsed(
             handler_call_details.method,
             behaviour,

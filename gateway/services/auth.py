@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import grpc
 
 from sluice.gateway.core.errors import InvalidInput, NotFound, SluiceError, TooLarge, bounded
+from sluice.gateway.listeners import handler_parts
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.pki import (
     OPERATOR,
@@ -472,16 +473,7 @@ def _guarded(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler behind the interceptor, taking raw bytes: the request is decoded
     only after the caller is authorized."""
-    make: Callable[..., grpc.RpcMethodHandler[Any, Any]]
-    behaviour: Any
-    if handler.unary_unary:
-        make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    elif handler.unary_stream:
-        make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    elif handler.stream_unary:
-        make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-    else:
-        make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    make, behaviour = handler_parts(handler)
     return make(
         _Guarded(
             interceptor,

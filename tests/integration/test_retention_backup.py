@@ -23,6 +23,16 @@ from tests.integration.test_round import push, wait_for_round
 TRAINERS = ("shanghai-01", "beijing-01", "shenzhen-01")
 
 
+def stopped_after_one_round(tmp_path: Path, template_cache: Path, tiny_schema: Schema) -> Running:
+    """A gateway that closed and released round 1, stopped: its data dir is at rest."""
+    running = start_gateway(tmp_path / "gw", template_cache)
+    try:
+        one_round(running, tiny_schema, 1, seed=1)
+    finally:
+        running.gateway.stop()
+    return running
+
+
 def one_round(running: Running, schema: Schema, round_no: int, seed: int) -> None:
     """Three trainers push (those that have not yet); the quorum closes the round."""
     done = {u.trainer for u in running.gateway.store.round_updates(TINY, round_no)}
@@ -209,11 +219,7 @@ def test_a_damaged_backup_is_refused_and_nothing_is_placed(
     tiny_schema: Schema,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    running = start_gateway(tmp_path / "gw", template_cache)
-    try:
-        one_round(running, tiny_schema, 1, seed=1)
-    finally:
-        running.gateway.stop()
+    running = stopped_after_one_round(tmp_path, template_cache, tiny_schema)
     dest = tmp_path / "backup"
     assert main(["backup", str(dest), "--data-dir", str(running.data_dir), "--copy"]) == 0
     assert main(["restore", str(dest), "--check-only"]) == 0
@@ -297,11 +303,7 @@ def test_a_backup_or_restore_inside_a_data_dir_is_refused_as_usage(
 ) -> None:
     """A gateway's start and `sluice gc` delete what they do not know in their data dir:
     a backup there would be eaten (and its directories would stop the start)."""
-    running = start_gateway(tmp_path / "gw", template_cache)
-    try:
-        one_round(running, tiny_schema, 1, seed=1)
-    finally:
-        running.gateway.stop()
+    running = stopped_after_one_round(tmp_path, template_cache, tiny_schema)
     data = running.data_dir
     capsys.readouterr()
     for dest in (data / "blobs" / "bk", data / "backups" / "bk", data, tmp_path):
@@ -326,11 +328,7 @@ def test_gc_audits_the_pushes_a_crash_cut_off_before_dropping_their_files(
     tiny_schema: Schema,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    running = start_gateway(tmp_path / "gw", template_cache)
-    try:
-        one_round(running, tiny_schema, 1, seed=1)
-    finally:
-        running.gateway.stop()
+    running = stopped_after_one_round(tmp_path, template_cache, tiny_schema)
     data = running.data_dir
     blobs = BlobStore(data / "blobs")
     with blobs.temp(f"shanghai-01+{TINY}+2+cut-off.1") as tmp:
