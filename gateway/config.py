@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sluice.gateway.core.errors import bounded
 from sluice.gateway.core.ingest import MAX_CHUNK_BYTES, MAX_NUM_EXAMPLES
 from sluice.gateway.core.records import MAX_SAFE_INT
 from sluice.gateway.export.template import TWO_FILE_THRESHOLD
@@ -134,8 +137,7 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} chars)"
+    return bounded(repr(value), 40)
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -149,26 +151,23 @@ def _boolean(name: str, value: Any) -> bool:
     raise ValueError(f"setting {name!r}: expected true or false, got {_shown(value)}")
 
 
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+
+
 def _whole(name: str, value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("+-").isdecimal() and text.isascii():
-            return int(text)
+    if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
+        return int(value.strip())
     raise ValueError(f"setting {name!r}: expected a whole number, got {_shown(value)}")
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = math.nan
-    else:
-        number = math.nan
+    number = math.nan
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        # Not a number, or an integer past a float's range: NaN, refused below.
+        with contextlib.suppress(ValueError, OverflowError):
+            number = float(value.strip() if isinstance(value, str) else value)
     if not math.isfinite(number):
         raise ValueError(f"setting {name!r}: expected a finite number, got {_shown(value)}")
     return number
@@ -186,7 +185,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_chunk_bytes": (1, 64 << 20),  # far under protobuf's 2 GB and gRPC's int32 limits
     "max_header_bytes": (64, 16 << 20),
     "workers": (1, 4096),
-    "reserved_workers": (0, 4095),
+    "reserved_workers": (1, 4095),
     "two_file_bytes": (0, TWO_FILE_THRESHOLD),  # one ONNX file stays under protobuf's 2 GB
     "max_streams_per_principal": (1, 4096),
     "idle_stream_seconds": (0.001, 86400.0),
@@ -217,20 +216,38 @@ def _n(bound: float) -> str:
 
 def check_settings(config: Config) -> None:
     """Raises ValueError naming the first setting outside its range (RANGES) or in conflict."""
-    for name, (least, most) in RANGES.items():
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"setting {name!r}: expected a number, got {_shown(value)}")
-        if not (math.isfinite(value) and least <= value <= most):
-            wanted = (
-                f"at least {_n(least)}" if most >= MAX_SAFE_INT else f"{_n(least)} to {_n(most)}"
-            )
-            raise ValueError(f"setting {name!r} is {_shown(value)}: expected {wanted}")
+    check_ranges(config)
+    check_call_room(config.workers, config.reserved_workers, config.max_streams_per_principal)
     if config.fedbuff and 0 < config.keep_versions <= config.max_staleness:
         raise ValueError(
             f"keep_versions = {config.keep_versions} must exceed max_staleness = "
             f"{config.max_staleness} with fedbuff: a trainer may still train on that old a base"
         )
+
+
+def check_call_room(workers: int, reserved_workers: int, max_calls_per_principal: int) -> None:
+    """A listener's threads leave room for a third principal when two are at their cap
+    (README: what one principal can hold), and some are never held by admitted calls."""
+    if reserved_workers < 1 or workers - reserved_workers < 3 * max_calls_per_principal:
+        raise ValueError(
+            f"workers ({workers}) - reserved_workers ({reserved_workers}) must be at least "
+            f"3 x max_streams_per_principal ({max_calls_per_principal}) and reserved_workers "
+            "at least 1: two principals at their cap must leave room for a third"
+        )
+
+
+def check_ranges(config: Config) -> None:
+    """Raises ValueError naming the first setting outside its own range (RANGES)."""
+    for name, (least, most) in RANGES.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"setting {name!r}: expected a number, got {_shown(value)}")
+        finite = isinstance(value, int) or math.isfinite(value)  # an int of 400 digits too
+        if not (finite and least <= value <= most):
+            wanted = (
+                f"at least {_n(least)}" if most >= MAX_SAFE_INT else f"{_n(least)} to {_n(most)}"
+            )
+            raise ValueError(f"setting {name!r} is {_shown(value)}: expected {wanted}")
 
 
 def load_config(

@@ -258,10 +258,6 @@ def _drop_stale(kits_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _inside(path: Path, other: Path) -> bool:
-    return path == other or other in path.parents
-
-
 def export_kits(
     layout: PkiLayout,
     names: Sequence[str],
@@ -279,7 +275,7 @@ def export_kits(
     KitError). kits_dir is kept apart from the PKI directory: neither inside the other.
     """
     pki, kits = layout.directory.resolve(), kits_dir.resolve()
-    if _inside(pki, kits) or _inside(kits, pki):
+    if pki.is_relative_to(kits) or kits.is_relative_to(pki):
         raise KitError(
             f"{kits_dir}: kits are handed out and the PKI directory holds the CA key; keep "
             f"them apart (neither inside {layout.directory} nor around it)"

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sluice.gateway.config import Config
+from sluice.gateway.core.errors import InvalidInput
 from sluice.gateway.pki import PkiLayout, key_matches_cert
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,27 @@ def handler_parts(
     return grpc.stream_stream_rpc_method_handler, handler.stream_stream
 
 
+def parse_request(
+    data: bytes,
+    decode: Callable[[bytes], Any] | None,
+    method: str,
+    precheck: Callable[[bytes], None] | None = None,
+) -> Any:
+    """A request's bytes parsed by `decode` (None: the bytes as they are); InvalidInput
+    for bytes that do not parse, or that `precheck` refuses."""
+    if decode is None:
+        return data
+    if precheck is not None:
+        try:
+            precheck(data)
+        except InvalidInput as exc:
+            raise InvalidInput(f"the request is not a valid message for {method}: {exc}") from None
+    try:
+        return decode(data)
+    except Exception:  # protobuf's DecodeError, or whatever a parser raises on garbage
+        raise InvalidInput(f"the request is not a valid message for {method}") from None
+
+
 class RequestParser(grpc.ServerInterceptor):
     """For a gRPC server without services/auth.py's interceptor (which parses the same way,
     after admission): each request is parsed by the method's behaviour, not by gRPC, which
@@ -301,12 +323,9 @@ class _Parsed:
 
     def _one(self, data: bytes, context: grpc.ServicerContext) -> Any:
         try:
-            return self._parse(data)
-        except Exception:  # protobuf's DecodeError, or whatever a parser raises on garbage
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid message for {self._method}",
-            )
+            return parse_request(data, self._parse, self._method)
+        except InvalidInput as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 def server_credentials(layout: PkiLayout, listener: str) -> grpc.ServerCredentials:

@@ -232,14 +232,6 @@ def _release(servers: Iterable[grpc.Server], ops: OpsListener | None) -> None:
         ops.stop()
 
 
-def drop_crash_leftovers(ingest: Ingest) -> list[str]:
-    """What a crash left in blobs/, at start and in `sluice gc`: each push it cut off
-    audited (push.interrupted) before its temp file goes, then the blobs no row names
-    dropped; returns those blobs' names."""
-    ingest.record_interrupted()
-    return ingest.blobs.drop_orphans(ingest.store.referenced_blobs())
-
-
 class Gateway:
     """Everything `sluice serve` runs. Building it binds every port first (a port in use
     fails at once), then does the slow part (templates, bootstrap); start() serves, stop()
@@ -427,7 +419,7 @@ class Gateway:
         except (OSError, sqlite3.Error) as exc:  # a full disk: serve what is there
             log.warning("could not audit the start (%s); serving anyway", exc)
         self.rounds.bootstrap()
-        dropped = drop_crash_leftovers(self.ingest)
+        dropped = self.ingest.drop_crash_leftovers()
         if dropped:
             log.warning("dropped %d orphan blobs left by an interrupted push", len(dropped))
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(

@@ -36,7 +36,6 @@ def _gc(args: argparse.Namespace) -> int:
     from sluice.gateway.core.catalog import Catalog
     from sluice.gateway.core.ingest import Ingest
     from sluice.gateway.core.retention import Retention, RetentionPolicy
-    from sluice.gateway.server import drop_crash_leftovers
     from sluice.gateway.store.blobs import BlobStore
     from sluice.gateway.store.datadir import DataDirInUse, DataDirLock
     from sluice.gateway.store.sqlite import Store
@@ -67,7 +66,8 @@ def _gc(args: argparse.Namespace) -> int:
         removed = Retention(store, blobs, data_dir / "state").apply(
             policy, actor="operator", dry_run=args.dry_run
         )
-        orphans = [] if args.dry_run else drop_crash_leftovers(Ingest(store, blobs, Catalog(())))
+        ingest = Ingest(store, blobs, Catalog(()))  # its crash clean-up, as a start runs it
+        orphans = [] if args.dry_run else ingest.drop_crash_leftovers()
     finally:
         store.close()
         lock.release()

@@ -114,7 +114,7 @@ class RoundFolder:
     def unlink_unreferenced(self, shas: set[str]) -> None:
         with self.blobs.lock:
             for sha in shas - self.store.referenced_blobs():
-                self.blobs.path(sha).unlink(missing_ok=True)
+                self.blobs.remove(self.blobs.path(sha))
 
     def fold(self, served: ServedModel, r: Round, updates: list[CommittedUpdate]) -> ClosedRound:
         """Fold these updates of round r into the next version and commit it with its

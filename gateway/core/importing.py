@@ -313,7 +313,7 @@ class BaseImporter:
                         r = self._insert(h, attempt, layout, latest, sha, principal, peer)
                     except BaseException:
                         if out.hexdigest() not in self.store.referenced_blobs():
-                            final.unlink(missing_ok=True)
+                            self.blobs.remove(final)
                         raise
             except BaseException:
                 state = self.rounds.folder.state_dir(h.model, version_no)

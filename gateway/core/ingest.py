@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -230,13 +229,11 @@ class Ingest:
         return r
 
     def _join(self, h: UpdateHeader) -> Round:
-        """The round this update joins, if its trainer has no other update there yet: a
-        trainer counts once per round, so one trainer is never a quorum (README: updates).
-        Its update is this very id when a retry races the original's commit: the retry goes
-        on, and its commit answers it as a replay (or refuses other bytes under that id)."""
+        """The round this update joins, if its trainer has no update there yet: a trainer
+        counts once per round, so one trainer is never a quorum (README: updates)."""
         r = self._open_round(h)
         committed = self.store.trainer_update(h.model, r.round, h.trainer)
-        if committed is not None and committed != h.update_id:
+        if committed is not None:
             raise Conflict(
                 f"trainer {h.trainer!r} already has update {committed!r} in round {r.round} of "
                 f"{h.model!r}; a trainer sends one update per round (a retry reuses its id)"
@@ -261,9 +258,16 @@ class Ingest:
                 f"payload_bytes {h.payload_bytes}: model {h.model!r} updates are exactly "
                 f"{served.schema.payload_bytes} bytes"
             )
-        self._join(h)
-        # The original of a retry may have committed since the replay check above.
-        return self.replay(h) if h.payload_sha256 else None
+        try:
+            self._join(h)
+        except SluiceError:
+            # A retry whose original committed since the replay check above (its commit may
+            # have closed the round, or be the trainer's update there): the same answer.
+            replayed = self.replay(h) if h.payload_sha256 else None
+            if replayed is None:
+                raise
+            return replayed
+        return None
 
     def receive(
         self,
@@ -323,9 +327,19 @@ class Ingest:
         else:
             self.store.record_soon(kind, actor, subject, detail)  # full disk: once there is room
 
+    def drop_crash_leftovers(self) -> list[str]:
+        """What a crash left in blobs/, at start and in `sluice gc`: each push it cut off
+        audited (push.interrupted) before its temp file goes, then the blobs no row names
+        dropped; returns those blobs' names. While the disk refuses those entries (they
+        wait in memory: record_soon) the temp files stay, the only evidence of them, for
+        the next start or gc to audit."""
+        self.record_interrupted()
+        evidence_audited = not self.store.holds_deferred()
+        return self.blobs.drop_orphans(self.store.referenced_blobs(), temp_files=evidence_audited)
+
     def record_interrupted(self) -> int:
-        """At start-up: audit every push a crash cut off (its temp file is still in
-        blobs/tmp, tagged with who sent what); returns how many."""
+        """Audit every push a crash cut off (its temp file is still in blobs/tmp, tagged
+        with who sent what); returns how many."""
         found = self.blobs.temp_tags()
         for tag, size in found:
             parts = tag.split("+")  # _receive's tag: trainer+model+round+update_id
@@ -347,7 +361,14 @@ class Ingest:
     ) -> PushResult:
         if not h.payload_sha256 and self.store.find_update(h.update_id) is not None:
             return self._replay_after_payload(h, header_bytes, body)
-        replayed = self.check_header(h, header_bytes)
+        try:
+            replayed = self.check_header(h, header_bytes)
+        except SluiceError:
+            # Without the sha256, check_header cannot tell a retry whose original committed
+            # meanwhile: its payload, hashed, can (as a committed id's is above).
+            if h.payload_sha256 or self.store.find_update(h.update_id) is None:
+                raise
+            return self._replay_after_payload(h, header_bytes, body)
         if replayed is not None:
             return replayed
         schema = self.catalog.get(h.model).schema
@@ -371,8 +392,7 @@ class Ingest:
                     result = self._commit(h, peer, principal)
                 except BaseException:
                     if h.payload_sha256 not in self.store.referenced_blobs():
-                        with contextlib.suppress(FileNotFoundError):
-                            final.unlink()
+                        self.blobs.remove(final)
                     raise
         if result.created and self._on_commit is not None:
             self._on_commit(h.model, result.round)

@@ -185,7 +185,7 @@ class Retention:
                     links = path.stat().st_nlink
                 except FileNotFoundError:
                     continue
-                path.unlink()
+                self.blobs.remove(path)
                 # A version blob that is also a release's data file (a hard link, see
                 # export/refresh.py) loses a name, not its bytes: nothing freed.
                 gone[sha] = size if links == 1 else 0

@@ -218,7 +218,7 @@ class RoundManager:
                 referenced = self.store.referenced_blobs()
                 for u in dropped:
                     if u.payload_sha256 not in referenced:
-                        self.blobs.path(u.payload_sha256).unlink(missing_ok=True)
+                        self.blobs.remove(self.blobs.path(u.payload_sha256))
             return [u.update_id for u in dropped]
 
     @property

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import grpc
 
 from sluice.gateway.core.errors import InvalidInput, NotFound, SluiceError, TooLarge, bounded
-from sluice.gateway.listeners import handler_parts
+from sluice.gateway.listeners import handler_parts, parse_request
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.pki import (
     OPERATOR,
@@ -221,26 +221,7 @@ def _decoded(
     precheck: Callable[[bytes], None] | None = None,
 ) -> Iterator[Any]:
     for data in requests:
-        yield _decode(data, decode, method, precheck)
-
-
-def _decode(
-    data: bytes,
-    decode: Callable[[bytes], Any] | None,
-    method: str,
-    precheck: Callable[[bytes], None] | None = None,
-) -> Any:
-    if decode is None:
-        return data
-    if precheck is not None:
-        try:
-            precheck(data)
-        except InvalidInput as exc:
-            raise InvalidInput(f"the request is not a valid message for {method}: {exc}") from None
-    try:
-        return decode(data)
-    except Exception:  # protobuf's DecodeError, or whatever a parser raises on garbage
-        raise InvalidInput(f"the request is not a valid message for {method}") from None
+        yield parse_request(data, decode, method, precheck)
 
 
 class _Guarded:
@@ -277,7 +258,7 @@ class _Guarded:
                     self._method, _decoded(request, self._decode, self._method, precheck)
                 )
             else:
-                request = _decode(request, self._decode, self._method)
+                request = parse_request(request, self._decode, self._method)
             result = self._inner(request, context, *callback)
         except SluiceError as exc:
             _answered(slot)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from sluice.gateway.config import check_call_room
 from sluice.gateway.core.errors import Idle, SluiceError
 from sluice.gateway.services import errors
 
@@ -127,14 +128,7 @@ class CallLimits:
     max_header_bytes: int = 16 << 10
 
     def check(self) -> None:
-        budget = self.workers - self.reserved_workers
-        if self.reserved_workers < 1 or budget < 3 * self.max_calls_per_principal:
-            raise ValueError(
-                f"workers ({self.workers}) - reserved_workers ({self.reserved_workers}) must be "
-                f"at least 3 x max_streams_per_principal ({self.max_calls_per_principal}) and "
-                "reserved_workers at least 1: two principals at their cap must leave room for "
-                "a third"
-            )
+        check_call_room(self.workers, self.reserved_workers, self.max_calls_per_principal)
 
 
 class Slot:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import grpc
 
 from sluice.gateway.core.errors import InvalidInput, NotFound
 from sluice.gateway.core.ingest import PUSH_PROTOCOL, BodyItem, Ingest, PayloadChunk, Trailer
-from sluice.gateway.core.records import UpdateHeader
+from sluice.gateway.core.records import UpdateHeader, Version
 from sluice.gateway.core.rounds import RoundManager
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.services.auth import principal_of
@@ -18,7 +19,7 @@ from sluice.gateway.services.chunk_wire import ChunkView, PushRequest, chunk_mes
 from sluice.gateway.services.errors import mapped_errors
 from sluice.gateway.services.observed import call_status
 from sluice.gateway.store.blobs import BlobStore
-from sluice.gateway.store.chunks import file_chunks
+from sluice.gateway.store.chunks import check_offset, read_chunks
 from sluice.gateway.store.sqlite import Store
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 
@@ -119,34 +120,38 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if v is None:
                 raise NotFound(f"version {request.version} of {request.model!r} does not exist")
             total = served.schema.payload_bytes
+            check_offset(request.offset, total)
+            with self._open_weights(v) as weights:  # closed however the pull ends
+                yield trainer_pb2.PullGlobalResponse(
+                    header=trainer_pb2.GlobalHeader(
+                        model=v.model,
+                        version=v.version,
+                        schema_hash=served.schema.hash,
+                        total_bytes=total,
+                        sha256=v.weights_sha256,
+                    )
+                )
+                for offset, data in read_chunks(weights, request.offset, total):
+                    # Serialized here, one copy of the data (auth._guarded passes bytes through).
+                    yield chunk_message(offset, data)
+
+    def _open_weights(self, v: Version) -> BinaryIO:
+        """The version's weights file, open before the pull answers anything: the pull then
+        reads its bytes to the end whatever retention does meanwhile. NotFound if retention
+        removed them, before this lookup or since."""
+        if v.removed_ms is None:
             try:
-                if v.removed_ms is not None:
-                    raise FileNotFoundError(v.weights_sha256)
-                # Opened before the header goes, so the pull reads its bytes to the end; a
-                # retention that removed it since the lookup above answers as one before it.
-                chunks = file_chunks(self.blobs.path(v.weights_sha256), request.offset, total)
+                return self.blobs.path(v.weights_sha256).open("rb")
             except FileNotFoundError:
                 now = self.store.get_version(v.model, v.version)
                 if now is None or now.removed_ms is None:
                     raise  # not retention: a blob missing from the store (a storage fault)
-                latest = self.store.latest_version(request.model)
-                raise NotFound(
-                    f"version {v.version} of {request.model!r}: its weights were removed by "
-                    f"retention (keep_versions); pull the current version "
-                    f"{latest.version if latest else 0} (version 0 asks for it)"
-                ) from None
-            yield trainer_pb2.PullGlobalResponse(
-                header=trainer_pb2.GlobalHeader(
-                    model=v.model,
-                    version=v.version,
-                    schema_hash=served.schema.hash,
-                    total_bytes=total,
-                    sha256=v.weights_sha256,
-                )
-            )
-            for offset, data in chunks:
-                # Serialized here, one copy of the data (auth._guarded passes bytes through).
-                yield chunk_message(offset, data)
+        latest = self.store.latest_version(v.model)
+        raise NotFound(
+            f"version {v.version} of {v.model!r}: its weights were removed by retention "
+            f"(keep_versions); pull the current version {latest.version if latest else 0} "
+            "(version 0 asks for it)"
+        )
 
     def PushUpdate(
         self,

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -46,6 +47,8 @@ from pathlib import Path
 
 from sluice.gateway.store import audit
 from sluice.gateway.store.blobs import fsync_dir
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "backup.json"
 DATABASE = "sluice.db"
@@ -190,19 +193,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def _apart(source: Path, target: Path, what: str) -> None:
     """Misplaced unless target (a new backup or data dir) lies outside every data dir, and
     source (the data dir or backup read) outside target."""
     src, dst = source.resolve(), target.resolve()
-    if _inside(dst, src):
+    if dst.is_relative_to(src):
         raise Misplaced(
             f"{target} is inside {source}, which it is made from: choose a {what} outside it"
         )
-    if _inside(src, dst):
+    if src.is_relative_to(dst):
         raise Misplaced(f"{source} is inside {target}: choose a {what} outside it")
     for parent in dst.parents:
         if os.path.exists(parent / DATABASE):  # False where it cannot look
@@ -478,14 +477,20 @@ def check(backup_dir: Path, *, hashes: bool = True) -> Summary:
         doc = json.loads(manifest.read_text())
     except (OSError, ValueError) as exc:
         raise BackupError(f"{manifest}: not a Sluice backup ({exc})") from None
-    if isinstance(doc, dict) and doc.get("format") == 1:
-        raise BackupError(
-            f"{manifest}: format 1, which records no state directories (a version's optimizer "
-            "state or DP ledger could be missing unseen): take a new backup"
-        )
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") not in (1, FORMAT):
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise BackupError(f"{manifest}: format {str(found)[:40]!r}, expected {FORMAT}")
+    # Format 1 (before 2026-11-29) recorded no state directories: what it holds of them is
+    # restored as it is, unproven. The only backup that lacks one is one taken while a
+    # round closed; the source data dir may be gone, so it is not refused.
+    legacy = doc["format"] == 1
+    if legacy:
+        log.warning(
+            "%s: format 1 records no state directories: a version's optimizer state or DP "
+            "ledger is restored as found, unchecked (one taken while a round closed may lack "
+            "the newest); take a new backup of the restored gateway",
+            manifest,
+        )
     summary = _summary(doc, manifest)
     if not (backup_dir / DATABASE).is_file():
         raise BackupError(f"{backup_dir} holds no {DATABASE}")
@@ -513,7 +518,8 @@ def check(backup_dir: Path, *, hashes: bool = True) -> Summary:
             raise BackupError(f"{path} is missing")
         if size is not None and path.stat().st_size != size:
             raise BackupError(f"{path} is {path.stat().st_size} bytes, expected {size}")
-    _check_state(backup_dir, needs, summary)
+    if not legacy:
+        _check_state(backup_dir, needs, summary)
     for rel, (size, sha) in needs.release_files.items():
         path = backup_dir / rel
         if not path.is_file() or path.stat().st_size != size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -14,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from sluice.models.appender import Appender
+
+log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
 # A push's O_DIRECT blocks: two buffers of this each (one being written), 8 MiB per push in
@@ -164,11 +167,7 @@ class BlobStore:
         re-hash. Either way the file that loses its name is freed by a worker (_FREEING)."""
         final.parent.mkdir(exist_ok=True)
         if _holds(final, size):
-            dropped = _hold(src)
-            try:
-                src.unlink()
-            finally:
-                _free_later(dropped)
+            self.remove(src)
         else:
             replaced = _hold(final)  # a damaged copy (another size): freed after the rename
             try:
@@ -176,6 +175,18 @@ class BlobStore:
             finally:
                 _free_later(replaced)
         fsync_dir(final.parent)
+
+    def remove(self, path: Path) -> bool:
+        """Unlink path (a blob no row needs, a temp file); its blocks are freed by a worker
+        (_FREEING), so whoever holds `lock` does not wait for the disk. False if missing."""
+        held = _hold(path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        finally:
+            _free_later(held)
+        return True
 
     def adopt(self, path: Path, inspect: Callable[[bytes], None] | None = None) -> str:
         """Hash a finished file under blobs/tmp, fsync it and move it to its address.
@@ -240,14 +251,12 @@ class BlobStore:
             self.commit(blob)
             return blob.hexdigest()
 
-    def drop_orphans(self, referenced: set[str]) -> list[str]:
-        """Remove temp files and blobs no row refers to (left by a crash before commit).
+    def drop_orphans(self, referenced: set[str], *, temp_files: bool = True) -> list[str]:
+        """Remove temp files (unless temp_files is False) and blobs no row refers to (left
+        by a crash before commit).
 
         Only files: a directory here is not the store's (someone's backup, a copy by hand)
         and is left alone with a warning, as is any directory not named like a shard."""
-        import logging
-
-        log = logging.getLogger(__name__)
 
         def ours(path: Path) -> bool:
             if path.is_symlink() or path.is_file():
@@ -255,7 +264,7 @@ class BlobStore:
             log.warning("left %s in place: not a file the blob store wrote", path)
             return False
 
-        for part in self.tmp.iterdir():
+        for part in self.tmp.iterdir() if temp_files else ():
             if ours(part):
                 part.unlink()
         dropped = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 from sluice.gateway.core.errors import InvalidInput
@@ -14,27 +13,23 @@ from sluice.gateway.core.errors import InvalidInput
 SEND_CHUNK_BYTES = 2 << 20
 
 
-def file_chunks(
-    path: Path, offset: int, total: int, chunk_bytes: int = SEND_CHUNK_BYTES
-) -> Iterator[tuple[int, bytes]]:
-    """(offset, data) pieces of path from offset to total bytes. A bad offset or a missing
-    file raises now, before the caller sends anything; the file is opened now too, so a
-    pull that has started reads its bytes to the end even if the name goes meanwhile
-    (retention removing that version's blob)."""
+def check_offset(offset: int, total: int) -> None:
+    """A pull's offset, checked before the caller sends anything."""
     if offset > total:
         raise InvalidInput(f"offset {offset} is past the end ({total} bytes)")
-    return _read_chunks(path.open("rb"), path, offset, total, chunk_bytes)
 
 
-def _read_chunks(
-    f: BinaryIO, path: Path, offset: int, total: int, chunk_bytes: int
+def read_chunks(
+    f: BinaryIO, offset: int, total: int, chunk_bytes: int = SEND_CHUNK_BYTES
 ) -> Iterator[tuple[int, bytes]]:
-    with f:
-        f.seek(offset)
-        pos = offset
-        while pos < total:
-            data = f.read(min(chunk_bytes, total - pos))
-            if not data:
-                raise OSError(f"{path} ended at {pos} of {total} bytes")
-            yield pos, data
-            pos += len(data)
+    """(offset, data) pieces of the open file f from offset to total bytes. The caller owns
+    f: opened before its pull answers anything, the bytes stay readable to the end even if
+    the file's name goes meanwhile (retention removing that version's blob)."""
+    f.seek(offset)
+    pos = offset
+    while pos < total:
+        data = f.read(min(chunk_bytes, total - pos))
+        if not data:
+            raise OSError(f"{getattr(f, 'name', 'the file')} ended at {pos} of {total} bytes")
+        yield pos, data
+        pos += len(data)

@@ -202,6 +202,11 @@ class Store:
         row = self._db.execute("SELECT seq FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         return int(row[0]) if row else 0
 
+    def holds_deferred(self) -> bool:
+        """Whether audit entries the disk refused are still waiting (record_soon)."""
+        with self._lock:
+            return bool(self._deferred)
+
     def _write_deferred(self) -> int:
         """Append the audit entries a full disk refused, in the transaction that opened."""
         for kind, actor, subject, detail in self._deferred:

@@ -269,10 +269,11 @@ def test_a_huge_metrics_map_is_refused_before_it_is_parsed(
 ) -> None:
     """Before: a 3.9 MB header of 200,000 metrics was parsed (about 1 s of CPU holding the
     GIL, per message, 4 at once per principal) before its size was checked."""
+    from sluice.gateway import listeners
     from sluice.gateway.services import auth
 
     parsed: list[int] = []
-    real = auth._decode
+    real = listeners.parse_request
 
     def spy(data: bytes, decode: Any, *rest: Any) -> Any:
         def counting(raw: bytes) -> Any:
@@ -281,7 +282,7 @@ def test_a_huge_metrics_map_is_refused_before_it_is_parsed(
 
         return real(data, counting if decode is not None else None, *rest)
 
-    monkeypatch.setattr(auth, "_decode", spy)
+    monkeypatch.setattr(auth, "parse_request", spy)
     payload = random_delta(tiny_schema, seed=3)
     metrics = {f"m{i}": float(i) for i in range(200_000)}
     header = update_header(tiny_schema, payload, metrics=metrics)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -107,9 +108,11 @@ def test_an_audit_log_edited_in_the_backup_is_refused(made: Path, tmp_path: Path
 
 
 def test_a_backup_that_does_not_record_the_state_directories_is_refused(
-    made: Path, tmp_path: Path
+    made: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Format 1 recorded none; a version's state (its DP ledger) could be missing unseen."""
+    """A version's state (its DP ledger) missing would go unseen: format 2 records each
+    kept version's state files. Format 1 recorded none: it is checked for all else, and
+    said so (refusing it would leave nothing to restore from)."""
     import sqlite3
 
     copy = tmp_path / "b"
@@ -137,9 +140,14 @@ def test_a_backup_that_does_not_record_the_state_directories_is_refused(
     (copy / MANIFEST).write_text(json.dumps(doc))
     with pytest.raises(BackupError, match="not a file name"):
         check(copy)
-    doc["format"] = 1
+    doc["format"] = 1  # recorded no state directories: checked for all else, with a warning
+    del doc["state_dirs"]
     (copy / MANIFEST).write_text(json.dumps(doc))
-    with pytest.raises(BackupError, match="format 1, which records no state directories"):
+    with caplog.at_level(logging.WARNING):
+        assert check(copy).state_dirs == {}
+    assert "format 1 records no state directories" in caplog.text
+    (copy / "blobs" / "aa" / ("a" * 64)).unlink()
+    with pytest.raises(BackupError, match="is missing"):
         check(copy)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.gateway.config import RANGES, Config, check_settings, load_config
+from sluice.gateway.config import RANGES, Config, check_ranges, check_settings, load_config
 from sluice.gateway.core.strategies import build_strategy
 from sluice.gateway.core.strategies.optimizers import FedAdam
 
@@ -66,7 +67,8 @@ not_whole = st.one_of(
     st.floats().filter(lambda x: not x.is_integer() if math.isfinite(x) else True),
     st.booleans(),
     st.lists(st.integers(), max_size=2),
-    st.text(max_size=20).filter(lambda t: not t.strip().lstrip("+-").isdecimal()),
+    st.text(max_size=20).filter(lambda t: not re.fullmatch(r"[+-]?[0-9]+", t.strip())),
+    st.from_regex(r"\A[+-]{2,3}[0-9]{1,3}\Z"),
     st.none().map(lambda _: {"a": 1}),
 )
 
@@ -101,11 +103,22 @@ def test_a_value_outside_its_range_is_refused_by_name(name: str, past: float, be
         check_settings(Config().replace(**{name: value}))
 
 
+@given(
+    name=st.sampled_from(sorted(RANGES)), digits=st.integers(20, 400), sign=st.sampled_from([-1, 1])
+)
+@settings(max_examples=100, deadline=None)
+def test_an_integer_of_any_size_is_refused_by_name_not_by_a_crash(
+    name: str, digits: int, sign: int
+) -> None:
+    with pytest.raises(ValueError, match=f"setting '{name}'"):
+        load_config(None, {name: sign * 10**digits}, environ={})
+
+
 def test_a_range_s_own_ends_are_accepted() -> None:
     for name, (least, most) in RANGES.items():
         for end in (least, most):
             value = int(end) if isinstance(NUMERIC[name], int) else float(end)
-            check_settings(Config().replace(**{name: value}, fedbuff=False))
+            check_ranges(Config().replace(**{name: value}))
 
 
 def test_environment_strings_are_parsed_strictly() -> None:
@@ -131,4 +144,6 @@ def test_a_gateway_refuses_a_setting_out_of_range_before_it_touches_its_data_dir
     for bad in ({"workers": 0}, {"round_seconds": math.nan}, {"max_chunk_bytes": 3 << 30}):
         with pytest.raises(StartupError, match=f"setting '{next(iter(bad))}'"):
             Gateway(Config(data_dir=tmp_path / "never").replace(**bad))
+    with pytest.raises(StartupError, match="room for a third"):  # each in range, not together
+        Gateway(Config(data_dir=tmp_path / "never").replace(workers=12, reserved_workers=4))
     assert not (tmp_path / "never").exists()

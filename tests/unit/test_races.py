@@ -7,6 +7,7 @@ is forced deterministically (a hook runs mid-upload or mid-close).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import threading
 import uuid
@@ -183,14 +184,18 @@ def _body(payload: bytes, sha_in: str) -> Iterator[BodyItem]:
     yield Trailer(1, hashlib.sha256(payload).hexdigest() if sha_in == "trailer" else "")
 
 
+@pytest.mark.parametrize("closes", [False, True], ids=["round-open", "round-closed"])
 @pytest.mark.parametrize("sha_in", ["header", "trailer"])
 def test_a_retry_whose_original_commits_meanwhile_is_answered_as_a_replay(
-    tmp_path: Path, template_cache: Path, tiny_schema: Schema, sha_in: str
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema, sha_in: str, closes: bool
 ) -> None:
     """The retry passes its replay check before the original commits, then finds its own
-    id as the trainer's update in the round: a replay (created False), not ALREADY_EXISTS,
-    one row, no rejection audited, nothing left in blobs/tmp."""
-    gw = make_gateway(tmp_path, template_cache)
+    id as the trainer's update in the round, or (the original's commit made the quorum)
+    the round closed: a replay (created False) either way, not ALREADY_EXISTS or
+    FAILED_PRECONDITION, one row, no rejection audited, nothing left in blobs/tmp."""
+    gw = make_gateway(tmp_path, template_cache, quorum=2 if closes else 100)
+    if closes:
+        push(gw, tiny_schema, random_delta(tiny_schema, 2), "beijing-01")
     payload = random_delta(tiny_schema, 7)
     h = _header(tiny_schema, payload, "shanghai-01", sha_in)
     real_open = gw.ingest._open_round
@@ -200,13 +205,16 @@ def test_a_retry_whose_original_commits_meanwhile_is_answered_as_a_replay(
         if not originals:
             originals.append(PushResult("", False, 0, 0))  # once: this call is the original
             originals[0] = gw.ingest.receive(h, 100, _body(payload, sha_in))
+            if closes:
+                gw.rounds.close(TINY, 1)
         return real_open(header)
 
     gw.ingest._open_round = original_commits_first  # type: ignore[method-assign, assignment]
     retried = gw.ingest.receive(h, 100, _body(payload, sha_in))
     assert originals[0].created and not retried.created
-    assert (retried.update_id, retried.round, retried.accepted) == (h.update_id, 1, 1)
-    assert [u.update_id for u in gw.store.round_updates(TINY, 1)] == [h.update_id]
+    assert (retried.update_id, retried.round) == (h.update_id, 1)
+    assert h.update_id in [u.update_id for u in gw.store.round_updates(TINY, 1)]
+    assert len(gw.store.round_updates(TINY, 1)) == retried.accepted == (2 if closes else 1)
     assert gw.store.audit_entries("push.rejected") == []
     assert not any(gw.blobs.tmp.iterdir())
 
@@ -280,6 +288,12 @@ def test_a_pull_that_has_its_header_reads_to_the_end_when_retention_removes_its_
             raise AssertionError(f"aborted: {code} {details}")
 
     servicer = TrainerServicer(gw.store, gw.blobs, gw.rounds, gw.ingest)
+    request = trainer_pb2.PullGlobalRequest(model=TINY, version=0)
+    open_files = len(os.listdir("/proc/self/fd"))
+    cancelled = servicer.PullGlobal(request, Context())  # type: ignore[arg-type]
+    next(cancelled)  # the header went; then the client cancels
+    cancelled.close()  # type: ignore[attr-defined]  # a generator, as gRPC closes it
+    assert len(os.listdir("/proc/self/fd")) == open_files  # its file closed with it
     stream = servicer.PullGlobal(
         trainer_pb2.PullGlobalRequest(model=TINY, version=0),
         Context(),  # type: ignore[arg-type]
