@@ -138,18 +138,27 @@ def _collect(
     start: int = 0,
 ) -> object:
     """Drive a header-then-chunks stream to the end from `start`, resuming from the last
-    offset on failure."""
+    offset on failure. Every stream starts with its header, and no byte past the total it
+    announces is taken: a server that goes on sending does not fill the disk or memory
+    before the sha256 check would refuse it."""
     received, header = start, None
     delay = policy.first_backoff_s
     for attempt in range(1, policy.attempts + 1):
         try:
+            total: int | None = None
             for head, chunk in responses(received):
                 if head is not None:
-                    header = head
+                    header, total = head, _announced_total(head)
                 elif chunk is not None:
+                    if total is None:
+                        raise ValueError("the gateway sent a chunk before its header")
                     if chunk.offset != received:
                         raise ValueError(f"chunk at {chunk.offset}, expected {received}")
                     data = chunk.data  # each read of the field is a copy: once
+                    if received + len(data) > total:
+                        raise ValueError(
+                            f"the gateway sent more than the {total} bytes it announced"
+                        )
                     sink(data)
                     received += len(data)
             return header
@@ -159,6 +168,13 @@ def _collect(
             time.sleep(delay)
             delay = min(delay * 2, policy.max_backoff_s)
     raise AssertionError("unreachable")
+
+
+def _announced_total(header: object) -> int:
+    total = getattr(header, "total_bytes", None)
+    if not isinstance(total, int) or total < 0:
+        raise ValueError("the gateway's header announces no size")
+    return total
 
 
 class _Client(Generic[StubT]):

@@ -139,8 +139,8 @@ class RoundManager:
                     shutil.rmtree(entry, ignore_errors=True)
 
     def _create_initial_version(self, served: ServedModel) -> None:
-        module = served.entry.build(served.entry.init_seed)
-        sha = self.blobs.write(served.schema.tensor_bytes(module.state_dict()))
+        # init_weights when declared (checked against the schema), else the factory's seed.
+        sha = self.blobs.write(served.schema.tensor_bytes(served.entry.initial_state()))
         with self.store.transaction() as db:
             self.store.insert_version(db, Version(served.name, 0, 0, sha, 0, 0, 0, now_ms()))
             self._open_next(db, served.name, 1, 0)

@@ -299,3 +299,29 @@ def test_a_models_declared_limits_bind_its_releases(tmp_path: Path, zoo_template
             assert not egress.releases("multitask")
     finally:
         running.gateway.stop()
+
+
+def test_a_declared_init_weights_file_is_version_0(tmp_path: Path, zoo_templates: Path) -> None:
+    """init_weights gives version 0's weights (it was checked, then ignored: version 0 was
+    the factory's init_seed weights whatever the file held)."""
+    from safetensors.torch import save_file
+
+    entry = ZOO["multitask"]
+    state = {k: v.clone() for k, v in entry.build(entry.init_seed).state_dict().items()}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            tensor.fill_(0.25)
+    save_file(state, str(tmp_path / "v0.safetensors"))
+    declared = dataclasses.replace(entry, init_weights=tmp_path / "v0.safetensors")
+    running = start_gateway(
+        tmp_path / "gw", zoo_templates, models=(entry.name,), declared_models={entry.name: declared}
+    )
+    try:
+        with TrainerClient(running.endpoints.internal) as client:
+            pulled = client.pull_global(entry.name, 0)
+        assert pulled.version == 0
+        assert pulled.data == b"".join(entry.schema().tensor_bytes(state))
+        factory = entry.build(entry.init_seed).state_dict()
+        assert pulled.data != b"".join(entry.schema().tensor_bytes(factory))
+    finally:
+        running.gateway.stop()

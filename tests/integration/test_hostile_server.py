@@ -1,0 +1,151 @@
+"""The SDK against a server that lies about what it sends (a faulty gateway, or someone on
+the path): a pull takes no byte past the total its header announced, and no chunk before
+that header, so a server that goes on sending fills neither the puller's disk nor its
+memory before the sha256 check would refuse it; nothing is left at the destination."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sluice.clients.sdk import EgressClient, RetryPolicy, TrainerClient
+from sluice.v1 import egress_pb2, tensors_pb2, trainer_pb2
+
+DATA = bytes(range(256)) * 64  # 16 KiB: what the header announces, and its sha256
+PIECE = 4096
+
+
+class Lying:
+    """A TrainerService.PullGlobal and an EgressService.PullRelease that announce DATA, then
+    send `extra` more pieces (or a chunk before the header)."""
+
+    def __init__(self) -> None:
+        self.extra, self.early = 0, False
+
+    def chunks(self) -> Iterator[tensors_pb2.Chunk]:
+        offset = 0
+        for at in range(0, len(DATA), PIECE):
+            yield tensors_pb2.Chunk(offset=at, data=DATA[at : at + PIECE])
+            offset = at + PIECE
+        for _ in range(self.extra):
+            yield tensors_pb2.Chunk(offset=offset, data=b"\0" * PIECE)
+            offset += PIECE
+
+    def pull_global(self, req: Any, ctx: Any) -> Iterator[trainer_pb2.PullGlobalResponse]:
+        header = trainer_pb2.GlobalHeader(
+            model=req.model, version=1, schema_hash="a" * 64, total_bytes=len(DATA),
+            sha256=hashlib.sha256(DATA).hexdigest(),
+        )  # fmt: skip
+        chunks = (trainer_pb2.PullGlobalResponse(chunk=c) for c in self.chunks())
+        if self.early:
+            yield next(chunks)
+        yield trainer_pb2.PullGlobalResponse(header=header)
+        yield from chunks
+
+    def pull_release(self, req: Any, ctx: Any) -> Iterator[egress_pb2.PullReleaseResponse]:
+        header = egress_pb2.PullReleaseHeader(
+            model=req.model, version=1, file="model.onnx", total_bytes=len(DATA),
+            sha256=hashlib.sha256(DATA).hexdigest(),
+        )  # fmt: skip
+        chunks = (egress_pb2.PullReleaseResponse(chunk=c) for c in self.chunks())
+        if self.early:
+            yield next(chunks)
+        yield egress_pb2.PullReleaseResponse(header=header)
+        yield from chunks
+
+
+@pytest.fixture(scope="module")
+def lying() -> Iterator[tuple[Lying, str]]:
+    fake = Lying()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "sluice.v1.TrainerService",
+                {
+                    "PullGlobal": grpc.unary_stream_rpc_method_handler(
+                        fake.pull_global,
+                        request_deserializer=trainer_pb2.PullGlobalRequest.FromString,
+                        response_serializer=trainer_pb2.PullGlobalResponse.SerializeToString,
+                    )
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "sluice.v1.EgressService",
+                {
+                    "PullRelease": grpc.unary_stream_rpc_method_handler(
+                        fake.pull_release,
+                        request_deserializer=egress_pb2.PullReleaseRequest.FromString,
+                        response_serializer=egress_pb2.PullReleaseResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield fake, f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+ONCE = RetryPolicy(attempts=1)
+
+
+def test_honest_streams_are_pulled(lying: tuple[Lying, str], tmp_path: Path) -> None:
+    fake, target = lying
+    fake.extra, fake.early = 0, False
+    with TrainerClient(target, retry=ONCE, timeout_s=10) as trainer:
+        assert trainer.pull_global("m").data == DATA
+    with EgressClient(target, retry=ONCE, timeout_s=10) as egress:
+        egress.pull("m", tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx").read_bytes() == DATA
+
+
+@given(extra=st.integers(1, 64))
+@settings(max_examples=8, deadline=None)
+def test_bytes_past_the_announced_total_are_refused_at_the_first(
+    lying: tuple[Lying, str], tmp_path_factory: pytest.TempPathFactory, extra: int
+) -> None:
+    fake, target = lying
+    fake.extra, fake.early = extra, False
+    too_many = f"more than the {len(DATA)} bytes it announced"
+    with (
+        TrainerClient(target, retry=ONCE, timeout_s=10) as trainer,
+        pytest.raises(ValueError, match=too_many),
+    ):
+        trainer.pull_global("m")
+    dest = tmp_path_factory.mktemp("pull") / "model.onnx"
+    with EgressClient(target, retry=ONCE, timeout_s=10) as egress:
+        with pytest.raises(ValueError, match=too_many):
+            egress.pull("m", dest)
+        digest = hashlib.sha256(DATA).hexdigest()
+        with pytest.raises(ValueError, match="announced"):  # the resumable, manifest-led way
+            egress.pull("m", dest, expect=(len(DATA), digest))
+    assert list(dest.parent.iterdir()) == []  # no file, no partial past the announced size
+
+
+def test_a_chunk_before_the_header_is_refused(lying: tuple[Lying, str], tmp_path: Path) -> None:
+    fake, target = lying
+    fake.extra, fake.early = 0, True
+    early = "chunk before its header"
+    with (
+        TrainerClient(target, retry=ONCE, timeout_s=10) as trainer,
+        pytest.raises(ValueError, match=early),
+    ):
+        trainer.pull_global("m")
+    with (
+        EgressClient(target, retry=ONCE, timeout_s=10) as egress,
+        pytest.raises(ValueError, match=early),
+    ):
+        egress.pull("m", tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
