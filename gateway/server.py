@@ -243,6 +243,18 @@ class Gateway:
             check_settings(config)  # however the Config was made: before anything is touched
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        # Each declaration is checked before the data dir is touched too: a model that
+        # cannot be served leaves nothing behind. A declaration whose template a start
+        # built and checked has its schema cached beside it: such a start builds no module
+        # and imports no torch before it is ready (~2 s); _warm_up builds them afterwards
+        # and compares. Both only read the templates (absent in a new data dir).
+        templates, threshold = config.data_dir / "templates", config.two_file_bytes
+        self.catalog = Catalog(
+            config.models,
+            config.declared_models,
+            lambda served: declaration_ran(served, templates, threshold),
+            lambda entry: cached_schema(entry, templates, threshold),
+        )
         config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._lock = DataDirLock(config.data_dir)
@@ -319,15 +331,6 @@ class Gateway:
         # The slow part, with every port bound: a first start exports each model's template.
         self.blobs = BlobStore(root / "blobs")
         threshold = config.two_file_bytes
-        # A declaration whose template a start built and checked has its schema cached
-        # beside it: such a start builds no module and imports no torch before it is
-        # ready (~2 s); _warm_up builds them afterwards and compares.
-        self.catalog = Catalog(
-            config.models,
-            config.declared_models,
-            lambda entry: declaration_ran(entry, root / "templates", threshold),
-            lambda entry: cached_schema(entry, root / "templates", threshold),
-        )
         templates = self._templates(root)
         for served in self.catalog:
             record_declaration(served, root / "templates", threshold)

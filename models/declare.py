@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluice.models.artifact import StructureLimits
 from sluice.models.entry import DEFAULT_PARITY_TOLERANCE, INPUT_DTYPES, InputSpec, ModelEntry
+from sluice.models.schema import Schema, printable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,6 +48,14 @@ _KEYS = frozenset(
 )  # fmt: skip
 _INPUT_KEYS = frozenset({"name", "shape", "dtype", "dynamic", "range"})
 _MAX_DIMS = 8
+# An input's example (batch first) is built at start and traced: 2**26 elements is a
+# 1 x 4 x 4096 x 4096 image, 256 MiB of float32. Axes in `dynamic` may be longer in use.
+MAX_INPUT_ELEMENTS = 1 << 26
+# Example values: integers within the dtype (and exact in InputSpec's floats), floats
+# whose range (drawn in float32) stays finite.
+_INT_RANGE = {"int32": 2**31, "int64": 2**53}
+_FLOAT_RANGE = {"float16": 65504.0, "bfloat16": 1e38, "float32": 1e38, "float64": 1e38}
+_FLOAT_RANGE["bool"] = 1e38  # drawn as 0/1 whatever the range
 
 
 class DeclarationError(ValueError):
@@ -54,30 +63,39 @@ class DeclarationError(ValueError):
 
 
 def _fail(model: str, what: str) -> DeclarationError:
-    return DeclarationError(f"model {model!r}: {what}")
+    return DeclarationError(f"model {_text(model)!r}: {what}")
+
+
+def _text(value: object, limit: int = 64) -> str:
+    """A value from the file or the user's code, for a one-line message."""
+    return printable(value if isinstance(value, str) else repr(value), limit)
+
+
+def _raised(exc: BaseException) -> str:
+    """What the user's code raised, in one bounded line."""
+    return f"{type(exc).__name__}: {_text(str(exc), 300)}"
 
 
 def resolve_factory(model: str, path: str) -> Callable[..., Any]:
     """The callable at "package.module:attr" (attr may be dotted); one error per mistake."""
     if not isinstance(path, str) or not _FACTORY.fullmatch(path):
-        raise _fail(model, f"factory {path!r}: expected 'package.module:callable'")
+        raise _fail(model, f"factory {_text(path)!r}: expected 'package.module:callable'")
     module_name, attr = path.split(":", 1)
+    where, module = f"factory {_text(path)!r}", repr(_text(module_name))
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise _fail(
-            model, f"factory {path!r}: module {module_name!r} cannot be imported ({exc})"
+            model, f"{where}: module {module} cannot be imported ({_text(str(exc), 300)})"
         ) from exc
     except Exception as exc:  # the user's module raised while importing
-        raise _fail(
-            model, f"factory {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _fail(model, f"{where}: importing {module} raised {_raised(exc)}") from exc
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise _fail(model, f"factory {path!r}: {module_name!r} has no attribute {attr!r}")
+            raise _fail(model, f"{where}: {module} has no attribute {_text(attr)!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise _fail(model, f"factory {path!r}: {attr!r} is not callable")
+        raise _fail(model, f"{where}: {_text(attr)!r} is not callable")
     factory: Callable[..., Any] = target
     return factory
 
@@ -87,21 +105,18 @@ def factory_file(model: str, path: str) -> Path | None:
     packages are imported): a declaration is checked and a gateway starts on a cached
     schema without importing torch. None when the module has no file of its own."""
     module_name = path.split(":", 1)[0]
+    where, module = f"factory {_text(path)!r}", repr(_text(module_name))
     try:
         spec = importlib.util.find_spec(module_name)
     except ImportError as exc:
         raise _fail(
-            model, f"factory {path!r}: module {module_name!r} cannot be imported ({exc})"
+            model, f"{where}: module {module} cannot be imported ({_text(str(exc), 300)})"
         ) from exc
     except Exception as exc:  # a parent package raised while importing
-        raise _fail(
-            model, f"factory {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _fail(model, f"{where}: importing {module} raised {_raised(exc)}") from exc
     if spec is None:
         raise _fail(
-            model,
-            f"factory {path!r}: module {module_name!r} cannot be imported "
-            f"(No module named {module_name!r})",
+            model, f"{where}: module {module} cannot be imported (No module named {module})"
         )
     origin = spec.origin if spec.has_location else None
     return Path(origin) if origin else None
@@ -111,7 +126,7 @@ def _int_list(model: str, key: str, value: Any, low: int) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or len(value) > _MAX_DIMS:
         raise _fail(model, f"{key}: expected a list of 1 to {_MAX_DIMS} integers")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value):
-        raise _fail(model, f"{key}: expected integers of at least {low}, got {value!r}")
+        raise _fail(model, f"{key}: expected integers of at least {low}, got {_text(value)}")
     return tuple(value)
 
 
@@ -121,25 +136,54 @@ def _input(model: str, i: int, table: Any) -> InputSpec:
         raise _fail(model, f"{key}: expected a table")
     unknown = sorted(set(table) - _INPUT_KEYS)
     if unknown:
-        raise _fail(model, f"{key}: unknown key {unknown[0]!r}; known: {sorted(_INPUT_KEYS)}")
+        raise _fail(
+            model, f"{key}: unknown key {_text(unknown[0])!r}; known: {sorted(_INPUT_KEYS)}"
+        )
     name = table.get("name")
     if not isinstance(name, str) or not _IDENT.fullmatch(name):
-        raise _fail(model, f"{key}.name: expected an identifier, got {name!r}")
+        raise _fail(model, f"{key}.name: expected an identifier, got {_text(name)}")
     shape = _int_list(model, f"{key}.shape", table.get("shape"), 1)
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise _fail(
+            model,
+            f"{key}.shape: {math.prod(shape)} elements; an example input holds at most "
+            f"{MAX_INPUT_ELEMENTS} (declare larger axes dynamic)",
+        )
     dtype = table.get("dtype", "float32")
-    if dtype not in INPUT_DTYPES:
-        raise _fail(model, f"{key}.dtype {dtype!r}: expected one of {', '.join(INPUT_DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in INPUT_DTYPES:
+        raise _fail(
+            model, f"{key}.dtype {_text(dtype)!r}: expected one of {', '.join(INPUT_DTYPES)}"
+        )
     dynamic = table.get("dynamic", [0])
     if dynamic != []:
         dynamic = _int_list(model, f"{key}.dynamic", dynamic, 0)
         if any(axis >= len(shape) for axis in dynamic) or len(set(dynamic)) != len(dynamic):
             raise _fail(model, f"{key}.dynamic: axes must be distinct and below {len(shape)}")
-    low, high = table.get("range", [0, 2] if dtype.startswith("int") else [0.0, 1.0])
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (low, high)) or not (
-        low < high
+    low, high = _range(model, key, dtype, table.get("range"))
+    return InputSpec(name, shape, dtype, tuple(dynamic), low, high)
+
+
+def _range(model: str, key: str, dtype: str, value: Any) -> tuple[float, float]:
+    """An input's [low, high) of example values: integers within the dtype for an integer
+    input, finite numbers whose span float32 holds for a floating one."""
+    if value is None:
+        return (0.0, 2.0) if dtype in _INT_RANGE else (0.0, 1.0)
+    integer = dtype in _INT_RANGE
+    kind, bound = ("integers", _INT_RANGE[dtype]) if integer else ("numbers", _FLOAT_RANGE[dtype])
+    types = int if integer else int | float
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, types) and not isinstance(v, bool) for v in value)
+        or not all(math.isfinite(v) and -bound <= v <= bound for v in value)
+        or not value[0] < value[1]
     ):
-        raise _fail(model, f"{key}.range: expected [low, high] with low < high")
-    return InputSpec(name, shape, dtype, tuple(dynamic), float(low), float(high))
+        raise _fail(
+            model,
+            f"{key}.range: expected [low, high], {kind} with low < high within "
+            f"[{-bound}, {bound}] for {dtype}, got {_text(value)}",
+        )
+    return float(value[0]), float(value[1])
 
 
 def _limits(model: str, table: Any) -> StructureLimits:
@@ -148,7 +192,7 @@ def _limits(model: str, table: Any) -> StructureLimits:
     known = {f.name for f in dataclasses.fields(StructureLimits)}
     for k, v in table.items():
         if k not in known:
-            raise _fail(model, f"limits: unknown key {k!r}; known: {sorted(known)}")
+            raise _fail(model, f"limits: unknown key {_text(k)!r}; known: {sorted(known)}")
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise _fail(model, f"limits.{k}: expected a positive integer")
     return StructureLimits(**table)
@@ -166,12 +210,12 @@ def declare(name: str, table: Mapping[str, Any], base_dir: Path | None = None) -
         raise _fail(name, "expected a table")
     unknown = sorted(set(table) - _KEYS)
     if unknown:
-        raise _fail(name, f"unknown key {unknown[0]!r}; known: {', '.join(sorted(_KEYS))}")
+        raise _fail(name, f"unknown key {_text(unknown[0])!r}; known: {', '.join(sorted(_KEYS))}")
     if "factory" not in table:
         raise _fail(name, "factory is required ('package.module:callable')")
     factory_path = table["factory"]
     if not isinstance(factory_path, str) or not _FACTORY.fullmatch(factory_path):
-        raise _fail(name, f"factory {factory_path!r}: expected 'package.module:callable'")
+        raise _fail(name, f"factory {_text(factory_path)!r}: expected 'package.module:callable'")
     factory_file(name, factory_path)
     kwargs = table.get("kwargs", {})
     if not isinstance(kwargs, Mapping):
@@ -198,11 +242,15 @@ def declare(name: str, table: Mapping[str, Any], base_dir: Path | None = None) -
     weights = table.get("init_weights")
     init_weights = None
     if weights is not None:
-        if not isinstance(weights, str) or not weights:
+        if not isinstance(weights, str) or not weights or "\x00" in weights:
             raise _fail(name, "init_weights: expected a path to a safetensors file")
         init_weights = Path(weights) if base_dir is None else base_dir / weights
-        if not init_weights.is_file():
-            raise _fail(name, f"init_weights: {init_weights} is not a file")
+        try:
+            is_file = init_weights.is_file()
+        except OSError:  # a name too long, a permission denied on the way
+            is_file = False
+        if not is_file:
+            raise _fail(name, f"init_weights: {_text(str(init_weights))} is not a file")
     tolerance = table.get("parity_tolerance", DEFAULT_PARITY_TOLERANCE)
     if not isinstance(tolerance, int | float) or not 0 < tolerance <= 1:
         raise _fail(name, "parity_tolerance: expected a number in (0, 1]")
@@ -286,39 +334,44 @@ def schema_fingerprint(entry: ModelEntry) -> str | None:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def check_entry(entry: ModelEntry, *, run: bool = True) -> None:
-    """The factory builds a module, the example inputs run through it and it gives one
-    tensor per declared output; its state_dict has a dtype the wire format carries.
+def check_entry(entry: ModelEntry, *, run: bool = True) -> Schema:
+    """The one check of a declaration, before anything is served or created: the factory
+    builds a module whose state_dict the wire format carries (its schema, returned), the
+    example inputs run through it and give one tensor per declared output, and the
+    initial weights file, if declared, matches the schema.
 
-    Runs on the meta device (no weights allocated, no arithmetic), and on the CPU only
-    if an op has no meta kernel. Raises DeclarationError naming what is wrong. run=False
-    skips the forward run: for a declaration already run (its template was exported and
-    self-tested with the same inputs), whose meta run would cost a start ~1.5 s of imports.
+    Builds on the meta device (no weights allocated, no arithmetic), and runs on the CPU
+    only if an op has no meta kernel. Whatever the user's code raises becomes one
+    DeclarationError naming the model and what was wrong. run=False builds the module and
+    its schema only: for a declaration already run (its template was exported and
+    self-tested with the same inputs, version 0 made), whose meta run would cost a start
+    ~1.5 s of imports.
     """
     import torch
     from torch import nn
 
-    name, where = entry.name, entry.factory_path or "factory"
+    name, where = entry.name, _text(entry.factory_path or "factory")
     if entry.factory_path:  # imports it: a mistake is named here, not as the factory's own
         resolve_factory(name, entry.factory_path)
     try:
         with torch.device("meta"):
             module = entry.factory()
-    except Exception as exc:
-        raise _fail(name, f"{where} raised {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # its sys.exit() would end the start silently
+        raise _fail(name, f"{where} raised {_raised(exc)}") from exc
     if not isinstance(module, nn.Module):
         raise _fail(name, f"{where} returned {type(module).__name__}, not a torch.nn.Module")
-    try:
-        entry.schema()
-    except ValueError as exc:
-        raise _fail(name, str(exc)) from exc
+    schema = _schema(entry, module)
     if not run:
-        return
+        return schema
+    try:
+        examples = entry.example_inputs(batch=2)
+    except Exception as exc:  # bounded by declare(); a dtype torch cannot draw
+        raise _fail(name, f"inputs: the examples cannot be made: {_raised(exc)}") from exc
     try:  # shapes only; an op without a meta kernel is retried for real on the CPU
         with torch.no_grad():
-            outputs = module.eval()(*(x.to("meta") for x in entry.example_inputs(batch=2)))
+            outputs = module.eval()(*(x.to("meta") for x in examples))
     except Exception:
-        outputs = _run(entry, entry.build(entry.init_seed))
+        outputs = _run(entry, _build(entry))
     got = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
     if not isinstance(got, tuple | list) or not all(isinstance(t, torch.Tensor) for t in got):
         raise _fail(name, f"forward returned {type(outputs).__name__}, not tensors")
@@ -328,6 +381,40 @@ def check_entry(entry: ModelEntry, *, run: bool = True) -> None:
             f"forward returned {len(got)} outputs, the declaration names "
             f"{len(entry.output_names)} ({', '.join(entry.output_names)})",
         )
+    if entry.init_weights is not None:
+        _check_initial_weights(name, entry.init_weights, schema)
+    return schema
+
+
+def _schema(entry: ModelEntry, module: nn.Module) -> Schema:
+    try:
+        # keep_vars: on meta only the objects themselves tell a tied parameter apart.
+        state = module.state_dict(keep_vars=True)
+    except Exception as exc:
+        raise _fail(entry.name, f"state_dict() raised {_raised(exc)}") from exc
+    try:
+        return Schema.of(state)
+    except ValueError as exc:
+        raise _fail(entry.name, str(exc)) from exc
+
+
+def _build(entry: ModelEntry) -> nn.Module:
+    try:
+        return entry.build(entry.init_seed)
+    except Exception as exc:
+        raise _fail(entry.name, f"{_text(entry.factory_path)} raised {_raised(exc)}") from exc
+
+
+def _check_initial_weights(model: str, path: Path, schema: Schema) -> None:
+    """Every tensor of the file against the schema (loads it: a first start reads it
+    again for version 0)."""
+    from sluice.models.initial import load_initial_weights
+
+    try:
+        load_initial_weights(path, schema)
+    except Exception as exc:  # a file safetensors cannot read, too large a header, ...
+        what = str(exc) if isinstance(exc, ValueError) else _raised(exc)
+        raise _fail(model, f"init_weights: {_text(what, 300)}") from exc
 
 
 def _run(entry: ModelEntry, module: nn.Module) -> Any:
@@ -343,5 +430,5 @@ def _run(entry: ModelEntry, module: nn.Module) -> Any:
             for s, x in zip(entry.inputs, inputs, strict=True)
         )
         raise _fail(
-            entry.name, f"the declared inputs ({shapes}) do not run: {type(exc).__name__}: {exc}"
+            entry.name, f"the declared inputs ({shapes}) do not run: {_raised(exc)}"
         ) from exc

@@ -94,4 +94,7 @@ class ModelEntry:
             return self.build(self.init_seed).state_dict()
         from sluice.models.initial import load_initial_weights
 
-        return load_initial_weights(self.init_weights, self.schema())
+        try:
+            return load_initial_weights(self.init_weights, self.schema())
+        except ValueError as exc:  # checked at start (check_entry); the file may have changed
+            raise ValueError(f"model {self.name!r}: init_weights: {exc}") from exc

@@ -31,6 +31,14 @@ HALF_DTYPES = frozenset({"<f2", "bfloat16"})  # folded in float32, rounded once
 _NUMPY_DTYPES = frozenset(_TORCH_TO_NUMPY.values())
 
 
+def printable(text: str, limit: int = 64) -> str:
+    """A name from a file or the user's code, for a one-line message: control characters
+    escaped, cut to limit (as gateway.core.errors.bounded, which models may not import)."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
 @functools.lru_cache(maxsize=64)  # bounded: dtype strings can come from a manifest
 def numpy_dtype(dtype: str) -> np.dtype[Any]:
     """numpy's dtype for a schema dtype string ("<f4", "bfloat16", ...)."""
@@ -134,10 +142,22 @@ class Schema:
         specs: list[TensorSpec] = []
         aliases: list[tuple[str, str]] = []
         first: dict[tuple[Any, ...], str] = {}
+        import torch
+
         for name, tensor in state_dict.items():
+            if not isinstance(name, str):
+                raise ValueError(f"state_dict key {printable(repr(name))}: expected a string")
+            if not isinstance(tensor, torch.Tensor):  # e.g. a module's get_extra_state()
+                raise ValueError(
+                    f"state_dict {printable(name)!r}: a {type(tensor).__name__}, not a tensor "
+                    "(extra state does not travel; keep it out of state_dict)"
+                )
             dtype = str(tensor.dtype).removeprefix("torch.")
             if dtype not in _TORCH_TO_NUMPY:
-                raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not supported")
+                raise ValueError(
+                    f"state_dict {printable(name)!r}: dtype {tensor.dtype} is not supported; "
+                    f"expected one of {', '.join(_TORCH_TO_NUMPY)}"
+                )
             key = _storage_key(tensor)
             if key is not None and key in first:
                 aliases.append((name, first[key]))

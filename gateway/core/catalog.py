@@ -27,13 +27,15 @@ class Catalog:
         self,
         names: Iterable[str],
         declared: Mapping[str, ModelEntry] | None = None,
-        already_run: Callable[[ModelEntry], bool] | None = None,
+        already_run: Callable[[ServedModel], bool] | None = None,
         cached: Callable[[ModelEntry], Schema | None] | None = None,
     ) -> None:
-        """Resolve each name (built in, or declared in the configuration) and check that
-        the module builds and runs on its declared inputs (models.declare.check_entry):
-        a mistake stops the start with one line naming it. `already_run(entry)` says a
-        declaration's forward run can be skipped (its template was built from it).
+        """Resolve each name (built in, or declared in the configuration) and check the
+        declaration (models.declare.check_entry: the module builds, its schema, its inputs
+        run through it, its initial weights): a mistake stops the start with one line
+        naming the model and key, before the data dir is touched. `already_run(served)`
+        says a declaration's forward run can be skipped (its template was built from it);
+        it is asked only once the module has built under check_entry's guard.
 
         `cached(entry)` is the schema a start that did all of that recorded for this
         very declaration, or None: with it nothing is built (no torch import); the
@@ -46,8 +48,10 @@ class Catalog:
             if schema is not None:
                 self._models[name] = self._unchecked[name] = ServedModel(entry, schema)
                 continue
-            check_entry(entry, run=not (already_run and already_run(entry)))
-            self._models[name] = ServedModel(entry, entry.schema())
+            served = ServedModel(entry, check_entry(entry, run=False))
+            if not (already_run and already_run(served)):
+                check_entry(entry)
+            self._models[name] = served
 
     def check_cached(self) -> dict[str, str]:
         """Build each module whose schema came from a cache (torch, on the meta device)

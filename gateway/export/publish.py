@@ -78,16 +78,18 @@ def template_dir(served: ServedModel, root: Path, two_file_threshold: int) -> Pa
 CHECKED = "declaration.sha256"  # beside template.json: the declaration its export ran
 
 
-def declaration_ran(entry: ModelEntry, root: Path, two_file_threshold: int) -> bool:
+def declaration_ran(served: ServedModel, root: Path, two_file_threshold: int) -> bool:
     """Whether this declaration's inputs and outputs already ran through the module: its
-    template (same schema) was exported and self-tested with them. Then a start need not
-    run them again (models.declare.check_entry's forward, ~1.5 s of torch imports)."""
-    directory = template_dir(ServedModel(entry, entry.schema()), root, two_file_threshold)
+    template (same schema, the one check_entry built) was exported and self-tested with
+    them. Then a start need not run them again (models.declare.check_entry's forward,
+    ~1.5 s of torch imports). Reads files only: the user's code is not run here."""
+    directory = template_dir(served, root, two_file_threshold)
     try:
         recorded = (directory / CHECKED).read_text().strip()
     except OSError:
         return False
-    return (directory / "template.json").exists() and recorded == declaration_fingerprint(entry)
+    fingerprint = declaration_fingerprint(served.entry)
+    return (directory / "template.json").exists() and recorded == fingerprint
 
 
 def record_declaration(served: ServedModel, root: Path, two_file_threshold: int) -> None:

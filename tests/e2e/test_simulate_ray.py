@@ -36,13 +36,22 @@ def ray_address() -> Iterator[str]:
     """A Ray with 2 CPUs, started by this process; the simulations connect to it
     (--ray-address) as to any cluster, so the file starts Ray once."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    context = ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=100 * 2**20,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
+    for attempt in (1, 2):
+        try:
+            context = ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                object_store_memory=100 * 2**20,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+            break
+        except Exception:
+            # Ray gives its raylet a fixed 30 s to register: a 2-core machine busy with
+            # other work can miss it. Its processes are stopped, then it starts once more.
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield str(cast(Any, context).address_info["gcs_address"])  # a RayContext
     ray.shutdown()
 

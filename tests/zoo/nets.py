@@ -119,3 +119,39 @@ class DataDependent(nn.Module):
         if float(y.sum()) > 0:
             return y
         return -y
+
+
+class ExtraState(nn.Module):
+    """Uses get_extra_state(): its state_dict holds a dict, which no wire format carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.a(x)
+        return y
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"version": 3}
+
+    def set_extra_state(self, state: object) -> None:
+        pass
+
+
+class ByteBuffer(nn.Module):
+    """A buffer of a dtype the wire format does not carry (uint8 by default)."""
+
+    def __init__(self, dtype: str = "uint8") -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+        self.register_buffer("counts", torch.zeros(2, dtype=getattr(torch, dtype)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.a(x)
+        return y
+
+
+def not_a_module() -> int:
+    """A factory that returns no nn.Module."""
+    return 42
