@@ -253,7 +253,7 @@ def _run(
                     f"the gateway's {model!r} has schema {info.schema_hash[:12]}..., this "
                     f"client's is {schema.hash[:12]}...: it trains another architecture"
                 )
-            pulled = client.pull_global(model, info.base_version)
+            pulled = client.pull_global(model, info.base_version, size=schema.payload_bytes)
             state = schema.to_state_dict(pulled.data)  # every name, tied ones included
             base = {name: tensor_to_numpy(tensor) for name, tensor in state.items()}
             trained = step(info, base)

@@ -217,8 +217,11 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
         self._push_protocol = info.push_protocol
         return info
 
-    def pull_global(self, model: str, version: int = 0) -> Pulled:
-        """The weights of a version (0: newest), resumed across drops, sha256-checked."""
+    def pull_global(self, model: str, version: int = 0, *, size: int | None = None) -> Pulled:
+        """The weights of a version (0: newest), resumed across drops, sha256-checked.
+        `size`: the bytes the model's weights are (RoundInfo.payload_bytes); a header that
+        announces another size is refused before a byte is taken (without it, what the
+        header announces bounds what is taken)."""
         parts: list[bytes | memoryview] = []
         pinned = [version]  # a resume must continue the same version, even when 0 asked newest
 
@@ -226,6 +229,11 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
             req = trainer_pb2.PullGlobalRequest(model=model, version=pinned[0], offset=offset)
             for msg in self._stub.PullGlobal(req, timeout=self.timeout_s):
                 if msg.WhichOneof("kind") == "header":
+                    if size is not None and msg.header.total_bytes != size:
+                        raise ValueError(
+                            f"the gateway announced {msg.header.total_bytes} bytes of "
+                            f"{model!r}; its weights are {size}"
+                        )
                     pinned[0] = msg.header.version
                     yield msg.header, None
                 else:

@@ -218,7 +218,8 @@ class LocalTrainer:
             r, base_version = rejoin.round, rejoin.base_version  # closed since it was joined
         stage = partial(self._stage, base_version=base_version)
         stage(r, f"round {r}: pulling v{base_version}", at)
-        base = schema.to_state_dict(self.client.pull_global(config.model, base_version).data)
+        pulled = self.client.pull_global(config.model, base_version, size=schema.payload_bytes)
+        base = schema.to_state_dict(pulled.data)
         module.load_state_dict(base)
         stage(r, f"round {r}: evaluating", at + 1)
         before = evaluate(module, self.holdout)

@@ -3,17 +3,21 @@ actor dies after its push is retried with the same update id and counted once.""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import re
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
 import pytest
 
 from sluice.clients.ray_backend import EXIT_AFTER_PUSH_ENV
@@ -48,8 +52,17 @@ def ray_address() -> Iterator[str]:
             break
         except Exception:
             # Ray gives its raylet a fixed 30 s to register: a 2-core machine busy with
-            # other work can miss it. Its processes are stopped, then it starts once more.
+            # other work can miss it. Its processes are stopped, then it starts once more;
+            # the failed start's process handles go now, not as ResourceWarnings that fail
+            # whichever test's setup the garbage collector happens to run in.
             ray.shutdown()
+            for child in psutil.Process().children(recursive=True):  # what it left running
+                if any(part in child.name() for part in ("ray", "gcs", "plasma")):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
             if attempt == 2:
                 raise
     yield str(cast(Any, context).address_info["gcs_address"])  # a RayContext
@@ -163,8 +176,6 @@ def test_the_local_ray_listens_on_loopback_only(ray_address: str) -> None:
     """Ray takes the host's address as the node's by default and listens on every
     interface; started for one machine (here, and by `simulate` without --ray-address) it
     must not be reachable from the network."""
-    import psutil  # type: ignore[import-untyped]  # psutil ships no type hints
-
     assert ray_address.startswith("127.0.0.1:")
     ours = {p.pid for p in psutil.Process().children(recursive=True)}
     listening = [

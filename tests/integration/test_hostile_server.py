@@ -134,6 +134,17 @@ def test_bytes_past_the_announced_total_are_refused_at_the_first(
     assert list(dest.parent.iterdir()) == []  # no file, no partial past the announced size
 
 
+def test_a_trainer_that_knows_its_model_s_size_refuses_another_before_a_byte(
+    lying: tuple[Lying, str],
+) -> None:
+    fake, target = lying
+    fake.extra, fake.early = 0, False
+    with TrainerClient(target, retry=ONCE, timeout_s=10) as trainer:
+        with pytest.raises(ValueError, match=f"announced {len(DATA)} bytes of 'm'; its weights"):
+            trainer.pull_global("m", size=len(DATA) - 1)
+        assert trainer.pull_global("m", size=len(DATA)).data == DATA
+
+
 def test_a_chunk_before_the_header_is_refused(lying: tuple[Lying, str], tmp_path: Path) -> None:
     fake, target = lying
     fake.extra, fake.early = 0, True
