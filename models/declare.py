@@ -48,8 +48,9 @@ _KEYS = frozenset(
 )  # fmt: skip
 _INPUT_KEYS = frozenset({"name", "shape", "dtype", "dynamic", "range"})
 _MAX_DIMS = 8
-# An input's example (batch first) is built at start and traced: 2**26 elements is a
-# 1 x 4 x 4096 x 4096 image, 256 MiB of float32. Axes in `dynamic` may be longer in use.
+# An input's declared example shape (batch first; the checks draw batches of 2 and 4 of
+# it): 2**26 elements is a 1 x 4 x 4096 x 4096 image, 256 MiB of float32. Axes in `dynamic`
+# may be longer in use.
 MAX_INPUT_ELEMENTS = 1 << 26
 # Example values: integers within the dtype (and exact in InputSpec's floats), floats
 # whose range (drawn in float32) stays finite.
@@ -147,7 +148,8 @@ def _input(model: str, i: int, table: Any) -> InputSpec:
         raise _fail(
             model,
             f"{key}.shape: {math.prod(shape)} elements; an example input holds at most "
-            f"{MAX_INPUT_ELEMENTS} (declare larger axes dynamic)",
+            f"{MAX_INPUT_ELEMENTS} (declare a smaller example: dynamic axes take any size "
+            "at run time)",
         )
     dtype = table.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in INPUT_DTYPES:
@@ -170,11 +172,16 @@ def _range(model: str, key: str, dtype: str, value: Any) -> tuple[float, float]:
         return (0.0, 2.0) if dtype in _INT_RANGE else (0.0, 1.0)
     integer = dtype in _INT_RANGE
     kind, bound = ("integers", _INT_RANGE[dtype]) if integer else ("numbers", _FLOAT_RANGE[dtype])
-    types = int if integer else int | float
+
+    def kind_ok(v: Any) -> bool:  # 16.0 is an integer too (README's ranges are written so)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return False
+        return not integer or isinstance(v, int) or (math.isfinite(v) and v.is_integer())
+
     if (
         not isinstance(value, list)
         or len(value) != 2
-        or not all(isinstance(v, types) and not isinstance(v, bool) for v in value)
+        or not all(kind_ok(v) for v in value)
         or not all(math.isfinite(v) and -bound <= v <= bound for v in value)
         or not value[0] < value[1]
     ):
@@ -370,6 +377,8 @@ def check_entry(entry: ModelEntry, *, run: bool = True) -> Schema:
     try:  # shapes only; an op without a meta kernel is retried for real on the CPU
         with torch.no_grad():
             outputs = module.eval()(*(x.to("meta") for x in examples))
+    except SystemExit as exc:  # the user's code: its sys.exit() would end the start silently
+        raise _fail(name, f"forward raised {_raised(exc)}") from exc
     except Exception:
         outputs = _run(entry, _build(entry))
     got = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
@@ -390,8 +399,10 @@ def _schema(entry: ModelEntry, module: nn.Module) -> Schema:
     try:
         # keep_vars: on meta only the objects themselves tell a tied parameter apart.
         state = module.state_dict(keep_vars=True)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise _fail(entry.name, f"state_dict() raised {_raised(exc)}") from exc
+    if not isinstance(state, Mapping):
+        raise _fail(entry.name, f"state_dict() returned {type(state).__name__}, not a mapping")
     try:
         return Schema.of(state)
     except ValueError as exc:
@@ -401,7 +412,7 @@ def _schema(entry: ModelEntry, module: nn.Module) -> Schema:
 def _build(entry: ModelEntry) -> nn.Module:
     try:
         return entry.build(entry.init_seed)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise _fail(entry.name, f"{_text(entry.factory_path)} raised {_raised(exc)}") from exc
 
 
@@ -424,7 +435,7 @@ def _run(entry: ModelEntry, module: nn.Module) -> Any:
     try:
         with torch.no_grad():
             return module(*inputs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         shapes = ", ".join(
             f"{s.name} {tuple(x.shape)} {s.dtype}"
             for s, x in zip(entry.inputs, inputs, strict=True)

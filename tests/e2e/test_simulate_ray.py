@@ -57,8 +57,8 @@ def ray_address() -> Iterator[str]:
             # whichever test's setup the garbage collector happens to run in.
             ray.shutdown()
             for child in psutil.Process().children(recursive=True):  # what it left running
-                if any(part in child.name() for part in ("ray", "gcs", "plasma")):
-                    with contextlib.suppress(psutil.Error):
+                with contextlib.suppress(psutil.Error):  # gone meanwhile: nothing to kill
+                    if any(part in child.name() for part in ("ray", "gcs", "plasma")):
                         child.kill()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ResourceWarning)

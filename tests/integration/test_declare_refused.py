@@ -83,6 +83,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
         r"init_weights: \S+\.\.\.\(50\d\d chars\) is not a file",
     ),
     ("NUL in path", {**TINY, "init_weights": "a\x00b"}, {}, r"init_weights: expected a path"),
+    ("sys.exit in forward", {"factory": "tests.zoo.nets:ExitsInForward"}, {}, r"forward raised"),
+    ("list state", {"factory": "tests.zoo.nets:ListState"}, {}, r"returned list, not a mapping"),
     # found after the data dir was made before
     ("outputs", {**TINY, "outputs": ["y", "z"]}, {}, r"forward returned 1 outputs, .* names 2"),
 ]
@@ -192,3 +194,11 @@ def test_whatever_the_factory_raises_is_named(tmp_path: Path) -> None:
         with pytest.raises(DeclarationError, match=message) as err:
             check_entry(declare("m", {**base(), "kwargs": kwargs}), run=False)
         refused_here(err.value, "")
+
+
+def test_integral_float_ranges_of_an_integer_input_are_accepted() -> None:
+    """README writes ranges as floats; [0.0, 16.0] for an int64 input was accepted before."""
+    entry = declare("m", {"factory": "tests.zoo.nets:ByteBuffer", "kwargs": {"dtype": "int64"},
+                          "outputs": ["y"], "inputs": [{"name": "x", "shape": [1, 4],
+                          "dtype": "int64", "range": [0.0, 16.0]}]})  # fmt: skip
+    assert (entry.inputs[0].low, entry.inputs[0].high) == (0.0, 16.0)

@@ -155,3 +155,31 @@ class ByteBuffer(nn.Module):
 def not_a_module() -> int:
     """A factory that returns no nn.Module."""
     return 42
+
+
+class ExitsInForward(nn.Module):
+    """Calls sys.exit() in forward: a start would have ended silently with exit 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import sys
+
+        sys.exit(0)
+
+
+class ListState(nn.Module):
+    """A state_dict() override that returns a list, not a mapping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.a(x)
+        return y
+
+    def state_dict(self, *args: object, **kwargs: object) -> list[int]:  # type: ignore[override]
+        return [1, 2]
