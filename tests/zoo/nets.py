@@ -121,8 +121,8 @@ class DataDependent(nn.Module):
         return -y
 
 
-class ExtraState(nn.Module):
-    """Uses get_extra_state(): its state_dict holds a dict, which no wire format carries."""
+class _Linear42(nn.Module):
+    """One Linear(4, 2): the body of the declarations below, each wrong in one way."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,6 +131,10 @@ class ExtraState(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.a(x)
         return y
+
+
+class ExtraState(_Linear42):
+    """Uses get_extra_state(): its state_dict holds a dict, which no wire format carries."""
 
     def get_extra_state(self) -> dict[str, int]:
         return {"version": 3}
@@ -139,17 +143,12 @@ class ExtraState(nn.Module):
         pass
 
 
-class ByteBuffer(nn.Module):
+class ByteBuffer(_Linear42):
     """A buffer of a dtype the wire format does not carry (uint8 by default)."""
 
     def __init__(self, dtype: str = "uint8") -> None:
         super().__init__()
-        self.a = nn.Linear(4, 2)
         self.register_buffer("counts", torch.zeros(2, dtype=getattr(torch, dtype)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.a(x)
-        return y
 
 
 def not_a_module() -> int:
@@ -157,12 +156,8 @@ def not_a_module() -> int:
     return 42
 
 
-class ExitsInForward(nn.Module):
+class ExitsInForward(_Linear42):
     """Calls sys.exit() in forward: a start would have ended silently with exit 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import sys
@@ -170,16 +165,8 @@ class ExitsInForward(nn.Module):
         sys.exit(0)
 
 
-class ListState(nn.Module):
+class ListState(_Linear42):
     """A state_dict() override that returns a list, not a mapping."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.a(x)
-        return y
 
     def state_dict(self, *args: object, **kwargs: object) -> list[int]:  # type: ignore[override]
         return [1, 2]
