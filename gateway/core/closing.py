@@ -74,7 +74,7 @@ def check_finite(schema: Schema, path: Path, what: str) -> None:
             feed(check, data, what)
 
 
-def feed(check: FiniteCheck, data: bytes, what: str) -> None:
+def feed(check: FiniteCheck, data: bytes | memoryview, what: str) -> None:
     """FiniteCheck.feed, its refusal restated as a refused close."""
     try:
         check.feed(data)

@@ -38,7 +38,7 @@ from sluice.gateway.core.records import (
 from sluice.gateway.core.scan import changed_since
 from sluice.gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
 from sluice.gateway.store import audit
-from sluice.gateway.store.blobs import BlobStore
+from sluice.gateway.store.blobs import BlobStore, PieceHash
 from sluice.gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,18 @@ class RoundFolder:
             self._open_next(db, r.model, r.round + 1, version.version)
         return ClosedRound(version, release is not None, outcome.refused)
 
+    def _version_checks(self, served: ServedModel, what: str) -> tuple[WeightsRead, PieceHash]:
+        """The checks a new version's bytes are fed, in order, as they are hashed to its
+        name: finite, and the publisher's record of them (read_along)."""
+        finite = FiniteCheck(served.schema)
+        read = self.publisher.read_along()
+
+        def inspect(data: bytes | memoryview) -> None:
+            feed(finite, data, what)
+            read.feed(data)  # the piece a worker hashes meanwhile
+
+        return read, PieceHash(inspect)
+
     def _spoiled(self, base: Version, problems: dict[str, str]) -> Exception:
         if base.weights_sha256 in problems:
             why = problems[base.weights_sha256].replace("its spool file", "its weights file")
@@ -292,6 +304,12 @@ class RoundFolder:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         out = self.blobs.temp_path()
+        what = f"the aggregate of round {r.round}"
+        read, hashed = self._version_checks(served, what)
+        # Where nothing changes the aggregate after the strategy (no DP noise), a strategy
+        # that writes it front to back feeds every piece as it writes: hashed, checked and
+        # tagged while the fold reads the next blocks, and the file is not read again.
+        tee = None if self.privacy.dp is not None else hashed.feed
         try:
             # Overflow makes inf, refused below as a whole, not a warning half-way.
             with np.errstate(over="ignore", invalid="ignore"):
@@ -303,6 +321,7 @@ class RoundFolder:
                         server_round=r.round,
                         state_in=state_in if state_in.is_dir() else None,
                         scan=prepared.fold_scan,
+                        written=tee,
                     ),
                     out,
                     staging,
@@ -315,18 +334,17 @@ class RoundFolder:
                 dp = self.privacy.finish(served.schema, prepared, out, staging)  # before hashing
             for state in sorted(staging.glob("*.bin")):  # server optimizers' moments
                 check_finite(served.schema, state, f"the {strategy.name} state {state.name}")
-            finite = FiniteCheck(served.schema)
-            what = f"the aggregate of round {r.round}"
-            read = self.publisher.read_along()
-
-            def inspect(data: bytes) -> None:
-                feed(finite, data, what)
-                read.feed(data)  # the piece a worker hashes meanwhile
-
-            sha = self.blobs.adopt(out, inspect=inspect)
+            if tee is not None and hashed.size == served.schema.payload_bytes:
+                sha = self.blobs.adopt_written(out, hashed)
+            else:
+                # Written otherwise (another strategy, DP noise): read, hashed and checked
+                # whole, with checks fed nothing yet.
+                read, hashed = self._version_checks(served, what)
+                sha = self.blobs.adopt(out, inspect=hashed.feed)
             shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
             staging.rename(final_state)
         finally:
+            hashed.wait()  # no worker hashes a piece of a close that has ended
             out.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
         return sha, report, dp, prepared, read

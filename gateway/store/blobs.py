@@ -65,6 +65,35 @@ def _holds(final: Path, size: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
+class PieceHash:
+    """sha256 of pieces fed in order: each piece is hashed by a worker (_HASHERS) while the
+    feeder hands it to `inspect` (which may refuse it by raising) and goes on. A piece must
+    not change once fed (a fold's blocks are buffers of their own; a read's are new bytes)."""
+
+    def __init__(self, inspect: Callable[[bytes | memoryview], None] | None = None) -> None:
+        self._digest = hashlib.sha256()
+        self._pending: Future[None] | None = None
+        self._inspect = inspect
+        self.size = 0  # bytes fed
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self.wait()  # pieces are hashed in order
+        self._pending = _HASHERS.submit(self._digest.update, data)
+        self.size += memoryview(data).nbytes
+        if self._inspect is not None:
+            self._inspect(data)  # while a worker hashes the same piece
+
+    def wait(self) -> None:
+        """Until every piece fed is hashed (raises what a hash raised)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._digest.hexdigest()
+
+
 class TempBlob:
     """A file being written under blobs/tmp; hashed as it is written.
 
@@ -188,29 +217,41 @@ class BlobStore:
             _free_later(held)
         return True
 
-    def adopt(self, path: Path, inspect: Callable[[bytes], None] | None = None) -> str:
+    def adopt(self, path: Path, inspect: Callable[[bytes | memoryview], None] | None = None) -> str:
         """Hash a finished file under blobs/tmp, fsync it and move it to its address.
 
         The fsync runs in a worker, and so does the hash, while this thread hands each piece
         to `inspect`, which may refuse the file by raising.
         """
-        digest = hashlib.sha256()
-        hashed: Future[None] | None = None
+        hashed = PieceHash(inspect)
         with path.open("rb") as f:
             synced = _HASHERS.submit(os.fsync, f.fileno())
             try:
                 while data := f.read(8 << 20):
-                    if hashed is not None:
-                        hashed.result()  # pieces are hashed in order
-                    hashed = _HASHERS.submit(digest.update, data)
-                    if inspect is not None:
-                        inspect(data)  # while a worker hashes the same piece
+                    hashed.feed(data)
             finally:
-                if hashed is not None:
-                    hashed.result()
+                hashed.wait()
                 synced.result()  # before the descriptor closes, also when a read failed
-        self._place(path, self.path(digest.hexdigest()), os.stat(path).st_size)
-        return digest.hexdigest()
+        self._place(path, self.path(hashed.hexdigest()), os.stat(path).st_size)
+        return hashed.hexdigest()
+
+    def adopt_written(self, path: Path, hashed: PieceHash) -> str:
+        """fsync a finished file under blobs/tmp whose writer fed every byte it wrote, in
+        order, to `hashed`, and move it to that address: no second read of the file.
+
+        The name is the hash of what was written, not of what the file holds now: a file
+        changed in between (an insider with write access to blobs/) is a blob that does not
+        hash to its name, which every reader of a blob checks (the next close's base check,
+        the egress gate's piece tags, recorded from the same pieces). Raises ValueError if
+        the file's size is not the bytes fed."""
+        sha256 = hashed.hexdigest()
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != hashed.size:
+                raise ValueError(f"{path.name} holds {size} bytes; {hashed.size} were written")
+            os.fsync(f.fileno())
+        self._place(path, self.path(sha256), size)
+        return sha256
 
     def verify(self, sha256: str, size: int) -> str:
         """Why the blob named sha256 is not `size` bytes hashing to that name; "" if it is.

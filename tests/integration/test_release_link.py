@@ -26,6 +26,7 @@ import torch
 from sluice.clients.sdk import EgressClient
 from sluice.clients.weights import load_release
 from sluice.gateway.config import Config
+from sluice.gateway.core.strategies.base import FedAvg
 from sluice.gateway.export import publish as publish_module
 from sluice.gateway.export import refresh
 from sluice.gateway.export.publish import template_dir, template_for
@@ -160,6 +161,47 @@ def test_the_version_changed_between_its_adoption_and_the_guard_is_never_release
         assert f"{DATA_FILE}: piece {piece} differs from the bytes that hashed" in reason
         assert not (running.data_dir / "registry" / LINKED / "1").exists()
         assert running.gateway.store.get_release(LINKED, 1) is None
+    finally:
+        running.gateway.stop()
+
+
+def test_the_fold_output_changed_before_its_adoption_is_never_released(
+    tmp_path: Path, two_file_templates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedAvg's version is named and tagged from the blocks the fold wrote, not from a
+    second read of its file (core/folding.py): an insider who rewrites the file between
+    the fold's last write and its adoption gets a blob that does not hash to its name.
+    The guard's check of the linked data file against those tags refuses the release,
+    and the next close refuses it as a base; the insider's bytes are never signed."""
+    real = FedAvg.aggregate
+    computed: list[bytes] = []
+
+    def fold_then_insider(self: FedAvg, inp: Any, out_path: Path, state_out: Path) -> Any:
+        report = real(self, inp, out_path, state_out)
+        data = out_path.read_bytes()
+        computed.append(data)
+        with out_path.open("r+b") as f:
+            f.seek(len(data) // 2)
+            f.write(bytes([data[len(data) // 2] ^ 0x01]))  # still finite
+        return report
+
+    monkeypatch.setattr(FedAvg, "aggregate", fold_then_insider)
+    running = _serve(tmp_path, two_file_templates, LINKED)
+    try:
+        with pytest.raises(ValueError, match="pulled bytes do not match their sha256"):
+            run_round(running, ZOO[LINKED])
+        (fold,) = computed
+        version = running.gateway.store.latest_version(LINKED)
+        assert version is not None and version.version == 1
+        assert version.weights_sha256 == hashlib.sha256(fold).hexdigest()  # what was computed
+        (refused,) = running.gateway.store.audit_entries("release.refused")
+        piece = (len(fold) // 2) // SEND_CHUNK_BYTES
+        assert f"{DATA_FILE}: piece {piece} differs from the bytes that hashed" in str(
+            refused.detail["reason"]
+        )
+        assert running.gateway.store.get_release(LINKED, 1) is None
+        with EgressClient(running.endpoints.egress) as egress:
+            assert [r.version for r in egress.releases(LINKED)] == []
     finally:
         running.gateway.stop()
 

@@ -8,6 +8,7 @@ through a live gateway.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -398,11 +399,31 @@ def test_every_strategy_refuses_a_non_finite_result(
     strategy = gw.rounds.strategy_for(TINY)
     real = type(strategy).aggregate
 
+    at = tiny_schema.payload_bytes - 4 - 8 * (not tiny_schema.tensors[-1].is_float)
+    nan = np.float32(np.nan).tobytes()
+
+    def poison(path: Path) -> None:
+        with path.open("r+b") as f:  # one NaN in the last float tensor
+            f.seek(at)
+            f.write(nan)
+
     def poisoned(self: Any, inp: Any, out_path: Path, state_out: Path) -> Any:
-        report = real(self, inp, out_path, state_out)
-        with out_path.open("r+b") as f:  # one NaN in the last float tensor
-            f.seek(tiny_schema.payload_bytes - 4 - 8 * (not tiny_schema.tensors[-1].is_float))
-            f.write(np.float32(np.nan).tobytes())
+        # A strategy that feeds its pieces as it writes them (FedAvg without DP noise) has
+        # the NaN in what it feeds as in what it writes; any other one in the file it wrote.
+        fed = 0
+
+        def written(piece: memoryview) -> None:
+            nonlocal fed
+            if fed <= at < fed + piece.nbytes:
+                copy = bytearray(piece)
+                copy[at - fed : at - fed + 4] = nan
+                piece = memoryview(copy)
+            fed += piece.nbytes
+            inp.written(piece)
+
+        tee = None if inp.written is None else written
+        report = real(self, dataclasses.replace(inp, written=tee), out_path, state_out)
+        poison(out_path)
         return report
 
     monkeypatch.setattr(type(strategy), "aggregate", poisoned)

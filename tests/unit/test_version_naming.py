@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sluice.gateway.export.pieces import PieceCheck, PieceTags
-from sluice.gateway.store.blobs import BlobStore
+from sluice.gateway.store.blobs import BlobStore, PieceHash
 from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta
 from tests.unit.test_races import make_gateway, push
@@ -37,7 +37,7 @@ def test_adopt_hands_inspect_exactly_the_bytes_it_names_the_blob_by(
     seen: list[bytes] = []
     tags = PieceTags(1 << 20)
 
-    def inspect(piece: bytes) -> None:
+    def inspect(piece: bytes | memoryview) -> None:
         seen.append(bytes(piece))
         tags.feed(piece)
 
@@ -72,3 +72,63 @@ def test_every_strategy_names_its_version_by_the_bytes_it_holds(
         assert hashlib.sha256(blob).hexdigest() == version.weights_sha256
         assert len(blob) == tiny_schema.payload_bytes
     assert not list(gw.blobs.tmp.iterdir())
+
+
+@pytest.mark.parametrize("pieces", [[], [b""], [b"a"], [os.urandom(3 << 20), os.urandom(5)]])
+def test_adopt_written_names_the_blob_by_the_bytes_fed(tmp_path: Path, pieces: list[bytes]) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    path = store.temp_path()
+    seen: list[bytes] = []
+    hashed = PieceHash(lambda piece: seen.append(bytes(piece)))
+    with path.open("wb") as f:
+        for piece in pieces:
+            f.write(piece)
+            hashed.feed(memoryview(piece))
+    data = b"".join(pieces)
+    name = store.adopt_written(path, hashed)
+    assert name == hashlib.sha256(data).hexdigest() and b"".join(seen) == data
+    assert store.path(name).read_bytes() == data and not path.exists()
+
+
+def test_adopt_written_refuses_a_file_that_is_not_the_bytes_fed(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    path = store.temp_path()
+    hashed = PieceHash()
+    hashed.feed(b"abc")
+    path.write_bytes(b"abcd")  # one byte more than was fed: not what the writer wrote
+    with pytest.raises(ValueError, match="holds 4 bytes; 3 were written"):
+        store.adopt_written(path, hashed)
+    assert path.exists() and not any(p for p in store.root.iterdir() if p != store.tmp)
+
+
+@pytest.mark.parametrize("settings", STRATEGIES, ids=IDS)
+def test_only_a_fold_whose_result_nothing_changes_after_it_skips_the_second_read(
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    settings: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FedAvg without DP feeds its blocks as it writes them: the version is hashed, checked
+    and tagged from those, and its file is not read again. A strategy that writes otherwise,
+    or DP noise added after the fold, gets the adoption's read of the whole file."""
+    reads: list[str] = []
+    real_adopt, real_written = BlobStore.adopt, BlobStore.adopt_written
+
+    def adopt(self: BlobStore, *args: Any, **kwargs: Any) -> str:
+        reads.append("read again")
+        return real_adopt(self, *args, **kwargs)
+
+    def adopt_written(self: BlobStore, *args: Any, **kwargs: Any) -> str:
+        reads.append("from the writes")
+        return real_written(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlobStore, "adopt", adopt)
+    monkeypatch.setattr(BlobStore, "adopt_written", adopt_written)
+    gw = make_gateway(tmp_path, template_cache, **settings)
+    for i, t in enumerate(TRAINERS):
+        push(gw, tiny_schema, random_delta(tiny_schema, 30 + i), t)
+    version = gw.rounds.close(TINY, 1).version
+    blob = gw.blobs.path(version.weights_sha256).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == version.weights_sha256
+    assert reads == ["from the writes" if settings == {} else "read again"]

@@ -17,7 +17,7 @@ Rules every strategy follows:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +44,10 @@ class RoundInput:
     # measures them as it reads (FedAvg's fold); others leave it alone (the round manager
     # gives one only to those).
     scan: FoldScan | None = None
+    # Fed every byte of out_path, in order, as a strategy that writes it front to back
+    # writes it (FedAvg's fold): the round manager then hashes and checks the new version
+    # from these pieces instead of reading the file again. Others leave it alone.
+    written: Callable[[memoryview], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class FedAvg:
                 while view:
                     view = view[out.write(view) :]
                 behind.wrote(raw.nbytes)
+                if inp.written is not None:
+                    inp.written(raw)  # a buffer of its own: never reused by the fold
         return RoundReport({"num_updates": len(inp.contributions)})
 
 
