@@ -192,8 +192,17 @@ class FoldScan:
         return math.sqrt(total)
 
 
+_EINSUM_SQUARES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def squares(values: np.ndarray, wide: np.ndarray) -> float:
-    """Sum of the squares of `values` in float64, `wide` (float64) at a time."""
+    """Sum of the squares of `values` in float64, `wide` (float64) at a time.
+
+    float32 and float64 go through one einsum, which widens as it multiplies and adds
+    (0.19 s/GB here for float32, where a copy into `wide` and a dot took 0.42); other
+    dtypes (float16, bfloat16) are copied into `wide` first."""
+    if values.dtype in _EINSUM_SQUARES:
+        return float(np.einsum("i,i->", values, values, dtype=np.float64))
     total = 0.0
     step = wide.size
     for i in range(0, values.size, step):

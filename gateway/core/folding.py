@@ -38,7 +38,7 @@ from sluice.gateway.core.records import (
 from sluice.gateway.core.scan import changed_since
 from sluice.gateway.core.strategies.base import FedAvg, RoundInput, RoundReport, Strategy
 from sluice.gateway.store import audit
-from sluice.gateway.store.blobs import BlobStore, PieceHash
+from sluice.gateway.store.blobs import BlobStore, PieceHash, Proof
 from sluice.gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class WeightsRead(Protocol):
     """Fed a new version's bytes, in order, as its adoption reads and hashes them."""
 
     def feed(self, data: bytes | memoryview) -> None: ...
+
+    def proof(self) -> Callable[[], Proof]:
+        """Once every byte was fed: checks that a file still holds those bytes (the
+        version's blob, when the next close reads it as its base)."""
+        ...
 
 
 class Publisher(Protocol):
@@ -103,6 +108,10 @@ class RoundFolder:
         self.state_root = state_root
         self.fedbuff = fedbuff  # buffered asynchronous mode: stale updates weighted down
         self._open_next = open_next
+        # model -> (the sha256 of its newest version made here, a check of that blob's
+        # bytes against the tags recorded as they hashed to it): the next close's base
+        # check reads the blob against them instead of hashing it (none after a restart).
+        self._proofs: dict[str, tuple[str, Callable[[], Proof]]] = {}
 
     def strategy_for(self, model: str) -> Strategy:
         return self.strategies.get(model) or FedAvg()
@@ -146,7 +155,9 @@ class RoundFolder:
         size = served.schema.payload_bytes
         # The updates' spool files are checked by the scan before the strategy (prepare);
         # the base's while the scan runs.
-        spool = SpoolCheck(self.blobs, size, [base.weights_sha256])
+        made = self._proofs.get(r.model)
+        proofs = {made[0]: made[1]} if made is not None else {}
+        spool = SpoolCheck(self.blobs, size, [base.weights_sha256], proofs)
         prepared: PreparedRound | None = None
         try:
             prepared = self.privacy.prepare(
@@ -209,6 +220,7 @@ class RoundFolder:
             shutil.rmtree(self.state_dir(r.model, version_no), ignore_errors=True)
             self.unlink_unreferenced({sha})
             raise
+        self._proofs[r.model] = (sha, read.proof())
         log.info(
             "round %d of %s closed: %d updates -> version %d in %.2fs (aggregation %.2fs)%s",
             r.round,

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from sluice.models.appender import Appender
 
@@ -63,6 +64,17 @@ def _holds(final: Path, size: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISREG(st.st_mode) and st.st_size == size
+
+
+class Proof(Protocol):
+    """A check that a file still holds bytes that once hashed to its name, recorded while
+    they did (export/pieces.py: PieceCheck of their piece tags); fed the file in order."""
+
+    def feed(self, data: bytes | memoryview) -> None: ...
+
+    def whole(self) -> bool:
+        """Whether everything fed is those bytes, none missing."""
+        ...
 
 
 class PieceHash:
@@ -253,20 +265,23 @@ class BlobStore:
         self._place(path, self.path(sha256), size)
         return sha256
 
-    def verify(self, sha256: str, size: int) -> str:
+    def verify(self, sha256: str, size: int, proof: Proof | None = None) -> str:
         """Why the blob named sha256 is not `size` bytes hashing to that name; "" if it is.
 
         One front-to-back read in 1 MiB pieces (sha256 releases the GIL): run it in a
         worker beside a fold of the same files, whose reads then come from the page cache.
-        """
+        Given a proof recorded while the blob's bytes hashed to its name (a version's piece
+        tags: core/folding.py), the read is checked against it instead of hashed: the same
+        answer at a fraction of sha256's CPU."""
         digest = hashlib.sha256()
+        feed = digest.update if proof is None else proof.feed
         buf = bytearray(1 << 20)
         view = memoryview(buf)
         got = 0
         try:
             with self.path(sha256).open("rb", buffering=0) as f:
                 while n := f.readinto(buf):
-                    digest.update(view[:n])
+                    feed(view[:n])
                     got += n
         except FileNotFoundError:
             return "its spool file is missing"
@@ -276,6 +291,8 @@ class BlobStore:
             return "its spool file cannot be read (I/O error)"
         if got != size:
             return f"its spool file is {got} bytes, expected {size}"
+        if proof is not None:
+            return "" if proof.whole() else "its spool file no longer holds the bytes named"
         if digest.hexdigest() != sha256:
             return f"its spool file's sha256 is {digest.hexdigest()}, not its name"
         return ""

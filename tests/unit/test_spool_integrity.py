@@ -364,6 +364,71 @@ def test_a_corrupt_base_fails_the_round_and_the_next_one_opens(
     assert residue(gw, 1) == []
 
 
+def _damage(path: Path, how: str, at: float) -> None:
+    raw = bytearray(path.read_bytes())
+    i = min(int(len(raw) * at), len(raw) - 1)
+    if how == "flip":
+        raw[i] ^= 0x01  # the lowest bit of one byte: still finite
+    elif how == "truncate":
+        del raw[i:]
+    else:
+        raw += b"\0"
+    path.write_bytes(bytes(raw))
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(how=st.sampled_from(["flip", "truncate", "extend"]), at=st.floats(0.0, 1.0))
+def test_a_version_damaged_after_its_close_is_refused_as_the_next_base(
+    tmp_path_factory: pytest.TempPathFactory,
+    template_cache: Path,
+    tiny_schema: Schema,
+    how: str,
+    at: float,
+) -> None:
+    """The next close checks the version this gateway made against the piece tags its
+    adoption recorded (SpoolCheck proofs), not with a second sha256: any change is found
+    the same, and a gateway started afresh (no tags) hashes it instead."""
+    tmp = tmp_path_factory.mktemp("base")
+    gw = make_gateway(tmp, template_cache)
+    proofs: list[object] = []
+    real_verify = BlobStore.verify
+
+    def verify(self: BlobStore, sha: str, size: int, proof: Any = None) -> str:
+        proofs.append(proof)
+        return real_verify(self, sha, size, proof)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BlobStore, "verify", verify)
+        push(gw, tiny_schema, random_delta(tiny_schema, 1), TRAINERS[0])
+        made = gw.rounds.close(TINY, 1).version
+        push(gw, tiny_schema, random_delta(tiny_schema, 2), TRAINERS[0], round_no=2, base=1)
+        _damage(gw.blobs.path(made.weights_sha256), how, at)
+        with pytest.raises(PreconditionFailed, match="base version 1 is corrupt"):
+            gw.rounds.close(TINY, 2)
+    assert proofs[0] is None and proofs[-1] is not None  # version 0: hashed; 1: its tags
+    failed = gw.store.get_round(TINY, 2)
+    assert failed is not None and failed.state == RoundState.FAILED
+    assert residue(gw, 2) == []
+
+
+def test_a_version_intact_after_its_close_passes_its_tags_and_folds_on(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    gw = make_gateway(tmp_path, template_cache)
+    for round_no in (1, 2, 3):
+        push(
+            gw,
+            tiny_schema,
+            random_delta(tiny_schema, round_no),
+            TRAINERS[0],
+            round_no=round_no,
+            base=round_no - 1,
+        )
+        assert gw.rounds.close(TINY, round_no).version.version == round_no
+
+
 # Results that are not finite are never a version.
 
 
