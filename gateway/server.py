@@ -37,7 +37,7 @@ from sluice.gateway.core.screening import ScreeningPolicy
 from sluice.gateway.core.strategies import build_strategy
 from sluice.gateway.export.gate import EgressGate
 from sluice.gateway.export.guard import Verdicts
-from sluice.gateway.export.pieces import PieceCache
+from sluice.gateway.export.pieces import PieceCache, PieceTags
 from sluice.gateway.export.publish import (
     ReleaseWriter,
     cached_schema,
@@ -71,6 +71,7 @@ from sluice.gateway.services.idle import CallLimits, Pace
 from sluice.gateway.services.trainer import TrainerServicer
 from sluice.gateway.store.audit import Coalescer, log_entry
 from sluice.gateway.store.blobs import BlobStore, fsync_dir
+from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
 from sluice.gateway.store.datadir import LOCK_FILE, DataDirInUse, DataDirLock
 from sluice.gateway.store.sqlite import Store
 from sluice.models.import_statement import StatementRefused, trusted_keys
@@ -329,7 +330,11 @@ class Gateway:
         }
         self._bind_all(config, credentials)
         # The slow part, with every port bound: a first start exports each model's template.
-        self.blobs = BlobStore(root / "blobs")
+        # Every blob this gateway writes is also tagged by piece as it is hashed: a close
+        # then checks the updates and the base it made against those tags, not a sha256.
+        self.blobs = BlobStore(
+            root / "blobs", tagger=functools.partial(PieceTags, SEND_CHUNK_BYTES)
+        )
         threshold = config.two_file_bytes
         templates = self._templates(root)
         for served in self.catalog:

@@ -24,6 +24,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
 from sluice.gateway.core.lazy import LazyModule, lazy_function
+from sluice.gateway.store.blobs import NOT_AS_HASHED, Proof
 from sluice.gateway.store.direct import DirectFile, aligned_buffer, window_bytes
 from sluice.models.schema import Schema, TensorSpec
 
@@ -148,7 +149,13 @@ class FoldScan:
     same norm). fold_fedavg fills it; read it once the fold has finished.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, proofs: Sequence[Proof | None] = ()) -> None:
+        """`proofs`: per contribution, a check of its bytes recorded as they hashed to its
+        name (BlobStore.proof: the push's piece tags), fed instead of a sha256; None (or
+        none given) where there is none."""
+        self._proofs = list(proofs) or [None] * count
+        if len(self._proofs) != count:
+            raise ValueError(f"{count} contributions, {len(self._proofs)} proofs")
         self._digests = [hashlib.sha256() for _ in range(count)]
         self._squares: list[dict[int, float]] = [{} for _ in range(count)]
         self._next = [0] * count  # the block each file's hash waits for
@@ -163,7 +170,11 @@ class FoldScan:
             if self._after_failure(index):
                 raise RuntimeError(f"block {self._failed_at} of the fold failed")
         try:
-            self._digests[i].update(raw.data)  # its turn: no other thread touches this digest
+            proof = self._proofs[i]  # its turn: no other thread touches this one's checks
+            if proof is None:
+                self._digests[i].update(raw.data)
+            else:
+                proof.feed(raw.data)
             if spec.is_float:
                 self._squares[i][index] = squares(raw.view(spec.np_dtype), wide)
         finally:
@@ -183,7 +194,16 @@ class FoldScan:
             self._turn.notify_all()
 
     def sha256(self, i: int) -> str:
+        """The sha256 of contribution i as read (those checked against a proof: of nothing)."""
         return self._digests[i].hexdigest()
+
+    def problem(self, i: int, sha256: str) -> str:
+        """What is wrong with contribution i, acknowledged under sha256; "" if nothing."""
+        proof = self._proofs[i]
+        if proof is not None:
+            return "" if proof.whole() else NOT_AS_HASHED
+        got = self.sha256(i)
+        return "" if got == sha256 else f"its spool file's sha256 is {got}, not its name"
 
     def norm(self, i: int) -> float:
         total = 0.0

@@ -12,14 +12,14 @@ A close fails in one of three ways (RoundManager sorts them; README: rounds and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from sluice.gateway.core.errors import InvalidInput, NotFound, PreconditionFailed
 from sluice.gateway.core.finite import FiniteCheck
-from sluice.gateway.store.blobs import BlobStore, Proof
+from sluice.gateway.store.blobs import BlobStore
 from sluice.models.schema import Schema
 
 # Threads hashing the files a close checks this way (the base version's weights; the
@@ -53,21 +53,10 @@ class SpoolCheck:
     close goes on (the base version's weights, read by the fold through the page cache).
     Memory: one 1 MiB buffer per worker."""
 
-    def __init__(
-        self,
-        blobs: BlobStore,
-        size: int,
-        shas: Iterable[str],
-        proofs: Mapping[str, Callable[[], Proof]] | None = None,
-    ) -> None:
-        """`proofs`: for a file whose bytes were tagged as they hashed to its name (the
-        version a close made: its base in the next close), its check against those tags
-        instead of a sha256 (BlobStore.verify)."""
+    def __init__(self, blobs: BlobStore, size: int, shas: Iterable[str]) -> None:
         pool = ThreadPoolExecutor(max_workers=CHECK_WORKERS, thread_name_prefix="spool-check")
-        known = proofs or {}
         self._checks: dict[str, Future[str]] = {
-            sha: pool.submit(blobs.verify, sha, size, known[sha]() if sha in known else None)
-            for sha in dict.fromkeys(shas)
+            sha: pool.submit(blobs.verify, sha, size) for sha in dict.fromkeys(shas)
         }
         pool.shutdown(wait=False)  # the checks run on; the threads end with the last one
 

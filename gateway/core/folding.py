@@ -108,10 +108,6 @@ class RoundFolder:
         self.state_root = state_root
         self.fedbuff = fedbuff  # buffered asynchronous mode: stale updates weighted down
         self._open_next = open_next
-        # model -> (the sha256 of its newest version made here, a check of that blob's
-        # bytes against the tags recorded as they hashed to it): the next close's base
-        # check reads the blob against them instead of hashing it (none after a restart).
-        self._proofs: dict[str, tuple[str, Callable[[], Proof]]] = {}
 
     def strategy_for(self, model: str) -> Strategy:
         return self.strategies.get(model) or FedAvg()
@@ -155,9 +151,7 @@ class RoundFolder:
         size = served.schema.payload_bytes
         # The updates' spool files are checked by the scan before the strategy (prepare);
         # the base's while the scan runs.
-        made = self._proofs.get(r.model)
-        proofs = {made[0]: made[1]} if made is not None else {}
-        spool = SpoolCheck(self.blobs, size, [base.weights_sha256], proofs)
+        spool = SpoolCheck(self.blobs, size, [base.weights_sha256])
         prepared: PreparedRound | None = None
         try:
             prepared = self.privacy.prepare(
@@ -165,8 +159,10 @@ class RoundFolder:
                 updates,
                 contributions,
                 state_in if state_in.is_dir() else None,
-                # FedAvg's fold reads every update once: it hashes and measures them too.
+                # FedAvg's fold reads every update once: it checks and measures them too,
+                # against the tags their pushes recorded where this gateway holds them.
                 in_fold=isinstance(strategy, FedAvg) and self.privacy.norms_may_wait,
+                proofs=[self.blobs.proof(u.payload_sha256) for u in updates],
             )
             sha, report, dp, prepared, read = self._run_strategy(
                 served, strategy, r, base, prepared, version_no, spool
@@ -220,7 +216,9 @@ class RoundFolder:
             shutil.rmtree(self.state_dir(r.model, version_no), ignore_errors=True)
             self.unlink_unreferenced({sha})
             raise
-        self._proofs[r.model] = (sha, read.proof())
+        # The next close checks its base against the tags recorded as these bytes hashed
+        # to its name (BlobStore.verify), instead of hashing it again.
+        self.blobs.remember(sha, read.proof())
         log.info(
             "round %d of %s closed: %d updates -> version %d in %.2fs (aggregation %.2fs)%s",
             r.round,

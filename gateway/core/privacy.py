@@ -32,6 +32,7 @@ from sluice.gateway.core.errors import PreconditionFailed
 from sluice.gateway.core.records import CommittedUpdate
 from sluice.gateway.core.scan import Stamp, scan_updates, stamp_of
 from sluice.gateway.core.screening import ScreeningPolicy, ScreeningResult, screen
+from sluice.gateway.store.blobs import Proof
 from sluice.models.schema import Schema
 
 LEDGER_FILE = "dp_ledger.json"
@@ -71,15 +72,17 @@ class RoundPrivacy:
         state_in: Path | None,
         *,
         in_fold: bool = False,
+        proofs: Sequence[Proof | None] = (),
     ) -> PreparedRound:
         """Norms, screening and clipping before the strategy. `in_fold` (only where
         norms_may_wait): the strategy's fold hashes and measures the updates as it reads
         them (PreparedRound.fold_scan; then `scanned_by_fold`), and only their sizes are
-        checked here."""
+        checked here; where an update has a proof (BlobStore.proof, in `proofs` by
+        update), the fold checks it against that instead of hashing it."""
         if in_fold:
             if not self.norms_may_wait:
                 raise ValueError("the norms are needed before the fold")
-            return self._before_fold(schema, updates, contributions)
+            return self._before_fold(schema, updates, contributions, proofs)
         # The round's one read of each update before the strategy's: its norm, and the
         # spool check (a file that is not what was acknowledged is left out of a rerun).
         scans = scan_updates(
@@ -114,6 +117,7 @@ class RoundPrivacy:
         schema: Schema,
         updates: Sequence[CommittedUpdate],
         contributions: Sequence[Contribution],
+        proofs: Sequence[Proof | None],
     ) -> PreparedRound:
         problems, scanned = {}, {}
         for u, c in zip(updates, contributions, strict=True):
@@ -137,7 +141,7 @@ class RoundPrivacy:
             None,
             None,
             scanned,
-            FoldScan(len(contributions)),
+            FoldScan(len(contributions), proofs),
         )
 
     def rescan(self, schema: Schema, prepared: PreparedRound) -> dict[str, str]:
@@ -161,9 +165,9 @@ class RoundPrivacy:
         scan = prepared.fold_scan
         assert scan is not None
         problems = {
-            u.payload_sha256: f"its spool file's sha256 is {scan.sha256(i)}, not its name"
+            u.payload_sha256: why
             for i, u in enumerate(prepared.updates)
-            if scan.sha256(i) != u.payload_sha256
+            if (why := scan.problem(i, u.payload_sha256))
         }
         if problems:
             raise CorruptUpdates(problems)

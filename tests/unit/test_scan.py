@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from sluice.gateway.core import scan as scan_module
 from sluice.gateway.core.aggregation import Contribution, FoldScan, fold_fedavg
 from sluice.gateway.core.scan import changed_since, scan_updates
+from sluice.gateway.export.pieces import PieceTags
 from sluice.gateway.store.direct import (
     DirectFile,
     WindowReader,
@@ -430,6 +431,55 @@ def test_the_fold_hashes_and_measures_what_it_folds(
     for i, data in enumerate(datas):
         assert scan.sha256(i) == hashlib.sha256(data).hexdigest()
         assert scan.norm(i) == pytest.approx(by_scan[i].norm, rel=1e-12, abs=1e-300)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    schema=SCHEMAS,
+    block=st.sampled_from([40, 1000, ALIGN, 10_000, 1 << 20]),
+    piece=st.sampled_from([1, 7, 4096, 1 << 20]),
+    workers=st.integers(1, 4),
+    damaged=st.one_of(st.none(), st.tuples(st.integers(0, 2), st.floats(0.0, 1.0))),
+)
+def test_the_fold_checks_what_it_folds_against_the_pushes_tags(
+    tmp_path: Path,
+    schema: Schema,
+    block: int,
+    piece: int,
+    workers: int,
+    damaged: tuple[int, float] | None,
+) -> None:
+    """Where a push's piece tags are held (BlobStore.proof), the fold checks each update's
+    bytes against them instead of hashing it: an update changed anywhere after its tags
+    were recorded is named, the others pass, and the norms are the same."""
+    run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    run.mkdir()
+    base = run / "base.bin"
+    base.write_bytes(payload(schema, 99)[0])
+    contributions, proofs, norms = [], [], []
+    for i in range(3):
+        data, norm = payload(schema, i)
+        tags = PieceTags(piece)
+        tags.feed(data)
+        proofs.append(tags.proof()())
+        raw = bytearray(data)
+        if damaged is not None and damaged[0] == i and raw:  # sizes: the close's stat
+            raw[min(int(len(raw) * damaged[1]), len(raw) - 1)] ^= 0x01
+        (run / f"u{i}.bin").write_bytes(bytes(raw))
+        contributions.append(Contribution(run / f"u{i}.bin", i + 1))
+        norms.append(norm)
+    scan = FoldScan(3, proofs)
+    for _ in fold_fedavg(schema, base, contributions, block, workers, scan=scan):
+        pass
+    for i in range(3):
+        bad = damaged is not None and damaged[0] == i and schema.payload_bytes > 0
+        assert bool(scan.problem(i, "not consulted where a proof is")) == bad
+        if not bad:
+            assert scan.norm(i) == pytest.approx(norms[i], rel=1e-9, abs=1e-300)
+    with pytest.raises(ValueError, match="3 contributions, 2 proofs"):
+        FoldScan(3, proofs[:2])
 
 
 def test_a_fold_that_fails_or_stops_early_leaves_no_thread_waiting(tmp_path: Path) -> None:

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sluice.gateway.export.pieces import PieceCheck, PieceTags
+from sluice.gateway.store import blobs as blobs_module
 from sluice.gateway.store.blobs import BlobStore, PieceHash
 from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta
@@ -132,3 +135,41 @@ def test_only_a_fold_whose_result_nothing_changes_after_it_skips_the_second_read
     blob = gw.blobs.path(version.weights_sha256).read_bytes()
     assert hashlib.sha256(blob).hexdigest() == version.weights_sha256
     assert reads == ["from the writes" if settings == {} else "read again"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    size=st.integers(1, 5 << 20),
+    how=st.sampled_from(["flip", "truncate", "extend", "none"]),
+    at=st.floats(0.0, 1.0),
+)
+def test_a_blob_written_here_is_verified_against_its_tags(
+    tmp_path_factory: pytest.TempPathFactory, size: int, how: str, at: float
+) -> None:
+    """Blobs a gateway writes are tagged as they are hashed; verify() then checks them
+    against those tags: the same answer as a sha256 for every change, intact or not."""
+    store = BlobStore(tmp_path_factory.mktemp("b") / "blobs", tagger=lambda: PieceTags(1 << 20))
+    data = os.urandom(size)
+    sha = store.write([data[: size // 2], data[size // 2 :]])
+    assert store.proof(sha) is not None
+    raw = bytearray(data)
+    i = min(int(size * at), size - 1)
+    if how == "flip":
+        raw[i] ^= 0x80
+    elif how == "truncate":
+        del raw[i:]
+    elif how == "extend":
+        raw += b"x"
+    store.path(sha).write_bytes(bytes(raw))
+    untagged = BlobStore(store.root)  # a gateway started afresh: no tags, a sha256
+    assert untagged.proof(sha) is None
+    assert bool(store.verify(sha, size)) == (how != "none") == bool(untagged.verify(sha, size))
+    store.remove(store.path(sha))
+    assert store.proof(sha) is None  # bytes pushed again are tagged again
+
+
+def test_the_tags_kept_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blobs_module, "PROOFS_KEPT", 3)
+    store = BlobStore(tmp_path / "blobs", tagger=lambda: PieceTags(1 << 20))
+    shas = [store.write([bytes([i]) * 10]) for i in range(5)]
+    assert [store.proof(sha) is not None for sha in shas] == [False, False, True, True, True]
