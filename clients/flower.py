@@ -21,6 +21,7 @@ import numpy as np
 
 from sluice.clients.sdk import Identity, TrainerClient
 from sluice.models import registry
+from sluice.models.declare import check_entry
 from sluice.models.entry import ModelEntry
 from sluice.models.schema import Schema, tensor_to_numpy
 
@@ -57,6 +58,13 @@ TrainFunction = Callable[[Message, Context], Message]  # a ClientApp, or its tra
 FitConfig = Mapping[str, Scalar] | Callable[[int], Mapping[str, Scalar]]
 TrainConfig = Mapping[str, ConfigRecordValues] | Callable[[int], Mapping[str, ConfigRecordValues]]
 _Key = tuple[np.dtype[Any], tuple[int, ...], bytes]  # an array's exact value
+
+
+def _declared_schema(model: str, declared: Mapping[str, ModelEntry] | None) -> Schema:
+    """The model's schema; a declaration whose factory raises, returns no module or holds
+    state the wire cannot carry is a DeclarationError naming the model (models.declare),
+    before anything is sent."""
+    return check_entry(registry.get(model, declared), run=False)
 
 
 class FlowerAdapterError(ValueError):
@@ -139,7 +147,7 @@ def run_numpy_client(
         schema = Schema.of(module.state_dict())
         order = _learn_order(client, module)
     else:
-        schema = registry.get(model, declared).schema()
+        schema = _declared_schema(model, declared)
         order = list(names or ())
 
     def step(info: trainer_pb2.RoundInfo, base: Mapping[str, np.ndarray]) -> _Trained:
@@ -195,7 +203,7 @@ def run_train_function(
     round, so `context.state` persists as it does on a Flower SuperNode. `declared`: as
     for run_numpy_client.
     """
-    schema = registry.get(model, declared).schema()
+    schema = _declared_schema(model, declared)
     context = Context(
         run_id=0,
         node_id=0,

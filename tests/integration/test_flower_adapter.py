@@ -22,6 +22,7 @@ from sluice.clients.flower import FlowerAdapterError, run_numpy_client, run_trai
 from sluice.clients.sdk import Identity, TrainerClient
 from sluice.gateway.pki import init_pki
 from sluice.models import registry
+from sluice.models.declare import DeclarationError
 from sluice.models.schema import Schema, tensor_to_numpy
 from tests.conftest import TINY, Running, start_gateway, stored_state
 
@@ -531,3 +532,36 @@ def test_an_unchanged_reply_pushes_a_zero_delta(gateway: Running, tiny_schema: S
     assert (report.accepted, report.num_examples, report.metrics) == (1, 16, {"loss": 0.5})
     got = stored_delta(gateway, tiny_schema, "shanghai-01")
     assert all(not np.any(d) for d in got.values())
+
+
+def _raises() -> nn.Module:
+    raise RuntimeError("no such checkpoint: /mnt/nowhere")
+
+
+def _not_a_module() -> nn.Module:
+    return "a string"  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("factory", "why"),
+    [(_raises, "raised RuntimeError: no such checkpoint"), (_not_a_module, "not a torch.nn")],
+    ids=["raises", "no-module"],
+)
+def test_a_broken_declaration_is_named_before_anything_is_sent(
+    factory: Callable[[], nn.Module], why: str
+) -> None:
+    """The trainer side checks a declared model as the gateway does: one DeclarationError
+    naming the model, not the user's traceback; nothing listens at the target."""
+    declared = {"broken-net": registry.ModelEntry("broken-net", factory, (), ("y",))}
+    common: dict[str, Any] = {
+        "target": "127.0.0.1:9",
+        "model": "broken-net",
+        "trainer": "t",
+        "region": "r",
+        "declared": declared,
+    }
+    with pytest.raises(DeclarationError, match=f"model 'broken-net'.*{why}"):
+        client = FlowerClient(nn.Linear(1, 1), DataLoader(TensorDataset(torch.zeros(1, 1))))
+        run_numpy_client(client, names=["w"], **common)
+    with pytest.raises(DeclarationError, match=f"model 'broken-net'.*{why}"):
+        run_train_function(lambda msg, ctx: msg, **common)
