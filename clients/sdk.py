@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -115,6 +116,53 @@ def channel(target: str, identity: Identity | None = None) -> grpc.Channel:
     return grpc.secure_channel(target, identity.credentials(), options=_CHANNEL_OPTIONS)
 
 
+class Stalled(grpc.RpcError):
+    """A stream that brought nothing for `idle_s` seconds, cancelled by this client. Its
+    code is DEADLINE_EXCEEDED, so a pull retries it like a deadline (resuming where the
+    bytes stopped) and callers report it as one."""
+
+    def __init__(self, idle_s: float) -> None:
+        super().__init__(f"no bytes from the gateway for {idle_s:g} s; the stream was cancelled")
+        self.idle_s = idle_s
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return str(self)
+
+
+def _watched(call: Any, idle_s: float | None) -> Iterator[Any]:
+    """The messages of a streaming call; with idle_s, the call is cancelled (Stalled) once
+    none has arrived for that long: a server that stops sending mid-stream costs a pull
+    idle_s per attempt, not the whole deadline."""
+    if idle_s is None:
+        yield from call
+        return
+    last = [time.monotonic()]
+    done, stalled = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(max(last[0] + idle_s - time.monotonic(), 0.0)):
+            if time.monotonic() - last[0] >= idle_s:
+                stalled.set()
+                call.cancel()
+                return
+
+    threading.Thread(target=watch, name="pull-idle", daemon=True).start()
+    try:
+        for msg in call:
+            last[0] = time.monotonic()
+            yield msg
+    except grpc.RpcError as exc:
+        if stalled.is_set():
+            raise Stalled(idle_s) from exc
+        raise
+    finally:
+        done.set()
+        call.cancel()  # a caller that stopped early leaves no stream open
+
+
 @dataclass(frozen=True)
 class Pulled:
     version: int
@@ -188,11 +236,17 @@ class _Client(Generic[StubT]):
         retry: RetryPolicy | None = None,
         timeout_s: float = 600,
         identity: Identity | None = None,
+        idle_s: float | None = None,
     ) -> None:
+        """`timeout_s`: each call's deadline (a pull's stream whole); `idle_s`: a pull's
+        stream that brings nothing for this long is cancelled and retried (Stalled)."""
+        if idle_s is not None and not idle_s > 0:
+            raise ValueError(f"idle_s must be > 0 seconds, got {idle_s!r}")
         self._channel = channel(target, identity)
         self._stub: StubT = self._stub_type(self._channel)
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
+        self.idle_s = idle_s
 
     def close(self) -> None:
         self._channel.close()
@@ -227,7 +281,8 @@ class TrainerClient(_Client[trainer_pb2_grpc.TrainerServiceStub]):
 
         def stream(offset: int) -> Iterator[tuple[object | None, tensors_pb2.Chunk | None]]:
             req = trainer_pb2.PullGlobalRequest(model=model, version=pinned[0], offset=offset)
-            for msg in self._stub.PullGlobal(req, timeout=self.timeout_s):
+            call = self._stub.PullGlobal(req, timeout=self.timeout_s)
+            for msg in _watched(call, self.idle_s):
                 if msg.WhichOneof("kind") == "header":
                     if size is not None and msg.header.total_bytes != size:
                         raise ValueError(
@@ -463,7 +518,7 @@ class EgressClient(_Client[egress_pb2_grpc.EgressServiceStub]):
             request_serializer=egress_pb2.PullReleaseRequest.SerializeToString,
             response_deserializer=None,  # bytes: chunks are read as views of them
         )
-        return iter(call(req, timeout=self.timeout_s))
+        return _watched(call(req, timeout=self.timeout_s), self.idle_s)
 
     def pull_release(
         self,

@@ -158,6 +158,10 @@ _NO_CONNECTION = ("failed to connect to all addresses", "errors resolving", "DNS
 _TLS = ("andshake", "Socket closed", "Connection reset", "SSL")
 
 
+# How gRPC words a message over this client's receive limit (grpc.max_receive_message_length).
+_TOO_LARGE = "Received message larger than max"
+
+
 def rpc_failure(exc: grpc.RpcError, args: argparse.Namespace) -> CliError:
     """One line for a failed call, with what to do: the connection (UNREACHABLE), the
     certificate (IDENTITY), a retryable answer (BUSY) or a refusal (REFUSED)."""
@@ -186,6 +190,13 @@ def rpc_failure(exc: grpc.RpcError, args: argparse.Namespace) -> CliError:
             f"no answer from {address} in time: is it a sluice listener, and is the gateway "
             "up? (a TLS listener dialed with --insecure, or a port of another program, can "
             "hang like this)",
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_TOO_LARGE):
+        # gRPC's own refusal in this process, not the gateway saying it is busy.
+        return CliError(
+            Exit.REFUSED,
+            f"refused: {address} sent a message larger than this client accepts ({details}): "
+            "is it a sluice gateway of this version?",
         )
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return CliError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,16 @@ from sluice.gateway.cli.common import (
 )
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86_400:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, more than 0 and at most 86400")
+    return value
+
+
 def _pull(args: argparse.Namespace) -> int:
     import grpc
 
@@ -37,7 +48,8 @@ def _pull(args: argparse.Namespace) -> int:
         raise CliError(Exit.USAGE, f"{exc}; nothing pulled") from exc
     pinned = args.structure_hash or (pins.get(args.model) if pins else None)
     me = identity(args)
-    with EgressClient(check_target(args.egress, "--egress"), identity=me) as client:
+    target = check_target(args.egress, "--egress")
+    with EgressClient(target, identity=me, idle_s=args.idle_timeout) as client:
         try:
             doc = client.pull_release(
                 args.model,
@@ -185,6 +197,15 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         help="JSON file of pinned structure hashes per model: pinned at the first pull, "
         "every later pull must match",
+    )
+    pull.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=120.0,
+        metavar="SECONDS",
+        help="a stream that brings no bytes for this long is cancelled and resumed, up to "
+        "5 tries in all (default 120: a gateway started since the release checks the whole "
+        "file before its first byte)",
     )
     add_limits(pull)
     add_identity(pull, role="reader", listener="egress")

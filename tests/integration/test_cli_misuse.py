@@ -414,3 +414,40 @@ def test_ctrl_c_in_simulate_exits_130_quietly(silent_server: str) -> None:
     code, err = interrupt(proc, 4.0)
     assert code == Exit.INTERRUPTED, err
     assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e9", "soon"])
+def test_pull_idle_timeout_out_of_range_is_a_usage_error(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["pull", "--egress", "127.0.0.1:1", "--insecure", "--public-key", str(tmp_path),
+              "--out", str(tmp_path / "out"), "--idle-timeout", value])  # fmt: skip
+    assert exc.value.code == Exit.USAGE
+    assert "--idle-timeout" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_message_over_the_client_s_limit_is_a_refusal_not_busy() -> None:
+    """gRPC refuses a received message over this client's limit with RESOURCE_EXHAUSTED,
+    the code a busy gateway answers with: told apart by its words, it is no 'try again'."""
+    import argparse
+
+    import grpc
+
+    from sluice.gateway.cli.common import rpc_failure
+
+    class Refused(grpc.RpcError):
+        def __init__(self, details: str) -> None:
+            self._details = details
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return self._details
+
+    args = argparse.Namespace(listener="egress", egress="10.0.0.1:7443")
+    local = rpc_failure(Refused("Received message larger than max (9437198 vs. 4259840)"), args)
+    assert local.code == Exit.REFUSED and "larger than this client accepts" in str(local)
+    busy = rpc_failure(Refused("too many calls from reader-1; try again"), args)
+    assert busy.code == Exit.BUSY

@@ -6,6 +6,7 @@ memory before the sha256 check would refuse it; nothing is left at the destinati
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.clients.sdk import EgressClient, RetryPolicy, TrainerClient
+from sluice.clients.sdk import EgressClient, RetryPolicy, Stalled, TrainerClient
 from sluice.v1 import egress_pb2, tensors_pb2, trainer_pb2
 
 DATA = bytes(range(256)) * 64  # 16 KiB: what the header announces, and its sha256
@@ -29,10 +30,18 @@ class Lying:
 
     def __init__(self) -> None:
         self.extra, self.early = 0, False
+        self.stall_after: int | None = None  # pieces sent before going silent
+        self.offsets: list[int] = []  # the offset each call asked for
 
-    def chunks(self) -> Iterator[tensors_pb2.Chunk]:
-        offset = 0
-        for at in range(0, len(DATA), PIECE):
+    def stall(self, ctx: Any) -> None:
+        """Send nothing more, and end only once the client has given up (or after 60 s)."""
+        deadline = time.monotonic() + 60
+        while ctx.is_active() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def chunks(self, start: int = 0) -> Iterator[tensors_pb2.Chunk]:
+        offset = start
+        for at in range(start, len(DATA), PIECE):
             yield tensors_pb2.Chunk(offset=at, data=DATA[at : at + PIECE])
             offset = at + PIECE
         for _ in range(self.extra):
@@ -44,22 +53,31 @@ class Lying:
             model=req.model, version=1, schema_hash="a" * 64, total_bytes=len(DATA),
             sha256=hashlib.sha256(DATA).hexdigest(),
         )  # fmt: skip
-        chunks = (trainer_pb2.PullGlobalResponse(chunk=c) for c in self.chunks())
+        self.offsets.append(req.offset)
+        chunks = (trainer_pb2.PullGlobalResponse(chunk=c) for c in self.chunks(req.offset))
         if self.early:
             yield next(chunks)
         yield trainer_pb2.PullGlobalResponse(header=header)
-        yield from chunks
+        yield from self._until_stall(chunks, ctx)
 
     def pull_release(self, req: Any, ctx: Any) -> Iterator[egress_pb2.PullReleaseResponse]:
         header = egress_pb2.PullReleaseHeader(
             model=req.model, version=1, file="model.onnx", total_bytes=len(DATA),
             sha256=hashlib.sha256(DATA).hexdigest(),
         )  # fmt: skip
-        chunks = (egress_pb2.PullReleaseResponse(chunk=c) for c in self.chunks())
+        self.offsets.append(req.offset)
+        chunks = (egress_pb2.PullReleaseResponse(chunk=c) for c in self.chunks(req.offset))
         if self.early:
             yield next(chunks)
         yield egress_pb2.PullReleaseResponse(header=header)
-        yield from chunks
+        yield from self._until_stall(chunks, ctx)
+
+    def _until_stall(self, chunks: Iterator[Any], ctx: Any) -> Iterator[Any]:
+        for sent, chunk in enumerate(chunks):
+            if self.stall_after is not None and sent == self.stall_after:
+                self.stall(ctx)
+                return
+            yield chunk
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +178,36 @@ def test_a_chunk_before_the_header_is_refused(lying: tuple[Lying, str], tmp_path
     ):
         egress.pull("m", tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pull", ["release", "global"])
+def test_a_server_that_stops_sending_is_given_up_after_the_idle_timeout_and_resumed(
+    lying: tuple[Lying, str], tmp_path: Path, pull: str
+) -> None:
+    """A stream that brings nothing for idle_s is cancelled and resumed from the bytes it
+    brought (Stalled: retried like a deadline), not waited on for the whole deadline."""
+    fake, target = lying
+    fake.extra, fake.early, fake.stall_after, fake.offsets = 0, False, 1, []
+    retry = RetryPolicy(attempts=3, first_backoff_s=0.01)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Stalled, match=r"no bytes from the gateway for 0\.3 s") as err:
+            if pull == "release":
+                with EgressClient(target, retry=retry, timeout_s=60, idle_s=0.3) as egress:
+                    digest = hashlib.sha256(DATA).hexdigest()
+                    egress.pull("m", tmp_path / "model.onnx", expect=(len(DATA), digest))
+            else:
+                with TrainerClient(target, retry=retry, timeout_s=60, idle_s=0.3) as trainer:
+                    trainer.pull_global("m")
+    finally:
+        fake.stall_after = None
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 30  # three idle periods, not the 60 s deadline
+    assert fake.offsets == [0, PIECE, 2 * PIECE]  # each try resumed where the last stopped
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_idle_timeout_must_be_positive() -> None:
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="idle_s must be > 0"):
+            EgressClient("127.0.0.1:1", idle_s=bad)
