@@ -256,6 +256,9 @@ class Gateway:
             lambda served: declaration_ran(served, templates, threshold),
             lambda entry: cached_schema(entry, templates, threshold),
         )
+        # A first start that fails before it serves (a template the exporter cannot make,
+        # a port in use, Ctrl-C) removes the data dir it made: nothing was served from it.
+        made = not config.data_dir.exists()
         config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._lock = DataDirLock(config.data_dir)
@@ -272,6 +275,8 @@ class Gateway:
             if hasattr(self, "store"):
                 self.store.close()
             self._lock.release()
+            if made:
+                shutil.rmtree(config.data_dir, ignore_errors=True)
             raise
         self._unstarted = weakref.finalize(self, _release, list(self._servers), self.ops)
         self._unstarted.atexit = False

@@ -14,7 +14,7 @@ from sluice.gateway.export.refresh import refresh, write_atomic, write_release_f
 from sluice.gateway.export.template import OnnxTemplate
 from sluice.models.entry import ModelEntry
 from sluice.models.manifest import MODEL_FILE
-from sluice.models.schema import Schema, tensor_to_numpy
+from sluice.models.schema import Schema, printable, tensor_to_numpy
 
 if TYPE_CHECKING:  # imported where a template is tested: a start on built ones does not
     import torch
@@ -88,7 +88,9 @@ def self_test(t: OnnxTemplate, entry: ModelEntry, seed: int = 1234) -> float:
         else:
             diff = _two_file_diff(t, schema, state, entry, module, seed)
     except ValueError as exc:
-        raise ValueError(f"model {t.model!r}: self-test failed: {exc}") from exc
+        raise ValueError(
+            f"model {t.model!r}: self-test failed: {printable(str(exc), 600)}"
+        ) from exc
     tolerance = max(SELF_TEST_TOLERANCE, entry.parity_tolerance)
     if not diff <= tolerance:
         raise ValueError(

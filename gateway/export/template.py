@@ -6,6 +6,7 @@ import gc
 import json
 import mmap
 import os
+import re
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from sluice.models.artifact import outside_graph_description, tensor_bytes
 from sluice.models.artifact import structure_hash as structure_hash
 from sluice.models.entry import ModelEntry
 from sluice.models.manifest import DATA_FILE
-from sluice.models.schema import Schema, TensorSpec, tensor_to_numpy
+from sluice.models.schema import Schema, TensorSpec, printable, tensor_to_numpy
 
 TEMPLATE_FILE = "template.onnx"
 META_FILE = "template.json"
@@ -39,6 +40,8 @@ TWO_FILE_THRESHOLD = 3 << 29  # 1.5 GiB
 # Fields that only describe how the file was made. The exporter puts stack traces with
 # absolute source paths into metadata_props; they leak and break the structure hash.
 _STRIPPED_FIELDS = frozenset({"metadata_props", "doc_string"})
+# Terminal colours in the exporter's messages: noise in a log line or a refusal.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _TORCH_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 _SHARED_AXIS_WARNING = r"# The axis name: \w+ will not be used, since it shares"
 _EXTERNAL_KEYS = ("location", "offset", "length")  # exactly these, in this order
@@ -201,9 +204,10 @@ def _export(module: torch.nn.Module, entry: ModelEntry, schema: Schema) -> torch
                 verbose=False,
             )
         except Exception as exc:  # the exporter's own errors run to pages: the first lines
-            first = " ".join(str(exc).strip().splitlines()[:3])[:600]
+            first = " ".join(_ANSI.sub("", str(exc)).strip().splitlines()[:3])
             raise ValueError(
-                f"model {entry.name!r}: torch.onnx.export failed: {type(exc).__name__}: {first}"
+                f"model {printable(entry.name)!r}: torch.onnx.export failed: "
+                f"{type(exc).__name__}: {printable(first, 600)}"
             ) from exc
     if program is None:  # only when dynamo=False; keeps the type checker honest
         raise RuntimeError("torch.onnx.export returned no program")

@@ -202,3 +202,25 @@ def test_integral_float_ranges_of_an_integer_input_are_accepted() -> None:
                           "outputs": ["y"], "inputs": [{"name": "x", "shape": [1, 4],
                           "dtype": "int64", "range": [0.0, 16.0]}]})  # fmt: skip
     assert (entry.inputs[0].low, entry.inputs[0].high) == (0.0, 16.0)
+
+
+def test_a_model_the_exporter_cannot_trace_is_one_line_and_leaves_no_new_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A declaration that passes every check and then fails in torch.onnx.export (a branch
+    on a value) ends the first start with one printable line naming the model (the
+    exporter's colours stripped, its pages cut); the data dir that start made is gone, and
+    one that existed before is left as it was."""
+    text = declaration({"factory": "tests.zoo.nets:DataDependent", "outputs": ["y"]})
+    code, err = serve(tmp_path, text, capsys)
+    line = err.splitlines()[-1]  # the exporter prints its own diagnostics before
+    assert code == 2, err
+    assert line.startswith("sluice serve: model 'm': torch.onnx.export failed: "), line
+    assert len(line) < MAX_LINE + 200 and line.isprintable(), line
+    assert not (tmp_path / "dd").exists()
+
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "notes.txt").write_text("the operator's")
+    code, err = serve(tmp_path, text, capsys)
+    assert code == 2, err
+    assert (tmp_path / "dd" / "notes.txt").read_text() == "the operator's"
