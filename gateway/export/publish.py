@@ -33,8 +33,8 @@ from sluice.gateway.export.guard import (
     weight_specs,
 )
 from sluice.gateway.export.parity import max_output_diff
-from sluice.gateway.export.pieces import PieceCache, Pieces, PieceTags
-from sluice.gateway.export.refresh import write_atomic, write_release_files
+from sluice.gateway.export.pieces import PieceCache, PieceCheck, Pieces, PieceTags
+from sluice.gateway.export.refresh import released_payload, write_atomic, write_release_files
 from sluice.gateway.export.selftest import self_test as template_self_test
 from sluice.gateway.export.signing import Signer
 from sluice.gateway.export.template import (
@@ -261,6 +261,38 @@ def _epsilon(dp: Mapping[str, object] | None) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _not_as_hashed(
+    read: object,
+    template: OnnxTemplate,
+    schema: Schema,
+    staging: Path,
+    weights: Path,
+    written: Sequence[tuple[str, int, str]],
+    version: Version,
+) -> str:
+    """Why the weights in the release just written are not the bytes that hashed to the
+    version's sha256 as its adoption recorded them (read_along's tags); "" if they are, or
+    if there are no tags to tell (a caller that fed none). A data file listed with the
+    version's sha256 (the version blob linked, or copied whole) is the guard's to check
+    against the same tags; the weights copied into model.onnx (or a graph-layout data
+    file) are checked here, tensor by tensor in payload order, so that a version file
+    changed after the fold cannot have its bytes signed."""
+    if not isinstance(read, PieceTags) or read.size != SEND_CHUNK_BYTES:
+        return ""
+    if any(sha == version.weights_sha256 for _, _, sha in written):
+        return ""
+    check = PieceCheck(read.finish())
+    for data in released_payload(template, schema, staging, weights):
+        check.feed(data)
+    if check.whole():
+        return ""
+    return (
+        f"the release's weights are not the bytes of version {version.version} as they "
+        f"hashed to its sha256 (its piece {check.first_bad} differs): its file changed "
+        "after the fold"
+    )
+
+
 def _version_tags(
     read: object, weights_sha256: str, expected: Mapping[str, tuple[int, str]]
 ) -> dict[str, Pieces]:
@@ -381,6 +413,11 @@ class ReleaseWriter:
                 ),
             )
             syncing = _sync_in_background(staging / name for name, _, _ in written)
+            changed = _not_as_hashed(
+                read, template, served.schema, staging, weights, written, version
+            )
+            if changed:
+                return PublishOutcome(None, changed)
             clock.lap("write")
             trimming.result()
             clock.lap("trim")

@@ -254,6 +254,34 @@ def write_refreshed(
         return write_atomic(out_path, _refreshed_chunks(t, plan, payload.fileno()), durable)
 
 
+_READ_BYTES = 8 << 20  # released_payload's reads
+
+
+def released_payload(
+    t: OnnxTemplate, schema: Schema, release_dir: Path, payload_path: Path
+) -> Iterator[bytes]:
+    """The payload's bytes in payload order, each tensor's from where the release written
+    into release_dir holds it (model.onnx, or the data file of the two-file layout); a
+    tensor the graph leaves out (a BatchNorm counter) from the payload file. Checked
+    against the version's piece tags, it proves the release carries the bytes that hashed
+    to the version's name, not what its file held when the release was written."""
+    held = release_dir / (t.data_file or MODEL_FILE)
+    where = {r.name: r.start for r, _, _ in _plan(t, schema)}
+    with held.open("rb") as release, payload_path.open("rb") as payload:
+        for spec, start, end in schema.spans():
+            fd, at, size = (
+                (release.fileno(), where[spec.name], end - start)
+                if spec.name in where
+                else (payload.fileno(), start, end - start)
+            )
+            while size > 0:
+                data = os.pread(fd, min(size, _READ_BYTES), at)
+                if not data:
+                    raise ValueError(f"{held.name}: ends before the weights it should hold")
+                yield data
+                at, size = at + len(data), size - len(data)
+
+
 def _check_payload_size(payload_path: Path, schema: Schema) -> None:
     size = payload_path.stat().st_size
     if size != schema.payload_bytes:

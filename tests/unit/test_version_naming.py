@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sluice.gateway.core.strategies.base import FedAvg
 from sluice.gateway.export.pieces import PieceCheck, PieceTags
 from sluice.gateway.store import blobs as blobs_module
 from sluice.gateway.store.blobs import BlobStore, PieceHash
@@ -173,3 +174,40 @@ def test_the_tags_kept_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     store = BlobStore(tmp_path / "blobs", tagger=lambda: PieceTags(1 << 20))
     shas = [store.write([bytes([i]) * 10]) for i in range(5)]
     assert [store.proof(sha) is not None for sha in shas] == [False, False, True, True, True]
+
+
+@pytest.mark.parametrize("at", [0.0, 0.5, 0.999])
+def test_a_fold_output_rewritten_before_its_adoption_is_never_signed(
+    tmp_path: Path,
+    template_cache: Path,
+    tiny_schema: Schema,
+    monkeypatch: pytest.MonkeyPatch,
+    at: float,
+) -> None:
+    """FedAvg's version is named and tagged from the blocks its fold wrote. An insider who
+    rewrites the file between the fold's last write and its adoption gets no release:
+    the weights copied into model.onnx are checked against those tags before the release
+    is signed (the linked layout: tests/integration/test_release_link.py)."""
+    real = FedAvg.aggregate
+    computed: list[bytes] = []
+
+    def fold_then_insider(self: FedAvg, inp: Any, out_path: Path, state_out: Path) -> Any:
+        report = real(self, inp, out_path, state_out)
+        data = bytearray(out_path.read_bytes())
+        computed.append(bytes(data))
+        data[min(int(len(data) * at), len(data) - 1)] ^= 0x01  # still finite
+        out_path.write_bytes(bytes(data))
+        return report
+
+    monkeypatch.setattr(FedAvg, "aggregate", fold_then_insider)
+    gw = make_gateway(tmp_path, template_cache)
+    for i, t in enumerate(TRAINERS):
+        push(gw, tiny_schema, random_delta(tiny_schema, 40 + i), t)
+    closed = gw.rounds.close(TINY, 1)
+    (fold,) = computed
+    assert closed.version.weights_sha256 == hashlib.sha256(fold).hexdigest()
+    assert not closed.released and "its file changed after the fold" in str(closed.refused)
+    assert gw.store.get_release(TINY, 1) is None
+    (refused,) = gw.store.audit_entries("release.refused")
+    assert "not the bytes of version 1" in str(refused.detail["reason"])
+    assert not (gw.config.data_dir / "registry" / TINY / "1").exists()
