@@ -116,6 +116,11 @@ def channel(target: str, identity: Identity | None = None) -> grpc.Channel:
     return grpc.secure_channel(target, identity.credentials(), options=_CHANNEL_OPTIONS)
 
 
+# The longest idle_s: a week (threading's waits refuse more than TIMEOUT_MAX).
+MAX_IDLE_S = 7 * 86_400.0
+_FOREVER = 10 * MAX_IDLE_S  # "not waiting" for the idle watch
+
+
 class Stalled(grpc.RpcError):
     """A stream that brought nothing for `idle_s` seconds, cancelled by this client. Its
     code is DEADLINE_EXCEEDED, so a pull retries it like a deadline (resuming where the
@@ -133,9 +138,12 @@ class Stalled(grpc.RpcError):
 
 
 def _watched(call: Any, idle_s: float | None) -> Iterator[Any]:
-    """The messages of a streaming call; with idle_s, the call is cancelled (Stalled) once
-    none has arrived for that long: a server that stops sending mid-stream costs a pull
-    idle_s per attempt, not the whole deadline."""
+    """The messages of a streaming call; with idle_s, once the first message (the header)
+    has come, the call is cancelled (Stalled) when no next one arrives for that long
+    while this iterator is waited on: a server that stops sending mid-stream costs a pull
+    idle_s per attempt, not the whole deadline. The wait for the first message is the
+    deadline's (a gateway may check a whole file before its header); time the caller
+    spends with a message (writing it out) is not idle."""
     if idle_s is None:
         yield from call
         return
@@ -143,17 +151,21 @@ def _watched(call: Any, idle_s: float | None) -> Iterator[Any]:
     done, stalled = threading.Event(), threading.Event()
 
     def watch() -> None:
-        while not done.wait(max(last[0] + idle_s - time.monotonic(), 0.0)):
+        while not done.wait(min(max(last[0] + idle_s - time.monotonic(), 0.0), idle_s)):
             if time.monotonic() - last[0] >= idle_s:
                 stalled.set()
                 call.cancel()
                 return
 
-    threading.Thread(target=watch, name="pull-idle", daemon=True).start()
+    watcher: threading.Thread | None = None
     try:
         for msg in call:
-            last[0] = time.monotonic()
+            last[0] = time.monotonic() + _FOREVER  # the caller's time: not idle
+            if watcher is None:
+                watcher = threading.Thread(target=watch, name="pull-idle", daemon=True)
+                watcher.start()
             yield msg
+            last[0] = time.monotonic()  # waiting for the next message from now
     except grpc.RpcError as exc:
         if stalled.is_set():
             raise Stalled(idle_s) from exc
@@ -240,8 +252,8 @@ class _Client(Generic[StubT]):
     ) -> None:
         """`timeout_s`: each call's deadline (a pull's stream whole); `idle_s`: a pull's
         stream that brings nothing for this long is cancelled and retried (Stalled)."""
-        if idle_s is not None and not idle_s > 0:
-            raise ValueError(f"idle_s must be > 0 seconds, got {idle_s!r}")
+        if idle_s is not None and not 0 < idle_s <= MAX_IDLE_S:
+            raise ValueError(f"idle_s must be > 0 and <= {MAX_IDLE_S:g} seconds, got {idle_s!r}")
         self._channel = channel(target, identity)
         self._stub: StubT = self._stub_type(self._channel)
         self.retry = retry or RetryPolicy()

@@ -274,9 +274,16 @@ class Gateway:
             _release(self._servers, self.ops)
             if hasattr(self, "store"):
                 self.store.close()
+            aside: Path | None = None
+            if made:  # moved aside under the lock: no other start can be building in it
+                aside = config.data_dir.with_name(f".{config.data_dir.name}.failed-{os.getpid()}")
+                try:
+                    config.data_dir.rename(aside)
+                except OSError:
+                    aside = None
             self._lock.release()
-            if made:
-                shutil.rmtree(config.data_dir, ignore_errors=True)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
             raise
         self._unstarted = weakref.finalize(self, _release, list(self._servers), self.ops)
         self._unstarted.atexit = False

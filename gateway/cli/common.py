@@ -195,8 +195,8 @@ def rpc_failure(exc: grpc.RpcError, args: argparse.Namespace) -> CliError:
         # gRPC's own refusal in this process, not the gateway saying it is busy.
         return CliError(
             Exit.REFUSED,
-            f"refused: {address} sent a message larger than this client accepts ({details}): "
-            "is it a sluice gateway of this version?",
+            f"refused: a message over gRPC's size limit ({details}): is {address} a sluice "
+            "gateway of this version?",
         )
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return CliError(

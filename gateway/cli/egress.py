@@ -203,9 +203,9 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_seconds,
         default=120.0,
         metavar="SECONDS",
-        help="a stream that brings no bytes for this long is cancelled and resumed, up to "
-        "5 tries in all (default 120: a gateway started since the release checks the whole "
-        "file before its first byte)",
+        help="after its header, a stream that brings no bytes for this long while the pull "
+        "waits is cancelled and resumed, up to 5 tries in all (default 120; the wait for "
+        "the header, which a gateway may send after checking the whole file, is not idle)",
     )
     add_limits(pull)
     add_identity(pull, role="reader", listener="egress")

@@ -218,7 +218,7 @@ class RoundFolder:
             raise
         # The next close checks its base against the tags recorded as these bytes hashed
         # to its name (BlobStore.verify), instead of hashing it again.
-        self.blobs.remember(sha, read.proof())
+        self.blobs.remember(sha, served.schema.payload_bytes, read.proof())
         log.info(
             "round %d of %s closed: %d updates -> version %d in %.2fs (aggregation %.2fs)%s",
             r.round,
@@ -274,7 +274,9 @@ class RoundFolder:
             self._open_next(db, r.model, r.round + 1, version.version)
         return ClosedRound(version, release is not None, outcome.refused)
 
-    def _version_checks(self, served: ServedModel, what: str) -> tuple[WeightsRead, PieceHash]:
+    def _version_checks(
+        self, served: ServedModel, what: str
+    ) -> tuple[WeightsRead, Callable[[bytes | memoryview], None]]:
         """The checks a new version's bytes are fed, in order, as they are hashed to its
         name: finite, and the publisher's record of them (read_along)."""
         finite = FiniteCheck(served.schema)
@@ -284,7 +286,7 @@ class RoundFolder:
             feed(finite, data, what)
             read.feed(data)  # the piece a worker hashes meanwhile
 
-        return read, PieceHash(inspect)
+        return read, inspect
 
     def _spoiled(self, base: Version, problems: dict[str, str]) -> Exception:
         if base.weights_sha256 in problems:
@@ -315,7 +317,8 @@ class RoundFolder:
         staging.mkdir(parents=True)
         out = self.blobs.temp_path()
         what = f"the aggregate of round {r.round}"
-        read, hashed = self._version_checks(served, what)
+        read, inspect = self._version_checks(served, what)
+        hashed = PieceHash(inspect)
         # Where nothing changes the aggregate after the strategy (no DP noise), a strategy
         # that writes it front to back feeds every piece as it writes: hashed, checked and
         # tagged while the fold reads the next blocks, and the file is not read again.
@@ -349,8 +352,8 @@ class RoundFolder:
             else:
                 # Written otherwise (another strategy, DP noise): read, hashed and checked
                 # whole, with checks fed nothing yet.
-                read, hashed = self._version_checks(served, what)
-                sha = self.blobs.adopt(out, inspect=hashed.feed)
+                read, inspect = self._version_checks(served, what)
+                sha = self.blobs.adopt(out, inspect=inspect)
             shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
             staging.rename(final_state)
         finally:

@@ -78,6 +78,11 @@ class Proof(Protocol):
         ...
 
 
+class ChangedOnDisk(RuntimeError):
+    """A file under blobs/tmp that is not what its writer wrote (someone else wrote to it):
+    a retry writes it anew."""
+
+
 class Tagger(Protocol):
     """Records a proof of bytes fed in order (export/pieces.py: PieceTags)."""
 
@@ -90,8 +95,11 @@ class Tagger(Protocol):
 
 # A blob whose bytes fail their proof (Proof.whole): the same fact as a wrong sha256.
 NOT_AS_HASHED = "its spool file's bytes differ from those that hashed to its name"
-# Proofs kept (BlobStore.remember): a few KB each (48 bytes per 2 MiB piece of the blob).
+# Proofs kept (BlobStore.remember), the newest first: at most this many, covering at most
+# this many bytes of blobs. A proof holds ~130 bytes per 2 MiB piece of its blob (a key
+# and a tag), so 128 GiB of blobs is ~8.5 MB of this gateway's memory, whatever the model.
 PROOFS_KEPT = 1024
+PROOF_BYTES_KEPT = 128 << 30
 
 
 class PieceHash:
@@ -182,23 +190,29 @@ class BlobStore:
         # checks that none refers to it and unlinks it, holds this lock across both steps.
         self.lock = threading.Lock()
         self._tagger = tagger
-        self._proofs: OrderedDict[str, Callable[[], Proof]] = OrderedDict()
+        self._proofs: OrderedDict[str, tuple[int, Callable[[], Proof]]] = OrderedDict()
+        self._proof_bytes = 0  # the bytes of blobs the kept proofs cover
         self._proofs_lock = threading.Lock()
 
-    def remember(self, sha256: str, proof: Callable[[], Proof]) -> None:
-        """A proof of the bytes that hashed to sha256, recorded as they did (the newest
-        PROOFS_KEPT are kept; a gateway started afresh has none and hashes instead)."""
+    def remember(self, sha256: str, size: int, proof: Callable[[], Proof]) -> None:
+        """A proof of the `size` bytes that hashed to sha256, recorded as they did (the
+        newest PROOFS_KEPT, covering at most PROOF_BYTES_KEPT, are kept; a blob without one,
+        as after a restart, is hashed instead)."""
         with self._proofs_lock:
-            self._proofs[sha256] = proof
-            self._proofs.move_to_end(sha256)
-            while len(self._proofs) > PROOFS_KEPT:
-                self._proofs.popitem(last=False)
+            if sha256 in self._proofs:
+                self._proof_bytes -= self._proofs.pop(sha256)[0]
+            self._proofs[sha256] = (size, proof)
+            self._proof_bytes += size
+            while self._proofs and (
+                len(self._proofs) > PROOFS_KEPT or self._proof_bytes > PROOF_BYTES_KEPT
+            ):
+                self._proof_bytes -= self._proofs.popitem(last=False)[1][0]
 
     def proof(self, sha256: str) -> Proof | None:
         """A fresh check of the blob named sha256 against its remembered proof, if any."""
         with self._proofs_lock:
-            make = self._proofs.get(sha256)
-        return None if make is None else make()
+            kept = self._proofs.get(sha256)
+        return None if kept is None else kept[1]()
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or not set(sha256) <= _HEX:
@@ -236,7 +250,7 @@ class BlobStore:
         final = self.path(blob.hexdigest())
         self._place(blob.path, final, blob.size)
         if blob.tagger is not None:
-            self.remember(final.name, blob.tagger.proof())
+            self.remember(final.name, blob.size, blob.tagger.proof())
         return final
 
     def _place(self, src: Path, final: Path, size: int) -> None:
@@ -265,7 +279,9 @@ class BlobStore:
         """Unlink path (a blob no row needs, a temp file); its blocks are freed by a worker
         (_FREEING), so whoever holds `lock` does not wait for the disk. False if missing."""
         with self._proofs_lock:
-            self._proofs.pop(path.name, None)  # bytes that may come back otherwise
+            kept = self._proofs.pop(path.name, None)  # bytes that may come back otherwise
+            if kept is not None:
+                self._proof_bytes -= kept[0]
         held = _hold(path)
         try:
             path.unlink()
@@ -300,13 +316,13 @@ class BlobStore:
         The name is the hash of what was written, not of what the file holds now: a file
         changed in between (an insider with write access to blobs/) is a blob that does not
         hash to its name, which every reader of a blob checks (the next close's base check,
-        the egress gate's piece tags, recorded from the same pieces). Raises ValueError if
+        the egress gate's piece tags, recorded from the same pieces). Raises ChangedOnDisk if
         the file's size is not the bytes fed."""
         sha256 = hashed.hexdigest()
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size != hashed.size:
-                raise ValueError(f"{path.name} holds {size} bytes; {hashed.size} were written")
+            if size != hashed.size:  # not the close's fault: the next try writes anew
+                raise ChangedOnDisk(f"{path.name} holds {size} bytes; {hashed.size} were written")
             os.fsync(f.fileno())
         self._place(path, self.path(sha256), size)
         return sha256

@@ -448,6 +448,6 @@ def test_a_message_over_the_client_s_limit_is_a_refusal_not_busy() -> None:
 
     args = argparse.Namespace(listener="egress", egress="10.0.0.1:7443")
     local = rpc_failure(Refused("Received message larger than max (9437198 vs. 4259840)"), args)
-    assert local.code == Exit.REFUSED and "larger than this client accepts" in str(local)
+    assert local.code == Exit.REFUSED and "over gRPC's size limit" in str(local)
     busy = rpc_failure(Refused("too many calls from reader-1; try again"), args)
     assert busy.code == Exit.BUSY

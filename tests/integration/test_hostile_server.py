@@ -6,6 +6,7 @@ memory before the sha256 check would refuse it; nothing is left at the destinati
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.clients.sdk import EgressClient, RetryPolicy, Stalled, TrainerClient
+from sluice.clients.sdk import EgressClient, RetryPolicy, Stalled, TrainerClient, _watched
 from sluice.v1 import egress_pb2, tensors_pb2, trainer_pb2
 
 DATA = bytes(range(256)) * 64  # 16 KiB: what the header announces, and its sha256
@@ -207,7 +208,38 @@ def test_a_server_that_stops_sending_is_given_up_after_the_idle_timeout_and_resu
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_an_idle_timeout_must_be_positive() -> None:
-    for bad in (0.0, -1.0, float("nan")):
+def test_an_idle_timeout_must_be_positive_and_bounded() -> None:
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e10):
         with pytest.raises(ValueError, match="idle_s must be > 0"):
             EgressClient("127.0.0.1:1", idle_s=bad)
+
+
+class _Call:
+    """A streaming call's stand-in: messages after given delays; cancel() ends it."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays, self.cancelled = delays, threading.Event()
+
+    def __iter__(self) -> Iterator[int]:
+        for i, delay in enumerate(self.delays):
+            if self.cancelled.wait(delay):
+                raise grpc.RpcError("cancelled")
+            yield i
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_only_silence_after_the_header_while_waited_on_counts_as_idle() -> None:
+    """The header may take longer than idle_s (a gateway checking a whole file first), and
+    a caller may hold each message longer than idle_s (a slow disk): neither is a stall.
+    A gap between messages while the pull waits is."""
+    slow_header = _Call([0.6, 0.0, 0.0])
+    assert list(_watched(slow_header, 0.2)) == [0, 1, 2]
+    held = []
+    for msg in _watched(_Call([0.0, 0.0, 0.0]), 0.2):
+        time.sleep(0.5)  # the caller writes the chunk out
+        held.append(msg)
+    assert held == [0, 1, 2]
+    with pytest.raises(Stalled):
+        list(_watched(_Call([0.0, 0.0, 5.0]), 0.2))

@@ -12,10 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.gateway.core.strategies.base import FedAvg
 from sluice.gateway.export.pieces import PieceCheck, PieceTags
 from sluice.gateway.store import blobs as blobs_module
-from sluice.gateway.store.blobs import BlobStore, PieceHash
+from sluice.gateway.store.blobs import BlobStore, ChangedOnDisk, PieceHash
 from sluice.models.schema import Schema
 from tests.conftest import TINY, random_delta
 from tests.unit.test_races import make_gateway, push
@@ -100,7 +99,7 @@ def test_adopt_written_refuses_a_file_that_is_not_the_bytes_fed(tmp_path: Path) 
     hashed = PieceHash()
     hashed.feed(b"abc")
     path.write_bytes(b"abcd")  # one byte more than was fed: not what the writer wrote
-    with pytest.raises(ValueError, match="holds 4 bytes; 3 were written"):
+    with pytest.raises(ChangedOnDisk, match="holds 4 bytes; 3 were written"):  # retried
         store.adopt_written(path, hashed)
     assert path.exists() and not any(p for p in store.root.iterdir() if p != store.tmp)
 
@@ -113,9 +112,9 @@ def test_only_a_fold_whose_result_nothing_changes_after_it_skips_the_second_read
     settings: dict[str, Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """FedAvg without DP feeds its blocks as it writes them: the version is hashed, checked
-    and tagged from those, and its file is not read again. A strategy that writes otherwise,
-    or DP noise added after the fold, gets the adoption's read of the whole file."""
+    """Every strategy feeds its blocks as it writes them (RoundInput.written): the version
+    is hashed, checked and tagged from those, and its file is not read again. DP noise,
+    added to the file after the strategy, gets the adoption's read of the whole file."""
     reads: list[str] = []
     real_adopt, real_written = BlobStore.adopt, BlobStore.adopt_written
 
@@ -135,7 +134,7 @@ def test_only_a_fold_whose_result_nothing_changes_after_it_skips_the_second_read
     version = gw.rounds.close(TINY, 1).version
     blob = gw.blobs.path(version.weights_sha256).read_bytes()
     assert hashlib.sha256(blob).hexdigest() == version.weights_sha256
-    assert reads == ["from the writes" if settings == {} else "read again"]
+    assert reads == ["read again" if "dp_noise_multiplier" in settings else "from the writes"]
 
 
 @settings(max_examples=30, deadline=None)
@@ -174,24 +173,34 @@ def test_the_tags_kept_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     store = BlobStore(tmp_path / "blobs", tagger=lambda: PieceTags(1 << 20))
     shas = [store.write([bytes([i]) * 10]) for i in range(5)]
     assert [store.proof(sha) is not None for sha in shas] == [False, False, True, True, True]
+    monkeypatch.setattr(blobs_module, "PROOF_BYTES_KEPT", 25)  # and the bytes they cover
+    shas = [store.write([bytes([i]) * 10]) for i in range(10, 14)]
+    assert [store.proof(sha) is not None for sha in shas] == [False, False, True, True]
+    store.remove(store.path(shas[-1]))
+    shas.append(store.write([b"y" * 10]))  # room again for one after a removal
+    assert [store.proof(sha) is not None for sha in shas[2:]] == [True, False, True]
 
 
 @pytest.mark.parametrize("at", [0.0, 0.5, 0.999])
+@pytest.mark.parametrize("settings", STRATEGIES[:3], ids=IDS[:3])
 def test_a_fold_output_rewritten_before_its_adoption_is_never_signed(
     tmp_path: Path,
     template_cache: Path,
     tiny_schema: Schema,
     monkeypatch: pytest.MonkeyPatch,
     at: float,
+    settings: dict[str, Any],
 ) -> None:
-    """FedAvg's version is named and tagged from the blocks its fold wrote. An insider who
+    """A version is named and tagged from the blocks its strategy wrote. An insider who
     rewrites the file between the fold's last write and its adoption gets no release:
     the weights copied into model.onnx are checked against those tags before the release
     is signed (the linked layout: tests/integration/test_release_link.py)."""
-    real = FedAvg.aggregate
+    gw = make_gateway(tmp_path, template_cache, **settings)
+    strategy = type(gw.rounds.strategy_for(TINY))
+    real = strategy.aggregate
     computed: list[bytes] = []
 
-    def fold_then_insider(self: FedAvg, inp: Any, out_path: Path, state_out: Path) -> Any:
+    def fold_then_insider(self: Any, inp: Any, out_path: Path, state_out: Path) -> Any:
         report = real(self, inp, out_path, state_out)
         data = bytearray(out_path.read_bytes())
         computed.append(bytes(data))
@@ -199,8 +208,7 @@ def test_a_fold_output_rewritten_before_its_adoption_is_never_signed(
         out_path.write_bytes(bytes(data))
         return report
 
-    monkeypatch.setattr(FedAvg, "aggregate", fold_then_insider)
-    gw = make_gateway(tmp_path, template_cache)
+    monkeypatch.setattr(strategy, "aggregate", fold_then_insider)
     for i, t in enumerate(TRAINERS):
         push(gw, tiny_schema, random_delta(tiny_schema, 40 + i), t)
     closed = gw.rounds.close(TINY, 1)

@@ -50,6 +50,13 @@ class RoundInput:
     written: Callable[[memoryview], None] | None = None
 
 
+def feed_written(written: Callable[[memoryview], None] | None, data: memoryview) -> None:
+    """Hand RoundInput.written a copy of bytes just written from a buffer the strategy
+    reuses (it is hashed in a worker after the buffer has moved on)."""
+    if written is not None:
+        written(memoryview(bytes(data)))
+
+
 @dataclass(frozen=True)
 class RoundReport:
     """Facts for the audit log and manifest (e.g. which updates Krum selected)."""

@@ -46,7 +46,7 @@ from typing import BinaryIO, Protocol
 import numpy as np
 
 from sluice.gateway.core.aggregation import Contribution, add_integer_mean
-from sluice.gateway.core.strategies.base import RoundInput, RoundReport
+from sluice.gateway.core.strategies.base import RoundInput, RoundReport, feed_written
 from sluice.gateway.store.direct import DirectFile, WindowReader
 from sluice.models.schema import Schema
 
@@ -275,6 +275,7 @@ def optimize(strategy: _Stepper, inp: RoundInput, out_path: Path, state_out: Pat
                         buf, first, base_fd, updates, reader, contributions, delta, scratch
                     )
                     out.write(buf.data)
+                    feed_written(inp.written, buf.data)
                     zeros = scratch.view(np.uint8)[: buf.nbytes]
                     zeros.fill(0)
                     for sink in state_sinks:
@@ -298,6 +299,7 @@ def optimize(strategy: _Stepper, inp: RoundInput, out_path: Path, state_out: Pat
                         s.fill(0)
                 strategy.step(inp.server_round, x, delta, scratch, state)
                 _write_narrowed(out, buf, x)
+                feed_written(inp.written, buf.data)
                 for sink, s in zip(state_sinks, state, strict=True):
                     _write_narrowed(sink, buf, s)
 

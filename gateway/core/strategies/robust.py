@@ -23,7 +23,7 @@ import numpy as np
 
 # One short-read check and message for every reader of spooled files.
 from sluice.gateway.core.aggregation import _read, add_integer_mean
-from sluice.gateway.core.strategies.base import RoundInput, RoundReport
+from sluice.gateway.core.strategies.base import RoundInput, RoundReport, feed_written
 from sluice.gateway.store.direct import DirectFile, WindowReader
 from sluice.models.schema import TensorSpec
 
@@ -89,9 +89,16 @@ class _Spool:
         for start in range(0, count, width):
             yield slice(start, min(start + width, count))
 
-    def write_global(self, out_path: Path, members: Sequence[int], combine: _Combine) -> None:
+    def write_global(
+        self,
+        out_path: Path,
+        members: Sequence[int],
+        combine: _Combine,
+        written: Callable[[memoryview], None] | None = None,
+    ) -> None:
         """Write the new global payload: float blocks are `combine`d from the members' weights
-        (base + scaled delta), integer blocks take FedAvg's rule over every update."""
+        (base + scaled delta), integer blocks take FedAvg's rule over every update; each
+        block written is fed to `written` (RoundInput.written)."""
         everyone = range(len(self))
         with out_path.open("wb") as out:
             for spec, first, count in self.blocks():
@@ -109,6 +116,7 @@ class _Spool:
                 else:
                     self._fedavg_integers(self.deltas(spec, first, count, everyone), base)
                 out.write(base.view(np.uint8).data)
+                feed_written(written, base.view(np.uint8).data)
 
     def _fedavg_integers(self, deltas: np.ndarray, base: np.ndarray) -> None:
         """base += rint(sum(n_i * delta_i) / sum(n_i)), as `fold_fedavg` does, bit for bit."""
@@ -194,7 +202,7 @@ class FedTrimmedAvg:
                 for cols in spool.columns(out.size, 1):
                     out[cols] = np.mean(weights[low:high, cols], axis=0)
 
-            spool.write_global(out_path, range(n), trimmed_mean)
+            spool.write_global(out_path, range(n), trimmed_mean, inp.written)
         return RoundReport({"num_updates": n, "trimmed_per_side": low})
 
 
@@ -217,7 +225,7 @@ class FedMedian:
                 for cols in spool.columns(out.size, 4):
                     out[cols] = np.median(weights[:, cols], axis=0, overwrite_input=True)
 
-            spool.write_global(out_path, range(len(spool)), median)
+            spool.write_global(out_path, range(len(spool)), median, inp.written)
         return RoundReport({"num_updates": len(inp.contributions)})
 
 
@@ -266,7 +274,7 @@ class Krum:
                 selected = [int(np.argmin(scores))]
             total = sum(spool.num_examples[i] for i in selected)
             factors = [spool.num_examples[i] / total for i in selected]
-            spool.write_global(out_path, selected, _weighted_mean(factors))
+            spool.write_global(out_path, selected, _weighted_mean(factors), inp.written)
         return RoundReport(
             {"num_updates": n, "selected": selected, "scores": [float(s) for s in scores]}
         )
@@ -330,5 +338,5 @@ class Bulyan:
                     closest = np.take_along_axis(chosen, nearest, axis=0)[:beta]
                     out[cols] = np.mean(closest, axis=0)
 
-            spool.write_global(out_path, selected, closest_to_median_mean)
+            spool.write_global(out_path, selected, closest_to_median_mean, inp.written)
         return RoundReport({"num_updates": n, "selected": selected, "theta": theta, "beta": beta})
