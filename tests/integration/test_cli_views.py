@@ -288,7 +288,7 @@ def test_pull_resumes_in_a_new_process_after_ctrl_c(
         for i, msg in enumerate(stream):
             yield msg
             if i == 5:  # the header and five chunks
-                stream.cancel()  # type: ignore[attr-defined]
+                stream.close()  # type: ignore[attr-defined]  # the call is cancelled
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(EgressClient, "_pull_serialized", cut_after_five_chunks)

@@ -496,6 +496,10 @@ def test_a_port_in_use_fails_the_start_at_once_before_templates(
     with pytest.raises(StartupError, match=rf"^port 127\.0\.0\.1:{busy_port} \(.*\) is in use: "):
         Gateway(config)
     assert time.monotonic() - started < 2.0
+    assert list(tmp_path.iterdir()) == []  # the data dir this first start made is gone
+    data_dir.mkdir()  # one that existed before the start stays, unlocked
+    with pytest.raises(StartupError, match="is in use: "):
+        Gateway(config)
     assert not (data_dir / "templates").exists()
     assert not (data_dir / "endpoints.json").exists()
     fd = os.open(data_dir, os.O_RDONLY)  # the data dir's lock went with the failed start
