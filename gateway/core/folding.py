@@ -350,8 +350,8 @@ class RoundFolder:
             if tee is not None and hashed.size == served.schema.payload_bytes:
                 sha = self.blobs.adopt_written(out, hashed)
             else:
-                # Written otherwise (another strategy, DP noise): read, hashed and checked
-                # whole, with checks fed nothing yet.
+                # Changed after the strategy (DP noise), or written by one that feeds
+                # nothing: read, hashed and checked whole, with checks fed nothing yet.
                 read, inspect = self._version_checks(served, what)
                 sha = self.blobs.adopt(out, inspect=inspect)
             shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
