@@ -77,8 +77,9 @@ class RoundPrivacy:
         """Norms, screening and clipping before the strategy. `in_fold` (only where
         norms_may_wait): the strategy's fold hashes and measures the updates as it reads
         them (PreparedRound.fold_scan; then `scanned_by_fold`), and only their sizes are
-        checked here; where an update has a proof (BlobStore.proof, in `proofs` by
-        update), the fold checks it against that instead of hashing it."""
+        checked here. Where an update has a proof (BlobStore.proof, in `proofs` by
+        update), the fold's read or the scan's checks it against that instead of hashing
+        it."""
         if in_fold:
             if not self.norms_may_wait:
                 raise ValueError("the norms are needed before the fold")
@@ -86,7 +87,10 @@ class RoundPrivacy:
         # The round's one read of each update before the strategy's: its norm, and the
         # spool check (a file that is not what was acknowledged is left out of a rerun).
         scans = scan_updates(
-            schema, [c.path for c in contributions], [u.payload_sha256 for u in updates]
+            schema,
+            [c.path for c in contributions],
+            [u.payload_sha256 for u in updates],
+            proofs=list(proofs) or None,
         )
         problems = {
             u.payload_sha256: s.problem for u, s in zip(updates, scans, strict=True) if s.problem

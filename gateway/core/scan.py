@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 import queue
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, one_blas_thread, squares
+from sluice.gateway.store.blobs import NOT_AS_HASHED, Proof
 from sluice.gateway.store.direct import DirectFile, aligned_buffer, window_bytes
 from sluice.models.schema import Schema
 
@@ -115,6 +116,7 @@ def scan_updates(
     expect: Sequence[str] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int = SCAN_WORKERS,
+    proofs: Sequence[Proof | None] | None = None,
 ) -> list[Scan]:
     """Scan each file: its norm, and (with `expect`, the sha256 each was acknowledged
     under) whether it is still exactly that payload.
@@ -130,6 +132,8 @@ def scan_updates(
     """
     if expect is not None and len(expect) != len(paths):
         raise ValueError(f"{len(paths)} files, {len(expect)} sha256s")
+    if proofs is not None and (expect is None or len(proofs) != len(paths)):
+        raise ValueError(f"{len(paths)} files, {len(proofs)} proofs (and sha256s to check)")
     window = max(block_bytes, 8)
     windows = _windows(schema, window)
     biggest = max((w.nbytes for w in windows), default=0)
@@ -142,7 +146,9 @@ def scan_updates(
     def run(i: int) -> Scan:
         buffers = spare.get()
         try:
-            return _scan(schema, windows, paths[i], None if expect is None else expect[i], buffers)
+            sha = None if expect is None else expect[i]
+            proof = None if proofs is None else proofs[i]
+            return _scan(schema, windows, paths[i], sha, buffers, proof)
         finally:
             spare.put(buffers)
 
@@ -151,7 +157,12 @@ def scan_updates(
 
 
 def _scan(
-    schema: Schema, windows: Sequence[_Window], path: Path, expect: str | None, buf: _Buffers
+    schema: Schema,
+    windows: Sequence[_Window],
+    path: Path,
+    expect: str | None,
+    buf: _Buffers,
+    proof: Proof | None = None,
 ) -> Scan:
     size = schema.payload_bytes
     try:
@@ -169,7 +180,7 @@ def _scan(
                 raise ValueError(f"{path.name}: {file.size} bytes, the payload is {size}")
         digest = hashlib.sha256()
         try:
-            total = _read(file, windows, digest, buf)
+            total = _read(file, windows, digest.update if proof is None else proof.feed, buf)
         except OSError as exc:
             if expect is None or exc.errno != errno.EIO:
                 raise
@@ -178,7 +189,9 @@ def _scan(
             if expect is None:
                 raise ValueError(f"{path.name}: shorter than the payload's {size} bytes") from None
             return Scan(math.nan, f"its spool file became shorter than {size} bytes")
-    if expect is not None and digest.hexdigest() != expect:
+    if proof is not None and not proof.whole():
+        return Scan(math.nan, NOT_AS_HASHED)
+    if proof is None and expect is not None and digest.hexdigest() != expect:
         return Scan(math.nan, f"its spool file's sha256 is {digest.hexdigest()}, not its name")
     return Scan(math.sqrt(total), stamp=stamp)
 
@@ -187,8 +200,14 @@ class _Short(Exception):
     """A read ended before its window did (the file shrank while it was scanned)."""
 
 
-def _read(file: DirectFile, windows: Sequence[_Window], digest: Any, buf: _Buffers) -> float:
-    """Hash every window into digest and return the sum of the float squares."""
+def _read(
+    file: DirectFile,
+    windows: Sequence[_Window],
+    feed: Callable[[memoryview], object],
+    buf: _Buffers,
+) -> float:
+    """Feed every window to `feed` (a sha256's update, or a proof's) and return the sum of
+    the float squares."""
     total = 0.0
     # Closed on the way out, also by an exception: its read ahead is waited for before the
     # buffers go to the next file (a traceback would keep a bare generator open).
@@ -196,7 +215,7 @@ def _read(file: DirectFile, windows: Sequence[_Window], digest: Any, buf: _Buffe
         for w, data in reads:
             if data.size != w.nbytes:
                 raise _Short
-            digest.update(data)  # sha256 releases the GIL: the next read, another scan run on
+            feed(data.data)  # sha256 releases the GIL: the next read, another scan run on
             total += _squares(data, w.floats, buf.wide)
     return total
 

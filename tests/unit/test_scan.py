@@ -524,3 +524,42 @@ def test_a_failed_write_stops_the_fold_at_once(
         strategies.FedAvg().aggregate(inp, tmp_path / "out.bin", tmp_path)
     assert raised.value.__traceback__ is not None  # still held, and yet:
     assert not [t for t in threading.enumerate() if t.name.startswith("fold")]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    schema=SCHEMAS,
+    block=st.sampled_from([40, 1000, ALIGN, 1 << 20]),
+    damaged=st.one_of(st.none(), st.tuples(st.integers(0, 2), st.floats(0.0, 1.0))),
+)
+def test_the_scan_checks_each_update_against_its_push_s_tags(
+    tmp_path_factory: pytest.TempPathFactory,
+    schema: Schema,
+    block: int,
+    damaged: tuple[int, float] | None,
+) -> None:
+    """Where the norms come first (DP, dropping outliers, another strategy), the scan reads
+    each update once and checks it against its push's tags where they are held: the same
+    verdicts and norms as a sha256, a changed byte anywhere named."""
+    run = tmp_path_factory.mktemp("scan")
+    paths, shas, proofs = [], [], []
+    for i in range(3):
+        data, _ = payload(schema, i)
+        tags = PieceTags(4096)
+        tags.feed(data)
+        proofs.append(tags.proof()())
+        raw = bytearray(data)
+        if damaged is not None and damaged[0] == i and raw:
+            raw[min(int(len(raw) * damaged[1]), len(raw) - 1)] ^= 0x01
+        (run / f"u{i}.bin").write_bytes(bytes(raw))
+        paths.append(run / f"u{i}.bin")
+        shas.append(hashlib.sha256(data).hexdigest())
+    tagged = scan_updates(schema, paths, shas, block, proofs=proofs)
+    hashed = scan_updates(schema, paths, shas, block)
+    for i in range(3):
+        bad = damaged is not None and damaged[0] == i and schema.payload_bytes > 0
+        assert bool(tagged[i].problem) == bad == bool(hashed[i].problem)
+        if not bad:
+            assert tagged[i].norm == hashed[i].norm
+    with pytest.raises(ValueError, match="3 files, 2 proofs"):
+        scan_updates(schema, paths, shas, block, proofs=proofs[:2])
