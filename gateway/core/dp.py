@@ -30,7 +30,7 @@ import math
 import os
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +39,7 @@ import numpy as np
 
 from sluice.gateway.core.aggregation import DEFAULT_BLOCK_BYTES, Contribution, _read
 from sluice.gateway.core.scan import SCAN_WORKERS, scan_updates
+from sluice.gateway.store.blobs import ChangedOnDisk, Proof
 from sluice.models.schema import Schema
 
 # --- norms and clipping --------------------------------------------------------------
@@ -219,19 +220,29 @@ class GaussianNoise:
 
 
 def add_noise(
-    schema: Schema, path: Path, noise: GaussianNoise, block_bytes: int = DEFAULT_BLOCK_BYTES
+    schema: Schema,
+    path: Path,
+    noise: GaussianNoise,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    check: Proof | None = None,
+    written: Callable[[memoryview], None] | None = None,
 ) -> None:
     """Add noise to every float tensor of a flat payload file, in place, block by block.
 
-    Integer tensors (BatchNorm counters) are left as they are. Memory: one block, and one
-    float64 draw of as many elements.
+    Integer tensors (BatchNorm counters) are left as they are. Given `check` (a proof of
+    what the strategy wrote, recorded as it wrote it), every block read is checked against
+    it first, and ChangedOnDisk is raised at the end if the file was not that (someone
+    wrote to it in between: a retry writes it anew); given `written`, every block of the
+    result is fed to it in file order, as RoundInput.written is. Memory: one block, and
+    one float64 draw of as many elements.
     """
+    whole = check is not None or written is not None  # every block read, integers too
     with ExitStack() as stack:
         fd = os.open(path, os.O_RDWR)
         stack.callback(os.close, fd)
         raw = np.empty(max(block_bytes, 8), dtype=np.uint8)
         for spec, start, end in schema.spans():
-            if not spec.is_float:
+            if not spec.is_float and not whole:
                 continue
             dtype = spec.np_dtype
             step = max(block_bytes // dtype.itemsize, 1)
@@ -239,9 +250,19 @@ def add_noise(
                 count = min(step, (end - first) // dtype.itemsize)
                 buf = raw[: count * dtype.itemsize].view(dtype)
                 _read(fd, buf, first)
-                noise.add(buf)
-                if os.pwrite(fd, buf.view(np.uint8).data, first) != buf.nbytes:
-                    raise OSError(f"short write at offset {first} of {path}")
+                if check is not None:
+                    check.feed(buf.view(np.uint8).data)  # as read, before the noise
+                if spec.is_float:
+                    noise.add(buf)
+                    if os.pwrite(fd, buf.view(np.uint8).data, first) != buf.nbytes:
+                        raise OSError(f"short write at offset {first} of {path}")
+                if written is not None:
+                    written(memoryview(bytes(buf.view(np.uint8).data)))  # raw is reused
+    if check is not None and not check.whole():
+        raise ChangedOnDisk(
+            f"{path.name}: not what the strategy wrote when the noise was added; a retry "
+            "writes it anew"
+        )
 
 
 # --- policy and accounting -----------------------------------------------------------

@@ -319,10 +319,23 @@ class RoundFolder:
         what = f"the aggregate of round {r.round}"
         read, inspect = self._version_checks(served, what)
         hashed = PieceHash(inspect)
-        # Where nothing changes the aggregate after the strategy (no DP noise), a strategy
-        # that writes it front to back feeds every piece as it writes: hashed, checked and
-        # tagged while the fold reads the next blocks, and the file is not read again.
-        tee = None if self.privacy.dp is not None else hashed.feed
+        # A strategy that writes the aggregate front to back feeds every piece as it
+        # writes: hashed, checked and tagged while the fold reads the next blocks, and the
+        # file is not read again. With DP, the noise pass rewrites the file after it: what
+        # the strategy wrote is tagged instead, the noise pass checks its reads against
+        # those tags and feeds the noised pieces as it writes them.
+        size = served.schema.payload_bytes
+        strategy_tags = self.blobs.tagger() if self.privacy.dp is not None else None
+        fed = [0]
+
+        def tag_written(piece: memoryview) -> None:
+            assert strategy_tags is not None
+            strategy_tags.feed(piece)
+            fed[0] += piece.nbytes
+
+        tee: Callable[[memoryview], None] | None = hashed.feed
+        if self.privacy.dp is not None:
+            tee = tag_written if strategy_tags is not None else None
         try:
             # Overflow makes inf, refused below as a whole, not a warning half-way.
             with np.errstate(over="ignore", invalid="ignore"):
@@ -344,14 +357,22 @@ class RoundFolder:
                 problems = {**changed_since(prepared.scanned), **spool.problems()}
                 if problems:
                     raise CorruptUpdates(problems)
-                dp = self.privacy.finish(served.schema, prepared, out, staging)  # before hashing
+                proved = strategy_tags is not None and fed[0] == size  # every byte fed
+                dp = self.privacy.finish(  # before hashing
+                    served.schema,
+                    prepared,
+                    out,
+                    staging,
+                    check=strategy_tags.proof()() if proved and strategy_tags else None,
+                    written=hashed.feed if proved else None,
+                )
             for state in sorted(staging.glob("*.bin")):  # server optimizers' moments
                 check_finite(served.schema, state, f"the {strategy.name} state {state.name}")
-            if tee is not None and hashed.size == served.schema.payload_bytes:
+            if hashed.size == size:  # fed whole, by the strategy or the noise pass
                 sha = self.blobs.adopt_written(out, hashed)
             else:
-                # Changed after the strategy (DP noise), or written by one that feeds
-                # nothing: read, hashed and checked whole, with checks fed nothing yet.
+                # Written by a strategy that feeds nothing (or a store that tags nothing):
+                # read, hashed and checked whole, with checks fed nothing yet.
                 read, inspect = self._version_checks(served, what)
                 sha = self.blobs.adopt(out, inspect=inspect)
             shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash

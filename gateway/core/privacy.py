@@ -11,7 +11,7 @@ not reproducible byte for byte on a rerun: its noise is fresh by design.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -190,9 +190,17 @@ class RoundPrivacy:
         return ledger, clipping
 
     def finish(
-        self, schema: Schema, prepared: PreparedRound, out_path: Path, state_out: Path
+        self,
+        schema: Schema,
+        prepared: PreparedRound,
+        out_path: Path,
+        state_out: Path,
+        check: Proof | None = None,
+        written: Callable[[memoryview], None] | None = None,
     ) -> dict[str, object] | None:
-        """Noise the aggregate in place and record the round; the DP facts, or None."""
+        """Noise the aggregate in place and record the round; the DP facts, or None.
+        `check` and `written`: as in dp.add_noise (what the strategy wrote, proved; the
+        noised result, fed as it is written)."""
         if self.dp is None:
             return None
         assert prepared.clipping is not None and prepared.ledger is not None
@@ -200,7 +208,7 @@ class RoundPrivacy:
         weights = [c.num_examples / total for c in prepared.contributions]
         c_norm = prepared.clipping.clipping_norm
         stddev = noise_stddev(self.dp.model_noise_multiplier(), c_norm, weights)
-        add_noise(schema, out_path, GaussianNoise(stddev))
+        add_noise(schema, out_path, GaussianNoise(stddev), check=check, written=written)
         ledger = prepared.ledger.record(self.dp.noise_multiplier, self.dp.sampling_rate)
         (state_out / LEDGER_FILE).write_text(ledger.to_json())
         if self.dp.adaptive:

@@ -194,6 +194,10 @@ class BlobStore:
         self._proof_bytes = 0  # the bytes of blobs the kept proofs cover
         self._proofs_lock = threading.Lock()
 
+    def tagger(self) -> Tagger | None:
+        """A fresh tagger of the kind every blob here is fed (None: this store tags none)."""
+        return self._tagger() if self._tagger is not None else None
+
     def remember(self, sha256: str, size: int, proof: Callable[[], Proof]) -> None:
         """A proof of the `size` bytes that hashed to sha256, recorded as they did (the
         newest PROOFS_KEPT, covering at most PROOF_BYTES_KEPT, are kept; a blob without one,
