@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from sluice.gateway.config import Config
 from sluice.gateway.core.errors import InvalidInput
 from sluice.gateway.pki import PkiLayout, key_matches_cert
+from sluice.gateway.services.health import Health
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def bind(
 
 def grpc_listener(
     config: Config, services: tuple[str, ...], interceptors: list[grpc.ServerInterceptor]
-) -> tuple[grpc.Server, health.HealthServicer]:
+) -> tuple[grpc.Server, Health]:
     """A gRPC server for `services`, with health and reflection listing only those, and
     reflection describing only their files (reflection_pool)."""
     limit = config.max_chunk_bytes + _MESSAGE_SLACK
@@ -172,7 +173,7 @@ def grpc_listener(
             *GRPC_OPTIONS,
         ],
     )
-    checker = health.HealthServicer()
+    checker = Health(config.send_stall_seconds)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     listed = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(listed, server, pool=reflection_pool(listed))
@@ -354,4 +355,14 @@ def release_unstarted(server: grpc.Server) -> None:
     """Give back the port of a server bound but never started: gRPC keeps it until the
     server has started and stopped."""
     server.start()
-    server.stop(None).wait()
+    stop_server(server, None)
+
+
+STOP_S = 30.0  # past a stop's grace, the longest a stop waits for gRPC to say it ended
+
+
+def stop_server(server: grpc.Server, grace: float | None) -> None:
+    """Stop a gRPC server, waiting at most grace + STOP_S for it to end: a server whose
+    own thread is stuck must not hold the process's stop (or a test's teardown) forever."""
+    if not server.stop(grace).wait((grace or 0.0) + STOP_S):
+        log.warning("a gRPC server did not end within %.0f s of its stop", (grace or 0.0) + STOP_S)

@@ -20,11 +20,12 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from sluice.gateway.listeners import RequestParser, split_address
+from sluice.gateway.listeners import RequestParser, split_address, stop_server
+from sluice.gateway.services.health import Health
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class OpsListener:
         health_address: str,
         registry: CollectorRegistry,
         services: tuple[str, ...],
+        send_stall_s: float | None = None,
     ) -> None:
         self._ready = threading.Event()
         self._services = ("", *services)
@@ -116,7 +118,7 @@ class OpsListener:
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
         self._serving = False
-        self.health = health.HealthServicer()
+        self.health = Health(send_stall_s)
         self.ready(False)
         self.metrics_address = self.health_address = ""
         try:
@@ -170,7 +172,7 @@ class OpsListener:
             # A gRPC server bound but never started keeps its port until started and stopped.
             if not self._serving:
                 self._grpc.start()
-            self._grpc.stop(None).wait()
+            stop_server(self._grpc, None)
             self._grpc = None
 
 

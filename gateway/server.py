@@ -59,6 +59,7 @@ from sluice.gateway.listeners import (
     grpc_listener,
     release_unstarted,
     server_credentials,
+    stop_server,
     warn_exposed,
 )
 from sluice.gateway.metrics import Metrics, held_threads_family, round_families
@@ -67,6 +68,7 @@ from sluice.gateway.pki import PkiLayout
 from sluice.gateway.services.admin import AdminServicer
 from sluice.gateway.services.auth import AuthInterceptor, Certificates
 from sluice.gateway.services.egress import EgressServicer
+from sluice.gateway.services.health import NOT_SERVING
 from sluice.gateway.services.idle import CallLimits, Pace
 from sluice.gateway.services.trainer import TrainerServicer
 from sluice.gateway.store.audit import Coalescer, log_entry
@@ -491,6 +493,7 @@ class Gateway:
                 config.health_address,
                 self.metrics.registry,
                 (*INTERNAL_SERVICES, *EGRESS_SERVICES),
+                config.send_stall_seconds,
             )
         except (OSError, RuntimeError) as exc:  # lost a race for a port since the claim
             raise StartupError(f"cannot bind the operations listeners: {exc}") from None
@@ -605,14 +608,14 @@ class Gateway:
         self.metrics.ready.set(0)
         if self.ops is not None:
             self.ops.ready(False)
-        # The mTLS listeners' own health is not flipped here: that pushes a message to every
-        # held Watch stream under the servicer's lock, and a fresh-clone run hung in stop()
-        # with a principal's Watch streams held (test_availability). Probes use the ops
-        # listener and the plain-text health port, which say not-ready from this moment.
+        # The mTLS listeners' health too: a trainer watching it hears NOT_SERVING first.
+        # (Setting it never waits on a Watch stream: services/health.py.)
+        self._internal_health.set_all(NOT_SERVING)
+        self._egress_health.set_all(NOT_SERVING)
         if self._started:
             self.rounds.stop()
-            self._internal.stop(grace).wait()
-            self._egress.stop(grace).wait()
+            stop_server(self._internal, grace)
+            stop_server(self._egress, grace)
         else:
             self._unstarted()  # built, never started: give the ports back
         for interceptor in self.auth.values():
