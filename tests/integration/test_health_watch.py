@@ -21,19 +21,22 @@ import h2.events
 import h2.settings
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from tests.conftest import Running, start_gateway
 
 WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 LISTENERS = ("internal", "egress", "health")
 SEND_S = 1.5  # send_stall_seconds: a Watch message not taken in this long cancels it
 
 
 class StuckWatch:
-    """A Watch call over a raw HTTP/2 connection that gives the server no window to send
-    in, and reads only frames (settings, pings, resets), never a message."""
+    """A Watch call (or another response stream) over a raw HTTP/2 connection that gives
+    the server no window to send in, and reads only frames (settings, pings, resets),
+    never a message."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, path: str = WATCH, request: bytes = b"") -> None:
         host, port = target.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=5)
         zero = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
@@ -46,13 +49,13 @@ class StuckWatch:
             [
                 (":method", "POST"),
                 (":scheme", "http"),
-                (":path", WATCH),
+                (":path", path),
                 (":authority", target),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
             ],
         )
-        body = health_pb2.HealthCheckRequest().SerializeToString()
+        body = request or health_pb2.HealthCheckRequest().SerializeToString()
         self.conn.send_data(self.stream, b"\0" + struct.pack(">I", len(body)) + body, True)
         self.sock.sendall(self.conn.data_to_send())
         self.reset = self.message = False
@@ -131,6 +134,25 @@ def test_a_watch_that_takes_nothing_is_cut_off_after_send_stall_seconds(
     client may watch again), and the listener goes on answering."""
     target = getattr(running.endpoints, listener)
     stuck = StuckWatch(target)
+    try:
+        stuck.pump(SEND_S + 5)
+        assert stuck.reset and not stuck.message
+    finally:
+        stuck.close()
+    with grpc.insecure_channel(target) as channel:
+        answer = stub_of(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("listener", ["internal", "egress"])
+def test_a_reflection_stream_that_takes_nothing_is_cut_off_too(
+    running: Running, listener: str
+) -> None:
+    """The sibling on the mTLS listeners' other response stream: reflection's answer
+    cannot leave either, and the listener's stream watchdog cancels it."""
+    target = getattr(running.endpoints, listener)
+    ask = reflection_pb2.ServerReflectionRequest(list_services="*").SerializeToString()
+    stuck = StuckWatch(target, REFLECTION, ask)
     try:
         stuck.pump(SEND_S + 5)
         assert stuck.reset and not stuck.message
