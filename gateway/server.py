@@ -268,7 +268,7 @@ class Gateway:
             raise StartupError(str(exc)) from None
         self._servers: list[grpc.Server] = []
         self.ops: OpsListener | None = None
-        self._started = False
+        self._started = self._stopped = False
         self._warming: threading.Thread | None = None  # _warm_up, once started
         try:
             self._build(config)
@@ -604,7 +604,11 @@ class Gateway:
             log.warning("could not write %s (%s); serving anyway", path, exc)
 
     def stop(self, grace: float = 1.0) -> None:
-        """Not ready from the first moment (probes see it while calls drain), then end."""
+        """Not ready from the first moment (probes see it while calls drain), then end.
+        Once: a second stop does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.metrics.ready.set(0)
         if self.ops is not None:
             self.ops.ready(False)

@@ -124,6 +124,19 @@ def start_gateway(data_dir: Path, template_cache: Path, **settings: object) -> R
     return Running(gateway, endpoints, data_dir, config)
 
 
+# Gateways a test built in-process without a fixture (tests/unit/test_races.make_gateway):
+# stopped when the test ends, so none is left to a garbage collector's finalizer, which
+# runs in whatever thread it happens to (its own serving thread among them).
+BUILT: list[Gateway] = []
+
+
+@pytest.fixture(autouse=True)
+def _built_gateways_stopped() -> Iterator[None]:
+    yield
+    while BUILT:
+        BUILT.pop().stop()  # once: a gateway the test stopped itself is left as it is
+
+
 @pytest.fixture
 def gateway(tmp_path: Path, template_cache: Path) -> Iterator[Running]:
     running = start_gateway(tmp_path / "gw", template_cache)

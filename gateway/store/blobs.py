@@ -43,6 +43,10 @@ _HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 # 1.5-2.6 s per GB on this VM's disk, 0.11 s at its best: a worker does it, not a push's
 # answer or whoever holds BlobStore.lock.
 _FREEING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-free")
+# Each file waiting there holds a descriptor: at most this many wait; past it the caller
+# frees the file itself (a gc dropping thousands of blobs must not run out of descriptors).
+FREE_PENDING = 256
+_FREE_SLOTS = threading.BoundedSemaphore(FREE_PENDING)
 
 
 def _hold(path: Path) -> int | None:
@@ -54,8 +58,23 @@ def _hold(path: Path) -> int | None:
 
 
 def _free_later(fd: int | None) -> None:
-    if fd is not None:
-        _FREEING.submit(os.close, fd)
+    if fd is None:
+        return
+    if not _FREE_SLOTS.acquire(blocking=False):
+        os.close(fd)  # FREE_PENDING files wait already: this one is freed here
+        return
+    try:
+        _FREEING.submit(_free, fd)
+    except RuntimeError:  # no new work at interpreter exit: freed here
+        _FREE_SLOTS.release()
+        os.close(fd)
+
+
+def _free(fd: int) -> None:
+    try:
+        os.close(fd)
+    finally:
+        _FREE_SLOTS.release()
 
 
 def _holds(final: Path, size: int) -> bool:

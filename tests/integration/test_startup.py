@@ -216,3 +216,19 @@ def test_config_defaults_leave_room_for_a_third_principal() -> None:
     c = Config()
     assert c.workers - c.reserved_workers >= 3 * c.max_streams_per_principal
     assert c.max_streams_per_principal < c.workers / 3
+
+
+def test_a_second_stop_does_nothing(tmp_path: Path, template_cache: Path) -> None:
+    """stop() twice (a signal handler and a finally, say): the second returns at once and
+    the data dir is left to the next start, served as before."""
+    running = start_gateway(tmp_path / "gw", template_cache)
+    running.gateway.stop()
+    running.gateway.stop()
+    running.restart()
+    try:
+        with grpc.insecure_channel(running.endpoints.internal) as ch:
+            stub: Any = health_pb2_grpc.HealthStub(ch)  # the stub's methods are untyped
+            answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.gateway.stop()

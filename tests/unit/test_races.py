@@ -24,7 +24,7 @@ from sluice.gateway.core.records import PushResult, RoundState, UpdateHeader
 from sluice.gateway.pki import TRAINER, Principal
 from sluice.gateway.server import Gateway
 from sluice.models.schema import Schema
-from tests.conftest import EPHEMERAL, TINY, random_delta
+from tests.conftest import BUILT, EPHEMERAL, TINY, random_delta
 
 
 def make_gateway(tmp: Path, template_cache: Path, **settings: object) -> Gateway:
@@ -35,7 +35,9 @@ def make_gateway(tmp: Path, template_cache: Path, **settings: object) -> Gateway
         "min_trainers": 1, **EPHEMERAL,
     }  # fmt: skip
     values.update(settings)
-    return Gateway(Config().replace(**values))
+    gw = Gateway(Config().replace(**values))
+    BUILT.append(gw)  # stopped when the test ends (conftest)
+    return gw
 
 
 def body(payload: bytes, hook: Callable[[], None] | None = None) -> Iterator[BodyItem]:
