@@ -182,40 +182,42 @@ class RoundFolder:
             if deterministic(exc):
                 raise CloseRefused(f"{type(exc).__name__}: {exc}") from exc
             raise
-        folded_s = time.perf_counter() - started
-        screened = [u.update_id for u in updates]  # the order screening's indices refer to
-        updates = prepared.updates
-        version = Version(
-            model=r.model,
-            version=version_no,
-            round=r.round,
-            weights_sha256=sha,
-            num_trainers=len({u.trainer for u in updates}),
-            num_regions=len({u.region for u in updates}),
-            num_examples=sum(u.num_examples for u in updates),
-            created_ms=now_ms(),
-        )
-        facts = {
-            "version": version.version,
-            "base_version": r.base_version,
-            "weights_sha256": sha,
-            "updates": [u.update_id for u in updates],
-            "num_trainers": version.num_trainers,
-            "num_regions": version.num_regions,
-            "strategy": strategy.name,
-            "strategy_facts": dict(report.facts),
-            "screening": {**prepared.screening.facts(), "updates": screened},
-            "dp": dp,
-            "fold_s": round(folded_s, 3),
-        }
         try:
+            folded_s = time.perf_counter() - started
+            screened = [u.update_id for u in updates]  # the order screening's indices refer to
+            updates = prepared.updates
+            version = Version(
+                model=r.model,
+                version=version_no,
+                round=r.round,
+                weights_sha256=sha,
+                num_trainers=len({u.trainer for u in updates}),
+                num_regions=len({u.region for u in updates}),
+                num_examples=sum(u.num_examples for u in updates),
+                created_ms=now_ms(),
+            )
+            facts = {
+                "version": version.version,
+                "base_version": r.base_version,
+                "weights_sha256": sha,
+                "updates": [u.update_id for u in updates],
+                "num_trainers": version.num_trainers,
+                "num_regions": version.num_regions,
+                "strategy": strategy.name,
+                "strategy_facts": dict(report.facts),
+                "screening": {**prepared.screening.facts(), "updates": screened},
+                "dp": dp,
+                "fold_s": round(folded_s, 3),
+            }
             closed = self._publish(served, r, version, updates, facts, dp, read)
         except BaseException:
             # Nothing of a version that was not committed stays behind.
             self.publisher.discard(r.model, version_no)
             shutil.rmtree(self.state_dir(r.model, version_no), ignore_errors=True)
+            self.blobs.unpin(sha)
             self.unlink_unreferenced({sha})
             raise
+        self.blobs.unpin(sha)  # its row is in: referred to from here on
         # The next close checks its base against the tags recorded as these bytes hashed
         # to its name (BlobStore.verify), instead of hashing it again.
         self.blobs.remember(sha, served.schema.payload_bytes, read.proof())
@@ -368,15 +370,22 @@ class RoundFolder:
                 )
             for state in sorted(staging.glob("*.bin")):  # server optimizers' moments
                 check_finite(served.schema, state, f"the {strategy.name} state {state.name}")
+            # Pinned until its row is in (fold): no row refers to it while the release is
+            # built, and a push refused at its commit with the same bytes drops its blob.
             if hashed.size == size:  # fed whole, by the strategy or the noise pass
-                sha = self.blobs.adopt_written(out, hashed)
+                sha = self.blobs.adopt_written(out, hashed, pin=True)
             else:
                 # Written by a strategy that feeds nothing (or a store that tags nothing):
                 # read, hashed and checked whole, with checks fed nothing yet.
                 read, inspect = self._version_checks(served, what)
-                sha = self.blobs.adopt(out, inspect=inspect)
-            shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
-            staging.rename(final_state)
+                sha = self.blobs.adopt(out, inspect=inspect, pin=True)
+            try:
+                shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
+                staging.rename(final_state)
+            except BaseException:
+                self.blobs.unpin(sha)
+                self.unlink_unreferenced({sha})
+                raise
         finally:
             hashed.wait()  # no worker hashes a piece of a close that has ended
             out.unlink(missing_ok=True)

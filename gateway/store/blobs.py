@@ -10,7 +10,7 @@ import os
 import stat
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -212,6 +212,10 @@ class BlobStore:
         self._proofs: OrderedDict[str, tuple[int, Callable[[], Proof]]] = OrderedDict()
         self._proof_bytes = 0  # the bytes of blobs the kept proofs cover
         self._proofs_lock = threading.Lock()
+        # Blobs placed for a row not committed yet (a close's version while its release is
+        # built, seconds): no row refers to them, so whoever drops unreferenced blobs
+        # meanwhile would take them; remove() leaves a pinned name alone (Counter: pins).
+        self._pins: Counter[str] = Counter()
 
     def tagger(self) -> Tagger | None:
         """A fresh tagger of the kind every blob here is fed (None: this store tags none)."""
@@ -298,10 +302,27 @@ class BlobStore:
                 _free_later(replaced)
         fsync_dir(final.parent)
 
+    def pin(self, sha256: str) -> None:
+        """Keep sha256's blob from remove() until unpin(): it was placed for a row that is
+        not committed yet. (A push refused at its commit drops its blob when no row refers
+        to it; one carrying a close's version bytes would otherwise take the version's file
+        from under its release, and every later close would find its base missing.)"""
+        with self._proofs_lock:
+            self._pins[sha256] += 1
+
+    def unpin(self, sha256: str) -> None:
+        with self._proofs_lock:
+            self._pins[sha256] -= 1
+            if self._pins[sha256] <= 0:
+                del self._pins[sha256]
+
     def remove(self, path: Path) -> bool:
         """Unlink path (a blob no row needs, a temp file); its blocks are freed by a worker
-        (_FREEING), so whoever holds `lock` does not wait for the disk. False if missing."""
+        (_FREEING), so whoever holds `lock` does not wait for the disk. False if missing,
+        or pinned (placed for a row not committed yet: left in place)."""
         with self._proofs_lock:
+            if path.name in self._pins and path == self.path(path.name):
+                return False
             kept = self._proofs.pop(path.name, None)  # bytes that may come back otherwise
             if kept is not None:
                 self._proof_bytes -= kept[0]
@@ -314,8 +335,15 @@ class BlobStore:
             _free_later(held)
         return True
 
-    def adopt(self, path: Path, inspect: Callable[[bytes | memoryview], None] | None = None) -> str:
-        """Hash a finished file under blobs/tmp, fsync it and move it to its address.
+    def adopt(
+        self,
+        path: Path,
+        inspect: Callable[[bytes | memoryview], None] | None = None,
+        *,
+        pin: bool = False,
+    ) -> str:
+        """Hash a finished file under blobs/tmp, fsync it and move it to its address;
+        `pin`: pinned from before it is placed (the caller unpins once its row is in).
 
         The fsync runs in a worker, and so does the hash, while this thread hands each piece
         to `inspect`, which may refuse the file by raising.
@@ -329,10 +357,20 @@ class BlobStore:
             finally:
                 hashed.wait()
                 synced.result()  # before the descriptor closes, also when a read failed
-        self._place(path, self.path(hashed.hexdigest()), os.stat(path).st_size)
+        self._place_pinned(path, hashed.hexdigest(), os.stat(path).st_size, pin)
         return hashed.hexdigest()
 
-    def adopt_written(self, path: Path, hashed: PieceHash) -> str:
+    def _place_pinned(self, path: Path, sha256: str, size: int, pin: bool) -> None:
+        if pin:
+            self.pin(sha256)
+        try:
+            self._place(path, self.path(sha256), size)
+        except BaseException:
+            if pin:
+                self.unpin(sha256)
+            raise
+
+    def adopt_written(self, path: Path, hashed: PieceHash, *, pin: bool = False) -> str:
         """fsync a finished file under blobs/tmp whose writer fed every byte it wrote, in
         order, to `hashed`, and move it to that address: no second read of the file.
 
@@ -347,7 +385,7 @@ class BlobStore:
             if size != hashed.size:  # not the close's fault: the next try writes anew
                 raise ChangedOnDisk(f"{path.name} holds {size} bytes; {hashed.size} were written")
             os.fsync(f.fileno())
-        self._place(path, self.path(sha256), size)
+        self._place_pinned(path, sha256, size, pin)
         return sha256
 
     def verify(self, sha256: str, size: int) -> str:

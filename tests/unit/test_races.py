@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from sluice.gateway.config import Config
-from sluice.gateway.core.errors import Busy, Forbidden
+from sluice.gateway.core.errors import Busy, Forbidden, PreconditionFailed
 from sluice.gateway.core.ingest import BodyItem, PayloadChunk, Trailer
 from sluice.gateway.core.records import PushResult, RoundState, UpdateHeader
 from sluice.gateway.pki import TRAINER, Principal
@@ -266,6 +266,60 @@ def test_the_same_bytes_pushed_while_a_round_aggregates_leave_its_update_as_scan
     assert gw.store.audit_entries("push.excluded") == []
     assert gw.store.get_round(TINY, 1).state == RoundState.CLOSED  # type: ignore[union-attr]
     assert len(gw.store.round_updates(TINY, 1)) == 2
+    assert not any(gw.blobs.tmp.iterdir())
+
+
+def test_a_push_of_the_versions_own_bytes_refused_at_its_commit_leaves_the_version_blob(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    """A hostile trainer who can compute the next version (its own update folded into a
+    base it pulled) streams those bytes as a push to the closing round. The close places
+    the version's file, builds its release, and only then commits the version's row; the
+    push, refused at its commit meanwhile, drops the blob of its bytes if no row refers to
+    them. That was the version's file: every later close then found its base missing."""
+    gw = make_gateway(tmp_path, template_cache)
+    push(gw, tiny_schema, random_delta(tiny_schema, 1), "shanghai-01")
+    in_body, built = threading.Event(), threading.Event()
+    weights: list[Path] = []
+    late: list[BaseException] = []
+
+    def version_bytes() -> Iterator[BodyItem]:
+        in_body.set()  # the header passed while round 1 was open
+        assert built.wait(30)
+        data = weights[0].read_bytes()
+        yield PayloadChunk(0, data)
+        yield Trailer(1, hashlib.sha256(data).hexdigest())
+
+    def push_late() -> None:
+        h = _header(tiny_schema, bytes(tiny_schema.payload_bytes), "beijing-01", "trailer")
+        try:
+            gw.ingest.receive(h, 100, version_bytes())
+        except Exception as exc:
+            late.append(exc)
+
+    real_publish = gw.rounds.publisher.publish
+
+    def publish(served: Any, version: Any, path: Path, *args: Any, **kwargs: Any) -> Any:
+        outcome = real_publish(served, version, path, *args, **kwargs)
+        weights.append(path)  # placed and released; its row is not committed yet
+        built.set()
+        thread.join(30)  # the late push sends those bytes and is refused at its commit
+        return outcome
+
+    gw.rounds.publisher.publish = publish  # type: ignore[method-assign,assignment]
+    thread = threading.Thread(target=push_late)
+    thread.start()
+    assert in_body.wait(10)
+    gw.rounds.close(TINY, 1)
+    assert len(late) == 1 and isinstance(late[0], PreconditionFailed), late
+    v1 = gw.store.latest_version(TINY)
+    assert v1 is not None and v1.version == 1
+    kept = gw.blobs.path(v1.weights_sha256)
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == v1.weights_sha256
+    gw.rounds.publisher.publish = real_publish  # type: ignore[method-assign]
+    push(gw, tiny_schema, random_delta(tiny_schema, 2), "chengdu-01", round_no=2, base=1)
+    gw.rounds.close(TINY, 2)  # version 1 is its base
+    assert gw.store.latest_version(TINY).version == 2  # type: ignore[union-attr]
     assert not any(gw.blobs.tmp.iterdir())
 
 
