@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 HTTP_HANDLERS = 4  # HTTP requests handled at once; a connection past them is closed
 HTTP_TIMEOUT_S = 5.0  # a connection silent this long is dropped (no slow-loris holds)
 HEALTH_THREADS = 2
-HEALTH_CALLS = 16  # health calls (Check, or a Watch stream) open at once; more: refused
+HEALTH_CALLS = 16  # Checks answered at once, and Watch streams open at once; more: refused
 
 
 class _HttpServer(http.server.HTTPServer):
@@ -118,7 +118,7 @@ class OpsListener:
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
         self._serving = False
-        self.health = Health(send_stall_s)
+        self.health = Health(send_stall_s, max_watches=HEALTH_CALLS)
         self.ready(False)
         self.metrics_address = self.health_address = ""
         try:

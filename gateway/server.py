@@ -269,6 +269,7 @@ class Gateway:
         self._servers: list[grpc.Server] = []
         self.ops: OpsListener | None = None
         self._started = self._stopped = False
+        self._stop_lock = threading.Lock()
         self._warming: threading.Thread | None = None  # _warm_up, once started
         try:
             self._build(config)
@@ -606,9 +607,10 @@ class Gateway:
     def stop(self, grace: float = 1.0) -> None:
         """Not ready from the first moment (probes see it while calls drain), then end.
         Once: a second stop does nothing."""
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         self.metrics.ready.set(0)
         if self.ops is not None:
             self.ops.ready(False)

@@ -121,6 +121,11 @@ class RoundFolder:
             for sha in shas - self.store.referenced_blobs():
                 self.blobs.remove(self.blobs.path(sha))
 
+    def _drop_uncommitted(self, sha: str) -> None:
+        """A version blob placed (pinned) for a row that will not be committed."""
+        self.blobs.unpin(sha)
+        self.unlink_unreferenced({sha})
+
     def fold(self, served: ServedModel, r: Round, updates: list[CommittedUpdate]) -> ClosedRound:
         """Fold these updates of round r into the next version and commit it with its
         release (or the reason there is none), opening the next round.
@@ -212,10 +217,9 @@ class RoundFolder:
             closed = self._publish(served, r, version, updates, facts, dp, read)
         except BaseException:
             # Nothing of a version that was not committed stays behind.
+            self._drop_uncommitted(sha)  # first: whatever fails below, no pin is left
             self.publisher.discard(r.model, version_no)
             shutil.rmtree(self.state_dir(r.model, version_no), ignore_errors=True)
-            self.blobs.unpin(sha)
-            self.unlink_unreferenced({sha})
             raise
         self.blobs.unpin(sha)  # its row is in: referred to from here on
         # The next close checks its base against the tags recorded as these bytes hashed
@@ -338,56 +342,58 @@ class RoundFolder:
         tee: Callable[[memoryview], None] | None = hashed.feed
         if self.privacy.dp is not None:
             tee = tag_written if strategy_tags is not None else None
+        adopted: list[str] = []  # the version's blob, once placed (pinned)
         try:
-            # Overflow makes inf, refused below as a whole, not a warning half-way.
-            with np.errstate(over="ignore", invalid="ignore"):
-                report = strategy.aggregate(
-                    RoundInput(
-                        schema=served.schema,
-                        base_path=self.blobs.path(base.weights_sha256),
-                        contributions=prepared.contributions,
-                        server_round=r.round,
-                        state_in=state_in if state_in.is_dir() else None,
-                        scan=prepared.fold_scan,
-                        written=tee,
-                    ),
-                    out,
-                    staging,
-                )
-                if prepared.fold_scan is not None:
-                    prepared = self.privacy.scanned_by_fold(prepared)
-                problems = {**changed_since(prepared.scanned), **spool.problems()}
-                if problems:
-                    raise CorruptUpdates(problems)
-                proved = strategy_tags is not None and fed[0] == size  # every byte fed
-                dp = self.privacy.finish(  # before hashing
-                    served.schema,
-                    prepared,
-                    out,
-                    staging,
-                    check=strategy_tags.proof()() if proved and strategy_tags else None,
-                    written=hashed.feed if proved else None,
-                )
-            for state in sorted(staging.glob("*.bin")):  # server optimizers' moments
-                check_finite(served.schema, state, f"the {strategy.name} state {state.name}")
-            # Pinned until its row is in (fold): no row refers to it while the release is
-            # built, and a push refused at its commit with the same bytes drops its blob.
-            if hashed.size == size:  # fed whole, by the strategy or the noise pass
-                sha = self.blobs.adopt_written(out, hashed, pin=True)
-            else:
-                # Written by a strategy that feeds nothing (or a store that tags nothing):
-                # read, hashed and checked whole, with checks fed nothing yet.
-                read, inspect = self._version_checks(served, what)
-                sha = self.blobs.adopt(out, inspect=inspect, pin=True)
             try:
+                # Overflow makes inf, refused below as a whole, not a warning half-way.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    report = strategy.aggregate(
+                        RoundInput(
+                            schema=served.schema,
+                            base_path=self.blobs.path(base.weights_sha256),
+                            contributions=prepared.contributions,
+                            server_round=r.round,
+                            state_in=state_in if state_in.is_dir() else None,
+                            scan=prepared.fold_scan,
+                            written=tee,
+                        ),
+                        out,
+                        staging,
+                    )
+                    if prepared.fold_scan is not None:
+                        prepared = self.privacy.scanned_by_fold(prepared)
+                    problems = {**changed_since(prepared.scanned), **spool.problems()}
+                    if problems:
+                        raise CorruptUpdates(problems)
+                    proved = strategy_tags is not None and fed[0] == size  # every byte fed
+                    dp = self.privacy.finish(  # before hashing
+                        served.schema,
+                        prepared,
+                        out,
+                        staging,
+                        check=strategy_tags.proof()() if proved and strategy_tags else None,
+                        written=hashed.feed if proved else None,
+                    )
+                for state in sorted(staging.glob("*.bin")):  # server optimizers' moments
+                    check_finite(served.schema, state, f"the {strategy.name} state {state.name}")
+                # Pinned until its row is in (fold): no row refers to it while the release is
+                # built, and a push refused at its commit with the same bytes drops its blob.
+                if hashed.size == size:  # fed whole, by the strategy or the noise pass
+                    sha = self.blobs.adopt_written(out, hashed, pin=True)
+                else:
+                    # Written by a strategy that feeds nothing (or a store that tags nothing):
+                    # read, hashed and checked whole, with checks fed nothing yet.
+                    read, inspect = self._version_checks(served, what)
+                    sha = self.blobs.adopt(out, inspect=inspect, pin=True)
+                adopted.append(sha)
                 shutil.rmtree(final_state, ignore_errors=True)  # a rerun after a crash
                 staging.rename(final_state)
-            except BaseException:
-                self.blobs.unpin(sha)
-                self.unlink_unreferenced({sha})
-                raise
-        finally:
-            hashed.wait()  # no worker hashes a piece of a close that has ended
-            out.unlink(missing_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        return sha, report, dp, prepared, read
+            finally:
+                hashed.wait()  # no worker hashes a piece of a close that has ended
+                out.unlink(missing_ok=True)
+                shutil.rmtree(staging, ignore_errors=True)
+            return sha, report, dp, prepared, read
+        except BaseException:
+            for sha in adopted:  # placed, but not handed to fold: dropped here
+                self._drop_uncommitted(sha)
+            raise

@@ -185,7 +185,8 @@ class Retention:
                     links = path.stat().st_nlink
                 except FileNotFoundError:
                     continue
-                self.blobs.remove(path)
+                if not self.blobs.remove(path):
+                    continue  # gone meanwhile, or pinned for a row being committed
                 # A version blob that is also a release's data file (a hard link, see
                 # export/refresh.py) loses a name, not its bytes: nothing freed.
                 gone[sha] = size if links == 1 else 0

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+MAX_WATCHES = 64  # Watch streams open at once on one listener
 SEND_S = 60.0  # a Watch message not taken by its peer in this long cancels the stream
 # (the gateway passes its send_stall_seconds, the same bound as for every response stream)
 
@@ -51,6 +52,7 @@ class _Watch:
         self._newest: int | None = None
         self._sent: int | None = None
         self._busy = self._ended = False
+        self._sending = 0  # the send in flight, by number (0: none)
 
     def offer(self, status: int) -> None:
         """Never waits: the status is sent by this stream's own thread."""
@@ -59,11 +61,20 @@ class _Watch:
             if self._busy or self._ended:
                 return
             self._busy = True
-        threading.Thread(target=self._drain, name="health-watch", daemon=True).start()
+        try:
+            threading.Thread(target=self._drain, name="health-watch", daemon=True).start()
+        except RuntimeError:  # no thread to be had: this stream ends, the servicer goes on
+            self._give_up("no thread to send on")
 
     def end(self) -> None:
         with self._lock:
             self._ended = True
+
+    def _give_up(self, why: str) -> None:
+        log.warning("health: a Watch stream was cancelled (%s)", why)
+        with self._lock:
+            self._ended, self._busy = True, False
+        self._context.cancel()
 
     def _next(self) -> int | None:
         with self._lock:
@@ -71,32 +82,44 @@ class _Watch:
                 self._busy = False
                 return None
             self._sent = self._newest
+            self._sending += 1
             return self._sent
+
+    def _expire(self, sending: int) -> None:
+        """send_s after a send began: cancel the stream if that send is still in flight."""
+        with self._lock:
+            stuck = self._sending == sending and self._busy
+        if stuck:
+            self._context.cancel()  # the peer takes nothing: the send ends with the call
 
     def _drain(self) -> None:
         while (status := self._next()) is not None:
             # A peer that takes nothing (no flow-control window) would hold this thread and
             # its stream for good: past send_s the stream is cancelled, which ends the send.
-            timer = threading.Timer(self._send_s, self._context.cancel)
-            timer.daemon = True
-            timer.start()
             try:
-                self._send(health_pb2.HealthCheckResponse(status=status))
-            except Exception as exc:  # gRPC's own failure: end this stream, not the servicer
-                log.warning("health: a Watch stream failed (%s); cancelled", type(exc).__name__)
-                self._context.cancel()
-            finally:
-                timer.cancel()
+                timer = threading.Timer(self._send_s, self._expire, (self._sending,))
+                timer.daemon = True
+                timer.start()
+                try:
+                    self._send(health_pb2.HealthCheckResponse(status=status))
+                finally:
+                    timer.cancel()
+            except Exception as exc:  # gRPC's, or no thread for the timer: this stream ends
+                self._give_up(type(exc).__name__)
+                return
             if not self._context.is_active():
                 self.end()
 
 
 class Health(health_pb2_grpc.HealthServicer):
-    """Check and Watch (callback mode: a Watch holds no thread of its listener) answered
-    from a table that set() changes; the overall status "" starts SERVING."""
+    """Check and Watch answered from a table that set() changes; the overall status ""
+    starts SERVING. A Watch (callback mode) holds no thread of its listener; a thread of
+    its own only while a message is on its way. At most `max_watches` are open at once;
+    past that a Watch is RESOURCE_EXHAUSTED (Check always answers)."""
 
-    def __init__(self, send_s: float | None = None) -> None:
+    def __init__(self, send_s: float | None = None, max_watches: int = MAX_WATCHES) -> None:
         self._send_s = SEND_S if send_s is None else send_s
+        self._max_watches = max_watches
         self._lock = threading.Lock()  # the table only: nothing waits while holding it
         self._status: dict[str, int] = {"": SERVING}
         self._watches: dict[str, set[_Watch]] = {}
@@ -121,7 +144,10 @@ class Health(health_pb2_grpc.HealthServicer):
     def watching(self) -> int:
         """Watch streams open now (their close callbacks not yet run)."""
         with self._lock:
-            return sum(len(watches) for watches in self._watches.values())
+            return self._open()
+
+    def _open(self) -> int:
+        return sum(len(watches) for watches in self._watches.values())
 
     def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
@@ -144,8 +170,16 @@ class Health(health_pb2_grpc.HealthServicer):
         watch = _Watch(send_response_callback, context, self._send_s)
         service = request.service
         with self._lock:
-            self._watches.setdefault(service, set()).add(watch)
-            watch.offer(self._status.get(service, SERVICE_UNKNOWN))
+            full = self._open() >= self._max_watches
+            if not full:
+                self._watches.setdefault(service, set()).add(watch)
+                watch.offer(self._status.get(service, SERVICE_UNKNOWN))
+        if full:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._max_watches} health watches are open on this listener; "
+                "use Check, or watch again later",
+            )
         if not context.add_callback(lambda: self._ended(service, watch)):
             self._ended(service, watch)  # the call had ended already
 

@@ -320,19 +320,22 @@ class BlobStore:
         """Unlink path (a blob no row needs, a temp file); its blocks are freed by a worker
         (_FREEING), so whoever holds `lock` does not wait for the disk. False if missing,
         or pinned (placed for a row not committed yet: left in place)."""
-        with self._proofs_lock:
-            if path.name in self._pins and path == self.path(path.name):
-                return False
-            kept = self._proofs.pop(path.name, None)  # bytes that may come back otherwise
-            if kept is not None:
-                self._proof_bytes -= kept[0]
-        held = _hold(path)
+        held: int | None = None
         try:
-            path.unlink()
+            # The pin check and the unlink in one step: a close pinning its version (and
+            # finding this very file at its address) between the two would lose it.
+            with self._proofs_lock:
+                if path.name in self._pins and path == self.path(path.name):
+                    return False
+                kept = self._proofs.pop(path.name, None)  # bytes that may come back
+                if kept is not None:
+                    self._proof_bytes -= kept[0]
+                held = _hold(path)
+                path.unlink()
         except FileNotFoundError:
             return False
         finally:
-            _free_later(held)
+            _free_later(held)  # the blocks are freed by the worker, outside the lock
         return True
 
     def adopt(

@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
+from sluice.gateway.ops import HEALTH_CALLS
 from tests.conftest import Running, start_gateway
 
 WATCH = "/grpc.health.v1.Health/Watch"
@@ -161,3 +162,34 @@ def test_a_reflection_stream_that_takes_nothing_is_cut_off_too(
     with grpc.insecure_channel(target) as channel:
         answer = stub_of(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stuck_watches_on_the_open_health_port_are_bounded(
+    tmp_path: Path, template_cache: Path
+) -> None:
+    """The plain-text health port asks no identity: a client opening Watch after Watch
+    with no window gets HEALTH_CALLS of them, each holding one sending thread and its
+    timer; the next is RESOURCE_EXHAUSTED, and Check still answers."""
+    running = start_gateway(tmp_path / "gw", template_cache, send_stall_seconds=60.0)
+    target = running.endpoints.health
+    stuck = []
+    try:
+        stuck = [StuckWatch(target) for _ in range(HEALTH_CALLS)]
+        health = running.gateway.ops.health  # type: ignore[union-attr]
+        end = time.monotonic() + 10
+        while health.watching() < HEALTH_CALLS and time.monotonic() < end:
+            time.sleep(0.02)
+        assert health.watching() == HEALTH_CALLS
+        with grpc.insecure_channel(target) as channel:
+            stub = stub_of(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=5))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        senders = [t for t in threading.enumerate() if t.name == "health-watch"]
+        assert len(senders) <= HEALTH_CALLS
+    finally:
+        for watch in stuck:
+            watch.close()
+        running.gateway.stop()

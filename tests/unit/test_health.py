@@ -41,6 +41,12 @@ class Events:
             self._queue.get()()
 
 
+class Aborted(Exception):
+    def __init__(self, code: Any, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
 class _Context:
     """A callback-mode call: when it ends (cancelled by either side), its callbacks run on
     the event thread."""
@@ -73,6 +79,9 @@ class _Context:
 
     def set_code(self, code: Any) -> None:
         self.code = code
+
+    def abort(self, code: Any, details: str) -> None:
+        raise Aborted(code, details)
 
     def set_details(self, details: str) -> None:
         pass
@@ -289,3 +298,23 @@ def test_a_watch_on_an_unknown_service_says_so_then_follows_it(service: str) -> 
     health.Watch(request(service + ".Unknown"), context, peer)
     health.set(service + ".Unknown", SERVING)
     assert wait_for(lambda: peer.received == [SERVICE_UNKNOWN, SERVING])
+
+
+def test_watches_past_max_watches_are_refused_and_check_still_answers() -> None:
+    """Each open Watch may hold a thread while a message is on its way: at most
+    max_watches are open on a listener, and a Watch past them is told so."""
+    events = Events()
+    health = Health(max_watches=2)
+    contexts = [Context(events) for _ in range(3)]
+    for context in contexts[:2]:
+        health.Watch(request(""), context, Peer(events, context))
+    with pytest.raises(Aborted, match="2 health watches are open") as err:
+        health.Watch(request(""), contexts[2], Peer(events, contexts[2]))
+    assert err.value.code.name == "RESOURCE_EXHAUSTED"
+    assert health.Check(request(""), Context(events)).status == SERVING
+    contexts[0].cancel()
+    assert wait_for(lambda: health.watching() == 1)
+    again = Context(events)
+    peer = Peer(events, again)
+    health.Watch(request(""), again, peer)  # room again
+    assert wait_for(lambda: peer.received == [SERVING])
