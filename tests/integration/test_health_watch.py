@@ -134,7 +134,10 @@ def test_a_watch_that_takes_nothing_is_cut_off_after_send_stall_seconds(
     """Its first message never leaves: after send_stall_seconds the gateway cancels the stream (the
     client may watch again), and the listener goes on answering."""
     target = getattr(running.endpoints, listener)
-    stuck = StuckWatch(target)
+    assert_cut_off_then_serving(target, StuckWatch(target))
+
+
+def assert_cut_off_then_serving(target: str, stuck: StuckWatch) -> None:
     try:
         stuck.pump(SEND_S + 5)
         assert stuck.reset and not stuck.message
@@ -153,15 +156,7 @@ def test_a_reflection_stream_that_takes_nothing_is_cut_off_too(
     cannot leave either, and the listener's stream watchdog cancels it."""
     target = getattr(running.endpoints, listener)
     ask = reflection_pb2.ServerReflectionRequest(list_services="*").SerializeToString()
-    stuck = StuckWatch(target, REFLECTION, ask)
-    try:
-        stuck.pump(SEND_S + 5)
-        assert stuck.reset and not stuck.message
-    finally:
-        stuck.close()
-    with grpc.insecure_channel(target) as channel:
-        answer = stub_of(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert_cut_off_then_serving(target, StuckWatch(target, REFLECTION, ask))
 
 
 def test_stuck_watches_on_the_open_health_port_are_bounded(
