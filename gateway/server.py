@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -606,11 +607,30 @@ class Gateway:
 
     def stop(self, grace: float = 1.0) -> None:
         """Not ready from the first moment (probes see it while calls drain), then end.
-        Once: a second stop does nothing."""
+        Every step runs even if one before it raised (the first error is raised after):
+        servers stopped, store closed, data dir lock given back. Once: a second stop
+        does nothing."""
         with self._stop_lock:
             if self._stopped:
                 return
             self._stopped = True
+        with contextlib.ExitStack() as steps:  # callbacks run last-registered first
+            steps.callback(self._lock.release)
+            if self._started:
+                steps.callback(self._after_listeners)
+            steps.callback(self.store.close)
+            steps.callback(self.audit.stop)  # coalesced refusals' counts, before the store
+            for interceptor in self.auth.values():
+                steps.callback(interceptor.close)
+            if self._started:
+                steps.callback(stop_server, self._egress, grace)
+                steps.callback(stop_server, self._internal, grace)
+                steps.callback(self.rounds.stop)
+            else:
+                steps.callback(self._unstarted)  # built, never started: the ports back
+            steps.callback(self._not_ready)
+
+    def _not_ready(self) -> None:
         self.metrics.ready.set(0)
         if self.ops is not None:
             self.ops.ready(False)
@@ -618,25 +638,15 @@ class Gateway:
         # (Setting it never waits on a Watch stream: services/health.py.)
         self._internal_health.set_all(NOT_SERVING)
         self._egress_health.set_all(NOT_SERVING)
-        if self._started:
-            self.rounds.stop()
-            stop_server(self._internal, grace)
-            stop_server(self._egress, grace)
-        else:
-            self._unstarted()  # built, never started: give the ports back
-        for interceptor in self.auth.values():
-            interceptor.close()
-        self.audit.stop()  # the counts of coalesced refusals, before the store closes
-        self.store.close()
-        if self._started:
-            (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
-            if self.ops is not None:
-                self.ops.stop()
-            # Not left importing torch while the interpreter exits (a crash at exit), nor
-            # writing in the data dir once the next holder of its lock has it.
-            if self._warming is not None:
-                self._warming.join(60)
-        self._lock.release()
+
+    def _after_listeners(self) -> None:
+        (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+        if self.ops is not None:
+            self.ops.stop()
+        # Not left importing torch while the interpreter exits (a crash at exit), nor
+        # writing in the data dir once the next holder of its lock has it.
+        if self._warming is not None:
+            self._warming.join(60)
 
     def wait(self) -> None:
         self._internal.wait_for_termination()

@@ -124,7 +124,16 @@ class RoundFolder:
     def _drop_uncommitted(self, sha: str) -> None:
         """A version blob placed (pinned) for a row that will not be committed."""
         self.blobs.unpin(sha)
-        self.unlink_unreferenced({sha})
+        self._drop_unreferenced(sha)
+
+    def _drop_unreferenced(self, sha: str) -> None:
+        """Cleanup on a failing close: a store that fails here too (the fault that failed
+        the close, likely) leaves the blob to the next start's orphan sweep, and the
+        close's own error is the one raised."""
+        try:
+            self.unlink_unreferenced({sha})
+        except Exception as exc:
+            log.warning("could not drop the unreferenced blob %s: %s", sha[:12], exc)
 
     def fold(self, served: ServedModel, r: Round, updates: list[CommittedUpdate]) -> ClosedRound:
         """Fold these updates of round r into the next version and commit it with its
@@ -217,9 +226,10 @@ class RoundFolder:
             closed = self._publish(served, r, version, updates, facts, dp, read)
         except BaseException:
             # Nothing of a version that was not committed stays behind.
-            self._drop_uncommitted(sha)  # first: whatever fails below, no pin is left
+            self.blobs.unpin(sha)  # first: whatever fails below, no pin is left
             self.publisher.discard(r.model, version_no)
             shutil.rmtree(self.state_dir(r.model, version_no), ignore_errors=True)
+            self._drop_unreferenced(sha)
             raise
         self.blobs.unpin(sha)  # its row is in: referred to from here on
         # The next close checks its base against the tags recorded as these bytes hashed

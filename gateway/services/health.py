@@ -51,8 +51,8 @@ class _Watch:
         self._lock = threading.Lock()
         self._newest: int | None = None
         self._sent: int | None = None
-        self._busy = self._ended = False
-        self._sending = 0  # the send in flight, by number (0: none)
+        self._busy = self._ended = self._in_flight = False
+        self._sending = 0  # the number of the latest send
 
     def offer(self, status: int) -> None:
         """Never waits: the status is sent by this stream's own thread."""
@@ -83,12 +83,13 @@ class _Watch:
                 return None
             self._sent = self._newest
             self._sending += 1
+            self._in_flight = True
             return self._sent
 
     def _expire(self, sending: int) -> None:
         """send_s after a send began: cancel the stream if that send is still in flight."""
         with self._lock:
-            stuck = self._sending == sending and self._busy
+            stuck = self._sending == sending and self._in_flight
         if stuck:
             self._context.cancel()  # the peer takes nothing: the send ends with the call
 
@@ -103,6 +104,8 @@ class _Watch:
                 try:
                     self._send(health_pb2.HealthCheckResponse(status=status))
                 finally:
+                    with self._lock:
+                        self._in_flight = False  # before the timer may still fire
                     timer.cancel()
             except Exception as exc:  # gRPC's, or no thread for the timer: this stream ends
                 self._give_up(type(exc).__name__)

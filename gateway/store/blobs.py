@@ -52,7 +52,9 @@ _FREE_SLOTS = threading.BoundedSemaphore(FREE_PENDING)
 def _hold(path: Path) -> int | None:
     """A descriptor keeping path's file (not a link) alive after its name goes; None if none."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted at a blob's name does not hold the caller (who holds
+        # the blob locks) waiting for a writer; for a regular file it changes nothing.
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None  # missing, or not a file we may open (a planted link: ELOOP)
 

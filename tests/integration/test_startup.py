@@ -232,3 +232,27 @@ def test_a_second_stop_does_nothing(tmp_path: Path, template_cache: Path) -> Non
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.gateway.stop()
+
+
+def test_a_stop_whose_step_fails_still_ends_everything_and_says_why(
+    tmp_path: Path, template_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One step of stop() raising (the rounds worker here) does not leave the listeners
+    serving or the data dir locked: every later step runs, then the error is raised."""
+    running = start_gateway(tmp_path / "gw", template_cache)
+
+    def broken() -> None:
+        raise RuntimeError("the rounds worker would not stop")
+
+    monkeypatch.setattr(running.gateway.rounds, "stop", broken)
+    with pytest.raises(RuntimeError, match="would not stop"):
+        running.gateway.stop()
+    with grpc.insecure_channel(running.endpoints.internal) as ch:
+        stub: Any = health_pb2_grpc.HealthStub(ch)  # the stub's methods are untyped
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    monkeypatch.undo()
+    running.gateway.rounds.stop()  # the worker the broken step left
+    running.restart()  # the data dir lock was given back
+    running.gateway.stop()

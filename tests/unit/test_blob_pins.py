@@ -4,6 +4,7 @@ takes it, however the removal and the placing interleave."""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -52,3 +53,16 @@ def test_a_removal_under_way_when_a_close_places_the_same_bytes_leaves_the_versi
     assert not placing.is_alive()
     assert hashlib.sha256(store.path(sha).read_bytes()).hexdigest() == sha
     assert not store.remove(store.path(sha))  # pinned until its row is in
+
+
+def test_a_fifo_planted_at_a_blobs_name_does_not_hold_its_removal(tmp_path: Path) -> None:
+    """An insider's FIFO at a blob's address: opening it to hold its blocks would wait for
+    a writer, under the blob locks every push and close take."""
+    store = BlobStore(tmp_path / "blobs")
+    path = store.path(hashlib.sha256(b"planted").hexdigest())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    removing = threading.Thread(target=store.remove, args=(path,), daemon=True)
+    removing.start()
+    removing.join(5)
+    assert not removing.is_alive() and not path.exists()
