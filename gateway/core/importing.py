@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -60,6 +61,7 @@ from sluice.gateway.core.tensorfile import (
 from sluice.gateway.pki import Principal
 from sluice.gateway.store import audit
 from sluice.gateway.store.blobs import TempBlob
+from sluice.gateway.store.direct import open_regular
 from sluice.models.import_statement import ImportStatement
 from sluice.models.schema import Schema
 
@@ -272,7 +274,8 @@ class BaseImporter:
                         f"version {previous.version}, whose {layout.kept[0]!r} the import "
                         f"keeps, is corrupt: {why}"
                     )
-                base = stack.enter_context(self.blobs.path(previous.weights_sha256).open("rb"))
+                held = open_regular(self.blobs.path(previous.weights_sha256))
+                base = stack.enter_context(os.fdopen(held, "rb"))
             for spec, start, _ in schema.spans():
                 span = layout.spans.get(spec.name)
                 if span is not None:

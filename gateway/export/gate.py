@@ -4,6 +4,7 @@ only, each call audited with who asked, what for and what came of it."""
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -339,10 +340,16 @@ class EgressGate:
 
 
 def _open_no_follow(path: Path) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)  # O_NONBLOCK: a FIFO does not hold the pull for a writer
     except OSError as exc:
         raise ValueError(f"{path.name}: cannot be opened as a regular file ({exc})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path.name}: not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _same_file(path: Path, opened: os.stat_result, now: os.stat_result) -> None:

@@ -291,12 +291,14 @@ def _refuse_files(reason: str) -> GuardRefused:
 def _open_regular(dir_fd: int, name: str) -> int:
     """An fd for a regular file in the directory; a symlink or anything else is refused."""
     try:
-        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO is refused below instead of holding the open for a writer.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
         raise _refuse_files(f"{name}: cannot be opened without following links: {exc}") from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise _refuse_files(f"{name}: not a regular file")
+    os.set_blocking(fd, True)
     return fd
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from typing import BinaryIO
 
 import grpc
 
-from sluice.gateway.core.errors import InvalidInput, NotFound
+from sluice.gateway.core.errors import IntegrityError, InvalidInput, NotFound
 from sluice.gateway.core.ingest import PUSH_PROTOCOL, BodyItem, Ingest, PayloadChunk, Trailer
 from sluice.gateway.core.records import UpdateHeader, Version
 from sluice.gateway.core.rounds import RoundManager
@@ -20,6 +21,7 @@ from sluice.gateway.services.errors import mapped_errors
 from sluice.gateway.services.observed import call_status
 from sluice.gateway.store.blobs import BlobStore
 from sluice.gateway.store.chunks import check_offset, read_chunks
+from sluice.gateway.store.direct import NotARegularFile, open_regular
 from sluice.gateway.store.sqlite import Store
 from sluice.v1 import tensors_pb2, trainer_pb2, trainer_pb2_grpc
 
@@ -141,7 +143,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         removed them, before this lookup or since."""
         if v.removed_ms is None:
             try:
-                return self.blobs.path(v.weights_sha256).open("rb")
+                return os.fdopen(open_regular(self.blobs.path(v.weights_sha256)), "rb")
+            except NotARegularFile:
+                raise IntegrityError(
+                    f"version {v.version} of {v.model!r}: its weights on the gateway are not "
+                    "a regular file (the data dir was tampered with); an operator must look"
+                ) from None
             except FileNotFoundError:
                 now = self.store.get_version(v.model, v.version)
                 if now is None or now.removed_ms is None:

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+from sluice.gateway.store.direct import open_regular
 from sluice.models.appender import Appender
 
 log = logging.getLogger(__name__)
@@ -408,7 +409,7 @@ class BlobStore:
         view = memoryview(buf)
         got = 0
         try:
-            with self.path(sha256).open("rb", buffering=0) as f:
+            with os.fdopen(open_regular(self.path(sha256)), "rb", buffering=0) as f:
                 while n := f.readinto(buf):
                     feed(view[:n])
                     got += n

@@ -16,6 +16,7 @@ the first read) the same calls read through the page cache.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,27 @@ from sluice.models.appender import ALIGN, NO_DIRECT, open_direct
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+: a read that fails rather than wait
+
+
+class NotARegularFile(OSError):
+    """A file the gateway reads is something else (a FIFO, a device): the data dir was
+    tampered with."""
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of path, which must be a regular file. Opened without waiting
+    and then checked: a FIFO planted at a blob's name (an insider with write access to the
+    data dir) would otherwise hold the opener, and the locks it holds, until a writer came.
+    Anything not a regular file is NotARegularFile (an OSError) naming it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -45,7 +67,7 @@ class DirectFile:
 
     def __init__(self, path: Path, *, use_direct: bool = True) -> None:
         """Raises what open raises (FileNotFoundError for a missing file)."""
-        self.fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+        self.fd = open_regular(path)
         try:
             self._direct = open_direct(path, os.O_RDONLY) if use_direct else None
         except OSError:

@@ -47,7 +47,7 @@ import numpy as np
 
 from sluice.gateway.core.aggregation import Contribution, add_integer_mean
 from sluice.gateway.core.strategies.base import RoundInput, RoundReport, feed_written
-from sluice.gateway.store.direct import DirectFile, WindowReader
+from sluice.gateway.store.direct import DirectFile, WindowReader, open_regular
 from sluice.models.schema import Schema
 
 STATE_META = "optimizer.json"
@@ -366,7 +366,7 @@ def _write_narrowed(sink: BinaryIO, buf: np.ndarray, block: F64) -> None:
 
 
 def _open(stack: ExitStack, path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     stack.callback(os.close, fd)
     return fd
 

@@ -24,7 +24,7 @@ import numpy as np
 # One short-read check and message for every reader of spooled files.
 from sluice.gateway.core.aggregation import _read, add_integer_mean
 from sluice.gateway.core.strategies.base import RoundInput, RoundReport, feed_written
-from sluice.gateway.store.direct import DirectFile, WindowReader
+from sluice.gateway.store.direct import DirectFile, WindowReader, open_regular
 from sluice.models.schema import TensorSpec
 
 # Fewest columns per numpy call in the coordinate-wise loops, whatever the block size.
@@ -151,7 +151,7 @@ class _Spool:
 
 
 def _open(stack: ExitStack, path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     stack.callback(os.close, fd)
     return fd
 
