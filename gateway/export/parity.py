@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
+from sluice.gateway.store.direct import open_regular
 from sluice.models import onnx_wire
 from sluice.models.entry import ModelEntry
 from sluice.models.schema import tensor_to_numpy
@@ -79,7 +81,7 @@ def _weights_in_place(path: Path) -> bytes | None:
     twice (the parsed file and its tensors: 2x the model at load, bench/: gateway memory),
     and the values it runs are still exactly the bytes of the file. None where the file
     has no such layout (a two-file release already keeps its weights external)."""
-    with path.open("rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         try:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:  # an empty file: nothing to map, onnxruntime says what is wrong

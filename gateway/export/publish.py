@@ -47,6 +47,7 @@ from sluice.gateway.export.template import (
 from sluice.gateway.metrics import Metrics
 from sluice.gateway.store.blobs import fsync_dir
 from sluice.gateway.store.chunks import SEND_CHUNK_BYTES
+from sluice.gateway.store.direct import open_regular
 from sluice.models.artifact import op_set
 from sluice.models.declare import declaration_fingerprint, schema_fingerprint
 from sluice.models.entry import ModelEntry
@@ -227,7 +228,7 @@ def _sync_in_background(paths: Iterable[Path]) -> Future[None]:
 
     def sync() -> None:
         for path in files:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
             try:
                 os.fsync(fd)
             finally:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sluice.gateway.store.blobs import fsync_dir
+from sluice.gateway.store.direct import open_regular
 from sluice.gateway.store.writeback import WriteBehind
 from sluice.models.manifest import MODEL_FILE
 from sluice.models.schema import Schema
@@ -250,7 +251,7 @@ def write_refreshed(
     _single_file_only(t)
     plan = _plan(t, schema)
     _check_payload_size(payload_path, schema)
-    with payload_path.open("rb") as payload:
+    with os.fdopen(open_regular(payload_path), "rb") as payload:
         return write_atomic(out_path, _refreshed_chunks(t, plan, payload.fileno()), durable)
 
 
@@ -267,7 +268,10 @@ def released_payload(
     to the version's name, not what its file held when the release was written."""
     held = release_dir / (t.data_file or MODEL_FILE)
     where = {r.name: r.start for r, _, _ in _plan(t, schema)}
-    with held.open("rb") as release, payload_path.open("rb") as payload:
+    with (
+        os.fdopen(open_regular(held), "rb") as release,
+        os.fdopen(open_regular(payload_path), "rb") as payload,
+    ):
         for spec, start, end in schema.spans():
             fd, at, size = (
                 (release.fileno(), where[spec.name], end - start)
@@ -364,7 +368,7 @@ def write_release_files(
             fsync_dir(out_dir)
     else:
         whole = payload_is_data_file(t, schema)  # copied whole where no link can be made
-        with payload_path.open("rb") as payload:
+        with os.fdopen(open_regular(payload_path), "rb") as payload:
             chunks = (
                 [FileSpan(payload.fileno(), 0, schema.payload_bytes, "payload")]
                 if whole

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -95,3 +96,29 @@ def test_a_fifo_where_a_close_reads_does_not_hold_the_close_lock(
     ends_within(60, lambda: gw.rounds.close(TINY, 1))  # refused or failed: not waiting
     assert gw.rounds.close_lock.acquire(timeout=5)
     gw.rounds.close_lock.release()
+
+
+def test_a_fifo_swapped_in_for_the_version_as_its_release_is_built_fails_that_try_only(
+    tmp_path: Path, template_cache: Path, tiny_schema: Schema
+) -> None:
+    """Between the version's placing and its release: the release is not built from it,
+    the close fails at once, and the next try places the version again over the FIFO."""
+    gw = make_gateway(tmp_path, template_cache)
+    push(gw, tiny_schema, random_delta(tiny_schema, 1), "shanghai-01")
+    real = gw.rounds.publisher.publish
+    tries: list[Path] = []
+
+    def swapped(served: Any, version: Any, path: Path, *args: Any, **kwargs: Any) -> Any:
+        if not tries:
+            plant(path)
+        tries.append(path)
+        return real(served, version, path, *args, **kwargs)
+
+    gw.rounds.publisher.publish = swapped  # type: ignore[method-assign,assignment]
+    raised = ends_within(60, lambda: gw.rounds.close(TINY, 1))
+    assert raised, "a release was built from a FIFO"
+    gw.rounds.close(TINY, 1)  # the next try
+    v1 = gw.store.latest_version(TINY)
+    assert v1 is not None and v1.version == 1 and len(tries) == 2
+    kept = gw.blobs.path(v1.weights_sha256)
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == v1.weights_sha256
