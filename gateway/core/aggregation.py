@@ -25,7 +25,7 @@ from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
 from sluice.gateway.core.lazy import LazyModule, lazy_function
 from sluice.gateway.store.blobs import NOT_AS_HASHED, Proof
-from sluice.gateway.store.direct import DirectFile, aligned_buffer, open_regular, window_bytes
+from sluice.gateway.store.direct import DirectFile, aligned_buffer, open_regular_in, window_bytes
 from sluice.models.schema import Schema, TensorSpec
 
 # scipy's BLAS, imported at the first fold: a gateway's start does not pay its ~0.2 s.
@@ -374,8 +374,7 @@ def fold_fedavg(
         arenas.put(_Arena.of(block_bytes, needs_scratch, scan is not None))
     with ExitStack() as stack:
         stack.enter_context(one_blas_thread())
-        base_fd = open_regular(base_path)
-        stack.callback(os.close, base_fd)
+        base_fd = open_regular_in(stack, base_path)
         files = [stack.enter_context(DirectFile(c.path)) for c in contributions]
         fold = _Fold(base_fd, files, contributions, total, scan)
 

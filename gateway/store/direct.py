@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,13 @@ def open_regular(path: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def open_regular_in(stack: ExitStack, path: Path) -> int:
+    """open_regular, closed when `stack` closes."""
+    fd = open_regular(path)
+    stack.callback(os.close, fd)
     return fd
 
 

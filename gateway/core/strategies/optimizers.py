@@ -47,7 +47,7 @@ import numpy as np
 
 from sluice.gateway.core.aggregation import Contribution, add_integer_mean
 from sluice.gateway.core.strategies.base import RoundInput, RoundReport, feed_written
-from sluice.gateway.store.direct import DirectFile, WindowReader, open_regular
+from sluice.gateway.store.direct import DirectFile, WindowReader, open_regular_in
 from sluice.models.schema import Schema
 
 STATE_META = "optimizer.json"
@@ -250,12 +250,12 @@ def optimize(strategy: _Stepper, inp: RoundInput, out_path: Path, state_out: Pat
 
     state_out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        base_fd = _open(stack, inp.base_path)
+        base_fd = open_regular_in(stack, inp.base_path)
         # Cold updates read with O_DIRECT through one window (as robust.py).
         updates = [stack.enter_context(DirectFile(c.path)) for c in contributions]
         reader = WindowReader(read_raw.nbytes)
         state_fds = (
-            [_open(stack, inp.state_in / n) for n in strategy.state_files]
+            [open_regular_in(stack, inp.state_in / n) for n in strategy.state_files]
             if continued and inp.state_in is not None
             else []
         )
@@ -363,12 +363,6 @@ def _integer_block(
 def _write_narrowed(sink: BinaryIO, buf: np.ndarray, block: F64) -> None:
     np.copyto(buf, block, casting="same_kind")
     sink.write(buf.data)
-
-
-def _open(stack: ExitStack, path: Path) -> int:
-    fd = open_regular(path)
-    stack.callback(os.close, fd)
-    return fd
 
 
 def _read(fd: int, buf: np.ndarray, offset: int) -> None:

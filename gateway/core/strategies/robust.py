@@ -13,7 +13,6 @@ temporaries bounded by one block) plus O(N^2) for the distances; never O(N x mod
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import numpy as np
 # One short-read check and message for every reader of spooled files.
 from sluice.gateway.core.aggregation import _read, add_integer_mean
 from sluice.gateway.core.strategies.base import RoundInput, RoundReport, feed_written
-from sluice.gateway.store.direct import DirectFile, WindowReader, open_regular
+from sluice.gateway.store.direct import DirectFile, WindowReader, open_regular_in
 from sluice.models.schema import TensorSpec
 
 # Fewest columns per numpy call in the coordinate-wise loops, whatever the block size.
@@ -45,7 +44,7 @@ class _Spool:
         self.inp = inp
         self.num_examples = [c.num_examples for c in inp.contributions]
         self.row_bytes = max(inp.block_bytes, 8)  # a block holds at least one element
-        self._base_fd = _open(stack, inp.base_path)
+        self._base_fd = open_regular_in(stack, inp.base_path)
         # The updates are cold (spooled with O_DIRECT, scanned with O_DIRECT): read them so
         # too, through one window, rather than fill the page cache with them.
         self._files = [stack.enter_context(DirectFile(c.path)) for c in inp.contributions]
@@ -148,12 +147,6 @@ class _Spool:
                     diff = np.subtract(rows[i + 1 :, cols], rows[i, cols], dtype=np.float64)
                     dist[i, i + 1 :] += np.einsum("ij,ij->i", diff, diff)
         return dist + dist.T
-
-
-def _open(stack: ExitStack, path: Path) -> int:
-    fd = open_regular(path)
-    stack.callback(os.close, fd)
-    return fd
 
 
 def _krum_scores(dist: np.ndarray, num_malicious: int) -> np.ndarray:
